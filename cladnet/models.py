@@ -1,0 +1,236 @@
+"""Domain models shared by the controller, the CLI and the tests.
+
+They are the wire format of the controller's HTTP API (pydantic v2). The agent does
+not import them (it speaks plain JSON) so that its memory footprint stays small.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from cladnet.keys import validate_public_key
+
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+LABEL_KEY_RE = re.compile(r"^[a-z0-9]([a-z0-9._/-]{0,61}[a-z0-9])?$")
+
+DEFAULT_MTU = 1420
+DEFAULT_LISTEN_PORT = 51820
+DEFAULT_KEEPALIVE = 25
+DEFAULT_EXPECTED_HOSTS = 100
+
+
+def _name(value: str) -> str:
+    if not NAME_RE.match(value):
+        raise ValueError(
+            "must be 1-63 lowercase letters, digits or '-', not starting/ending with '-'"
+        )
+    return value
+
+
+def _hostname(value: str) -> str:
+    if not HOSTNAME_RE.match(value):
+        raise ValueError("not a valid hostname")
+    return value
+
+
+def _iface_address(value: str) -> str:
+    """An interface address with its prefix, e.g. ``10.0.1.5/24``."""
+    try:
+        iface = ipaddress.ip_interface(value)
+    except ValueError as exc:
+        raise ValueError(f"not an interface address with prefix: {value!r}") from exc
+    if iface.version != 4:
+        raise ValueError(f"only IPv4 underlay addresses are supported: {value!r}")
+    return str(iface)
+
+
+def _labels(value: dict[str, str]) -> dict[str, str]:
+    if len(value) > 32:
+        raise ValueError("at most 32 labels")
+    for k, v in value.items():
+        if not LABEL_KEY_RE.match(k):
+            raise ValueError(f"invalid label key {k!r}")
+        if len(v) > 128:
+            raise ValueError(f"label {k!r} value longer than 128 characters")
+    return value
+
+
+Name = Annotated[str, AfterValidator(_name)]
+Hostname = Annotated[str, AfterValidator(_hostname)]
+IfaceAddress = Annotated[str, AfterValidator(_iface_address)]
+PublicKey = Annotated[str, AfterValidator(validate_public_key)]
+Labels = Annotated[dict[str, str], AfterValidator(_labels)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- networks ---------------------------------------------------------------------------
+
+
+class NetworkCreate(Strict):
+    name: Name
+    cidr: str | None = None
+    expected_hosts: Annotated[int, Field(ge=1, le=1_000_000)] = DEFAULT_EXPECTED_HOSTS
+    mtu: Annotated[int, Field(ge=1280, le=9000)] = DEFAULT_MTU
+    listen_port: Port = DEFAULT_LISTEN_PORT
+    keepalive: Annotated[int, Field(ge=0, le=600)] = DEFAULT_KEEPALIVE
+
+
+class Network(BaseModel):
+    id: str
+    name: str
+    cidr: str
+    expected_hosts: int
+    mtu: int
+    listen_port: int
+    keepalive: int
+    created_at: float
+
+
+# --- address spaces -----------------------------------------------------------------------
+
+
+class AddressSpaceBlock(BaseModel):
+    block: str
+    free: list[str]
+    free_addresses: int
+
+
+class AddressSpaces(BaseModel):
+    hosts: int
+    prefix_len: int
+    recommended: str | None
+    blocks: list[AddressSpaceBlock]
+    used: int
+
+
+# --- tokens -------------------------------------------------------------------------------
+
+
+class TokenCreate(Strict):
+    ttl_seconds: Annotated[int, Field(ge=60, le=365 * 86400)] = 86400
+    max_uses: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    description: Annotated[str, Field(max_length=200)] = ""
+
+
+class JoinToken(BaseModel):
+    id: str
+    network_id: str
+    expires_at: float
+    max_uses: int | None
+    uses: int
+    description: str
+    created_at: float
+
+
+class JoinTokenCreated(JoinToken):
+    token: str  # shown once; only its hash is stored
+
+
+# --- hosts and peers ----------------------------------------------------------------------
+
+
+class JoinRequest(Strict):
+    token: Annotated[str, Field(min_length=1, max_length=512)]
+    hostname: Hostname
+    public_key: PublicKey
+    listen_port: Port | None = None
+    addresses: Annotated[list[IfaceAddress], Field(max_length=64)] = []
+    labels: Labels = {}
+    replace: bool = False
+
+
+class Peer(BaseModel):
+    """What every member of a network may know about one host (no secrets)."""
+
+    id: str
+    name: str
+    network_id: str
+    public_key: str
+    overlay_ip: str
+    listen_port: int
+    addresses: list[str]
+    public_address: str | None
+    endpoints: list[str]
+    labels: dict[str, str]
+    updated_at: float
+
+
+class Host(Peer):
+    """The admin view of a host: a peer plus liveness."""
+
+    created_at: float
+    last_seen: float | None = None
+    public_address_changed_at: float | None = None
+    status: HostStatus | None = None
+
+
+class JoinResponse(BaseModel):
+    host_id: str
+    credential: str
+    overlay_ip: str
+    prefix_len: int
+    network: Network
+    observed_address: str
+    peers_url: str
+
+
+class Heartbeat(Strict):
+    addresses: Annotated[list[IfaceAddress], Field(max_length=64)] | None = None
+    listen_port: Port | None = None
+
+
+class HeartbeatResponse(BaseModel):
+    host_id: str
+    observed_address: str
+    changed: bool
+    server_time: float
+
+
+class EndpointsUpdate(Strict):
+    addresses: Annotated[list[IfaceAddress], Field(max_length=64)] | None = None
+    listen_port: Port | None = None
+    public_key: PublicKey | None = None
+    endpoints: Annotated[list[str], Field(max_length=16)] | None = None
+
+
+class PeerStatus(Strict):
+    peer_id: Annotated[str, Field(max_length=64)]
+    handshake_age_s: Annotated[float, Field(ge=0)] | None = None
+    rx_bytes: Annotated[int, Field(ge=0)] = 0
+    tx_bytes: Annotated[int, Field(ge=0)] = 0
+    latency_ms: Annotated[float, Field(ge=0)] | None = None
+
+
+class HostStatus(Strict):
+    peers: Annotated[list[PeerStatus], Field(max_length=10_000)] = []
+    reported_at: float | None = None
+
+
+class PeerList(BaseModel):
+    network_id: str
+    revision: int
+    peers: list[Peer]
+
+
+class PeerEvent(BaseModel):
+    type: Literal["ADDED", "MODIFIED", "DELETED", "BOOKMARK"]
+    revision: int
+    peer: Peer | None = None
+    id: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: str
+    message: str
+
+
+Host.model_rebuild()

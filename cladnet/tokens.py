@@ -1,0 +1,54 @@
+"""Bearer secrets: admin tokens, join tokens and per-host agent credentials.
+
+A secret looks like ``<kind>_<id>.<random>``. The id lets the controller find the
+record in one read; only ``sha256(random)`` is stored. The random part carries
+256 bits of entropy, so a fast hash is enough (no password-style KDF needed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+
+KINDS = ("cla", "clj", "clh")  # admin, join, host credential
+
+
+@dataclass(frozen=True)
+class ParsedToken:
+    kind: str
+    id: str
+    secret: str
+
+
+def new_id(prefix: str = "", nbytes: int = 8) -> str:
+    """A short random identifier such as ``n-3f2a…``."""
+    return f"{prefix}{secrets.token_hex(nbytes)}"
+
+
+def hash_secret(secret: str) -> str:
+    """The stored form of a secret."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def mint(kind: str, token_id: str) -> tuple[str, str]:
+    """Create a token of ``kind`` for ``token_id``: returns ``(token, stored_hash)``."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown token kind {kind!r}")
+    secret = secrets.token_urlsafe(32)
+    return f"{kind}_{token_id}.{secret}", hash_secret(secret)
+
+
+def parse(token: str) -> ParsedToken | None:
+    """Split a token into kind, id and secret; None when it is malformed."""
+    head, dot, secret = token.partition(".")
+    kind, underscore, token_id = head.partition("_")
+    if not (dot and underscore and secret and token_id) or kind not in KINDS:
+        return None
+    return ParsedToken(kind, token_id, secret)
+
+
+def verify(secret: str, stored_hash: str) -> bool:
+    """Constant-time comparison of a presented secret against its stored hash."""
+    return hmac.compare_digest(hash_secret(secret), stored_hash)

@@ -1,0 +1,312 @@
+"""The controller's HTTP API (FastAPI)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from aetcd import exceptions as etcd_errors
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cladnet import __version__, tokens
+from cladnet.models import (
+    AddressSpaces,
+    EndpointsUpdate,
+    Heartbeat,
+    HeartbeatResponse,
+    Host,
+    HostStatus,
+    JoinRequest,
+    JoinResponse,
+    JoinToken,
+    JoinTokenCreated,
+    Network,
+    NetworkCreate,
+    Peer,
+    PeerList,
+    TokenCreate,
+)
+from controller import auth
+from controller.auth import Authenticator, Principal
+from controller.config import Settings
+from controller.errors import ApiError
+from controller.etcd import Etcd, parse_endpoints
+from controller.store import Store
+from controller.telemetry import API_ERRORS, HTTP_LATENCY, HTTP_REQUESTS, JOINS, REGISTRY
+from controller.watch import WatchGone, WatchHubs
+
+log = logging.getLogger("cladnet.controller.api")
+
+ETCD_DOWN = (
+    etcd_errors.ConnectionFailedError,
+    etcd_errors.ConnectionTimeoutError,
+    etcd_errors.InternalError,
+)
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    API_ERRORS.labels(code).inc()
+    return JSONResponse({"error": code, "message": message}, status_code=status)
+
+
+def _observed(request: Request) -> str:
+    """The caller's address as this controller sees it (its public address behind NAT)."""
+    return request.client.host if request.client else "0.0.0.0"
+
+
+# --- dependencies -------------------------------------------------------------------------
+
+
+async def principal(request: Request) -> Principal:
+    return await request.app.state.auth.authenticate(request.headers.get("authorization"))
+
+
+async def admin(p: Annotated[Principal, Depends(principal)]) -> Principal:
+    auth.require_admin(p)
+    return p
+
+
+def store_of(request: Request) -> Store:
+    return request.app.state.store
+
+
+Caller = Annotated[Principal, Depends(principal)]
+Admin = Annotated[Principal, Depends(admin)]
+Db = Annotated[Store, Depends(store_of)]
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the controller application; etcd is connected in the lifespan."""
+
+    generated_token = None
+    if not settings.admin_token:
+        generated_token = auth.load_or_create_admin_token(settings.state_dir)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        etcd = Etcd(parse_endpoints(settings.etcd))
+        await etcd.connect()
+        store = Store(etcd)
+        configured = None
+        if settings.admin_token:  # configured: accepted as is, never written anywhere
+            configured = tokens.hash_secret(settings.admin_token)
+        elif generated_token:
+            await auth.bootstrap_admin_token(etcd, generated_token)
+        app.state.etcd = etcd
+        app.state.store = store
+        app.state.auth = Authenticator(etcd, store, configured)
+        app.state.hubs = WatchHubs(etcd, settings.watch_keepalive)
+        log.info("controller ready", extra={"etcd": settings.etcd, "listen": settings.listen})
+        try:
+            yield
+        finally:
+            await app.state.hubs.close()
+            await etcd.close()
+
+    app = FastAPI(title="CLADNet controller", version=__version__, lifespan=lifespan)
+
+    # --- errors and request metrics ----------------------------------------------------
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        return _error(422, "invalid_request", "; ".join(problems))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, str(exc.detail))
+
+    for exc_type in ETCD_DOWN:
+
+        @app.exception_handler(exc_type)
+        async def etcd_down(_: Request, exc: Exception) -> JSONResponse:
+            log.error("etcd unavailable", extra={"error": repr(exc)})
+            return _error(503, "etcd_unavailable", "the controller cannot reach etcd")
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next):  # type: ignore[no-untyped-def]
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        template = getattr(route, "path", "unmatched")
+        HTTP_REQUESTS.labels(request.method, template, str(response.status_code)).inc()
+        HTTP_LATENCY.labels(template).observe(time.perf_counter() - started)
+        return response
+
+    # --- health ------------------------------------------------------------------------
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> JSONResponse:
+        try:
+            status = await request.app.state.etcd.status()
+        except Exception as exc:
+            return _error(503, "etcd_unavailable", f"etcd is not reachable: {exc!r}")
+        return JSONResponse({"status": "ready", "etcd_version": status.version})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    # --- networks ----------------------------------------------------------------------
+
+    @app.post("/v1/networks", status_code=201)
+    async def create_network(req: NetworkCreate, _: Admin, db: Db) -> Network:
+        return await db.create_network(req)
+
+    @app.get("/v1/networks")
+    async def list_networks(_: Admin, db: Db) -> list[Network]:
+        networks, _rev = await db.list_networks()
+        return sorted(networks, key=lambda n: n.name)
+
+    @app.get("/v1/networks/{ref}")
+    async def get_network(ref: str, p: Caller, db: Db) -> Network:
+        net = await db.get_network(ref)
+        auth.require_member(p, net.id)
+        return net
+
+    @app.delete("/v1/networks/{ref}")
+    async def delete_network(ref: str, _: Admin, db: Db, force: bool = False) -> Network:
+        return await db.delete_network(ref, force)
+
+    @app.get("/v1/address-spaces")
+    async def address_spaces(
+        _: Admin, db: Db, hosts: Annotated[int, Query(ge=1, le=1_000_000)] = 100
+    ) -> AddressSpaces:
+        return await db.address_spaces(hosts)
+
+    # --- join tokens -------------------------------------------------------------------
+
+    @app.post("/v1/networks/{ref}/tokens", status_code=201)
+    async def create_token(
+        ref: str, _: Admin, db: Db, req: TokenCreate | None = None
+    ) -> JoinTokenCreated:
+        return await db.create_token(ref, req or TokenCreate())
+
+    @app.get("/v1/networks/{ref}/tokens")
+    async def list_tokens(ref: str, _: Admin, db: Db) -> list[JoinToken]:
+        net = await db.get_network(ref)
+        return await db.list_tokens(net.id)
+
+    @app.delete("/v1/networks/{ref}/tokens/{token_id}", status_code=204)
+    async def revoke_token(ref: str, token_id: str, _: Admin, db: Db) -> Response:
+        await db.revoke_token(ref, token_id)
+        return Response(status_code=204)
+
+    # --- hosts (agents) ----------------------------------------------------------------
+
+    @app.post("/v1/join")
+    async def join(req: JoinRequest, request: Request, db: Db) -> JoinResponse:
+        observed = _observed(request)
+        peer, credential, net = await db.join(req, observed, "")
+        JOINS.inc()
+        return JoinResponse(
+            host_id=peer.id,
+            credential=credential,
+            overlay_ip=peer.overlay_ip,
+            prefix_len=int(net.cidr.split("/")[1]),
+            network=net,
+            observed_address=observed,
+            peers_url=f"/v1/networks/{net.id}/peers",
+        )
+
+    @app.get("/v1/networks/{ref}/hosts")
+    async def list_hosts(ref: str, _: Admin, db: Db) -> list[Host]:
+        net = await db.get_network(ref)
+        return sorted(await db.list_hosts(net.id), key=lambda h: h.name)
+
+    @app.get("/v1/hosts/{host_id}")
+    async def get_host(host_id: str, p: Caller, db: Db) -> Host:
+        auth.require_self(p, host_id)
+        return await db.get_host(host_id)
+
+    @app.post("/v1/hosts/{host_id}/heartbeat")
+    async def heartbeat(
+        host_id: str, request: Request, p: Caller, db: Db, req: Heartbeat | None = None
+    ) -> HeartbeatResponse:
+        auth.require_self(p, host_id)
+        observed = _observed(request)
+        _, changed = await db.heartbeat(host_id, req or Heartbeat(), observed)
+        return HeartbeatResponse(
+            host_id=host_id, observed_address=observed, changed=changed, server_time=time.time()
+        )
+
+    @app.put("/v1/hosts/{host_id}/endpoints")
+    async def update_endpoints(
+        host_id: str, req: EndpointsUpdate, request: Request, p: Caller, db: Db
+    ) -> Peer:
+        auth.require_self(p, host_id)
+        return await db.update_endpoints(host_id, req, _observed(request))
+
+    @app.post("/v1/hosts/{host_id}/status", status_code=204)
+    async def report_status(host_id: str, req: HostStatus, p: Caller, db: Db) -> Response:
+        auth.require_self(p, host_id)
+        await db.report_status(host_id, req)
+        return Response(status_code=204)
+
+    @app.delete("/v1/hosts/{host_id}")
+    async def leave(host_id: str, p: Caller, db: Db) -> Peer:
+        auth.require_self(p, host_id)
+        return await db.leave(host_id)
+
+    # --- peers: list + watch -----------------------------------------------------------
+
+    @app.get("/v1/networks/{ref}/peers", response_model=None)
+    async def peers(
+        ref: str,
+        request: Request,
+        p: Caller,
+        db: Db,
+        watch: bool = False,
+        since: Annotated[int | None, Query(ge=0)] = None,
+    ) -> PeerList | StreamingResponse:
+        net = await db.get_network(ref)
+        auth.require_member(p, net.id)
+        if not watch:
+            items, revision = await db.list_peers(net.id)
+            return PeerList(network_id=net.id, revision=revision, peers=items)
+        initial: list[bytes] = []
+        if since is None:  # a plain watch starts with the current peers, as ADDED events
+            items, since = await db.list_peers(net.id)
+            initial = [
+                json.dumps({"type": "ADDED", "revision": since, "peer": i.model_dump()}).encode()
+                + b"\n"
+                for i in items
+            ]
+        try:
+            stream = await request.app.state.hubs.open(net.id, since)
+        except WatchGone as gone:
+            raise ApiError(
+                410,
+                "revision_compacted",
+                f"revision {since} is compacted (oldest is {gone.compacted}); list the peers again",
+            ) from gone
+
+        async def body() -> AsyncIterator[bytes]:
+            for line in initial:
+                yield line
+            async for line in stream:
+                yield line
+
+        return StreamingResponse(body(), media_type="application/x-ndjson")
+
+    return app

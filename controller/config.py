@@ -1,0 +1,67 @@
+"""Controller settings from command-line flags and ``CLADNET_*`` environment variables."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Settings:
+    etcd: str = "http://127.0.0.1:2379"
+    listen: str = "127.0.0.1:8470"
+    state_dir: Path = Path("/var/lib/cladnet-controller")
+    admin_token: str | None = None
+    watch_keepalive: float = 15.0
+    log_level: str = "info"
+
+    @property
+    def host(self) -> str:
+        return self.listen.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+
+def parse_args(argv: list[str] | None = None) -> Settings:
+    """Flags win over environment variables, which win over defaults."""
+    env = os.environ
+    defaults = Settings()
+    p = argparse.ArgumentParser(prog="cladnet-controller", description="CLADNet controller")
+    p.add_argument(
+        "--etcd",
+        default=env.get("CLADNET_ETCD", defaults.etcd),
+        help="etcd endpoints, comma separated (env CLADNET_ETCD)",
+    )
+    p.add_argument(
+        "--listen",
+        default=env.get("CLADNET_LISTEN", defaults.listen),
+        help="HOST:PORT to serve the API on (env CLADNET_LISTEN)",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(env.get("CLADNET_STATE_DIR", str(defaults.state_dir))),
+        help="where the generated admin token is written (env CLADNET_STATE_DIR)",
+    )
+    p.add_argument(
+        "--watch-keepalive",
+        type=float,
+        default=float(env.get("CLADNET_WATCH_KEEPALIVE", defaults.watch_keepalive)),
+        help="seconds between keep-alive lines on idle watch streams",
+    )
+    p.add_argument("--log-level", default=env.get("CLADNET_LOG_LEVEL", defaults.log_level))
+    a = p.parse_args(argv)
+    if ":" not in a.listen:
+        p.error(f"--listen must be HOST:PORT, got {a.listen!r}")
+    return Settings(
+        etcd=a.etcd,
+        listen=a.listen,
+        state_dir=a.state_dir,
+        admin_token=env.get("CLADNET_ADMIN_TOKEN") or None,
+        watch_keepalive=a.watch_keepalive,
+        log_level=a.log_level,
+    )

@@ -1,0 +1,122 @@
+"""The controller's etcd connection: aetcd with keepalives and failover across endpoints.
+
+aetcd talks to one host; an etcd cluster has several. ``Etcd`` keeps one client to
+the current endpoint and moves to the next one when a call fails with a
+connection error, retrying that call once per endpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import aetcd
+from aetcd import exceptions as etcd_errors
+
+log = logging.getLogger("cladnet.controller.etcd")
+
+T = TypeVar("T")
+
+# Without keepalive pings a watch on a frozen (not crashed) etcd member hangs
+# forever; etcd's default --grpc-keepalive-min-time is 5 s, so ping no faster.
+GRPC_OPTIONS = {
+    "grpc.keepalive_time_ms": 10_000,
+    "grpc.keepalive_timeout_ms": 5_000,
+    "grpc.http2.ping_timeout_ms": 5_000,
+    "grpc.keepalive_permit_without_calls": 1,
+    "grpc.http2.max_pings_without_data": 0,
+}
+
+CONNECTION_ERRORS = (etcd_errors.ConnectionFailedError, etcd_errors.ConnectionTimeoutError)
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The range end that covers every key starting with ``prefix``."""
+    return prefix[:-1] + bytes([prefix[-1] + 1])
+
+
+def parse_endpoints(spec: str) -> list[tuple[str, int]]:
+    """``http://h1:2379,h2:2379`` → ``[("h1", 2379), ("h2", 2379)]``."""
+    endpoints = []
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        parts = urlsplit(item if "://" in item else f"http://{item}")
+        if parts.scheme not in ("http", ""):
+            raise ValueError(f"unsupported etcd endpoint scheme in {item!r} (TLS comes later)")
+        if not parts.hostname:
+            raise ValueError(f"etcd endpoint without a host: {item!r}")
+        endpoints.append((parts.hostname, parts.port or 2379))
+    if not endpoints:
+        raise ValueError("no etcd endpoint given")
+    return endpoints
+
+
+class Etcd:
+    """A failover wrapper around ``aetcd.Client``; use ``call`` for every request."""
+
+    def __init__(self, endpoints: list[tuple[str, int]], timeout: float = 5.0) -> None:
+        self.endpoints = endpoints
+        self.timeout = timeout
+        self._index = 0
+        self.client = self._new_client()
+        self.failovers = 0
+
+    def _new_client(self) -> aetcd.Client:
+        host, port = self.endpoints[self._index]
+        return aetcd.Client(host=host, port=port, timeout=self.timeout, options=GRPC_OPTIONS)
+
+    async def connect(self) -> None:
+        await self.client.connect()
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def _failover(self, failed: aetcd.Client) -> None:
+        if failed is not self.client:  # another task already moved on
+            return
+        self._index = (self._index + 1) % len(self.endpoints)
+        self.failovers += 1
+        old, self.client = self.client, self._new_client()
+        log.warning("etcd endpoint failed, trying %s:%s", *self.endpoints[self._index])
+        try:
+            await old.close()
+        except Exception:  # a broken channel may fail to close; it is dropped anyway
+            log.debug("closing failed etcd client", exc_info=True)
+        await self.client.connect()
+
+    async def call(self, fn: Callable[[aetcd.Client], Awaitable[T]]) -> T:
+        """Run ``fn(client)``, failing over to the next endpoint on connection errors."""
+        attempts = max(2, len(self.endpoints))
+        for attempt in range(attempts):
+            client = self.client
+            try:
+                return await fn(client)
+            except CONNECTION_ERRORS:
+                if attempt == attempts - 1:
+                    raise
+                await self._failover(client)
+        raise AssertionError("unreachable")
+
+    # Thin helpers for the calls the controller makes most.
+
+    async def get(self, key: bytes) -> Any:
+        return await self.call(lambda c: c.get(key))
+
+    async def get_prefix(self, prefix: bytes, keys_only: bool = False) -> Any:
+        return await self.call(lambda c: c.get_prefix(prefix, keys_only=keys_only))
+
+    async def put(self, key: bytes, value: bytes) -> Any:
+        return await self.call(lambda c: c.put(key, value))
+
+    async def txn(self, compare: list[Any], success: list[Any], failure: list[Any] | None = None):
+        return await self.call(lambda c: c.transaction(compare, success, failure or []))
+
+    async def status(self) -> Any:
+        return await self.call(lambda c: c.status())
+
+    async def compact(self, revision: int) -> None:
+        await self.call(lambda c: c.compact(revision, physical=True))

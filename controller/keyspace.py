@@ -1,0 +1,71 @@
+"""Where everything lives in etcd. One place, so the layout can be read at a glance.
+
+/cladnet/networks/<net_id>                 Network JSON
+/cladnet/network-names/<name>              net_id            (unique name)
+/cladnet/tokens/<token_id>                 join token record (hash only)
+/cladnet/token-uses/<token_id>/<host_id>   one key per use
+/cladnet/hosts/<host_id>                   host record (network, credential hash)
+/cladnet/hostnames/<net_id>/<hostname>     host_id           (unique name in a network)
+/cladnet/ips/<net_id>/<ip>                 host_id           (unique overlay IP)
+/cladnet/peers/<net_id>/<host_id>          Peer JSON — the watched prefix
+/cladnet/liveness/<net_id>/<host_id>       last seen + status report (changes often,
+                                           kept apart so heartbeats do not wake watchers)
+/cladnet/admin-tokens/<token_id>           admin token hash
+"""
+
+from __future__ import annotations
+
+ROOT = "/cladnet/"
+
+
+def _k(*parts: str) -> bytes:
+    return (ROOT + "/".join(parts)).encode()
+
+
+def prefix(*parts: str) -> bytes:
+    """A key prefix ending in '/', safe for prefix range reads."""
+    return _k(*parts, "")
+
+
+def network(net_id: str) -> bytes:
+    return _k("networks", net_id)
+
+
+def network_name(name: str) -> bytes:
+    return _k("network-names", name)
+
+
+def token(token_id: str) -> bytes:
+    return _k("tokens", token_id)
+
+
+def token_use(token_id: str, host_id: str) -> bytes:
+    return _k("token-uses", token_id, host_id)
+
+
+def host(host_id: str) -> bytes:
+    return _k("hosts", host_id)
+
+
+def hostname(net_id: str, name: str) -> bytes:
+    return _k("hostnames", net_id, name)
+
+
+def ip(net_id: str, address: str) -> bytes:
+    return _k("ips", net_id, address)
+
+
+def peer(net_id: str, host_id: str) -> bytes:
+    return _k("peers", net_id, host_id)
+
+
+def liveness(net_id: str, host_id: str) -> bytes:
+    return _k("liveness", net_id, host_id)
+
+
+def admin_token(token_id: str) -> bytes:
+    return _k("admin-tokens", token_id)
+
+
+def last_segment(key: bytes) -> str:
+    return key.decode().rsplit("/", 1)[-1]

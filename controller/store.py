@@ -1,0 +1,550 @@
+"""The controller's state in etcd: networks, join tokens, hosts, peers.
+
+Every write that must be unique is one etcd transaction guarded by
+``create_revision == 0`` (a name, an overlay IP) or by "nothing in this range
+changed since I read it" (a network CIDR must not overlap another). Losers of a
+race re-read and retry; nothing is read-then-written without a guard.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aetcd import transactions as tx
+
+from cladnet import addrspace, ipam, tokens
+from cladnet.models import (
+    AddressSpaceBlock,
+    AddressSpaces,
+    EndpointsUpdate,
+    Heartbeat,
+    Host,
+    HostStatus,
+    JoinRequest,
+    JoinToken,
+    JoinTokenCreated,
+    Network,
+    NetworkCreate,
+    Peer,
+    TokenCreate,
+)
+from controller import keyspace as ks
+from controller.errors import ApiError, bad_request, conflict, not_found
+from controller.etcd import Etcd, prefix_end
+from controller.telemetry import TXN_RETRIES
+
+log = logging.getLogger("cladnet.controller.store")
+
+MAX_TXN_ATTEMPTS = 64
+# etcd rejects transactions with more operations than --max-txn-ops (default 128).
+TXN_CHUNK = 100
+
+
+def _dump(model: Any) -> bytes:
+    if isinstance(model, dict):
+        return json.dumps(model, separators=(",", ":")).encode()
+    return model.model_dump_json().encode()
+
+
+def _underlay_networks(addresses: list[str]) -> list[ipaddress.IPv4Network]:
+    return [ipaddress.ip_interface(a).network for a in addresses]  # type: ignore[misc]
+
+
+@dataclass
+class Credential:
+    """A verified agent credential: the host it belongs to."""
+
+    host_id: str
+    network_id: str
+
+
+class Store:
+    """All controller reads and writes to etcd."""
+
+    def __init__(self, etcd: Etcd) -> None:
+        self.etcd = etcd
+
+    # --- networks -----------------------------------------------------------------------
+
+    async def list_networks(self) -> tuple[list[Network], int]:
+        """All networks and the etcd revision they were read at."""
+        res = await self.etcd.get_prefix(ks.prefix("networks"))
+        return [Network.model_validate_json(kv.value) for kv in res], res.header.revision
+
+    async def get_network(self, ref: str) -> Network:
+        """A network by id or by name."""
+        kv = await self.etcd.get(ks.network(ref))
+        if kv is None:
+            by_name = await self.etcd.get(ks.network_name(ref))
+            if by_name is not None:
+                kv = await self.etcd.get(ks.network(by_name.value.decode()))
+        if kv is None:
+            raise not_found("network", ref)
+        return Network.model_validate_json(kv.value)
+
+    async def _used_cidrs(self) -> tuple[list[Network], list[ipaddress.IPv4Network], int]:
+        """Networks, every CIDR in use (networks + hosts' underlay), and the read revision."""
+        networks, revision = await self.list_networks()
+        used = [ipaddress.IPv4Network(n.cidr) for n in networks]
+        peers = await self.etcd.get_prefix(ks.prefix("peers"))
+        for kv in peers:
+            used.extend(_underlay_networks(json.loads(kv.value)["addresses"]))
+        return networks, used, revision
+
+    async def address_spaces(self, hosts: int) -> AddressSpaces:
+        """Free RFC 1918 space grouped by block, and one recommended prefix for ``hosts``."""
+        _, used, _ = await self._used_cidrs()
+        plan = addrspace.plan_address_spaces(used, hosts)
+        return AddressSpaces(
+            hosts=hosts,
+            prefix_len=plan.prefix_len,
+            recommended=str(plan.recommended) if plan.recommended else None,
+            blocks=[
+                AddressSpaceBlock(
+                    block=str(b.block),
+                    free=[str(c) for c in b.free],
+                    free_addresses=b.free_addresses,
+                )
+                for b in plan.blocks
+            ],
+            used=len(used),
+        )
+
+    def _check_cidr(
+        self, req: NetworkCreate, networks: list[Network], used: list[ipaddress.IPv4Network]
+    ) -> ipaddress.IPv4Network:
+        assert req.cidr is not None
+        try:
+            cidr = ipaddress.IPv4Network(req.cidr, strict=True)
+        except ValueError as exc:
+            raise bad_request(
+                "invalid_cidr", f"{req.cidr!r} is not a valid IPv4 CIDR: {exc}"
+            ) from exc
+        if not addrspace.is_private_cidr(cidr):
+            raise bad_request(
+                "cidr_not_private",
+                f"{cidr} is not inside a private RFC 1918 block "
+                "(10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16)",
+            )
+        for net in networks:
+            if cidr.overlaps(ipaddress.IPv4Network(net.cidr)):
+                raise conflict(
+                    "cidr_overlaps_network", f"{cidr} overlaps network {net.name} ({net.cidr})"
+                )
+        clash = addrspace.find_overlap(cidr, used)
+        if clash is not None:
+            raise conflict(
+                "cidr_overlaps_underlay",
+                f"{cidr} overlaps the underlay subnet {clash} of a registered host",
+            )
+        if ipam.capacity(cidr) < req.expected_hosts:
+            raise bad_request(
+                "cidr_too_small",
+                f"{cidr} holds {ipam.capacity(cidr)} hosts, "
+                f"fewer than the expected {req.expected_hosts}",
+            )
+        return cidr
+
+    async def create_network(self, req: NetworkCreate) -> Network:
+        """Create a network; the name is unique and the CIDR overlaps nothing in use."""
+        for _ in range(MAX_TXN_ATTEMPTS):
+            networks, used, revision = await self._used_cidrs()
+            if any(n.name == req.name for n in networks):
+                raise conflict("network_exists", f"a network named {req.name!r} already exists")
+            if req.cidr is not None:
+                cidr = self._check_cidr(req, networks, used)
+            else:
+                plan = addrspace.plan_address_spaces(used, req.expected_hosts)
+                if plan.recommended is None:
+                    raise conflict("no_address_space", "no free private address space is left")
+                cidr = plan.recommended
+            net = Network(
+                id=tokens.new_id("n-"),
+                name=req.name,
+                cidr=str(cidr),
+                expected_hosts=req.expected_hosts,
+                mtu=req.mtu,
+                listen_port=req.listen_port,
+                keepalive=req.keepalive,
+                created_at=time.time(),
+            )
+            nets = ks.prefix("networks")
+            ok, _ = await self.etcd.txn(
+                compare=[
+                    tx.Create(ks.network_name(req.name)) == 0,
+                    # No network was created or changed since we checked for overlaps.
+                    tx.Mod(nets, prefix_end(nets)) < revision + 1,
+                ],
+                success=[
+                    tx.Put(ks.network(net.id), _dump(net)),
+                    tx.Put(ks.network_name(net.name), net.id.encode()),
+                ],
+            )
+            if ok:
+                log.info("network created", extra={"network": net.name, "cidr": net.cidr})
+                return net
+            TXN_RETRIES.labels("create_network").inc()
+        raise ApiError(503, "contention", "too many concurrent network changes, try again")
+
+    async def delete_network(self, ref: str, force: bool) -> Network:
+        """Delete a network; one with hosts needs ``force`` and takes its hosts with it."""
+        net = await self.get_network(ref)
+        peers = await self.etcd.get_prefix(ks.prefix("peers", net.id), keys_only=True)
+        host_ids = [ks.last_segment(kv.key) for kv in peers]
+        if host_ids and not force:
+            raise conflict(
+                "network_has_hosts",
+                f"network {net.name} has {len(host_ids)} host(s); delete with force=true",
+            )
+        # Network key first: joins check it, so no new host can arrive while we clean up.
+        await self.etcd.txn(
+            compare=[],
+            success=[tx.Delete(ks.network(net.id)), tx.Delete(ks.network_name(net.name))],
+        )
+        token_ids = [t.id for t in await self.list_tokens(net.id)]
+        ops: list[Any] = [tx.Delete(ks.host(h)) for h in host_ids]
+        ops += [tx.Delete(ks.token(t)) for t in token_ids]
+        for t in token_ids:
+            p = ks.prefix("token-uses", t)
+            ops.append(tx.Delete(p, prefix_end(p)))
+        for kind in ("ips", "hostnames", "liveness", "peers"):
+            p = ks.prefix(kind, net.id)
+            ops.append(tx.Delete(p, prefix_end(p)))
+        for i in range(0, len(ops), TXN_CHUNK):
+            await self.etcd.txn(compare=[], success=ops[i : i + TXN_CHUNK])
+        log.info("network deleted", extra={"network": net.name, "hosts": len(host_ids)})
+        return net
+
+    # --- join tokens --------------------------------------------------------------------
+
+    async def create_token(self, net_ref: str, req: TokenCreate) -> JoinTokenCreated:
+        net = await self.get_network(net_ref)
+        token_id = tokens.new_id()
+        secret, digest = tokens.mint("clj", token_id)
+        now = time.time()
+        record = {
+            "id": token_id,
+            "network_id": net.id,
+            "hash": digest,
+            "expires_at": now + req.ttl_seconds,
+            "max_uses": req.max_uses,
+            "description": req.description,
+            "created_at": now,
+        }
+        await self.etcd.put(ks.token(token_id), _dump(record))
+        return JoinTokenCreated(token=secret, uses=0, **_public_token(record))
+
+    async def list_tokens(self, net_id: str) -> list[JoinToken]:
+        res = await self.etcd.get_prefix(ks.prefix("tokens"))
+        out = []
+        for kv in res:
+            record = json.loads(kv.value)
+            if record["network_id"] == net_id:
+                uses = await self._token_uses(record["id"])
+                out.append(JoinToken(uses=uses, **_public_token(record)))
+        return out
+
+    async def revoke_token(self, net_ref: str, token_id: str) -> None:
+        net = await self.get_network(net_ref)
+        kv = await self.etcd.get(ks.token(token_id))
+        if kv is None or json.loads(kv.value)["network_id"] != net.id:
+            raise not_found("token", token_id)
+        p = ks.prefix("token-uses", token_id)
+        await self.etcd.txn(
+            compare=[], success=[tx.Delete(ks.token(token_id)), tx.Delete(p, prefix_end(p))]
+        )
+
+    async def _token_uses(self, token_id: str) -> int:
+        res = await self.etcd.get_prefix(ks.prefix("token-uses", token_id), keys_only=True)
+        return len(res.kvs)
+
+    async def _check_join_token(self, token: str) -> tuple[dict[str, Any], int]:
+        """The token record and its mod revision, or 401/403 with a reason."""
+        parsed = tokens.parse(token)
+        if parsed is None or parsed.kind != "clj":
+            raise ApiError(401, "invalid_token", "not a join token")
+        kv = await self.etcd.get(ks.token(parsed.id))
+        if kv is None or not tokens.verify(parsed.secret, json.loads(kv.value)["hash"]):
+            raise ApiError(401, "invalid_token", "unknown or revoked join token")
+        record = json.loads(kv.value)
+        if record["expires_at"] < time.time():
+            raise ApiError(401, "token_expired", "the join token has expired")
+        max_uses = record["max_uses"]
+        if max_uses is not None and await self._token_uses(parsed.id) >= max_uses:
+            raise ApiError(
+                403, "token_exhausted", f"the join token was used {max_uses} time(s) already"
+            )
+        return record, kv.mod_revision
+
+    # --- hosts --------------------------------------------------------------------------
+
+    async def join(
+        self, req: JoinRequest, observed: str, peers_url: str
+    ) -> tuple[Peer, str, Network]:
+        """Register a host (or re-register it with the same name) and return its credential."""
+        used_ips: set[int] = set()
+        loaded_ips = False
+        for _ in range(MAX_TXN_ATTEMPTS):
+            token, token_rev = await self._check_join_token(req.token)
+            net = await self.get_network(token["network_id"])
+            existing = await self.etcd.get(ks.hostname(net.id, req.hostname))
+            if existing is not None:
+                return await self._rejoin(req, net, existing.value.decode(), token, observed)
+            cidr = ipaddress.IPv4Network(net.cidr)
+            if not loaded_ips:
+                res = await self.etcd.get_prefix(ks.prefix("ips", net.id), keys_only=True)
+                used_ips = {int(ipaddress.IPv4Address(ks.last_segment(kv.key))) for kv in res}
+                loaded_ips = True
+            address = ipam.pick_address(cidr, used_ips)
+            if address is None:
+                raise conflict(
+                    "network_full", f"network {net.name} ({net.cidr}) has no free overlay address"
+                )
+            host_id = tokens.new_id("h-")
+            credential, digest = tokens.mint("clh", host_id)
+            now = time.time()
+            peer = Peer(
+                id=host_id,
+                name=req.hostname,
+                network_id=net.id,
+                public_key=req.public_key,
+                overlay_ip=str(address),
+                listen_port=req.listen_port or net.listen_port,
+                addresses=req.addresses,
+                public_address=observed,
+                endpoints=[],
+                labels=req.labels,
+                updated_at=now,
+            )
+            host = {
+                "id": host_id,
+                "network_id": net.id,
+                "credential_hash": digest,
+                "created_at": now,
+                "overlay_ip": str(address),
+            }
+            compare = [
+                tx.Create(ks.ip(net.id, str(address))) == 0,
+                tx.Create(ks.hostname(net.id, req.hostname)) == 0,
+                tx.Create(ks.network(net.id)) > 0,  # not deleted meanwhile
+            ]
+            if token["max_uses"] is not None:
+                # Serialise users of a limited token so uses never exceed max_uses.
+                compare.append(tx.Mod(ks.token(token["id"])) == token_rev)
+            success = [
+                tx.Put(ks.ip(net.id, str(address)), host_id.encode()),
+                tx.Put(ks.hostname(net.id, req.hostname), host_id.encode()),
+                tx.Put(ks.host(host_id), _dump(host)),
+                tx.Put(ks.peer(net.id, host_id), _dump(peer)),
+                tx.Put(ks.liveness(net.id, host_id), _dump({"last_seen": now})),
+                tx.Put(ks.token_use(token["id"], host_id), str(now).encode()),
+            ]
+            if token["max_uses"] is not None:
+                success.append(tx.Put(ks.token(token["id"]), _dump(token)))
+            ok, _ = await self.etcd.txn(compare, success)
+            if ok:
+                log.info(
+                    "host joined",
+                    extra={
+                        "host": host_id,
+                        "hostname": req.hostname,
+                        "network": net.name,
+                        "ip": str(address),
+                    },
+                )
+                return peer, credential, net
+            TXN_RETRIES.labels("join").inc()
+            # Most likely someone took this address: remember it and re-read the rest.
+            used_ips.add(int(address))
+            if await self.etcd.get(ks.ip(net.id, str(address))) is None:
+                loaded_ips = False
+        raise ApiError(503, "contention", "too many concurrent joins, try again")
+
+    async def _rejoin(
+        self, req: JoinRequest, net: Network, host_id: str, token: dict[str, Any], observed: str
+    ) -> tuple[Peer, str, Network]:
+        """A known hostname joins again: same overlay IP, fresh credential."""
+        peer_kv = await self.etcd.get(ks.peer(net.id, host_id))
+        host_kv = await self.etcd.get(ks.host(host_id))
+        if peer_kv is None or host_kv is None:
+            raise ApiError(503, "contention", "host is being removed, try again")
+        peer = Peer.model_validate_json(peer_kv.value)
+        if peer.public_key != req.public_key and not req.replace:
+            raise conflict(
+                "host_exists",
+                f"host {req.hostname!r} is already in network {net.name} with another key; "
+                "leave first or join with replace=true",
+            )
+        host = json.loads(host_kv.value)
+        credential, host["credential_hash"] = tokens.mint("clh", host_id)
+        now = time.time()
+        peer = peer.model_copy(
+            update={
+                "public_key": req.public_key,
+                "listen_port": req.listen_port or peer.listen_port,
+                "addresses": req.addresses,
+                "labels": req.labels,
+                "public_address": observed,
+                "updated_at": now,
+            }
+        )
+        ok, _ = await self.etcd.txn(
+            compare=[tx.Mod(ks.peer(net.id, host_id)) == peer_kv.mod_revision],
+            success=[
+                tx.Put(ks.host(host_id), _dump(host)),
+                tx.Put(ks.peer(net.id, host_id), _dump(peer)),
+                tx.Put(ks.liveness(net.id, host_id), _dump({"last_seen": now})),
+                tx.Put(ks.token_use(token["id"], host_id), str(now).encode()),
+            ],
+        )
+        if not ok:
+            raise ApiError(503, "contention", "host changed concurrently, try again")
+        log.info("host re-joined", extra={"host": host_id, "network": net.name})
+        return peer, credential, net
+
+    async def authenticate_host(self, token: str) -> Credential | None:
+        """The host a ``clh_`` credential belongs to, or None."""
+        parsed = tokens.parse(token)
+        if parsed is None or parsed.kind != "clh":
+            return None
+        kv = await self.etcd.get(ks.host(parsed.id))
+        if kv is None:
+            return None
+        record = json.loads(kv.value)
+        if not tokens.verify(parsed.secret, record["credential_hash"]):
+            return None
+        return Credential(host_id=record["id"], network_id=record["network_id"])
+
+    async def _load_host(self, host_id: str) -> tuple[dict[str, Any], Any]:
+        """The host record and its current peer KV."""
+        host_kv = await self.etcd.get(ks.host(host_id))
+        if host_kv is None:
+            raise not_found("host", host_id)
+        host = json.loads(host_kv.value)
+        peer_kv = await self.etcd.get(ks.peer(host["network_id"], host_id))
+        if peer_kv is None:
+            raise not_found("host", host_id)
+        return host, peer_kv
+
+    async def _update_peer(self, host_id: str, changes: dict[str, Any]) -> tuple[Peer, bool]:
+        """Apply ``changes`` to a peer with a compare-and-swap; write only if something changed."""
+        for _ in range(MAX_TXN_ATTEMPTS):
+            host, peer_kv = await self._load_host(host_id)
+            peer = Peer.model_validate_json(peer_kv.value)
+            current = peer.model_dump()
+            changed = {k: v for k, v in changes.items() if v is not None and current[k] != v}
+            if not changed:
+                return peer, False
+            if "public_address" in changed:
+                await self._touch_liveness(peer, {"public_address_changed_at": time.time()})
+            peer = peer.model_copy(update={**changed, "updated_at": time.time()})
+            ok, _ = await self.etcd.txn(
+                compare=[tx.Mod(ks.peer(host["network_id"], host_id)) == peer_kv.mod_revision],
+                success=[tx.Put(ks.peer(host["network_id"], host_id), _dump(peer))],
+            )
+            if ok:
+                log.info("peer updated", extra={"host": host_id, "fields": sorted(changed)})
+                return peer, True
+            TXN_RETRIES.labels("update_peer").inc()
+        raise ApiError(503, "contention", "host changed concurrently, try again")
+
+    async def _touch_liveness(self, peer: Peer, fields: dict[str, Any]) -> None:
+        key = ks.liveness(peer.network_id, peer.id)
+        kv = await self.etcd.get(key)
+        record = json.loads(kv.value) if kv is not None else {}
+        record.update(fields)
+        await self.etcd.put(key, _dump(record))
+
+    async def heartbeat(self, host_id: str, req: Heartbeat, observed: str) -> tuple[Peer, bool]:
+        """Record liveness; update the peer (and so wake watchers) only when an address moved."""
+        peer, changed = await self._update_peer(
+            host_id,
+            {
+                "addresses": req.addresses,
+                "listen_port": req.listen_port,
+                "public_address": observed,
+            },
+        )
+        await self._touch_liveness(peer, {"last_seen": time.time()})
+        return peer, changed
+
+    async def update_endpoints(self, host_id: str, req: EndpointsUpdate, observed: str) -> Peer:
+        peer, _ = await self._update_peer(
+            host_id,
+            {
+                "addresses": req.addresses,
+                "listen_port": req.listen_port,
+                "public_key": req.public_key,
+                "endpoints": req.endpoints,
+                "public_address": observed,
+            },
+        )
+        return peer
+
+    async def report_status(self, host_id: str, status: HostStatus) -> None:
+        _, peer_kv = await self._load_host(host_id)
+        peer = Peer.model_validate_json(peer_kv.value)
+        if status.reported_at is None:
+            status = status.model_copy(update={"reported_at": time.time()})
+        await self._touch_liveness(peer, {"status": status.model_dump(), "last_seen": time.time()})
+
+    async def leave(self, host_id: str) -> Peer:
+        """Remove a host and release its overlay IP and hostname."""
+        host, peer_kv = await self._load_host(host_id)
+        peer = Peer.model_validate_json(peer_kv.value)
+        net_id = host["network_id"]
+        await self.etcd.txn(
+            compare=[],
+            success=[
+                tx.Delete(ks.peer(net_id, host_id)),
+                tx.Delete(ks.liveness(net_id, host_id)),
+                tx.Delete(ks.ip(net_id, peer.overlay_ip)),
+                tx.Delete(ks.hostname(net_id, peer.name)),
+                tx.Delete(ks.host(host_id)),
+            ],
+        )
+        log.info("host left", extra={"host": host_id, "network_id": net_id})
+        return peer
+
+    async def list_peers(self, net_id: str) -> tuple[list[Peer], int]:
+        res = await self.etcd.get_prefix(ks.prefix("peers", net_id))
+        return [Peer.model_validate_json(kv.value) for kv in res], res.header.revision
+
+    async def list_hosts(self, net_id: str) -> list[Host]:
+        peers, _ = await self.list_peers(net_id)
+        live = await self.etcd.get_prefix(ks.prefix("liveness", net_id))
+        liveness = {ks.last_segment(kv.key): json.loads(kv.value) for kv in live}
+        hosts_res = await self.etcd.get_prefix(ks.prefix("hosts"))
+        created = {}
+        for kv in hosts_res:
+            record = json.loads(kv.value)
+            if record["network_id"] == net_id:
+                created[record["id"]] = record["created_at"]
+        return [
+            Host(
+                **p.model_dump(),
+                created_at=created.get(p.id, p.updated_at),
+                **{k: v for k, v in liveness.get(p.id, {}).items() if k in Host.model_fields},
+            )
+            for p in peers
+        ]
+
+    async def get_host(self, host_id: str) -> Host:
+        host, peer_kv = await self._load_host(host_id)
+        peer = Peer.model_validate_json(peer_kv.value)
+        kv = await self.etcd.get(ks.liveness(peer.network_id, host_id))
+        live = json.loads(kv.value) if kv is not None else {}
+        return Host(
+            **peer.model_dump(),
+            created_at=host["created_at"],
+            **{k: v for k, v in live.items() if k in Host.model_fields},
+        )
+
+
+def _public_token(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k != "hash"}

@@ -1,0 +1,44 @@
+"""The controller's own Prometheus metrics (served at /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry()
+
+HTTP_REQUESTS = Counter(
+    "cladnet_controller_http_requests_total",
+    "HTTP requests by route template and status code.",
+    ["method", "route", "status"],
+    registry=REGISTRY,
+)
+HTTP_LATENCY = Histogram(
+    "cladnet_controller_http_request_seconds",
+    "HTTP request latency by route template.",
+    ["route"],
+    registry=REGISTRY,
+)
+API_ERRORS = Counter(
+    "cladnet_controller_api_errors_total",
+    "Requests refused with an API error, by error code.",
+    ["code"],
+    registry=REGISTRY,
+)
+JOINS = Counter("cladnet_controller_joins_total", "Successful joins.", registry=REGISTRY)
+TXN_RETRIES = Counter(
+    "cladnet_controller_txn_retries_total",
+    "etcd transactions lost to a concurrent writer and retried.",
+    ["operation"],
+    registry=REGISTRY,
+)
+WATCHERS = Gauge("cladnet_controller_watchers", "Open peer watch streams.", registry=REGISTRY)
+WATCH_EVENTS = Counter(
+    "cladnet_controller_watch_events_total",
+    "Peer events sent to watchers (one per watcher per event).",
+    registry=REGISTRY,
+)
+ETCD_WATCH_RESTARTS = Counter(
+    "cladnet_controller_etcd_watch_restarts_total",
+    "etcd watches restarted after an error.",
+    registry=REGISTRY,
+)
