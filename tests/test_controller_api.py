@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from cladnet.keys import generate_keypair
-from tests.conftest import ADMIN_TOKEN, Controller
+from tests.components import ADMIN_TOKEN, Controller
 
 
 def make_network(admin: httpx.Client, name: str = "prod", **kw) -> dict:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import Controller
+from tests.components import Controller
 from tests.test_controller_api import join, make_network, make_token
 
 

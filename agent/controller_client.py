@@ -1,0 +1,110 @@
+"""The agent's side of the controller API: join, heartbeat, status, leave, list + watch.
+
+Plain JSON dicts, no pydantic: the agent stays small.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+
+class ControllerError(Exception):
+    """The controller answered with an error (``code`` from its JSON body)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class WatchGone(ControllerError):
+    """The watch revision was compacted: list again."""
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        body = response.json()
+        code, message = body.get("error", "http_error"), body.get("message", response.text)
+    except ValueError:
+        code, message = "http_error", response.text[:200]
+    cls = WatchGone if response.status_code == 410 else ControllerError
+    raise cls(response.status_code, code, message)
+
+
+class ControllerClient:
+    """One controller URL and, after joining, this host's credential."""
+
+    def __init__(
+        self,
+        url: str,
+        credential: str | None = None,
+        timeout: float = 10.0,
+        verify: bool | str = True,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.credential = credential
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout, verify=verify)
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.credential}"} if self.credential else {}
+
+    async def _call(self, method: str, path: str, body: Any = None) -> Any:
+        response = await self._http.request(method, path, json=body, headers=self._headers())
+        _raise_for(response)
+        return response.json() if response.content else None
+
+    async def join(self, token: str, **fields: Any) -> dict[str, Any]:
+        """Join a network with a join token; stores the returned credential."""
+        result = await self._call("POST", "/v1/join", {"token": token, **fields})
+        self.credential = result["credential"]
+        return result
+
+    async def heartbeat(self, host_id: str, **fields: Any) -> dict[str, Any]:
+        return await self._call("POST", f"/v1/hosts/{host_id}/heartbeat", fields)
+
+    async def update_endpoints(self, host_id: str, **fields: Any) -> dict[str, Any]:
+        return await self._call("PUT", f"/v1/hosts/{host_id}/endpoints", fields)
+
+    async def report_status(self, host_id: str, peers: list[dict[str, Any]]) -> None:
+        await self._call("POST", f"/v1/hosts/{host_id}/status", {"peers": peers})
+
+    async def leave(self, host_id: str) -> None:
+        await self._call("DELETE", f"/v1/hosts/{host_id}")
+
+    async def network(self, network_id: str) -> dict[str, Any]:
+        return await self._call("GET", f"/v1/networks/{network_id}")
+
+    async def list_peers(self, network_id: str) -> tuple[list[dict[str, Any]], int]:
+        """The network's peers and the revision to watch from."""
+        result = await self._call("GET", f"/v1/networks/{network_id}/peers")
+        return result["peers"], result["revision"]
+
+    async def watch_peers(self, network_id: str, since: int) -> AsyncIterator[dict[str, Any]]:
+        """Peer events after ``since``; raises WatchGone (list again) or httpx errors (resume)."""
+        params = {"watch": "true", "since": str(since)}
+        # The controller sends keep-alive lines (every 15 s by default): a read that
+        # waits 90 s means the path is dead and the watch must be resumed.
+        timeout = httpx.Timeout(10.0, read=90.0)
+        async with self._http.stream(
+            "GET",
+            f"/v1/networks/{network_id}/peers",
+            params=params,
+            headers=self._headers(),
+            timeout=timeout,
+        ) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                _raise_for(response)
+            async for line in response.aiter_lines():
+                if line.strip():
+                    yield json.loads(line)

@@ -1,0 +1,88 @@
+"""What the agent keeps on disk so it can restore its tunnels without the controller.
+
+<state_dir>/networks/<network_id>/
+    membership.json   controller URL, host id, interface, network, self, peers, revision
+    credential        the per-host controller credential (0600)
+    private.key       the WireGuard private key (0600) — never sent anywhere
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a secret atomically with mode 0600 (created so, never widened)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+@dataclass
+class Membership:
+    """One joined network, as last known."""
+
+    controller: str
+    host_id: str
+    interface: str
+    network: dict[str, Any]
+    me: dict[str, Any]
+    peers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    revision: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+    backend: str | None = None
+
+    @property
+    def network_id(self) -> str:
+        return str(self.network["id"])
+
+
+class StateDir:
+    """The agent's state directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _net(self, network_id: str) -> Path:
+        return self.root / "networks" / network_id
+
+    def network_ids(self) -> list[str]:
+        base = self.root / "networks"
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if (p / "membership.json").exists())
+
+    def load(self, network_id: str) -> tuple[Membership, str, str]:
+        """Membership, credential and private key of a joined network."""
+        d = self._net(network_id)
+        membership = Membership(**json.loads((d / "membership.json").read_text()))
+        return (
+            membership,
+            (d / "credential").read_text().strip(),
+            (d / "private.key").read_text().strip(),
+        )
+
+    def save(self, membership: Membership) -> None:
+        write_private(
+            self._net(membership.network_id) / "membership.json", json.dumps(asdict(membership))
+        )
+
+    def save_secrets(self, network_id: str, credential: str, private_key: str) -> None:
+        d = self._net(network_id)
+        write_private(d / "credential", credential + "\n")
+        write_private(d / "private.key", private_key + "\n")
+
+    def remove(self, network_id: str) -> None:
+        d = self._net(network_id)
+        for name in ("membership.json", "credential", "private.key"):
+            (d / name).unlink(missing_ok=True)
+        d.rmdir()
