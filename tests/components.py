@@ -123,13 +123,14 @@ class Controller:
     state_dir: Path
     port: int
     admin_token: str | None = ADMIN_TOKEN
+    host: str = "127.0.0.1"
     extra_env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
     log: Path = field(default_factory=Path)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self) -> None:
         env = {**os.environ, **self.extra_env, "CLADNET_ETCD": self.etcd_url}
@@ -143,7 +144,7 @@ class Controller:
                 "-m",
                 "controller.main",
                 "--listen",
-                f"127.0.0.1:{self.port}",
+                f"{self.host}:{self.port}",
                 "--state-dir",
                 str(self.state_dir),
                 "--watch-keepalive",

@@ -1,0 +1,234 @@
+"""The agent's control loop for one network: restore, list + watch, plan, apply, heartbeat."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from agent import addresses
+from agent.controller_client import ControllerClient, ControllerError, WatchGone
+from agent.state import Membership, StateDir
+from agent.wireguard.backend import WireGuardBackend
+from cladnet import mesh
+
+log = logging.getLogger("cladnet.agent")
+
+NETWORK_ERRORS = (httpx.HTTPError, OSError)
+
+
+@dataclass
+class Timing:
+    """How often the agent does what (seconds)."""
+
+    heartbeat: float = 10.0
+    address_poll: float = 2.0
+    backoff_min: float = 0.5
+    backoff_max: float = 30.0
+
+
+class Backoff:
+    """Capped exponential backoff with jitter, so agents do not reconnect in lockstep."""
+
+    def __init__(self, low: float, high: float) -> None:
+        self.low, self.high, self.current = low, high, low
+
+    def reset(self) -> None:
+        self.current = self.low
+
+    async def wait(self) -> None:
+        await asyncio.sleep(self.current * random.uniform(0.8, 1.2))
+        self.current = min(self.current * 2, self.high)
+
+
+class NetworkAgent:
+    """Keeps one WireGuard interface equal to the controller's view of one network."""
+
+    def __init__(
+        self,
+        states: StateDir,
+        membership: Membership,
+        credential: str,
+        private_key: str,
+        backend: WireGuardBackend,
+        timing: Timing | None = None,
+    ) -> None:
+        self.states = states
+        self.m = membership
+        self.private_key = private_key
+        self.backend = backend
+        self.timing = timing or Timing()
+        self.client = ControllerClient(membership.controller, credential)
+        self._lock = asyncio.Lock()
+        self._device_ready = False
+        self.removed = asyncio.Event()
+
+    @property
+    def iface(self) -> str:
+        return self.m.interface
+
+    # --- device --------------------------------------------------------------------------
+
+    async def _ensure_device(self) -> None:
+        if self._device_ready:
+            return
+        from agent import link
+
+        await self.backend.create(self.iface)
+        await self.backend.set_private_key(self.iface, self.private_key)
+        prefix = self.m.network["cidr"].split("/")[1]
+        await link.configure(
+            self.iface, f"{self.m.me['overlay_ip']}/{prefix}", int(self.m.network["mtu"])
+        )
+        self._device_ready = True
+
+    async def reconcile(self, force_endpoints: bool = False) -> None:
+        """Make the device match the plan; only the difference is changed.
+
+        ``force_endpoints`` re-sends every peer's endpoint: after this host's own
+        address changed, wireguard-go keeps sending from the vanished source address
+        until its endpoints are set again.
+        """
+        async with self._lock:
+            await self._ensure_device()
+            desired = mesh.plan(self.m.network, self.m.me, list(self.m.peers.values()))
+            actual = await self.backend.get(self.iface)
+            changes = mesh.diff(desired, actual)
+            if force_endpoints:
+                changes = mesh.with_endpoint_refresh(changes, desired)
+            if changes:
+                await self.backend.apply(self.iface, changes)
+                log.info("device updated", extra={"iface": self.iface, "changes": mesh.summary(changes)})
+
+    # --- controller sync -------------------------------------------------------------------
+
+    def _save(self) -> None:
+        self.states.save(self.m)
+
+    def _on_event(self, event: dict[str, Any]) -> bool:
+        """Apply one watch event to the local view; True if the device may need a change."""
+        self.m.revision = max(self.m.revision, int(event["revision"]))
+        kind = event["type"]
+        if kind == "BOOKMARK":
+            return False
+        if kind == "DELETED":
+            if event["id"] == self.m.host_id:
+                self.removed.set()
+                return False
+            return self.m.peers.pop(event["id"], None) is not None
+        peer = event["peer"]
+        if peer["id"] == self.m.host_id:
+            self.m.me = peer
+            return True
+        self.m.peers[peer["id"]] = peer
+        return True
+
+    async def _list(self) -> None:
+        peers, revision = await self.client.list_peers(self.m.network_id)
+        me = next((p for p in peers if p["id"] == self.m.host_id), None)
+        if me is None:
+            self.removed.set()
+            return
+        self.m.me = me
+        self.m.peers = {p["id"]: p for p in peers if p["id"] != self.m.host_id}
+        self.m.revision = revision
+        self._save()
+        await self.reconcile()
+
+    async def sync_loop(self) -> None:
+        """List, then watch from the listed revision; resume on cuts, list again on 410."""
+        backoff = Backoff(self.timing.backoff_min, self.timing.backoff_max)
+        need_list = True
+        while not self.removed.is_set():
+            try:
+                if need_list:
+                    await self._list()
+                    need_list = False
+                async for event in self.client.watch_peers(self.m.network_id, self.m.revision):
+                    backoff.reset()
+                    if self._on_event(event):
+                        self._save()
+                        await self.reconcile()
+                    if self.removed.is_set():
+                        return
+            except WatchGone:
+                log.info("watch revision compacted, listing again")
+                need_list = True
+                continue
+            except ControllerError as exc:
+                if exc.status in (401, 404):
+                    log.warning("controller no longer knows this host", extra={"error": str(exc)})
+                    self.removed.set()
+                    return
+                log.warning("controller error", extra={"error": str(exc)})
+            except NETWORK_ERRORS as exc:
+                log.warning("controller unreachable, keeping tunnels", extra={"error": repr(exc)})
+            await backoff.wait()
+
+    # --- own addresses ---------------------------------------------------------------------
+
+    async def _local_addresses(self) -> list[str]:
+        return await addresses.underlay_addresses(exclude={self.iface})
+
+    async def address_loop(self) -> None:
+        """Heartbeat; notice own address changes (local or as the controller sees them)."""
+        last_heartbeat = 0.0
+        known = await self._local_addresses()
+        backoff = Backoff(self.timing.backoff_min, self.timing.backoff_max)
+        while not self.removed.is_set():
+            current = await self._local_addresses()
+            local_changed = current != known
+            if local_changed or time.monotonic() - last_heartbeat >= self.timing.heartbeat:
+                if local_changed:
+                    log.info("local addresses changed", extra={"old": known, "new": current})
+                    known = current
+                    # Peers must be re-pointed from the new source address at once.
+                    await self.reconcile(force_endpoints=True)
+                try:
+                    reply = await self.client.heartbeat(self.m.host_id, addresses=current)
+                    last_heartbeat = time.monotonic()
+                    backoff.reset()
+                    if reply["changed"] and not local_changed:
+                        log.info("observed address changed", extra={"observed": reply["observed_address"]})
+                        await self.reconcile(force_endpoints=True)
+                except ControllerError as exc:
+                    if exc.status in (401, 404):
+                        self.removed.set()
+                        return
+                    log.warning("heartbeat refused", extra={"error": str(exc)})
+                except NETWORK_ERRORS as exc:
+                    log.warning("heartbeat failed", extra={"error": repr(exc)})
+                    await backoff.wait()
+                    continue
+            await asyncio.sleep(self.timing.address_poll)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Restore the last known mesh at once, then follow the controller until removed."""
+        try:
+            await self.reconcile()  # from disk: tunnels come back even if the controller is down
+        except Exception:
+            log.exception("restoring the device from saved state failed")
+        tasks = [
+            asyncio.create_task(self.sync_loop(), name=f"sync-{self.iface}"),
+            asyncio.create_task(self.address_loop(), name=f"addresses-{self.iface}"),
+        ]
+        try:
+            await self.removed.wait()
+            log.warning("this host was removed from the network; tearing the interface down")
+            await self.backend.destroy(self.iface)
+            self.states.remove(self.m.network_id)
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            await self.client.close()

@@ -1,0 +1,242 @@
+"""``cladnet-agent``: join a network and keep its WireGuard mesh; run; leave; status."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from agent.state import Membership, StateDir
+
+log = logging.getLogger("cladnet.agent")
+
+DEFAULT_STATE_DIR = "/var/lib/cladnet"
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as one line, exit code 2."""
+
+
+def _labels(items: list[str]) -> dict[str, str]:
+    labels = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UsageError(f"--label needs key=value, got {item!r}")
+        labels[key] = value
+    return labels
+
+
+def interface_name(network_name: str) -> str:
+    """``cl-<network>``, cut to Linux's 15-character limit."""
+    return ("cl-" + re.sub(r"[^a-zA-Z0-9-]", "", network_name))[:15]
+
+
+def _backend(force: str | None):  # type: ignore[no-untyped-def]
+    from agent.wireguard import choose_backend
+
+    return choose_backend(force)
+
+
+async def _run_networks(states: StateDir, backend_name: str | None, only: list[str] | None = None) -> int:
+    from agent.daemon import NetworkAgent
+
+    ids = only or states.network_ids()
+    if not ids:
+        raise UsageError(f"no joined network in {states.root}; run 'cladnet-agent join' first")
+    agents = []
+    for net_id in ids:
+        membership, credential, private_key = states.load(net_id)
+        backend = _backend(backend_name or membership.backend)
+        agents.append(NetworkAgent(states, membership, credential, private_key, backend))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runs = [asyncio.create_task(a.run()) for a in agents]
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait([*runs, stopper], return_when=asyncio.FIRST_COMPLETED)
+    # On a signal the interfaces stay up: a restart must not interrupt traffic.
+    for t in runs:
+        t.cancel()
+    for t in runs:
+        with contextlib.suppress(asyncio.CancelledError):
+            await t
+    return 0
+
+
+async def cmd_join(args: argparse.Namespace) -> int:
+    from agent import addresses
+    from agent.controller_client import ControllerClient
+    from cladnet.keys import generate_keypair
+
+    states = StateDir(Path(args.state_dir))
+    private_key, public_key = generate_keypair()
+    local = await addresses.underlay_addresses()
+    client = ControllerClient(args.controller)
+    try:
+        fields = {
+            "hostname": args.hostname,
+            "public_key": public_key,
+            "addresses": local,
+            "labels": _labels(args.label),
+            "replace": args.replace,
+        }
+        if args.listen_port:
+            fields["listen_port"] = args.listen_port
+        result = await client.join(args.token, **fields)
+    finally:
+        await client.close()
+    net = result["network"]
+    me = {
+        "id": result["host_id"],
+        "name": args.hostname,
+        "network_id": net["id"],
+        "public_key": public_key,
+        "overlay_ip": result["overlay_ip"],
+        "listen_port": args.listen_port or net["listen_port"],
+        "addresses": local,
+        "public_address": result["observed_address"],
+        "endpoints": [],
+        "labels": fields["labels"],
+    }
+    membership = Membership(
+        controller=args.controller,
+        host_id=result["host_id"],
+        interface=args.interface or interface_name(net["name"]),
+        network=net,
+        me=me,
+        labels=fields["labels"],
+        backend=args.backend,
+    )
+    states.save_secrets(net["id"], result["credential"], private_key)
+    states.save(membership)
+    log.info(
+        "joined",
+        extra={"network": net["name"], "host": result["host_id"], "ip": result["overlay_ip"]},
+    )
+    print(json.dumps({"network": net["name"], "host_id": result["host_id"], "overlay_ip": result["overlay_ip"],
+                      "interface": membership.interface}), flush=True)
+    if args.no_run:
+        return 0
+    return await _run_networks(states, args.backend, [net["id"]])
+
+
+async def cmd_run(args: argparse.Namespace) -> int:
+    return await _run_networks(StateDir(Path(args.state_dir)), args.backend)
+
+
+async def cmd_leave(args: argparse.Namespace) -> int:
+    from agent.controller_client import ControllerClient, ControllerError
+
+    states = StateDir(Path(args.state_dir))
+    ids = states.network_ids()
+    if args.network:
+        ids = [i for i in ids if i == args.network or states.load(i)[0].network["name"] == args.network]
+        if not ids:
+            raise UsageError(f"not a member of network {args.network!r}")
+    for net_id in ids:
+        membership, credential, _ = states.load(net_id)
+        client = ControllerClient(membership.controller, credential)
+        try:
+            await client.leave(membership.host_id)
+        except ControllerError as exc:
+            if exc.status not in (401, 404):  # already gone is fine
+                raise
+        finally:
+            await client.close()
+        with contextlib.suppress(Exception):
+            await _backend(membership.backend).destroy(membership.interface)
+        states.remove(net_id)
+        print(f"left {membership.network['name']} (released {membership.me['overlay_ip']})")
+    return 0
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    states = StateDir(Path(args.state_dir))
+    out = []
+    for net_id in states.network_ids():
+        m, _, _ = states.load(net_id)
+        device = None
+        with contextlib.suppress(Exception):
+            device = await _backend(m.backend).get(m.interface)
+        out.append(
+            {
+                "network": m.network["name"],
+                "interface": m.interface,
+                "overlay_ip": m.me["overlay_ip"],
+                "revision": m.revision,
+                "peers": len(m.peers),
+                "device_peers": len(device.peers) if device is not None else None,
+            }
+        )
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cladnet-agent", description="CLADNet agent")
+    p.add_argument("--log-level", default=os.environ.get("CLADNET_LOG_LEVEL", "info"))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--state-dir", default=os.environ.get("CLADNET_STATE_DIR", DEFAULT_STATE_DIR))
+        sp.add_argument("--backend", choices=["kernel", "userspace"], default=None,
+                        help="force a WireGuard implementation (default: kernel if present)")
+
+    j = sub.add_parser("join", help="join a network and keep running")
+    j.add_argument("--controller", required=True)
+    j.add_argument("--token", required=True)
+    j.add_argument("--hostname", default=socket.gethostname())
+    j.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    j.add_argument("--interface", help="WireGuard interface name (default cl-<network>)")
+    j.add_argument("--listen-port", type=int)
+    j.add_argument("--replace", action="store_true", help="take over this hostname with a new key")
+    j.add_argument("--no-run", action="store_true", help="join and exit (then use 'run')")
+    common(j)
+    j.set_defaults(func=cmd_join)
+
+    r = sub.add_parser("run", help="run from the saved state (what the systemd unit does)")
+    common(r)
+    r.set_defaults(func=cmd_run)
+
+    lv = sub.add_parser("leave", help="leave the network(s), remove the interface, release the IP")
+    lv.add_argument("--network", help="only this network (id or name)")
+    common(lv)
+    lv.set_defaults(func=cmd_leave)
+
+    st = sub.add_parser("status", help="what this agent knows and what its devices hold")
+    common(st)
+    st.set_defaults(func=cmd_status)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    from cladnet import logs
+
+    args = build_parser().parse_args(argv)
+    logs.setup(args.log_level)
+    try:
+        code = asyncio.run(args.func(args))
+    except UsageError as exc:
+        print(f"cladnet-agent: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    except Exception as exc:  # one readable line, details in the log
+        log.debug("command failed", exc_info=True)
+        print(f"cladnet-agent: {exc}", file=sys.stderr)
+        code = 1
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

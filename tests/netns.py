@@ -1,0 +1,86 @@
+"""Test hosts as network namespaces on a bridge, created and always removed by us.
+
+Every name starts with ``cl-`` and a per-test random tag, so nothing we did not
+create is ever touched.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pytest
+
+
+def need_root() -> None:
+    """Skip the calling test unless we can make namespaces and WireGuard devices."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: creates network namespaces, veth pairs and WireGuard devices")
+    for tool in ("ip", "wireguard-go", "wg"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (run deploy/setup.sh)")
+
+
+def sh(*args: str, check: bool = True, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, check=check, timeout=timeout)
+
+
+@dataclass
+class Lab:
+    """A bridge in the root namespace and hosts (namespaces) attached to it."""
+
+    subnet_prefix: str  # e.g. "192.168.241" → bridge .1, hosts .11, .12, …
+    tag: str = field(default_factory=lambda: secrets.token_hex(2))
+    namespaces: list[str] = field(default_factory=list)
+    links: list[str] = field(default_factory=list)
+    bridge: str = ""
+
+    def __post_init__(self) -> None:
+        self.bridge = f"cl-br{self.tag}"
+        sh("ip", "link", "add", self.bridge, "type", "bridge")
+        self.links.append(self.bridge)
+        sh("ip", "addr", "add", f"{self.gateway}/24", "dev", self.bridge)
+        sh("ip", "link", "set", self.bridge, "up")
+
+    @property
+    def gateway(self) -> str:
+        return f"{self.subnet_prefix}.1"
+
+    def add_host(self, index: int) -> str:
+        """Namespace ``cl-<tag>-h<index>`` with address ``<prefix>.<10+index>/24``."""
+        ns = f"cl-{self.tag}-h{index}"
+        outside, inside = f"cl-{self.tag}v{index}", f"cl-{self.tag}p{index}"
+        sh("ip", "netns", "add", ns)
+        self.namespaces.append(ns)
+        sh("ip", "link", "add", outside, "type", "veth", "peer", "name", inside)
+        self.links.append(outside)
+        sh("ip", "link", "set", inside, "netns", ns)
+        sh("ip", "link", "set", outside, "master", self.bridge, "up")
+        self.run(ns, "ip", "link", "set", "lo", "up")
+        self.run(ns, "ip", "link", "set", inside, "name", "eth0")
+        self.run(ns, "ip", "addr", "add", f"{self.address(index)}/24", "dev", "eth0")
+        self.run(ns, "ip", "link", "set", "eth0", "up")
+        return ns
+
+    def address(self, index: int, generation: int = 0) -> str:
+        return f"{self.subnet_prefix}.{10 + index + 100 * generation}"
+
+    def run(self, ns: str, *args: str, check: bool = True, timeout: float = 20):
+        return sh("ip", "netns", "exec", ns, *args, check=check, timeout=timeout)
+
+    def popen(self, ns: str, args: Sequence[str], **kw) -> subprocess.Popen:
+        return subprocess.Popen(["ip", "netns", "exec", ns, *args], **kw)
+
+    def ping(self, ns: str, address: str, count: int = 1, wait: float = 1) -> bool:
+        r = self.run(ns, "ping", "-c", str(count), "-W", str(wait), address, check=False)
+        return r.returncode == 0
+
+    def cleanup(self) -> None:
+        for ns in self.namespaces:
+            sh("ip", "netns", "del", ns, check=False)
+        for link in self.links:
+            sh("ip", "link", "del", link, check=False)
