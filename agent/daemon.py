@@ -104,7 +104,9 @@ class NetworkAgent:
                 changes = mesh.with_endpoint_refresh(changes, desired)
             if changes:
                 await self.backend.apply(self.iface, changes)
-                log.info("device updated", extra={"iface": self.iface, "changes": mesh.summary(changes)})
+                log.info(
+                    "device updated", extra={"iface": self.iface, "changes": mesh.summary(changes)}
+                )
 
     # --- controller sync -------------------------------------------------------------------
 
@@ -195,7 +197,10 @@ class NetworkAgent:
                     last_heartbeat = time.monotonic()
                     backoff.reset()
                     if reply["changed"] and not local_changed:
-                        log.info("observed address changed", extra={"observed": reply["observed_address"]})
+                        log.info(
+                            "observed address changed",
+                            extra={"observed": reply["observed_address"]},
+                        )
                         await self.reconcile(force_endpoints=True)
                 except ControllerError as exc:
                     if exc.status in (401, 404):

@@ -46,7 +46,9 @@ def _backend(force: str | None):  # type: ignore[no-untyped-def]
     return choose_backend(force)
 
 
-async def _run_networks(states: StateDir, backend_name: str | None, only: list[str] | None = None) -> int:
+async def _run_networks(
+    states: StateDir, backend_name: str | None, only: list[str] | None = None
+) -> int:
     from agent.daemon import NetworkAgent
 
     ids = only or states.network_ids()
@@ -123,8 +125,17 @@ async def cmd_join(args: argparse.Namespace) -> int:
         "joined",
         extra={"network": net["name"], "host": result["host_id"], "ip": result["overlay_ip"]},
     )
-    print(json.dumps({"network": net["name"], "host_id": result["host_id"], "overlay_ip": result["overlay_ip"],
-                      "interface": membership.interface}), flush=True)
+    print(
+        json.dumps(
+            {
+                "network": net["name"],
+                "host_id": result["host_id"],
+                "overlay_ip": result["overlay_ip"],
+                "interface": membership.interface,
+            }
+        ),
+        flush=True,
+    )
     if args.no_run:
         return 0
     return await _run_networks(states, args.backend, [net["id"]])
@@ -140,7 +151,9 @@ async def cmd_leave(args: argparse.Namespace) -> int:
     states = StateDir(Path(args.state_dir))
     ids = states.network_ids()
     if args.network:
-        ids = [i for i in ids if i == args.network or states.load(i)[0].network["name"] == args.network]
+        ids = [
+            i for i in ids if i == args.network or states.load(i)[0].network["name"] == args.network
+        ]
         if not ids:
             raise UsageError(f"not a member of network {args.network!r}")
     for net_id in ids:
@@ -188,9 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--state-dir", default=os.environ.get("CLADNET_STATE_DIR", DEFAULT_STATE_DIR))
-        sp.add_argument("--backend", choices=["kernel", "userspace"], default=None,
-                        help="force a WireGuard implementation (default: kernel if present)")
+        sp.add_argument(
+            "--state-dir", default=os.environ.get("CLADNET_STATE_DIR", DEFAULT_STATE_DIR)
+        )
+        sp.add_argument(
+            "--backend",
+            choices=["kernel", "userspace"],
+            default=None,
+            help="force a WireGuard implementation (default: kernel if present)",
+        )
 
     j = sub.add_parser("join", help="join a network and keep running")
     j.add_argument("--controller", required=True)

@@ -1,0 +1,578 @@
+#!/usr/bin/env python3
+"""Concurrent joins per second through one and through two controllers on one real etcd.
+
+One command, one JSON object on stdout (inputs, machine facts, every figure, the
+same-run baseline, ratios), then a one-line human summary. Progress goes to stderr.
+
+    /work/venv/bin/python bench/joins.py            # 1,000 joins, concurrency 64
+    /work/venv/bin/python bench/joins.py --smoke    # 100 joins (CI)
+
+Phases, all on one throwaway etcd:
+
+1. baseline: the same number of ``create_revision == 0`` puts straight to etcd with
+   aetcd at the same concurrency (the raw cost of "a unique key"), plus a txn shaped
+   like a join (3 compares, 6 puts) for context;
+2. N joins through ONE controller;
+3. N joins through TWO controllers (the client's connections split evenly).
+
+For each controller phase: joins/s, p50/p99/max latency, txn retries (scraped from
+each controller's ``/metrics``), etcd RPCs per join (from etcd's ``/metrics``), CPU
+seconds per process, and duplicates: overlay IPs / host ids repeated in the
+responses or in ``GET /v1/networks/{id}/peers``. Any duplicate, failed join or
+peer-list mismatch makes the exit status 1. The 300 joins/s target is reported,
+not asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import aetcd  # noqa: E402
+import httpx  # noqa: E402
+from aetcd import transactions as tx  # noqa: E402
+
+from cladnet.keys import generate_keypair  # noqa: E402
+from tests.components import Controller, Etcd, free_port  # noqa: E402
+
+TARGET_JOINS_PER_SECOND = 300.0
+CONNECTIONS_PER_CLIENT = 8
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def log(message: str) -> None:
+    """Progress on stderr, so stdout stays one JSON object plus one summary line."""
+    print(f"[joins {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --- facts and small statistics --------------------------------------------------------
+
+
+def machine_facts() -> dict[str, Any]:
+    """What the figures were measured on: they mean little without it."""
+    try:
+        etcd_version = subprocess.run(
+            ["etcd", "--version"], capture_output=True, text=True, timeout=10
+        ).stdout.splitlines()[0]
+    except (OSError, IndexError, subprocess.SubprocessError) as exc:
+        etcd_version = f"unknown ({exc!r})"
+    return {
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "etcd_version": etcd_version,
+        "aetcd_version": _dist_version("aetcd"),
+        "httpx_version": _dist_version("httpx"),
+        "uvicorn_version": _dist_version("uvicorn"),
+        # Without sniffio, httpcore retries `import sniffio` (a failing path search)
+        # for every pooled-connection lock: ~15% of this client's CPU.
+        "sniffio_installed": _dist_version("sniffio") is not None,
+    }
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100) of an already sorted sequence."""
+    if not sorted_values:
+        return None
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (from /proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        # The command name may contain spaces; fields after the closing ')' are fixed.
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def own_cpu_seconds() -> float:
+    return cpu_seconds(os.getpid())
+
+
+# --- Prometheus scraping ---------------------------------------------------------------
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
+
+
+def scrape(url: str) -> list[tuple[str, str, float]]:
+    """(name, labels, value) of every sample at a Prometheus text endpoint."""
+    text = httpx.get(url, timeout=10).text
+    samples = []
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match and not line.startswith("#"):
+            samples.append((match[1], match[2] or "", float(match[3])))
+    return samples
+
+
+def metric_sum(samples: list[tuple[str, str, float]], name: str, label_filter: str = "") -> float:
+    return sum(v for n, labels, v in samples if n == name and label_filter in labels)
+
+
+def etcd_rpcs(etcd_url: str) -> dict[str, float]:
+    """etcd's handled unary KV RPCs by method (Range, Txn, Put…), cumulative."""
+    out: dict[str, float] = {}
+    for name, labels, value in scrape(f"{etcd_url}/metrics"):
+        if name == "grpc_server_handled_total" and 'grpc_service="etcdserverpb.KV"' in labels:
+            method = re.search(r'grpc_method="([^"]+)"', labels)
+            if method:
+                out[method[1]] = out.get(method[1], 0.0) + value
+    return out
+
+
+# --- load generator --------------------------------------------------------------------
+
+
+@dataclass
+class LoadResult:
+    """Latencies and wall time of ``count`` calls run ``concurrency`` at a time."""
+
+    seconds: float
+    latencies: list[float]
+    outcomes: list[Any] = field(default_factory=list)
+
+    def figures(self) -> dict[str, Any]:
+        lat = sorted(self.latencies)
+        return {
+            "count": len(lat),
+            "seconds": round(self.seconds, 3),
+            "per_second": round(len(lat) / self.seconds, 1) if self.seconds else None,
+            "latency_ms": {
+                "p50": ms(percentile(lat, 50)),
+                "p90": ms(percentile(lat, 90)),
+                "p99": ms(percentile(lat, 99)),
+                "max": ms(lat[-1] if lat else None),
+                "mean": ms(sum(lat) / len(lat) if lat else None),
+            },
+        }
+
+
+async def run_load(
+    count: int, concurrency: int, call: Callable[[int, int], Awaitable[Any]]
+) -> LoadResult:
+    """Run ``call(i, worker)`` for i in 0..count-1 with exactly ``concurrency`` in flight.
+
+    A fixed pool of workers pulling indices (not a semaphore over ``count`` tasks):
+    the latency measured is the call's own, not time spent queued behind the limit.
+    """
+    latencies = [0.0] * count
+    outcomes: list[Any] = [None] * count
+    next_index = 0
+
+    async def worker(w: int) -> None:
+        nonlocal next_index
+        while next_index < count:
+            i = next_index
+            next_index += 1
+            started = time.perf_counter()
+            outcomes[i] = await call(i, w)
+            latencies[i] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(min(concurrency, count))))
+    return LoadResult(time.perf_counter() - started, latencies, outcomes)
+
+
+# --- baseline: raw etcd transactions ---------------------------------------------------
+
+
+async def etcd_baseline(
+    host: str, port: int, count: int, concurrency: int, run_id: str
+) -> dict[str, Any]:
+    """``count`` create_revision==0 puts, and as many join-shaped txns, through one aetcd client.
+
+    Same client library and concurrency as the controller uses, so the ratio says how
+    much of etcd's transaction rate a join keeps.
+    """
+    client = aetcd.Client(host=host, port=port, timeout=30)
+    await client.connect()
+    try:
+        # Warm the channel so connection set-up is not timed.
+        for i in range(20):
+            await client.put(f"/bench/warm/{run_id}/{i}".encode(), b"x")
+
+        async def unique_put(i: int, _worker: int) -> bool:
+            key = f"/bench/raw/{run_id}/{i}".encode()
+            ok, _ = await client.transaction(
+                compare=[tx.Create(key) == 0], success=[tx.Put(key, b"x")], failure=[]
+            )
+            return bool(ok)
+
+        raw = await run_load(count, concurrency, unique_put)
+
+        # aetcd needs an explicit failure list (None crashes in _ops_to_requests).
+        # What one join writes: 3 compares, 6 puts, a ~400-byte peer record.
+        peer_json = b"p" * 400
+        network_key = f"/bench/joinlike/{run_id}/network".encode()
+        await client.put(network_key, b"n")
+
+        async def join_shaped(i: int, _worker: int) -> bool:
+            base = f"/bench/joinlike/{run_id}/{i}"
+            keys = [f"{base}/{k}".encode() for k in ("ip", "name", "host", "peer", "live", "use")]
+            ok, _ = await client.transaction(
+                compare=[
+                    tx.Create(keys[0]) == 0,
+                    tx.Create(keys[1]) == 0,
+                    tx.Create(network_key) > 0,
+                ],
+                success=[tx.Put(k, peer_json if k.endswith(b"peer") else b"x" * 60) for k in keys],
+                failure=[],
+            )
+            return bool(ok)
+
+        shaped = await run_load(count, concurrency, join_shaped)
+    finally:
+        await client.close()
+    raw_fig = raw.figures() | {"succeeded": sum(1 for ok in raw.outcomes if ok)}
+    shaped_fig = shaped.figures() | {"succeeded": sum(1 for ok in shaped.outcomes if ok)}
+    return {
+        "what": "aetcd.Client.transaction(compare=[Create(key)==0], success=[Put(key,b'x')]) "
+        "from this process, one client (one gRPC channel), distinct keys",
+        "etcd_raw_txn": raw_fig,
+        "etcd_join_shaped_txn": shaped_fig
+        | {"what": "3 create_revision compares + 6 puts (one ~400 B) per txn, like a join"},
+    }
+
+
+# --- controller phases -----------------------------------------------------------------
+
+
+def cidr_for(count: int, index: int) -> str:
+    """A distinct 10.x network with at least 2x headroom over ``count`` hosts.
+
+    Headroom as an operator would plan it (the controller recommends 2x): a nearly
+    full network would measure random-probe collisions, not join throughput.
+    """
+    prefix = 32 - max(4, math.ceil(math.log2(2 * count + 2)))
+    size = 2 ** (32 - prefix)
+    base = int(ipaddress.IPv4Address("10.64.0.0")) + index * max(size, 2**16)
+    return str(ipaddress.IPv4Network((base, prefix)))
+
+
+def setup_network(admin: httpx.Client, name: str, cidr: str, hosts: int) -> tuple[str, str]:
+    """Create a network and an unlimited join token; return (network id, token)."""
+    r = admin.post("/v1/networks", json={"name": name, "cidr": cidr, "expected_hosts": hosts})
+    r.raise_for_status()
+    net_id = r.json()["id"]
+    r = admin.post(f"/v1/networks/{net_id}/tokens", json={"ttl_seconds": 3600})
+    r.raise_for_status()
+    return net_id, r.json()["token"]
+
+
+async def join_phase(
+    controllers: list[Controller],
+    etcd: Etcd,
+    name: str,
+    cidr: str,
+    count: int,
+    concurrency: int,
+    warmup: int,
+) -> dict[str, Any]:
+    """``count`` joins spread round-robin over ``controllers``; figures + correctness checks."""
+    with controllers[0].client() as admin:
+        net_id, token = setup_network(admin, name, cidr, count + warmup)
+    # Keys up front: key generation is the agent's cost, not the controller's.
+    bodies = [
+        {
+            "token": token,
+            "hostname": f"{name}-vm-{i}",
+            "public_key": generate_keypair()[1],
+            "listen_port": 51820,
+        }
+        for i in range(count + warmup)
+    ]
+    # Several small pools, not one pool of `concurrency`: httpcore scans every
+    # pooled connection on every request (has_expired -> getpeername), so one
+    # 64-connection pool cost the client ~9 ms CPU per join and starved the
+    # controller of this 2-core machine. Worker w always uses clients[w % len].
+    n_clients = max(len(controllers), math.ceil(concurrency / CONNECTIONS_PER_CLIENT))
+    n_clients += -n_clients % len(controllers)  # the same number for every controller
+    per_client = math.ceil(concurrency / n_clients)
+    limits = httpx.Limits(max_connections=per_client, max_keepalive_connections=per_client)
+    clients = [
+        httpx.AsyncClient(
+            base_url=controllers[k % len(controllers)].url, limits=limits, timeout=120
+        )
+        for k in range(n_clients)
+    ]
+    try:
+        # Warm-up joins (not timed, but checked like the rest): open every pooled
+        # connection and let each controller's first-request costs pass.
+        warm = await asyncio.gather(
+            *(clients[i % n_clients].post("/v1/join", json=bodies[i]) for i in range(warmup))
+        )
+        timed_bodies = bodies[len(warm) :]
+
+        retries_before = [
+            metric_sum(scrape(f"{c.url}/metrics"), "cladnet_controller_txn_retries_total")
+            for c in controllers
+        ]
+        rpcs_before = etcd_rpcs(etcd.url)
+        procs = {
+            **{f"controller_{i}": c.proc.pid for i, c in enumerate(controllers) if c.proc},
+            "etcd": etcd.proc.pid if etcd.proc else 0,
+        }
+        cpu_before = {k: cpu_seconds(pid) for k, pid in procs.items()}
+        client_cpu_before = own_cpu_seconds()
+
+        async def one_join(i: int, worker: int) -> httpx.Response | Exception:
+            try:
+                return await clients[worker % n_clients].post("/v1/join", json=timed_bodies[i])
+            except httpx.HTTPError as exc:  # counted as a failed join, not a crash
+                return exc
+
+        load = await run_load(count, concurrency, one_join)
+
+        cpu = {k: round(cpu_seconds(pid) - cpu_before[k], 2) for k, pid in procs.items()}
+        cpu["bench_client"] = round(own_cpu_seconds() - client_cpu_before, 2)
+        rpcs_after = etcd_rpcs(etcd.url)
+        retries = [
+            metric_sum(scrape(f"{c.url}/metrics"), "cladnet_controller_txn_retries_total") - before
+            for c, before in zip(controllers, retries_before, strict=True)
+        ]
+    finally:
+        for client in clients:
+            await client.aclose()
+
+    responses: list[httpx.Response | Exception] = [*warm, *load.outcomes]
+    ok = [r.json() for r in responses if isinstance(r, httpx.Response) and r.status_code == 200]
+    errors: dict[str, int] = {}
+    for r in responses:
+        if isinstance(r, Exception):
+            key = type(r).__name__
+        elif r.status_code != 200:
+            try:
+                key = f"{r.status_code} {r.json().get('error', '?')}"
+            except ValueError:
+                key = str(r.status_code)
+        else:
+            continue
+        errors[key] = errors.get(key, 0) + 1
+    ips = [j["overlay_ip"] for j in ok]
+    host_ids = [j["host_id"] for j in ok]
+    with controllers[-1].client() as admin:
+        peers = admin.get(f"/v1/networks/{net_id}/peers").json()["peers"]
+    peer_ips = [p["overlay_ip"] for p in peers]
+    network = ipaddress.IPv4Network(cidr)
+    checks = {
+        "joins_ok": len(ok),
+        "joins_failed": len(responses) - len(ok),
+        "errors": errors,
+        "duplicate_ips_in_responses": len(ips) - len(set(ips)),
+        "duplicate_host_ids_in_responses": len(host_ids) - len(set(host_ids)),
+        "duplicate_ips_in_peers": len(peer_ips) - len(set(peer_ips)),
+        "peers_listed": len(peers),
+        "responses_missing_from_peers": len(set(ips) - set(peer_ips)),
+        "peers_not_in_responses": len(set(peer_ips) - set(ips)),
+        "ips_outside_cidr": sum(1 for ip in ips if ipaddress.IPv4Address(ip) not in network),
+    }
+    figures = load.figures()
+    rpc_delta = {
+        m: round((rpcs_after.get(m, 0.0) - rpcs_before.get(m, 0.0)) / count, 2)
+        for m in sorted(rpcs_after)
+        if rpcs_after.get(m, 0.0) - rpcs_before.get(m, 0.0) > 0
+    }
+    return {
+        "controllers": len(controllers),
+        "http_clients": f"{n_clients} httpx.AsyncClient x max_connections={per_client}",
+        "network_cidr": cidr,
+        "warmup_joins": len(warm),
+        "joins_per_second": figures["per_second"],
+        "seconds": figures["seconds"],
+        "latency_ms": figures["latency_ms"],
+        "txn_retries": {"total": int(sum(retries)), "per_controller": [int(r) for r in retries]},
+        "etcd_rpcs_per_join": rpc_delta,
+        "cpu_seconds": cpu,
+        "controller_cpu_ms_per_join": round(
+            sum(v for k, v in cpu.items() if k.startswith("controller")) / count * 1000, 2
+        ),
+        "checks": checks,
+    }
+
+
+def phase_failures(label: str, phase: dict[str, Any]) -> list[str]:
+    """Correctness problems of one phase (each makes the exit status 1)."""
+    c = phase["checks"]
+    problems = [
+        f"{label}: {key}={c[key]}"
+        for key in (
+            "joins_failed",
+            "duplicate_ips_in_responses",
+            "duplicate_host_ids_in_responses",
+            "duplicate_ips_in_peers",
+            "responses_missing_from_peers",
+            "peers_not_in_responses",
+            "ips_outside_cidr",
+        )
+        if c[key]
+    ]
+    return problems
+
+
+# --- main ------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--joins", type=int, default=1000, help="timed joins per phase")
+    p.add_argument("--concurrency", type=int, default=64, help="joins in flight (in total)")
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed joins first (default: concurrency)"
+    )
+    p.add_argument("--smoke", action="store_true", help="tiny and fast: 100 joins (for CI)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.joins = 100
+    if args.warmup is None:
+        args.warmup = args.concurrency  # one per pooled connection
+    return args
+
+
+async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    etcd_port = free_port()
+    etcd = Etcd(
+        url=f"http://127.0.0.1:{etcd_port}",
+        data_dir=tmp / "etcd",
+        client_port=etcd_port,
+        peer_port=free_port(),
+    )
+    controllers: list[Controller] = []
+    try:
+        log(f"starting etcd on {etcd.url}")
+        etcd.start()
+        for i in range(2):
+            ctl = Controller(etcd_url=etcd.url, state_dir=tmp / f"controller-{i}", port=free_port())
+            controllers.append(ctl)
+            ctl.start()
+        log(f"controllers on {[c.url for c in controllers]}")
+
+        log(f"baseline: {args.joins} raw etcd txns at concurrency {args.concurrency}")
+        baseline = await etcd_baseline(
+            "127.0.0.1", etcd_port, args.joins, args.concurrency, run_id="b"
+        )
+        log(f"  {baseline['etcd_raw_txn']['per_second']} txn/s")
+
+        log(f"one controller: {args.joins} joins at concurrency {args.concurrency}")
+        one = await join_phase(
+            controllers[:1],
+            etcd,
+            "bench-one",
+            cidr_for(args.joins, 0),
+            args.joins,
+            args.concurrency,
+            args.warmup,
+        )
+        log(f"  {one['joins_per_second']} joins/s")
+
+        log(f"two controllers: {args.joins} joins at concurrency {args.concurrency}")
+        two = await join_phase(
+            controllers,
+            etcd,
+            "bench-two",
+            cidr_for(args.joins, 1),
+            args.joins,
+            args.concurrency,
+            args.warmup,
+        )
+        log(f"  {two['joins_per_second']} joins/s")
+    finally:
+        for ctl in controllers:
+            ctl.stop()
+        etcd.stop()
+
+    raw_rate = baseline["etcd_raw_txn"]["per_second"]
+    failures = phase_failures("one_controller", one) + phase_failures("two_controllers", two)
+    return {
+        "baseline": baseline,
+        "results": {"one_controller": one, "two_controllers": two},
+        "ratios": {
+            "one_controller_joins_per_etcd_txn": round(one["joins_per_second"] / raw_rate, 4),
+            "two_controllers_joins_per_etcd_txn": round(two["joins_per_second"] / raw_rate, 4),
+            "two_vs_one_controller": round(two["joins_per_second"] / one["joins_per_second"], 3),
+            "one_controller_joins_per_join_shaped_txn": round(
+                one["joins_per_second"] / baseline["etcd_join_shaped_txn"]["per_second"], 4
+            ),
+        },
+        "target": {
+            "joins_per_second": TARGET_JOINS_PER_SECOND,
+            "met_one_controller": one["joins_per_second"] >= TARGET_JOINS_PER_SECOND,
+            "met_two_controllers": two["joins_per_second"] >= TARGET_JOINS_PER_SECOND,
+        },
+        "ok": not failures,
+        "failures": failures,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    report: dict[str, Any] = {
+        "benchmark": "cladnet.joins",
+        "inputs": {
+            "joins_per_phase": args.joins,
+            "concurrency": args.concurrency,
+            "warmup_joins": args.warmup,
+            "smoke": args.smoke,
+            "client": f"httpx.AsyncClients of max_connections={CONNECTIONS_PER_CLIENT} "
+            f"({args.concurrency} connections in all), split evenly between controllers; "
+            "a fixed pool of workers keeps exactly `concurrency` joins in flight",
+        },
+        "machine": machine_facts(),
+    }
+    with tempfile.TemporaryDirectory(prefix="cladnet-bench-joins-") as tmp:
+        report |= asyncio.run(run(args, Path(tmp)))
+    report["duration_seconds"] = round(time.monotonic() - started, 1)
+    print(json.dumps(report, separators=(",", ":")))
+    one = report["results"]["one_controller"]
+    two = report["results"]["two_controllers"]
+    target = report["target"]
+    print(
+        f"joins: 1 controller {one['joins_per_second']}/s "
+        f"(p50 {one['latency_ms']['p50']} ms, p99 {one['latency_ms']['p99']} ms), "
+        f"2 controllers {two['joins_per_second']}/s "
+        f"(p50 {two['latency_ms']['p50']} ms, p99 {two['latency_ms']['p99']} ms); "
+        f"raw etcd txn {report['baseline']['etcd_raw_txn']['per_second']}/s "
+        f"(ratio {report['ratios']['one_controller_joins_per_etcd_txn']}); "
+        f"retries {one['txn_retries']['total']}+{two['txn_retries']['total']}; "
+        f"target {TARGET_JOINS_PER_SECOND:.0f}/s: "
+        f"1 ctl {'met' if target['met_one_controller'] else 'NOT met'}, "
+        f"2 ctl {'met' if target['met_two_controllers'] else 'NOT met'}; "
+        f"{'OK' if report['ok'] else 'FAILED: ' + '; '.join(report['failures'])}"
+    )
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""Mesh computation: from the controller's view of a network to one WireGuard device config.
+
+Pure functions on plain data (peers are the controller's JSON objects as dicts), no I/O:
+
+- :func:`plan` turns (network, this host, peers) into a :class:`DesiredDevice`;
+- :func:`diff` compares it with what a device reports (:class:`DeviceState`) and returns
+  only the difference (:class:`DeviceChanges`), so applying it never touches a peer that
+  did not change and an endpoint change keeps the peer's session.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+DEFAULT_PORT = 51820
+DEFAULT_MTU = 1420
+
+Host = Mapping[str, Any]
+"""A host (this one or a peer) as the controller serves it: plain JSON data."""
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """What a device should hold for one peer."""
+
+    public_key: str
+    allowed_ips: tuple[str, ...]
+    endpoint: str | None
+    keepalive: int
+
+
+@dataclass(frozen=True)
+class DesiredDevice:
+    """The whole device as planned: interface address (overlay ip/prefix), MTU, port, peers."""
+
+    address: str
+    mtu: int
+    listen_port: int
+    peers: dict[str, PeerConfig]  # keyed by public key
+
+
+@dataclass(frozen=True)
+class PeerState:
+    """One peer as a device reports it, with its live counters."""
+
+    public_key: str
+    allowed_ips: tuple[str, ...]
+    endpoint: str | None
+    keepalive: int
+    last_handshake: float | None = None  # unix time; None before the first handshake
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """What a device reports."""
+
+    listen_port: int | None
+    peers: dict[str, PeerState]  # keyed by public key
+    public_key: str | None = None
+
+
+@dataclass(frozen=True)
+class PeerUpdate:
+    """The changed fields of an existing peer; ``None`` means "leave as is"."""
+
+    public_key: str
+    endpoint: str | None = None
+    allowed_ips: tuple[str, ...] | None = None
+    keepalive: int | None = None
+
+    def fields(self) -> list[str]:
+        """Names of the fields this update sets."""
+        return [
+            name
+            for name, value in (
+                ("endpoint", self.endpoint),
+                ("allowed_ips", self.allowed_ips),
+                ("keepalive", self.keepalive),
+            )
+            if value is not None
+        ]
+
+
+@dataclass(frozen=True)
+class DeviceChanges:
+    """The difference between a planned and a reported device. Falsy when there is none."""
+
+    listen_port: int | None = None
+    peers_to_remove: tuple[str, ...] = ()
+    peers_to_add: tuple[PeerConfig, ...] = ()
+    peers_to_update: dict[str, PeerUpdate] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.listen_port is not None
+            or self.peers_to_remove
+            or self.peers_to_add
+            or self.peers_to_update
+        )
+
+
+# --- addresses ---------------------------------------------------------------------------
+
+
+def format_endpoint(host: str, port: int) -> str:
+    """Canonical ``ip:port``: IPv6 compressed and in brackets (the form WireGuard prints)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return f"{host}:{port}"  # a host name: keep it as given
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+def split_endpoint(endpoint: str) -> tuple[str, int]:
+    """``"1.2.3.4:51820"`` or ``"[fd00::1]:51820"`` → ``(host, port)``.
+
+    Raises ``ValueError`` when it is not ``host:port``.
+    """
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"endpoint {endpoint!r} is not host:port")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def normalize_endpoint(endpoint: str) -> str:
+    """Canonical form of ``endpoint`` so that equal endpoints compare equal."""
+    return format_endpoint(*split_endpoint(endpoint))
+
+
+def normalize_allowed_ips(allowed_ips: Iterable[str]) -> tuple[str, ...]:
+    """Sorted canonical networks (``10.0.0.1`` → ``10.0.0.1/32``), for comparison."""
+    nets = {ipaddress.ip_network(ip, strict=False) for ip in allowed_ips}
+    return tuple(str(n) for n in sorted(nets, key=lambda n: (n.version, n)))
+
+
+def _interfaces(host: Host) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
+    return [ipaddress.ip_interface(a) for a in host.get("addresses") or ()]
+
+
+def _shared_subnet_address(me: Host, peer: Host) -> str | None:
+    """The peer's underlay address that shares a subnet with one of mine, if any."""
+    mine = _interfaces(me)
+    for theirs in _interfaces(peer):
+        for own in mine:
+            if own.version == theirs.version and (
+                theirs.ip in own.network or own.ip in theirs.network
+            ):
+                return str(theirs.ip)
+    return None
+
+
+# --- planning ----------------------------------------------------------------------------
+
+
+def same_site(me: Host, peer: Host) -> bool:
+    """Whether two hosts reach each other directly over their private (underlay) addresses.
+
+    True when both carry the same non-empty ``site`` label; or the same non-empty
+    ``cloud``, ``region`` and ``vpc`` labels; or the controller saw both come from the
+    same public address (one NAT) and they share an underlay subnet. The subnet check
+    alone is not enough: two clouds may both use 192.168.1.0/24.
+    """
+    a, b = me.get("labels") or {}, peer.get("labels") or {}
+    if a.get("site") and a.get("site") == b.get("site"):
+        return True
+    keys = ("cloud", "region", "vpc")
+    if all(a.get(k) for k in keys) and all(a.get(k) == b.get(k) for k in keys):
+        return True
+    public = me.get("public_address")
+    return bool(
+        public
+        and public == peer.get("public_address")
+        and _shared_subnet_address(me, peer) is not None
+    )
+
+
+def choose_endpoint(me: Host, peer: Host) -> str | None:
+    """Where to send the peer's packets: ``ip:port``, or ``None`` when nothing is known.
+
+    Same site: the peer's private address (the one in a subnet shared with me, else its
+    first address) with its listen port. Otherwise the first explicit endpoint the peer
+    announced, else its public address (as the controller saw it) with its listen port.
+    """
+    port = int(peer.get("listen_port") or DEFAULT_PORT)
+    addresses = peer.get("addresses") or []
+    if same_site(me, peer) and addresses:
+        private = _shared_subnet_address(me, peer)
+        if private is None:
+            private = str(ipaddress.ip_interface(addresses[0]).ip)
+        return format_endpoint(private, port)
+    explicit = peer.get("endpoints") or []
+    if explicit:
+        return normalize_endpoint(explicit[0])
+    public = peer.get("public_address")
+    if public:
+        return format_endpoint(public, port)
+    return None
+
+
+def plan(
+    network: Mapping[str, Any],
+    me: Host,
+    peers: Iterable[Host],
+    keepalive_override: int | None = None,
+) -> DesiredDevice:
+    """The device this host should have for ``network``.
+
+    Address: my overlay IP with the network's prefix length. MTU from the network; the
+    listen port is mine if I have one, else the network's. One peer per other host, each
+    allowed only its own overlay IP (/32 or /128). Keepalive: a peer on another site may
+    be behind NAT (or I may be), so it gets the network's keepalive to hold the NAT
+    mapping open; same-site peers get 0 (off). ``keepalive_override``, when given, is
+    used for every peer instead.
+    """
+    prefix = ipaddress.ip_network(network["cidr"], strict=False).prefixlen
+    keepalive = int(network.get("keepalive") or 0)
+    desired: dict[str, PeerConfig] = {}
+    for peer in peers:
+        if peer.get("id") == me.get("id") or peer["public_key"] == me["public_key"]:
+            continue
+        overlay = ipaddress.ip_address(peer["overlay_ip"])
+        if keepalive_override is not None:
+            peer_keepalive = keepalive_override
+        else:
+            peer_keepalive = 0 if same_site(me, peer) else keepalive
+        desired[peer["public_key"]] = PeerConfig(
+            public_key=peer["public_key"],
+            allowed_ips=(f"{overlay}/{overlay.max_prefixlen}",),
+            endpoint=choose_endpoint(me, peer),
+            keepalive=peer_keepalive,
+        )
+    return DesiredDevice(
+        address=f"{me['overlay_ip']}/{prefix}",
+        mtu=int(network.get("mtu") or DEFAULT_MTU),
+        listen_port=int(me.get("listen_port") or network.get("listen_port") or DEFAULT_PORT),
+        peers=desired,
+    )
+
+
+# --- diffing -----------------------------------------------------------------------------
+
+
+def _endpoint_changed(
+    key: str, want: str | None, have: str | None, applied: DesiredDevice | None
+) -> bool:
+    if want is None:
+        return False  # nothing to say: keep whatever the device learned
+    if have is not None and normalize_endpoint(want) == normalize_endpoint(have):
+        return False
+    if applied is not None:
+        before = applied.peers.get(key)
+        # The device roamed to where the peer's packets really come from (e.g. a NAT
+        # port): keep that unless the plan itself moved the peer.
+        if before is not None and before.endpoint == want and have is not None:
+            return False
+    return True
+
+
+def diff(
+    desired: DesiredDevice, actual: DeviceState, applied: DesiredDevice | None = None
+) -> DeviceChanges:
+    """What to change so that ``actual`` matches ``desired``; unchanged peers are absent.
+
+    A planned endpoint of ``None`` never clears what the device has. ``applied`` is the
+    plan last applied, if known: a peer whose planned endpoint did not change since then
+    keeps the endpoint the device roamed to instead of being pointed back.
+    """
+    remove = tuple(sorted(k for k in actual.peers if k not in desired.peers))
+    add = tuple(desired.peers[k] for k in sorted(desired.peers) if k not in actual.peers)
+    update: dict[str, PeerUpdate] = {}
+    for key in sorted(desired.peers.keys() & actual.peers.keys()):
+        want, have = desired.peers[key], actual.peers[key]
+        endpoint = (
+            want.endpoint if _endpoint_changed(key, want.endpoint, have.endpoint, applied) else None
+        )
+        allowed = normalize_allowed_ips(want.allowed_ips)
+        keepalive = want.keepalive if want.keepalive != have.keepalive else None
+        change = PeerUpdate(
+            public_key=key,
+            endpoint=endpoint,
+            allowed_ips=allowed if allowed != normalize_allowed_ips(have.allowed_ips) else None,
+            keepalive=keepalive,
+        )
+        if change.fields():
+            update[key] = change
+    return DeviceChanges(
+        listen_port=desired.listen_port if desired.listen_port != actual.listen_port else None,
+        peers_to_remove=remove,
+        peers_to_add=add,
+        peers_to_update=update,
+    )
+
+
+def with_endpoint_refresh(changes: DeviceChanges, desired: DesiredDevice) -> DeviceChanges:
+    """``changes`` plus the endpoint of every kept peer, re-sent even if unchanged.
+
+    For use after this host's own address changed: wireguard-go caches the source
+    address per endpoint and may keep sending from the vanished one until the peer's
+    endpoint is set again.
+    """
+    added = {p.public_key for p in changes.peers_to_add}
+    update = dict(changes.peers_to_update)
+    for key, peer in desired.peers.items():
+        if key in added or peer.endpoint is None:
+            continue
+        update[key] = replace(update.get(key, PeerUpdate(public_key=key)), endpoint=peer.endpoint)
+    return replace(changes, peers_to_update=update)
+
+
+def summary(changes: DeviceChanges) -> dict[str, Any]:
+    """A short, loggable description of ``changes`` (keys cut to 8 characters)."""
+    out: dict[str, Any] = {}
+    if changes.listen_port is not None:
+        out["listen_port"] = changes.listen_port
+    if changes.peers_to_add:
+        out["add"] = [p.public_key[:8] for p in changes.peers_to_add]
+    if changes.peers_to_remove:
+        out["remove"] = [k[:8] for k in changes.peers_to_remove]
+    if changes.peers_to_update:
+        out["update"] = {k[:8]: u.fields() for k, u in changes.peers_to_update.items()}
+    return out

@@ -1,0 +1,292 @@
+"""Planning and diffing the WireGuard device: pure functions, no root, no I/O."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import replace
+from typing import Any
+
+from cladnet import mesh
+from cladnet.mesh import DeviceState, PeerConfig, PeerState, PeerUpdate
+
+NETWORK = {
+    "id": "n-1",
+    "name": "lab",
+    "cidr": "10.77.0.0/24",
+    "mtu": 1420,
+    "listen_port": 51820,
+    "keepalive": 25,
+}
+
+
+def key(n: int) -> str:
+    """A distinct, well-formed base64 key per number."""
+    return base64.b64encode(bytes([n]) * 32).decode()
+
+
+def host(n: int, **fields: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "id": f"h-{n}",
+        "name": f"vm{n}",
+        "network_id": "n-1",
+        "public_key": key(n),
+        "overlay_ip": f"10.77.0.{n}",
+        "listen_port": 51820,
+        "addresses": [],
+        "public_address": None,
+        "endpoints": [],
+        "labels": {},
+        "updated_at": 1700000000.0,
+    }
+    base.update(fields)
+    return base
+
+
+def state_of(device: mesh.DesiredDevice) -> DeviceState:
+    """What a device that holds exactly ``device`` would report."""
+    peers = {
+        k: PeerState(
+            public_key=k, allowed_ips=p.allowed_ips, endpoint=p.endpoint, keepalive=p.keepalive
+        )
+        for k, p in device.peers.items()
+    }
+    return DeviceState(listen_port=device.listen_port, peers=peers)
+
+
+# --- same site and endpoints ---------------------------------------------------------------
+
+
+def test_same_site_label_uses_private_address_in_shared_subnet() -> None:
+    me = host(1, labels={"site": "dc1"}, addresses=["10.0.1.5/24"], public_address="203.0.113.1")
+    peer = host(
+        2,
+        labels={"site": "dc1"},
+        addresses=["172.16.0.9/16", "10.0.1.6/24"],
+        public_address="203.0.113.2",
+    )
+    assert mesh.same_site(me, peer)
+    assert mesh.choose_endpoint(me, peer) == "10.0.1.6:51820"
+
+
+def test_same_site_without_shared_subnet_uses_first_address() -> None:
+    me = host(1, labels={"site": "dc1"}, addresses=["10.0.1.5/24"])
+    peer = host(
+        2, labels={"site": "dc1"}, addresses=["10.0.2.7/24", "10.0.3.7/24"], listen_port=51999
+    )
+    assert mesh.choose_endpoint(me, peer) == "10.0.2.7:51999"
+
+
+def test_same_cloud_region_vpc_is_same_site() -> None:
+    labels = {"cloud": "aws", "region": "eu-west-1", "vpc": "vpc-1"}
+    me = host(1, labels=labels, addresses=["10.0.1.5/24"], public_address="203.0.113.1")
+    peer = host(2, labels=dict(labels), addresses=["10.0.1.6/24"], public_address="203.0.113.2")
+    assert mesh.same_site(me, peer)
+    assert mesh.choose_endpoint(me, peer) == "10.0.1.6:51820"
+
+
+def test_other_vpc_or_missing_label_is_not_same_site() -> None:
+    me = host(1, labels={"cloud": "aws", "region": "eu-west-1", "vpc": "vpc-1"})
+    assert not mesh.same_site(
+        me, host(2, labels={"cloud": "aws", "region": "eu-west-1", "vpc": "vpc-2"})
+    )
+    partial = {"cloud": "aws", "region": "eu-west-1"}
+    assert not mesh.same_site(host(1, labels=partial), host(2, labels=dict(partial)))
+
+
+def test_same_public_address_and_shared_subnet_is_same_site() -> None:
+    me = host(1, addresses=["192.168.1.10/24"], public_address="198.51.100.7")
+    peer = host(2, addresses=["192.168.1.11/24"], public_address="198.51.100.7")
+    assert mesh.same_site(me, peer)
+    assert mesh.choose_endpoint(me, peer) == "192.168.1.11:51820"
+
+
+def test_same_subnet_behind_different_public_addresses_is_not_same_site() -> None:
+    # Two clouds may both use 192.168.1.0/24: the subnet alone proves nothing.
+    me = host(1, addresses=["192.168.1.10/24"], public_address="198.51.100.7")
+    peer = host(2, addresses=["192.168.1.11/24"], public_address="198.51.100.8")
+    assert not mesh.same_site(me, peer)
+    assert mesh.choose_endpoint(me, peer) == "198.51.100.8:51820"
+
+
+def test_same_public_address_without_shared_subnet_is_not_same_site() -> None:
+    me = host(1, addresses=["192.168.1.10/24"], public_address="198.51.100.7")
+    peer = host(2, addresses=["192.168.2.11/24"], public_address="198.51.100.7")
+    assert not mesh.same_site(me, peer)
+
+
+def test_different_clouds_use_public_endpoint() -> None:
+    me = host(1, labels={"cloud": "aws", "region": "r", "vpc": "v"}, addresses=["10.0.1.5/24"])
+    peer = host(
+        2,
+        labels={"cloud": "gcp", "region": "r", "vpc": "v"},
+        addresses=["10.0.1.6/24"],
+        public_address="203.0.113.9",
+        listen_port=51821,
+    )
+    assert not mesh.same_site(me, peer)
+    assert mesh.choose_endpoint(me, peer) == "203.0.113.9:51821"
+
+
+def test_explicit_endpoint_wins_over_public_address() -> None:
+    me = host(1, labels={"site": "a"})
+    peer = host(
+        2,
+        labels={"site": "b"},
+        public_address="203.0.113.9",
+        endpoints=["198.51.100.1:4000", "198.51.100.2:4000"],
+    )
+    assert mesh.choose_endpoint(me, peer) == "198.51.100.1:4000"
+
+
+def test_no_public_address_means_no_endpoint() -> None:
+    me = host(1, labels={"site": "a"}, addresses=["10.0.1.5/24"])
+    peer = host(2, labels={"site": "b"}, addresses=["10.0.1.6/24"])
+    assert mesh.choose_endpoint(me, peer) is None
+
+
+def test_ipv6_endpoints_are_bracketed_and_normalized() -> None:
+    me = host(1)
+    peer = host(2, public_address="2001:db8:0::1")
+    assert mesh.choose_endpoint(me, peer) == "[2001:db8::1]:51820"
+    assert mesh.normalize_endpoint("[2001:0db8::0001]:1") == "[2001:db8::1]:1"
+
+
+# --- plan ----------------------------------------------------------------------------------
+
+
+def test_plan_device_fields_and_self_excluded() -> None:
+    me = host(1, listen_port=51999)
+    twin = host(9, public_key=me["public_key"])  # same key under another id: still me
+    device = mesh.plan(NETWORK, me, [me, twin, host(2, public_address="203.0.113.2")])
+    assert device.address == "10.77.0.1/24"
+    assert device.mtu == 1420
+    assert device.listen_port == 51999
+    assert list(device.peers) == [key(2)]
+    assert device.peers[key(2)] == PeerConfig(
+        public_key=key(2),
+        allowed_ips=("10.77.0.2/32",),
+        endpoint="203.0.113.2:51820",
+        keepalive=25,
+    )
+
+
+def test_plan_port_falls_back_to_network() -> None:
+    assert mesh.plan(NETWORK, host(1, listen_port=None), []).listen_port == 51820
+
+
+def test_plan_keepalive_off_on_same_site_and_override() -> None:
+    me = host(1, labels={"site": "dc1"}, addresses=["10.0.1.5/24"])
+    local = host(2, labels={"site": "dc1"}, addresses=["10.0.1.6/24"])
+    remote = host(3, labels={"site": "dc2"}, public_address="203.0.113.3")
+    device = mesh.plan(NETWORK, me, [local, remote])
+    assert device.peers[key(2)].keepalive == 0
+    assert device.peers[key(3)].keepalive == 25
+    forced = mesh.plan(NETWORK, me, [local, remote], keepalive_override=5)
+    assert {p.keepalive for p in forced.peers.values()} == {5}
+
+
+# --- diff ----------------------------------------------------------------------------------
+
+
+def _mesh(*peers: dict[str, Any]) -> mesh.DesiredDevice:
+    return mesh.plan(NETWORK, host(1), [host(1), *peers])
+
+
+def test_diff_of_device_equal_to_plan_is_empty() -> None:
+    device = _mesh(host(2, public_address="203.0.113.2"), host(3, public_address="203.0.113.3"))
+    changes = mesh.diff(device, state_of(device))
+    assert not changes
+    assert changes == mesh.DeviceChanges()
+
+
+def test_diff_ignores_allowed_ip_spelling_and_endpoint_form() -> None:
+    device = _mesh(host(2, public_address="2001:db8::2"))
+    reported = DeviceState(
+        listen_port=51820,
+        peers={
+            key(2): PeerState(
+                public_key=key(2),
+                allowed_ips=("10.77.0.2",),
+                endpoint="[2001:0db8:0:0::2]:51820",
+                keepalive=25,
+            )
+        },
+    )
+    assert not mesh.diff(device, reported)
+
+
+def test_diff_adding_one_peer_is_only_an_add() -> None:
+    before = _mesh(host(2, public_address="203.0.113.2"))
+    after = _mesh(host(2, public_address="203.0.113.2"), host(3, public_address="203.0.113.3"))
+    changes = mesh.diff(after, state_of(before))
+    assert changes == mesh.DeviceChanges(peers_to_add=(after.peers[key(3)],))
+
+
+def test_diff_endpoint_change_is_only_an_endpoint_update() -> None:
+    before = _mesh(host(2, public_address="203.0.113.2"), host(3, public_address="203.0.113.3"))
+    after = _mesh(host(2, public_address="203.0.113.2"), host(3, public_address="198.51.100.3"))
+    changes = mesh.diff(after, state_of(before))
+    assert changes == mesh.DeviceChanges(
+        peers_to_update={key(3): PeerUpdate(public_key=key(3), endpoint="198.51.100.3:51820")}
+    )
+    assert changes.peers_to_update[key(3)].fields() == ["endpoint"]
+
+
+def test_diff_removing_a_peer() -> None:
+    before = _mesh(host(2, public_address="203.0.113.2"), host(3, public_address="203.0.113.3"))
+    after = _mesh(host(2, public_address="203.0.113.2"))
+    assert mesh.diff(after, state_of(before)) == mesh.DeviceChanges(peers_to_remove=(key(3),))
+
+
+def test_diff_listen_port_change() -> None:
+    device = _mesh(host(2, public_address="203.0.113.2"))
+    reported = replace(state_of(device), listen_port=40000)
+    assert mesh.diff(device, reported) == mesh.DeviceChanges(listen_port=51820)
+
+
+def test_diff_allowed_ips_and_keepalive_changes() -> None:
+    device = _mesh(host(2, public_address="203.0.113.2"))
+    peer = state_of(device).peers[key(2)]
+    reported = DeviceState(
+        listen_port=51820,
+        peers={key(2): replace(peer, allowed_ips=("10.77.0.99/32",), keepalive=0)},
+    )
+    update = mesh.diff(device, reported).peers_to_update[key(2)]
+    assert update == PeerUpdate(public_key=key(2), allowed_ips=("10.77.0.2/32",), keepalive=25)
+
+
+def test_unknown_endpoint_never_clears_a_learned_one() -> None:
+    device = _mesh(host(2))  # no public address: nothing to plan
+    assert device.peers[key(2)].endpoint is None
+    reported = state_of(device)
+    learned = replace(reported.peers[key(2)], endpoint="203.0.113.50:40001")
+    assert not mesh.diff(device, DeviceState(listen_port=51820, peers={key(2): learned}))
+
+
+def test_roamed_endpoint_is_kept_until_the_plan_moves_the_peer() -> None:
+    applied = _mesh(host(2, public_address="203.0.113.2"))
+    # The peer's packets came from its NAT's port, and the device followed them.
+    roamed = DeviceState(
+        listen_port=51820,
+        peers={
+            key(2): replace(state_of(applied).peers[key(2)], endpoint="203.0.113.2:61000"),
+        },
+    )
+    assert not mesh.diff(applied, roamed, applied=applied)
+    assert mesh.diff(applied, roamed).peers_to_update[key(2)].endpoint == "203.0.113.2:51820"
+    moved = _mesh(host(2, public_address="198.51.100.2"))
+    update = mesh.diff(moved, roamed, applied=applied).peers_to_update[key(2)]
+    assert update == PeerUpdate(public_key=key(2), endpoint="198.51.100.2:51820")
+
+
+def test_endpoint_refresh_resends_every_kept_endpoint() -> None:
+    before = _mesh(host(2, public_address="203.0.113.2"), host(3))
+    after = _mesh(
+        host(2, public_address="203.0.113.2"), host(3), host(4, public_address="203.0.113.4")
+    )
+    changes = mesh.with_endpoint_refresh(mesh.diff(after, state_of(before)), after)
+    assert [p.public_key for p in changes.peers_to_add] == [key(4)]
+    assert changes.peers_to_update == {
+        key(2): PeerUpdate(public_key=key(2), endpoint="203.0.113.2:51820")
+    }
+    assert mesh.summary(changes) == {"add": [key(4)[:8]], "update": {key(2)[:8]: ["endpoint"]}}
