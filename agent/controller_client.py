@@ -50,10 +50,20 @@ class ControllerClient:
     ) -> None:
         self.url = url.rstrip("/")
         self.credential = credential
-        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout, verify=verify)
+        self._timeout, self._verify = timeout, verify
+        self._http = self._new_http()
+
+    def _new_http(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, timeout=self._timeout, verify=self._verify)
 
     async def close(self) -> None:
         await self._http.aclose()
+
+    async def reconnect(self) -> None:
+        """Drop pooled connections: after a local address change they are bound to a
+        source address that no longer exists and would only time out."""
+        old, self._http = self._http, self._new_http()
+        await old.aclose()
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.credential}"} if self.credential else {}
@@ -93,8 +103,8 @@ class ControllerClient:
         """Peer events after ``since``; raises WatchGone (list again) or httpx errors (resume)."""
         params = {"watch": "true", "since": str(since)}
         # The controller sends keep-alive lines (every 15 s by default): a read that
-        # waits 90 s means the path is dead and the watch must be resumed.
-        timeout = httpx.Timeout(10.0, read=90.0)
+        # waits 45 s means the path is dead and the watch must be resumed.
+        timeout = httpx.Timeout(10.0, read=45.0)
         async with self._http.stream(
             "GET",
             f"/v1/networks/{network_id}/peers",

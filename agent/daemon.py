@@ -28,7 +28,8 @@ class Timing:
     """How often the agent does what (seconds)."""
 
     heartbeat: float = 10.0
-    address_poll: float = 2.0
+    # Netlink events wake the address check at once; this poll is only the fallback.
+    address_poll: float = 10.0
     backoff_min: float = 0.5
     backoff_max: float = 30.0
 
@@ -42,9 +43,14 @@ class Backoff:
     def reset(self) -> None:
         self.current = self.low
 
-    async def wait(self) -> None:
-        await asyncio.sleep(self.current * random.uniform(0.8, 1.2))
+    def next_delay(self) -> float:
+        """The next delay to wait, doubling the one after it."""
+        delay = self.current * random.uniform(0.8, 1.2)
         self.current = min(self.current * 2, self.high)
+        return delay
+
+    async def wait(self) -> None:
+        await asyncio.sleep(self.next_delay())
 
 
 class NetworkAgent:
@@ -67,6 +73,7 @@ class NetworkAgent:
         self.client = ControllerClient(membership.controller, credential)
         self._lock = asyncio.Lock()
         self._device_ready = False
+        self._sync_task: asyncio.Task[None] | None = None
         self.removed = asyncio.Event()
 
     @property
@@ -143,6 +150,12 @@ class NetworkAgent:
         self._save()
         await self.reconcile()
 
+    def _restart_sync(self) -> None:
+        """(Re)start the list+watch loop; it resumes from the saved revision."""
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+        self._sync_task = asyncio.create_task(self.sync_loop(), name=f"sync-{self.iface}")
+
     async def sync_loop(self) -> None:
         """List, then watch from the listed revision; resume on cuts, list again on 410."""
         backoff = Backoff(self.timing.backoff_min, self.timing.backoff_max)
@@ -179,22 +192,39 @@ class NetworkAgent:
         return await addresses.underlay_addresses(exclude={self.iface})
 
     async def address_loop(self) -> None:
-        """Heartbeat; notice own address changes (local or as the controller sees them)."""
-        last_heartbeat = 0.0
+        """Heartbeat; notice own address changes (local or as the controller sees them).
+
+        Addresses are polled even while the controller is unreachable, so a local
+        change re-points the peers at once instead of after the heartbeat backoff.
+        """
+        events = addresses.AddressEvents()
+        events.start()
+        try:
+            await self._follow_addresses(events)
+        finally:
+            await events.close()
+
+    async def _follow_addresses(self, events: addresses.AddressEvents) -> None:
         known = await self._local_addresses()
         backoff = Backoff(self.timing.backoff_min, self.timing.backoff_max)
+        next_heartbeat = 0.0
         while not self.removed.is_set():
             current = await self._local_addresses()
             local_changed = current != known
-            if local_changed or time.monotonic() - last_heartbeat >= self.timing.heartbeat:
-                if local_changed:
-                    log.info("local addresses changed", extra={"old": known, "new": current})
-                    known = current
-                    # Peers must be re-pointed from the new source address at once.
-                    await self.reconcile(force_endpoints=True)
+            if local_changed:
+                log.info("local addresses changed", extra={"old": known, "new": current})
+                known = current
+                # Peers must be re-pointed from the new source address at once.
+                await self.reconcile(force_endpoints=True)
+                # Controller connections may be bound to the vanished address.
+                await self.client.reconnect()
+                self._restart_sync()
+                next_heartbeat = 0.0
+                backoff.reset()
+            if time.monotonic() >= next_heartbeat:
                 try:
                     reply = await self.client.heartbeat(self.m.host_id, addresses=current)
-                    last_heartbeat = time.monotonic()
+                    next_heartbeat = time.monotonic() + self.timing.heartbeat
                     backoff.reset()
                     if reply["changed"] and not local_changed:
                         log.info(
@@ -207,11 +237,12 @@ class NetworkAgent:
                         self.removed.set()
                         return
                     log.warning("heartbeat refused", extra={"error": str(exc)})
+                    next_heartbeat = time.monotonic() + backoff.next_delay()
                 except NETWORK_ERRORS as exc:
                     log.warning("heartbeat failed", extra={"error": repr(exc)})
-                    await backoff.wait()
-                    continue
-            await asyncio.sleep(self.timing.address_poll)
+                    next_heartbeat = time.monotonic() + backoff.next_delay()
+            wake = min(self.timing.address_poll, max(0.0, next_heartbeat - time.monotonic()))
+            await events.wait(wake)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -221,16 +252,15 @@ class NetworkAgent:
             await self.reconcile()  # from disk: tunnels come back even if the controller is down
         except Exception:
             log.exception("restoring the device from saved state failed")
-        tasks = [
-            asyncio.create_task(self.sync_loop(), name=f"sync-{self.iface}"),
-            asyncio.create_task(self.address_loop(), name=f"addresses-{self.iface}"),
-        ]
+        self._restart_sync()
+        addresses_task = asyncio.create_task(self.address_loop(), name=f"addresses-{self.iface}")
         try:
             await self.removed.wait()
             log.warning("this host was removed from the network; tearing the interface down")
             await self.backend.destroy(self.iface)
             self.states.remove(self.m.network_id)
         finally:
+            tasks = [addresses_task, self._sync_task]
             for t in tasks:
                 t.cancel()
             for t in tasks:

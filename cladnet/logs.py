@@ -31,7 +31,7 @@ def setup(level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # httpx logs every request at INFO; that is noise in a daemon's log.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("httpcore").setLevel(logging.WARNING)
+    # These log every request / netlink message; that is noise in a daemon's log.
+    for name in ("httpx", "httpcore", "pyroute2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     logging.Formatter.converter = time.gmtime

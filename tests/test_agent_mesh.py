@@ -89,9 +89,10 @@ class Agent:
             }
         return peers
 
-    def membership(self) -> dict:
-        nets = list((self.state_dir / "networks").iterdir())
-        return json.loads((nets[0] / "membership.json").read_text())
+    def membership(self) -> dict | None:
+        """The saved membership, or None until the join has written it."""
+        files = list(self.state_dir.glob("networks/*/membership.json"))
+        return json.loads(files[0].read_text()) if files else None
 
     def log_text(self) -> str:
         return "\n".join(p.read_text() for p in self.logs if p.exists())[-4000:]
@@ -124,10 +125,11 @@ def agents(lab: Lab, tmp_path: Path) -> Iterator[list[Agent]]:
     made: list[Agent] = []
 
     def make(n: int) -> list[Agent]:
-        for i in range(1, n + 1):
+        """Ensure hosts 1..n exist; return all of them."""
+        for i in range(len(made) + 1, n + 1):
             ns = lab.add_host(i)
             made.append(Agent(lab, i, ns, tmp_path / f"agent{i}", f"cl-{lab.tag}w{i}"))
-        return made
+        return list(made)
 
     yield make  # type: ignore[misc]
     for a in made:
@@ -150,11 +152,7 @@ def _setup(mesh_controller: Controller, agents, n: int, **net) -> tuple[list[Age
 
 def _overlay_ip(agent: Agent) -> str:
     return wait_until(
-        lambda: (
-            agent.membership()["me"]["overlay_ip"]
-            if (agent.state_dir / "networks").exists()
-            else None
-        ),
+        lambda: (agent.membership() or {}).get("me", {}).get("overlay_ip"),
         what=f"agent {agent.index} to join",
     )
 
@@ -225,8 +223,10 @@ def test_underlay_address_change_recovers_without_restarts(mesh_controller, agen
     ip_a = _overlay_ip(a)
     # vm2's address changes (suspend/resume in a cloud): nobody is restarted.
     old, new = lab.address(2), lab.address(2, generation=1)
-    lab.run(b.ns, "ip", "addr", "add", f"{new}/24", "dev", "eth0")
+    # (Deleting the old primary address first: deleting it second would take the
+    # new, secondary one with it.)
     lab.run(b.ns, "ip", "addr", "del", f"{old}/24", "dev", "eth0")
+    lab.run(b.ns, "ip", "addr", "add", f"{new}/24", "dev", "eth0")
     started = time.monotonic()
     wait_until(
         lambda: any(p["endpoint"].startswith(new + ":") for p in a.wg_peers().values()),
@@ -238,7 +238,7 @@ def test_underlay_address_change_recovers_without_restarts(mesh_controller, agen
     print(f"recovered {recovered:.2f}s after the address change")
     with mesh_controller.client() as admin:
         host = next(h for h in admin.get("/v1/networks/mesh/hosts").json() if h["name"] == "vm2")
-    assert host["public_address_changed_at"] is not None
+    assert host["public_address_changed_at"] is not None, json.dumps(host)
     assert f"{new}/24" in host["addresses"]
 
 
