@@ -88,6 +88,10 @@ class ControllerClient:
     async def report_status(self, host_id: str, peers: list[dict[str, Any]]) -> None:
         await self._call("POST", f"/v1/hosts/{host_id}/status", {"peers": peers})
 
+    async def metrics_credentials(self, host_id: str) -> dict[str, Any]:
+        """Where and as whom to publish metrics (a fresh broker password each call)."""
+        return await self._call("POST", f"/v1/hosts/{host_id}/metrics-credentials")
+
     async def leave(self, host_id: str) -> None:
         await self._call("DELETE", f"/v1/hosts/{host_id}")
 

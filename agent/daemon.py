@@ -14,6 +14,9 @@ import httpx
 
 from agent import addresses
 from agent.controller_client import ControllerClient, ControllerError, WatchGone
+from agent.metrics.exposition import MetricsServer
+from agent.metrics.publisher import Broker
+from agent.metrics.reporter import MetricsReporter
 from agent.state import Membership, StateDir
 from agent.wireguard.backend import WireGuardBackend
 from cladnet import mesh
@@ -64,16 +67,19 @@ class NetworkAgent:
         private_key: str,
         backend: WireGuardBackend,
         timing: Timing | None = None,
+        metrics_server: MetricsServer | None = None,
     ) -> None:
         self.states = states
         self.m = membership
         self.private_key = private_key
         self.backend = backend
         self.timing = timing or Timing()
+        self.metrics_server = metrics_server
         self.client = ControllerClient(membership.controller, credential)
         self._lock = asyncio.Lock()
         self._device_ready = False
         self._sync_task: asyncio.Task[None] | None = None
+        self.metrics: MetricsReporter | None = None
         self.removed = asyncio.Event()
 
     @property
@@ -244,6 +250,54 @@ class NetworkAgent:
             wake = min(self.timing.address_poll, max(0.0, next_heartbeat - time.monotonic()))
             await events.wait(wake)
 
+    # --- metrics ---------------------------------------------------------------------------
+
+    async def _metrics_settings(self) -> dict[str, Any]:
+        """Broker credentials from the saved state, or fetched once from the controller."""
+        backoff = Backoff(self.timing.backoff_min, self.timing.backoff_max)
+        while self.m.metrics is None:
+            try:
+                self.m.metrics = await self.client.metrics_credentials(self.m.host_id)
+                self._save()
+            except ControllerError as exc:
+                if exc.status == 404 and exc.code == "metrics_disabled":
+                    self.m.metrics = {}
+                else:
+                    log.warning("no metrics credentials yet", extra={"error": str(exc)})
+                    await backoff.wait()
+            except NETWORK_ERRORS as exc:
+                log.warning("no metrics credentials yet", extra={"error": repr(exc)})
+                await backoff.wait()
+        return self.m.metrics
+
+    async def _report_status(self, peers: list[dict[str, Any]]) -> None:
+        try:
+            await self.client.report_status(self.m.host_id, peers)
+        except (ControllerError, *NETWORK_ERRORS) as exc:
+            log.debug("status report failed", extra={"error": repr(exc)})
+
+    async def metrics_loop(self) -> None:
+        """Host + overlay metrics: to the broker (if any), the pull server and the controller."""
+        settings = await self._metrics_settings()
+        broker = None
+        if settings.get("broker"):
+            broker = Broker(settings["broker"], settings.get("username"), settings.get("password"))
+        reporter = MetricsReporter(
+            network=str(self.m.network["name"]),
+            host=str(self.m.me["name"]),
+            host_id=self.m.host_id,
+            overlay_ip=str(self.m.me["overlay_ip"]),
+            spool_dir=self.states.root / "networks" / self.m.network_id / "spool",
+            interval=float(settings.get("interval", self.m.network.get("metrics_interval", 2.0))),
+            device=lambda: self.backend.get(self.iface),
+            peers=lambda: self.m.peers,
+            broker=broker,
+            status=self._report_status,
+            server=self.metrics_server,
+        )
+        self.metrics = reporter
+        await reporter.run()
+
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -254,13 +308,14 @@ class NetworkAgent:
             log.exception("restoring the device from saved state failed")
         self._restart_sync()
         addresses_task = asyncio.create_task(self.address_loop(), name=f"addresses-{self.iface}")
+        metrics_task = asyncio.create_task(self.metrics_loop(), name=f"metrics-{self.iface}")
         try:
             await self.removed.wait()
             log.warning("this host was removed from the network; tearing the interface down")
             await self.backend.destroy(self.iface)
             self.states.remove(self.m.network_id)
         finally:
-            tasks = [addresses_task, self._sync_task]
+            tasks = [addresses_task, metrics_task, self._sync_task]
             for t in tasks:
                 t.cancel()
             for t in tasks:

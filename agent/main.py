@@ -47,18 +47,33 @@ def _backend(force: str | None):  # type: ignore[no-untyped-def]
 
 
 async def _run_networks(
-    states: StateDir, backend_name: str | None, only: list[str] | None = None
+    states: StateDir,
+    backend_name: str | None,
+    only: list[str] | None = None,
+    metrics_listen: str | None = None,
 ) -> int:
     from agent.daemon import NetworkAgent
+    from agent.metrics.exposition import MetricsServer
 
     ids = only or states.network_ids()
     if not ids:
         raise UsageError(f"no joined network in {states.root}; run 'cladnet-agent join' first")
+    server = None
+    if metrics_listen:
+        host, _, port = metrics_listen.rpartition(":")
+        if not host or not port.isdigit():
+            raise UsageError(f"--metrics-listen needs HOST:PORT, got {metrics_listen!r}")
+        server = MetricsServer(host.strip("[]"), int(port))
+        serving = asyncio.create_task(server.run(), name="metrics-server")
     agents = []
     for net_id in ids:
         membership, credential, private_key = states.load(net_id)
         backend = _backend(backend_name or membership.backend)
-        agents.append(NetworkAgent(states, membership, credential, private_key, backend))
+        agents.append(
+            NetworkAgent(
+                states, membership, credential, private_key, backend, metrics_server=server
+            )
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -67,6 +82,8 @@ async def _run_networks(
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait([*runs, stopper], return_when=asyncio.FIRST_COMPLETED)
     # On a signal the interfaces stay up: a restart must not interrupt traffic.
+    if server is not None:
+        runs.append(serving)
     for t in runs:
         t.cancel()
     for t in runs:
@@ -138,11 +155,13 @@ async def cmd_join(args: argparse.Namespace) -> int:
     )
     if args.no_run:
         return 0
-    return await _run_networks(states, args.backend, [net["id"]])
+    return await _run_networks(states, args.backend, [net["id"]], args.metrics_listen)
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
-    return await _run_networks(StateDir(Path(args.state_dir)), args.backend)
+    return await _run_networks(
+        StateDir(Path(args.state_dir)), args.backend, metrics_listen=args.metrics_listen
+    )
 
 
 async def cmd_leave(args: argparse.Namespace) -> int:
@@ -211,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
             help="force a WireGuard implementation (default: kernel if present)",
         )
 
+    def serve(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--metrics-listen",
+            default=os.environ.get("CLADNET_METRICS_LISTEN"),
+            metavar="HOST:PORT",
+            help="serve Prometheus metrics here (off by default; e.g. the overlay IP)",
+        )
+
     j = sub.add_parser("join", help="join a network and keep running")
     j.add_argument("--controller", required=True)
     j.add_argument("--token", required=True)
@@ -221,10 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--replace", action="store_true", help="take over this hostname with a new key")
     j.add_argument("--no-run", action="store_true", help="join and exit (then use 'run')")
     common(j)
+    serve(j)
     j.set_defaults(func=cmd_join)
 
     r = sub.add_parser("run", help="run from the saved state (what the systemd unit does)")
     common(r)
+    serve(r)
     r.set_defaults(func=cmd_run)
 
     lv = sub.add_parser("leave", help="leave the network(s), remove the interface, release the IP")

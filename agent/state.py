@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ class Membership:
     revision: int = 0
     labels: dict[str, str] = field(default_factory=dict)
     backend: str | None = None
+    # Broker URL, per-host user/password, topic, interval; {} = no broker configured.
+    metrics: dict[str, Any] | None = None
 
     @property
     def network_id(self) -> str:
@@ -82,7 +85,5 @@ class StateDir:
         write_private(d / "private.key", private_key + "\n")
 
     def remove(self, network_id: str) -> None:
-        d = self._net(network_id)
-        for name in ("membership.json", "credential", "private.key"):
-            (d / name).unlink(missing_ok=True)
-        d.rmdir()
+        """Forget a network: its secrets, state and unsent metrics."""
+        shutil.rmtree(self._net(network_id), ignore_errors=True)

@@ -22,6 +22,7 @@ DEFAULT_MTU = 1420
 DEFAULT_LISTEN_PORT = 51820
 DEFAULT_KEEPALIVE = 25
 DEFAULT_EXPECTED_HOSTS = 100
+DEFAULT_METRICS_INTERVAL = 2.0
 
 
 def _name(value: str) -> str:
@@ -82,6 +83,8 @@ class NetworkCreate(Strict):
     mtu: Annotated[int, Field(ge=1280, le=9000)] = DEFAULT_MTU
     listen_port: Port = DEFAULT_LISTEN_PORT
     keepalive: Annotated[int, Field(ge=0, le=600)] = DEFAULT_KEEPALIVE
+    # Seconds between the agents' metric batches (the per-network metrics policy).
+    metrics_interval: Annotated[float, Field(ge=1, le=3600)] = DEFAULT_METRICS_INTERVAL
 
 
 class Network(BaseModel):
@@ -93,6 +96,7 @@ class Network(BaseModel):
     listen_port: int
     keepalive: int
     created_at: float
+    metrics_interval: float = DEFAULT_METRICS_INTERVAL
 
 
 # --- address spaces -----------------------------------------------------------------------

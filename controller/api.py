@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from aetcd import exceptions as etcd_errors
 from fastapi import Depends, FastAPI, Query, Request
@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cladnet import __version__, tokens
+from cladnet import __version__, metrics, tokens
 from cladnet.models import (
     AddressSpaces,
     EndpointsUpdate,
@@ -36,6 +36,7 @@ from cladnet.models import (
 )
 from controller import auth
 from controller.auth import Authenticator, Principal
+from controller.broker import BrokerAdmin, BrokerError
 from controller.config import Settings
 from controller.errors import ApiError
 from controller.etcd import Etcd, parse_endpoints
@@ -104,6 +105,14 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.store = store
         app.state.auth = Authenticator(etcd, store, configured)
         app.state.hubs = WatchHubs(etcd, settings.watch_keepalive)
+        app.state.broker = None
+        if settings.mqtt_url and settings.mqtt_admin_password:
+            app.state.broker = BrokerAdmin(
+                public_url=settings.mqtt_url,
+                admin_url=settings.mqtt_admin_url or settings.mqtt_url,
+                username=settings.mqtt_admin_user,
+                password=settings.mqtt_admin_password,
+            )
         log.info("controller ready", extra={"etcd": settings.etcd, "listen": settings.listen})
         try:
             yield
@@ -164,7 +173,7 @@ def create_app(settings: Settings) -> FastAPI:
         return JSONResponse({"status": "ready", "etcd_version": status.version})
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def prometheus_metrics() -> Response:
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     # --- networks ----------------------------------------------------------------------
@@ -263,10 +272,41 @@ def create_app(settings: Settings) -> FastAPI:
         await db.report_status(host_id, req)
         return Response(status_code=204)
 
-    @app.delete("/v1/hosts/{host_id}")
-    async def leave(host_id: str, p: Caller, db: Db) -> Peer:
+    @app.post("/v1/hosts/{host_id}/metrics-credentials")
+    async def metrics_credentials(host_id: str, request: Request, p: Caller, db: Db) -> Any:
+        """Where and as whom this host publishes its metrics (a fresh password each call)."""
         auth.require_self(p, host_id)
-        return await db.leave(host_id)
+        host = await db.get_host(host_id)
+        net = await db.get_network(host.network_id)
+        answer: dict[str, Any] = {"interval": net.metrics_interval}
+        if not settings.mqtt_url:
+            raise ApiError(404, "metrics_disabled", "this controller has no metrics broker")
+        broker: BrokerAdmin | None = request.app.state.broker
+        if broker is None:  # an open broker (development): no per-host users
+            return {
+                **answer,
+                "broker": settings.mqtt_url,
+                "username": None,
+                "password": None,
+                "topic": metrics.topic(net.name, host.name),
+            }
+        try:
+            return {**answer, **await broker.register(host_id, net.name, host.name)}
+        except BrokerError as exc:
+            log.warning("broker registration failed", extra={"host": host_id, "error": str(exc)})
+            raise ApiError(503, "broker_unavailable", "the metrics broker is unreachable") from exc
+
+    @app.delete("/v1/hosts/{host_id}")
+    async def leave(host_id: str, request: Request, p: Caller, db: Db) -> Peer:
+        auth.require_self(p, host_id)
+        peer = await db.leave(host_id)
+        broker: BrokerAdmin | None = request.app.state.broker
+        if broker is not None:
+            try:
+                await broker.unregister(host_id)
+            except BrokerError as exc:  # the user is useless without a host; log and go on
+                log.warning("broker cleanup failed", extra={"host": host_id, "error": str(exc)})
+        return peer
 
     # --- peers: list + watch -----------------------------------------------------------
 

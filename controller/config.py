@@ -16,6 +16,12 @@ class Settings:
     admin_token: str | None = None
     watch_keepalive: float = 15.0
     log_level: str = "info"
+    # Metrics broker: the URL agents publish to, and how the controller administers
+    # per-host users on it (Mosquitto dynamic security). No URL: no metrics.
+    mqtt_url: str | None = None
+    mqtt_admin_url: str | None = None
+    mqtt_admin_user: str = "admin"
+    mqtt_admin_password: str | None = None
 
     @property
     def host(self) -> str:
@@ -54,6 +60,21 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         help="seconds between keep-alive lines on idle watch streams",
     )
     p.add_argument("--log-level", default=env.get("CLADNET_LOG_LEVEL", defaults.log_level))
+    p.add_argument(
+        "--mqtt-url",
+        default=env.get("CLADNET_MQTT_URL"),
+        help="broker URL agents publish metrics to, mqtt://host:port (env CLADNET_MQTT_URL)",
+    )
+    p.add_argument(
+        "--mqtt-admin-url",
+        default=env.get("CLADNET_MQTT_ADMIN_URL"),
+        help="broker URL for the controller's dynsec admin (default: --mqtt-url)",
+    )
+    p.add_argument(
+        "--mqtt-admin-user",
+        default=env.get("CLADNET_MQTT_ADMIN_USER", defaults.mqtt_admin_user),
+        help="dynsec admin user; its password comes from CLADNET_MQTT_ADMIN_PASSWORD",
+    )
     a = p.parse_args(argv)
     if ":" not in a.listen:
         p.error(f"--listen must be HOST:PORT, got {a.listen!r}")
@@ -64,4 +85,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         admin_token=env.get("CLADNET_ADMIN_TOKEN") or None,
         watch_keepalive=a.watch_keepalive,
         log_level=a.log_level,
+        mqtt_url=a.mqtt_url,
+        mqtt_admin_url=a.mqtt_admin_url or a.mqtt_url,
+        mqtt_admin_user=a.mqtt_admin_user,
+        mqtt_admin_password=env.get("CLADNET_MQTT_ADMIN_PASSWORD") or None,
     )

@@ -171,6 +171,7 @@ class Store:
                 mtu=req.mtu,
                 listen_port=req.listen_port,
                 keepalive=req.keepalive,
+                metrics_interval=req.metrics_interval,
                 created_at=time.time(),
             )
             nets = ks.prefix("networks")

@@ -12,6 +12,8 @@ PACKAGES=(
   wireguard-go wireguard-tools     # userspace WireGuard + wg
   iproute2 nftables iputils-ping   # test hosts are network namespaces
   mosquitto mosquitto-clients      # MQTT broker for metrics
+  victoria-metrics                 # scale-out metrics store (collector backend)
+  iperf3                           # data-plane benchmark
   curl ca-certificates procps
   python3 python3-venv python3-dev gcc
 )

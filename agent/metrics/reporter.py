@@ -1,0 +1,154 @@
+"""One network's metrics loop: collect every interval, spool, publish, probe, report."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from agent.metrics.exposition import MetricsServer
+from agent.metrics.host import HostCollector
+from agent.metrics.overlay import LatencyProber, peer_samples
+from agent.metrics.publisher import Broker, Publisher
+from agent.metrics.spool import Spool, SpoolLimits
+from cladnet import metrics
+from cladnet.mesh import DeviceState
+
+log = logging.getLogger("cladnet.agent")
+
+StatusSink = Callable[[list[dict[str, Any]]], Awaitable[None]]
+
+
+class MetricsReporter:
+    """Host + overlay metrics of one network membership.
+
+    ``device`` reads the WireGuard device; ``peers`` returns the current peers
+    (id → peer dict); ``status`` (optional) receives per-peer health for the
+    controller every ``status_every`` seconds.
+    """
+
+    def __init__(
+        self,
+        *,
+        network: str,
+        host: str,
+        host_id: str,
+        overlay_ip: str,
+        spool_dir: Path,
+        interval: float,
+        device: Callable[[], Awaitable[DeviceState]],
+        peers: Callable[[], dict[str, dict[str, Any]]],
+        broker: Broker | None = None,
+        status: StatusSink | None = None,
+        server: MetricsServer | None = None,
+        probe_interval: float = 10.0,
+        status_every: float = 15.0,
+        spool_limits: SpoolLimits | None = None,
+    ) -> None:
+        self.network, self.host, self.host_id = network, host, host_id
+        self.interval = max(1.0, interval)
+        self.device, self.peers, self.status = device, peers, status
+        self.server, self.probe_interval, self.status_every = server, probe_interval, status_every
+        self.spool = Spool(spool_dir, spool_limits)
+        self.host_metrics = HostCollector()
+        self.prober = LatencyProber(overlay_ip)
+        self.rtt: dict[str, float | None] = {}
+        self.publisher = (
+            Publisher(broker, f"cladnet-{host_id}", metrics.topic(network, host), self.spool)
+            if broker is not None
+            else None
+        )
+        self.errors = 0
+
+    def build(self, now: float) -> metrics.Batch:
+        """A batch of everything but the device (pure apart from psutil)."""
+        batch = metrics.Batch(
+            network=self.network,
+            host=self.host,
+            host_id=self.host_id,
+            seq=self.spool.next_seq(),
+            ts=now,
+            interval=self.interval,
+        )
+        self.host_metrics.collect(batch)
+        for name, rtt in self.rtt.items():
+            if rtt is not None:
+                batch.add("peer_rtt_ms", rtt, peer=name)
+        batch.add("agent_spool_batches", len(self.spool))
+        batch.add("agent_spool_dropped_batches", self.spool.dropped)
+        batch.add("agent_metric_errors", self.errors)
+        return batch
+
+    async def _probe_loop(self) -> None:
+        while True:
+            try:
+                if not self.prober.started:
+                    await self.prober.start()
+                targets = {
+                    str(p.get("name", pid)): str(p["overlay_ip"]) for pid, p in self.peers().items()
+                }
+                self.rtt = await self.prober.probe(targets)
+            except OSError as exc:  # the overlay address is not up yet
+                log.debug("latency probe not ready", extra={"error": repr(exc)})
+            await asyncio.sleep(self.probe_interval)
+
+    async def _status_report(self, device: DeviceState, now: float) -> None:
+        if self.status is None:
+            return
+        by_key = {p.get("public_key"): pid for pid, p in self.peers().items()}
+        names = {pid: str(p.get("name", pid)) for pid, p in self.peers().items()}
+        report = []
+        for st in device.peers:
+            pid = by_key.get(st.public_key)
+            if pid is None:
+                continue
+            report.append(
+                {
+                    "peer_id": pid,
+                    "handshake_age_s": max(0.0, now - st.last_handshake)
+                    if st.last_handshake
+                    else None,
+                    "rx_bytes": st.rx_bytes,
+                    "tx_bytes": st.tx_bytes,
+                    "latency_ms": self.rtt.get(names[pid]),
+                }
+            )
+        await self.status(report)
+
+    async def run(self) -> None:
+        tasks = [asyncio.create_task(self._probe_loop(), name="latency-probe")]
+        if self.publisher is not None:
+            tasks.append(asyncio.create_task(self.publisher.run(), name="mqtt-publisher"))
+        last_status = 0.0
+        try:
+            while True:
+                started = time.monotonic()
+                now = time.time()
+                try:
+                    batch = self.build(now)
+                    device = await self.device()
+                    peer_samples(batch, device, self.peers(), now)
+                    batch.sent = time.time()
+                    if self.publisher is not None:
+                        self.spool.append(batch.seq, batch.encode())
+                        self.publisher.wake.set()
+                    if self.server is not None:
+                        self.server.latest[self.network] = batch
+                    if started - last_status >= self.status_every:
+                        last_status = started
+                        await self._status_report(device, now)
+                except Exception as exc:  # one bad pass must not stop the metrics
+                    self.errors += 1
+                    log.warning("metrics pass failed", extra={"error": repr(exc)})
+                await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+            self.prober.close()

@@ -1,0 +1,206 @@
+"""The collector's query and alarm API (FastAPI); every route but health needs the token."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cladnet import tokens
+from cladnet.alarms import OPS, AlarmEngine, Rule, RuleError
+from collector.ingest import Ingest
+
+DOWN_AFTER_INTERVALS = 3
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class RuleCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Annotated[str, Field(min_length=1, max_length=128)]
+    metric: Annotated[str, Field(pattern=r"^[a-zA-Z_][a-zA-Z0-9_]{0,127}$")]
+    network: Annotated[str, Field(min_length=1, max_length=128)]
+    host: str | None = None
+    labels: dict[str, str] = {}
+    op: Literal[">", ">=", "<", "<=", "==", "!="]
+    threshold: float
+    for_s: Annotated[float, Field(ge=0, le=86400)] = 0.0
+
+
+class RuleBook:
+    """Alarm rules, kept in a JSON file in the collector's state dir."""
+
+    def __init__(self, path: Path, engine: AlarmEngine) -> None:
+        self.path, self.engine = path, engine
+        if path.exists():
+            for raw in json.loads(path.read_text()):
+                engine.set_rule(Rule(**raw))
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps([r.to_dict() for r in self.engine.rules.values()], indent=1))
+        tmp.replace(self.path)
+
+
+def create_app(ingest: Ingest, rules: RuleBook, token_hashes: list[str]) -> FastAPI:
+    """The HTTP API over a running ingest (its store, live state and alarm engine)."""
+    app = FastAPI(title="CLADNet collector")
+    store = ingest.store
+
+    def _error(status: int, code: str, message: str) -> JSONResponse:
+        return JSONResponse({"error": code, "message": message}, status_code=status)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return _error(422, "invalid_request", f"{where}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, "http_error", str(exc.detail))
+
+    @app.exception_handler(ValueError)
+    async def bad_value(_: Request, exc: ValueError) -> JSONResponse:
+        return _error(400, "invalid_request", str(exc))
+
+    async def authorized(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError(401, "unauthorized", "missing bearer token")
+        digest = tokens.hash_secret(token.strip())
+        if not any(hmac.compare_digest(digest, h) for h in token_hashes):
+            raise ApiError(401, "unauthorized", "invalid token")
+
+    Auth = Annotated[None, Depends(authorized)]
+
+    def _up(network: str, host: str, now: float) -> bool:
+        ts, interval = ingest.last_seen.get((network, host), (0.0, 0.0))
+        return now - ts <= DOWN_AFTER_INTERVALS * max(interval, 1.0)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        ok = ingest.connected
+        return JSONResponse({"broker_connected": ok}, status_code=200 if ok else 503)
+
+    @app.get("/v1/metrics/latest")
+    async def latest(_: Auth, network: str | None = None, host: str | None = None) -> Any:
+        now = time.time()
+        out: dict[str, dict[str, Any]] = {}
+        for s in await store.latest(network=network, host=host):
+            entry = out.setdefault(
+                s.host,
+                {
+                    "network": s.network,
+                    "ts": s.ts,
+                    "up": _up(s.network, s.host, now),
+                    "metrics": {},
+                },
+            )
+            entry["ts"] = max(entry["ts"], s.ts)
+            entry["metrics"][s.series] = s.value
+        return {"hosts": out}
+
+    @app.get("/v1/metrics/series")
+    async def series(
+        _: Auth,
+        host: str,
+        metric: str,
+        since: Annotated[float, Query(gt=0, le=90 * 86400)] = 600,
+        step: Annotated[float, Query(ge=1, le=86400)] = 10,
+        agg: Literal["avg", "min", "max", "last"] = "avg",
+        labels: Annotated[str | None, Query(description="k=v,k2=v2")] = None,
+    ) -> Any:
+        wanted = None
+        if labels:
+            wanted = {}
+            for part in labels.split(","):
+                k, eq, v = part.partition("=")
+                if not eq:
+                    raise ApiError(400, "invalid_request", f"labels must be k=v,…, got {part!r}")
+                wanted[k.strip()] = v.strip()
+        end = time.time()
+        points = await store.series(host, metric, wanted, end - since, end, step, agg)
+        return {"host": host, "metric": metric, "step": step, "agg": agg, "points": points}
+
+    @app.get("/v1/networks/{network}/summary")
+    async def summary(network: str, _: Auth) -> Any:
+        now = time.time()
+        hosts = sorted(h for (n, h) in ingest.last_seen if n == network)
+        down = [h for h in hosts if not _up(network, h, now)]
+        figures = {}
+        for metric in ("cpu_percent", "mem_percent", "load1", "peer_rtt_ms"):
+            figures[metric] = await store.aggregate(network, metric, now - 60)
+        return {
+            "network": network,
+            "hosts": len(hosts),
+            "hosts_down": down,
+            "aggregates": figures,
+        }
+
+    @app.get("/v1/networks/{network}/latency")
+    async def latency(network: str, _: Auth) -> Any:
+        matrix: dict[str, dict[str, float]] = {}
+        for s in await store.latest(network=network):
+            if s.name == "peer_rtt_ms":
+                matrix.setdefault(s.host, {})[dict(s.labels).get("peer", "?")] = s.value
+        return {"network": network, "unit": "ms", "matrix": matrix}
+
+    @app.get("/v1/ingest")
+    async def ingest_stats(_: Auth) -> Any:
+        return {
+            "broker_connected": ingest.connected,
+            "counters": dict(ingest.counters),
+            "hosts": ingest.tracker.stats(),
+        }
+
+    @app.get("/v1/alarms/rules")
+    async def list_rules(_: Auth) -> Any:
+        return {"rules": [r.to_dict() for r in rules.engine.rules.values()]}
+
+    @app.post("/v1/alarms/rules", status_code=201)
+    async def create_rule(req: RuleCreate, _: Auth) -> Any:
+        try:
+            rule = Rule(id=f"r-{uuid.uuid4().hex[:12]}", **req.model_dump())
+        except RuleError as exc:
+            raise ApiError(400, "invalid_rule", str(exc)) from exc
+        rules.engine.set_rule(rule)
+        rules.save()
+        return rule.to_dict()
+
+    @app.delete("/v1/alarms/rules/{rule_id}", status_code=204)
+    async def delete_rule(rule_id: str, _: Auth) -> Response:
+        if not rules.engine.remove_rule(rule_id):
+            raise ApiError(404, "not_found", f"no alarm rule {rule_id!r}")
+        rules.save()
+        return Response(status_code=204)
+
+    @app.get("/v1/alarms")
+    async def alarms(_: Auth) -> Any:
+        recent = ingest.notifier.history[-100:] if ingest.notifier else []
+        return {"alarms": rules.engine.active(), "recent": recent, "operators": list(OPS)}
+
+    return app

@@ -1,0 +1,162 @@
+"""Metric batches off the broker: validate, de-duplicate, store, evaluate alarms.
+
+Several collectors share the load through one MQTT shared subscription
+(``$share/<group>/cladnet/metrics/#``); adding one needs no other change. Each
+message is acknowledged only after its samples are written, so a collector that
+dies mid-way gets its unacknowledged batches redelivered instead of losing them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import aiomqtt
+
+from cladnet import metrics
+from cladnet.alarms import AlarmEngine, Event
+from cladnet.sequence import SequenceTracker, Verdict
+from collector.notify import Notifier
+from collector.store.base import MetricsStore
+
+log = logging.getLogger("cladnet.collector")
+
+
+@dataclass
+class BrokerSettings:
+    url: str = "mqtt://127.0.0.1:1883"
+    username: str | None = None
+    password: str | None = None
+    group: str = "collectors"
+    client_id: str = ""
+
+
+class Ingest:
+    """The collector's MQTT side and the live state built from it."""
+
+    def __init__(
+        self,
+        broker: BrokerSettings,
+        store: MetricsStore,
+        engine: AlarmEngine,
+        notifier: Notifier | None = None,
+        flush_interval: float = 0.2,
+        flush_samples: int = 20_000,
+    ) -> None:
+        self.broker, self.store, self.engine, self.notifier = broker, store, engine, notifier
+        self.flush_interval, self.flush_samples = flush_interval, flush_samples
+        self.tracker = SequenceTracker()
+        self.counters: Counter[str] = Counter()
+        # (network, host) → (last batch time, interval): host-down and the live view.
+        self.last_seen: dict[tuple[str, str], tuple[float, float]] = {}
+        self.connected = False
+        self._pending: list[metrics.Sample] = []
+        self._unacked: list[int] = []
+
+    def _client(self) -> aiomqtt.Client:
+        parts = urlsplit(self.broker.url)
+        tls = parts.scheme == "mqtts"
+        client = aiomqtt.Client(
+            parts.hostname or "127.0.0.1",
+            parts.port or (8883 if tls else 1883),
+            username=self.broker.username,
+            password=self.broker.password,
+            identifier=self.broker.client_id or f"cladnet-collector-{random.getrandbits(32):08x}",
+            protocol=aiomqtt.ProtocolVersion.V5,
+            tls_params=aiomqtt.TLSParameters() if tls else None,
+            keepalive=30,
+        )
+        # aiomqtt has no switch for it; paho's manual acknowledgement lets the PUBACK
+        # wait until the batch is stored.
+        client._client.manual_ack_set(True)
+        return client
+
+    def accept(self, topic: str, payload: bytes) -> list[Event]:
+        """Validate and de-duplicate one batch; queue its samples; return alarm events."""
+        try:
+            batch = metrics.decode(payload, topic)
+        except metrics.BatchError as exc:
+            self.counters["rejected"] += 1
+            log.warning("rejected a batch", extra={"topic": topic, "error": str(exc)})
+            return []
+        key = f"{batch.network}/{batch.host}"
+        if self.tracker.check(key, batch.seq, batch.ts) is Verdict.DUPLICATE:
+            self.counters["duplicates"] += 1
+            return []
+        self.counters["batches"] += 1
+        samples = batch.flat()
+        self.counters["samples"] += len(samples)
+        self._pending.extend(samples)
+        seen = self.last_seen.get((batch.network, batch.host))
+        if seen is None or batch.ts >= seen[0]:
+            self.last_seen[(batch.network, batch.host)] = (batch.ts, batch.interval)
+        return self.engine.observe(samples)
+
+    async def flush(self, client: aiomqtt.Client | None = None) -> None:
+        """Write queued samples, then acknowledge the batches they came in."""
+        if self._pending:
+            samples, self._pending = self._pending, []
+            await self.store.write(samples)
+        if client is not None:
+            for mid in self._unacked:
+                client._client.ack(mid, 1)
+        self._unacked = []
+
+    async def _notify(self, events: list[Event]) -> None:
+        if events and self.notifier is not None:
+            await self.notifier.send(events)
+
+    async def _session(self) -> None:
+        async with self._client() as client:
+            self.connected = True
+            self.counters["connects"] += 1
+            topic = f"$share/{self.broker.group}/{metrics.TOPIC_ROOT}/#"
+            await client.subscribe(topic, qos=1)
+            log.info("subscribed", extra={"topic": topic, "broker": self.broker.url})
+            messages = client.messages
+            deadline = time.monotonic() + self.flush_interval
+            while True:
+                try:
+                    message = await asyncio.wait_for(
+                        anext(messages), max(0.0, deadline - time.monotonic())
+                    )
+                except TimeoutError:
+                    message = None
+                if message is not None:
+                    events = self.accept(str(message.topic), bytes(message.payload))  # type: ignore[arg-type]
+                    if message.qos > 0:
+                        self._unacked.append(message.mid)
+                    await self._notify(events)
+                if (
+                    message is None
+                    or len(self._pending) >= self.flush_samples
+                    or time.monotonic() >= deadline
+                ):
+                    await self.flush(client)
+                    deadline = time.monotonic() + self.flush_interval
+
+    async def run(self) -> None:
+        """Subscribe and ingest forever; reconnect with capped backoff."""
+        delay = 0.5
+        while True:
+            try:
+                await self._session()
+            except aiomqtt.MqttError as exc:
+                self.counters["broker_errors"] += 1
+                log.warning("broker connection lost", extra={"error": str(exc)})
+            finally:
+                self.connected = False
+                self._unacked = []  # unacknowledged batches come back on reconnect
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, 30.0)
+
+    async def watch_hosts(self, every: float = 1.0, missed: int = 3) -> None:
+        """The built-in host-down alarm: no batch for ``missed`` intervals."""
+        while True:
+            await self._notify(self.engine.check_down(self.last_seen, time.time(), missed))
+            await asyncio.sleep(every)

@@ -1,0 +1,152 @@
+"""``cladnet-collector``: ingest metrics from the broker, store them, serve queries, alarm."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import uvicorn
+
+from cladnet import logs, tokens
+from cladnet.alarms import AlarmEngine
+from collector.api import RuleBook, create_app
+from collector.ingest import BrokerSettings, Ingest
+from collector.notify import Notifier, SmtpSettings
+from collector.store.base import MetricsStore
+
+log = logging.getLogger("cladnet.collector")
+
+
+def open_store(spec: str, state_dir: Path, raw_retention: float) -> MetricsStore:
+    """``sqlite`` (in the state dir), ``sqlite:PATH`` or ``victoria:http://host:port``."""
+    kind, _, where = spec.partition(":")
+    if kind == "sqlite":
+        from collector.store.sqlite import SqliteStore
+
+        return SqliteStore(
+            Path(where) if where else state_dir / "metrics.db", raw_retention=raw_retention
+        )
+    if kind == "victoria":
+        from collector.store.victoria import VictoriaStore
+
+        return VictoriaStore(where)
+    raise SystemExit(f"cladnet-collector: unknown --store {spec!r} (sqlite[:PATH] or victoria:URL)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    env = os.environ
+    p = argparse.ArgumentParser(prog="cladnet-collector", description="CLADNet metrics collector")
+    p.add_argument("--mqtt-url", default=env.get("CLADNET_MQTT_URL", "mqtt://127.0.0.1:1883"))
+    p.add_argument("--mqtt-user", default=env.get("CLADNET_MQTT_USER"))
+    p.add_argument(
+        "--group",
+        default=env.get("CLADNET_COLLECTOR_GROUP", "collectors"),
+        help="shared-subscription group: collectors in one group split the load",
+    )
+    p.add_argument("--store", default=env.get("CLADNET_STORE", "sqlite"))
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(env.get("CLADNET_STATE_DIR", "/var/lib/cladnet-collector")),
+    )
+    p.add_argument("--listen", default=env.get("CLADNET_LISTEN", "127.0.0.1:8471"))
+    p.add_argument("--raw-retention", type=float, default=6 * 3600.0, help="seconds of raw samples")
+    p.add_argument(
+        "--webhook",
+        default=env.get("CLADNET_ALARM_WEBHOOK"),
+        help="Slack-compatible webhook URL for alarm notifications",
+    )
+    p.add_argument("--smtp-host", default=env.get("CLADNET_SMTP_HOST"))
+    p.add_argument("--smtp-port", type=int, default=int(env.get("CLADNET_SMTP_PORT", "25")))
+    p.add_argument("--smtp-to", action="append", default=[], help="alarm e-mail recipient")
+    p.add_argument("--smtp-from", default="cladnet@localhost")
+    p.add_argument("--log-level", default=env.get("CLADNET_LOG_LEVEL", "info"))
+    return p.parse_args(argv)
+
+
+def _token_hashes() -> list[str]:
+    """Tokens accepted by the API: given plain (hashed here, never stored) or as hashes."""
+    hashes = env_list("CLADNET_COLLECTOR_TOKEN_HASH")
+    hashes += [tokens.hash_secret(t) for t in env_list("CLADNET_COLLECTOR_TOKEN")]
+    if not hashes:
+        raise SystemExit(
+            "cladnet-collector: set CLADNET_COLLECTOR_TOKEN (or _TOKEN_HASH): the API needs a token"
+        )
+    return hashes
+
+
+def env_list(name: str) -> list[str]:
+    return [v.strip() for v in os.environ.get(name, "").split(",") if v.strip()]
+
+
+async def serve(args: argparse.Namespace) -> None:
+    store = open_store(args.store, args.state_dir, args.raw_retention)
+    smtp = None
+    if args.smtp_host:
+        smtp = SmtpSettings(args.smtp_host, args.smtp_port, args.smtp_from, tuple(args.smtp_to))
+    notifier = Notifier(args.webhook, smtp)
+    engine = AlarmEngine()
+    rules = RuleBook(args.state_dir / "alarm-rules.json", engine)
+    broker = BrokerSettings(
+        url=args.mqtt_url,
+        username=args.mqtt_user,
+        password=os.environ.get("CLADNET_MQTT_PASSWORD") or None,
+        group=args.group,
+    )
+    ingest = Ingest(broker, store, engine, notifier)
+    host, _, port = args.listen.rpartition(":")
+    app = create_app(ingest, rules, _token_hashes())
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host.strip("[]"),
+            port=int(port),
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=2,
+        )
+    )
+
+    async def prune() -> None:
+        while True:
+            await asyncio.sleep(60)
+            try:
+                await store.prune(time.time())
+            except Exception as exc:  # retention must never stop ingest
+                log.warning("retention pass failed", extra={"error": repr(exc)})
+
+    tasks = [
+        asyncio.create_task(ingest.run(), name="ingest"),
+        asyncio.create_task(ingest.watch_hosts(), name="host-down"),
+        asyncio.create_task(prune(), name="retention"),
+    ]
+    try:
+        await server.serve()
+    finally:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await ingest.flush()
+        await notifier.close()
+        await store.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logs.setup(args.log_level)
+    try:
+        asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
