@@ -18,7 +18,7 @@ from agent.metrics.exposition import MetricsServer
 from agent.metrics.publisher import Broker
 from agent.metrics.reporter import MetricsReporter
 from agent.state import Membership, StateDir
-from agent.wireguard.backend import WireGuardBackend
+from agent.wireguard.backend import WireGuardBackend, WireGuardError
 from cladnet import mesh
 
 log = logging.getLogger("cladnet.agent")
@@ -80,6 +80,8 @@ class NetworkAgent:
         self._device_ready = False
         self._sync_task: asyncio.Task[None] | None = None
         self.metrics: MetricsReporter | None = None
+        self._skipped: tuple[tuple[str, str], ...] = ()
+        self.bad_input = 0  # malformed events and unusable peers, for the logs and metrics
         self.removed = asyncio.Event()
 
     @property
@@ -111,6 +113,11 @@ class NetworkAgent:
         async with self._lock:
             await self._ensure_device()
             desired = mesh.plan(self.m.network, self.m.me, list(self.m.peers.values()))
+            if desired.skipped != self._skipped:
+                self._skipped = desired.skipped
+                for peer_id, reason in desired.skipped:
+                    self.bad_input += 1
+                    log.warning("ignoring a peer", extra={"peer": peer_id, "reason": reason})
             actual = await self.backend.get(self.iface)
             changes = mesh.diff(desired, actual)
             if force_endpoints:
@@ -126,10 +133,26 @@ class NetworkAgent:
     def _save(self) -> None:
         self.states.save(self.m)
 
-    def _on_event(self, event: dict[str, Any]) -> bool:
-        """Apply one watch event to the local view; True if the device may need a change."""
-        self.m.revision = max(self.m.revision, int(event["revision"]))
+    def _on_event(self, event: Any) -> bool:
+        """Apply one watch event to the local view; True if the device may need a change.
+
+        A malformed event is logged, counted and skipped: it must neither stop the
+        watch nor touch the peers we have.
+        """
+        try:
+            return self._apply_event(event)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            self.bad_input += 1
+            log.warning("ignoring a malformed watch event", extra={"error": repr(exc)})
+            return False
+
+    def _apply_event(self, event: dict[str, Any]) -> bool:
         kind = event["type"]
+        if kind not in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK"):
+            raise ValueError(f"unknown event type {kind!r}")
+        if kind != "BOOKMARK" and not isinstance(event.get("peer", {}), dict):
+            raise TypeError("peer is not an object")
+        self.m.revision = max(self.m.revision, int(event["revision"]))
         if kind == "BOOKMARK":
             return False
         if kind == "DELETED":
@@ -190,6 +213,11 @@ class NetworkAgent:
                 log.warning("controller error", extra={"error": str(exc)})
             except NETWORK_ERRORS as exc:
                 log.warning("controller unreachable, keeping tunnels", extra={"error": repr(exc)})
+            except WireGuardError as exc:
+                log.error("changing the device failed, retrying", extra={"error": str(exc)})
+            except ValueError as exc:  # an unparsable line from the stream
+                self.bad_input += 1
+                log.warning("bad data from the controller", extra={"error": repr(exc)})
             await backoff.wait()
 
     # --- own addresses ---------------------------------------------------------------------

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from cladnet.keys import validate_public_key
+
 DEFAULT_PORT = 51820
 DEFAULT_MTU = 1420
 
@@ -40,6 +42,8 @@ class DesiredDevice:
     mtu: int
     listen_port: int
     peers: dict[str, PeerConfig]  # keyed by public key
+    # Peers left out because their data is unusable or hostile: (peer id, reason).
+    skipped: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -217,13 +221,23 @@ def plan(
     mapping open; same-site peers get 0 (off). ``keepalive_override``, when given, is
     used for every peer instead.
     """
-    prefix = ipaddress.ip_network(network["cidr"], strict=False).prefixlen
+    cidr = ipaddress.ip_network(network["cidr"], strict=False)
     keepalive = int(network.get("keepalive") or 0)
     desired: dict[str, PeerConfig] = {}
-    for peer in peers:
-        if peer.get("id") == me.get("id") or peer["public_key"] == me["public_key"]:
+    skipped: list[tuple[str, str]] = []
+    taken = {str(me.get("overlay_ip"))}
+    # Sorted, so that when two peers claim one address the same one wins everywhere.
+    for peer in sorted(peers, key=_peer_id):
+        if isinstance(peer, Mapping) and (
+            peer.get("id") == me.get("id") or peer.get("public_key") == me.get("public_key")
+        ):
+            continue
+        reason = _unusable(peer, cidr, taken)
+        if reason is not None:
+            skipped.append((_peer_id(peer) or "?", reason))
             continue
         overlay = ipaddress.ip_address(peer["overlay_ip"])
+        taken.add(str(overlay))
         if keepalive_override is not None:
             peer_keepalive = keepalive_override
         else:
@@ -235,11 +249,40 @@ def plan(
             keepalive=peer_keepalive,
         )
     return DesiredDevice(
-        address=f"{me['overlay_ip']}/{prefix}",
+        address=f"{me['overlay_ip']}/{cidr.prefixlen}",
         mtu=int(network.get("mtu") or DEFAULT_MTU),
         listen_port=int(me.get("listen_port") or network.get("listen_port") or DEFAULT_PORT),
         peers=desired,
+        skipped=tuple(skipped),
     )
+
+
+def _peer_id(peer: Any) -> str:
+    return str(peer.get("id", "")) if isinstance(peer, Mapping) else ""
+
+
+def _unusable(
+    peer: Any, cidr: ipaddress.IPv4Network | ipaddress.IPv6Network, taken: set[str]
+) -> str | None:
+    """Why a peer from the controller cannot be configured, or None if it can."""
+    if not isinstance(peer, Mapping):
+        return "not an object"
+    try:
+        validate_public_key(str(peer.get("public_key")))
+    except ValueError:
+        return "invalid public key"
+    try:
+        overlay = ipaddress.ip_address(str(peer.get("overlay_ip")))
+    except ValueError:
+        return "invalid overlay address"
+    if overlay not in cidr:
+        return f"overlay address {overlay} outside {cidr}"
+    if str(overlay) in taken:
+        return f"overlay address {overlay} claimed twice"
+    port = peer.get("listen_port")
+    if port is not None and not (isinstance(port, int) and 0 < port < 65536):
+        return "invalid listen port"
+    return None
 
 
 # --- diffing -----------------------------------------------------------------------------

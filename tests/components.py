@@ -177,3 +177,141 @@ class Controller:
     def aclient(self, token: str | None = ADMIN_TOKEN, **kw) -> httpx.AsyncClient:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=30, **kw)
+
+
+MQTT_ADMIN_PASSWORD = "test-mqtt-admin-pw"
+MQTT_COLLECTOR_PASSWORD = "test-mqtt-collector-pw"
+
+
+@dataclass
+class Mosquitto:
+    """A real Mosquitto with the dynamic-security plugin, set up by deploy/mosquitto."""
+
+    data_dir: Path
+    port: int
+    host: str = "127.0.0.1"
+    proc: subprocess.Popen | None = None
+    log: Path = field(default_factory=Path)
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "CLADNET_MQTT_ADMIN_PASSWORD": MQTT_ADMIN_PASSWORD,
+            "CLADNET_MQTT_PASSWORD": MQTT_COLLECTOR_PASSWORD,
+        }
+
+    def start(self) -> None:
+        if shutil.which("mosquitto") is None:
+            raise RuntimeError("mosquitto is missing (Debian mosquitto): run deploy/setup.sh")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        dynsec = self.data_dir / "dynamic-security.json"
+        script = str(REPO / "deploy" / "mosquitto" / "init-dynsec.sh")
+        if not dynsec.exists():
+            subprocess.run([script, "init", str(dynsec)], env=self.env, check=True, timeout=20)
+        # The deploy config, with this test's port and file; `user` keeps the broker
+        # from dropping to the mosquitto user, which could not write our temp dir.
+        conf = (REPO / "deploy" / "mosquitto" / "cladnet.conf").read_text()
+        conf = conf.replace("listener 1883", f"listener {self.port} {self.host}")
+        conf = conf.replace("/var/lib/mosquitto/dynamic-security.json", str(dynsec))
+        conf_path = self.data_dir / "mosquitto.conf"
+        conf_path.write_text(f"user {os.environ.get('USER', 'root')}\n{conf}")
+        self.log = self.data_dir / "mosquitto.log"
+        first = self.proc is None and not (self.data_dir / ".collector").exists()
+        self.proc = subprocess.Popen(
+            ["mosquitto", "-c", str(conf_path)],
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("ab"),
+        )
+        wait_until(self.listening, what="mosquitto to listen")
+        if first:
+            subprocess.run(
+                [script, "collector", self.host, str(self.port)],
+                env=self.env,
+                check=True,
+                timeout=20,
+                capture_output=True,
+            )
+            (self.data_dir / ".collector").touch()
+
+    def listening(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"mosquitto exited: {self.log.read_text()[-2000:]}")
+        with socket.socket() as s:
+            return s.connect_ex((self.host, self.port)) == 0
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+            self.proc = None
+
+
+@dataclass
+class Collector:
+    """``cladnet-collector`` as a process."""
+
+    mqtt: Mosquitto
+    state_dir: Path
+    port: int
+    token: str = ADMIN_TOKEN
+    store: str = "sqlite"
+    extra_args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen | None = None
+    log: Path = field(default_factory=Path)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "CLADNET_COLLECTOR_TOKEN": self.token,
+            "CLADNET_MQTT_PASSWORD": MQTT_COLLECTOR_PASSWORD,
+        }
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.log = self.state_dir.with_suffix(f".{self.port}.log")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "collector.main",
+                "--mqtt-url",
+                self.mqtt.url,
+                "--mqtt-user",
+                "cladnet-collector",
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--state-dir",
+                str(self.state_dir),
+                "--store",
+                self.store,
+                *self.extra_args,
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("ab"),
+        )
+        wait_until(self.ready, what=f"collector on port {self.port}")
+
+    def ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"collector exited: {self.log.read_text()[-2000:]}")
+        try:
+            return httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None:
+            _stop(self.proc, sig)
+            self.proc = None
+
+    def client(self, token: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token or self.token}"}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=10)

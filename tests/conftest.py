@@ -8,9 +8,37 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.components import ADMIN_TOKEN, Controller, Etcd, free_port
+from tests.components import (
+    ADMIN_TOKEN,
+    MQTT_ADMIN_PASSWORD,
+    Controller,
+    Etcd,
+    Mosquitto,
+    free_port,
+)
 
 __all__ = ["ADMIN_TOKEN", "Controller", "Etcd"]
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    broker = Mosquitto(data_dir=tmp_path / "mosquitto", port=free_port())
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def metrics_controller(make_controller, mosquitto: Mosquitto) -> Controller:
+    """A controller that hands out per-host broker users on ``mosquitto``."""
+    return make_controller(
+        extra_env={
+            "CLADNET_MQTT_URL": mosquitto.url,
+            "CLADNET_MQTT_ADMIN_PASSWORD": MQTT_ADMIN_PASSWORD,
+        }
+    )
 
 
 @pytest.fixture

@@ -290,3 +290,37 @@ def test_endpoint_refresh_resends_every_kept_endpoint() -> None:
         key(2): PeerUpdate(public_key=key(2), endpoint="203.0.113.2:51820")
     }
     assert mesh.summary(changes) == {"add": [key(4)[:8]], "update": {key(2)[:8]: ["endpoint"]}}
+
+
+# --- hostile or broken input ---------------------------------------------------------------
+
+
+def test_unusable_peers_are_skipped_with_a_reason_and_the_rest_kept() -> None:
+    me = host(1)
+    good = host(2)
+    bad = [
+        host(3, public_key="not-a-key"),
+        host(4, public_key=base64.b64encode(bytes(32)).decode()),  # all-zero key
+        host(5, overlay_ip="10.99.0.5"),  # outside the network
+        host(6, overlay_ip="banana"),
+        host(7, overlay_ip="10.77.0.2"),  # claims vm2's address
+        host(8, overlay_ip="10.77.0.1"),  # claims mine
+        host(9, listen_port=70000),
+        "not even an object",
+    ]
+    device = mesh.plan(NETWORK, me, [good, *bad])
+    assert list(device.peers) == [key(2)]
+    reasons = dict(device.skipped)
+    assert reasons["h-3"] == reasons["h-4"] == "invalid public key"
+    assert "outside" in reasons["h-5"] and reasons["h-6"] == "invalid overlay address"
+    assert "claimed twice" in reasons["h-7"] and "claimed twice" in reasons["h-8"]
+    assert reasons["h-9"] == "invalid listen port"
+    assert reasons["?"] == "not an object"
+
+
+def test_a_bad_peer_never_removes_a_working_one() -> None:
+    me, peer = host(1), host(2)
+    before = mesh.plan(NETWORK, me, [peer])
+    # A newcomer that claims a working peer's address changes nothing on the device.
+    with_garbage = mesh.plan(NETWORK, me, [peer, host(3, overlay_ip="10.77.0.2")])
+    assert not mesh.diff(with_garbage, state_of(before))

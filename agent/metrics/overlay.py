@@ -25,7 +25,7 @@ def peer_samples(
 ) -> None:
     """Handshake age and counters per peer, labelled with the peer's host name."""
     by_key = {p.get("public_key"): p for p in peers.values()}
-    for state in device.peers:
+    for state in device.peers.values():
         peer = by_key.get(state.public_key)
         if peer is None:
             continue

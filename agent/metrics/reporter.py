@@ -102,7 +102,7 @@ class MetricsReporter:
         by_key = {p.get("public_key"): pid for pid, p in self.peers().items()}
         names = {pid: str(p.get("name", pid)) for pid, p in self.peers().items()}
         report = []
-        for st in device.peers:
+        for st in device.peers.values():
             pid = by_key.get(st.public_key)
             if pid is None:
                 continue

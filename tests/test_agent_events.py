@@ -1,0 +1,58 @@
+"""The agent's handling of watch events, including malformed and hostile ones (no root)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.daemon import NetworkAgent
+from agent.state import Membership, StateDir
+from tests.test_mesh import NETWORK, host
+
+
+@pytest.fixture
+async def agent(tmp_path: Path):
+    m = Membership(
+        controller="http://127.0.0.1:9",
+        host_id="h-1",
+        interface="cl-test",
+        network=NETWORK,
+        me=host(1),
+        peers={"h-2": host(2)},
+        revision=10,
+    )
+    a = NetworkAgent(StateDir(tmp_path), m, "clh_x.y", "unused", backend=None)  # type: ignore[arg-type]
+    yield a
+    await a.client.close()
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        "a string",
+        ["a", "list"],
+        {},
+        {"type": "ADDED"},  # no revision, no peer
+        {"type": "ADDED", "revision": 11, "peer": "h-9"},
+        {"type": "ADDED", "revision": 11, "peer": {"name": "no id"}},
+        {"type": "EXPLODED", "revision": 11},
+        {"type": "DELETED", "revision": "eleven", "id": "h-2"},
+        {"type": "DELETED", "revision": 11},
+    ],
+)
+async def test_malformed_events_are_counted_and_change_nothing(agent, event: Any) -> None:
+    assert agent._on_event(event) is False
+    assert agent.bad_input == 1
+    assert list(agent.m.peers) == ["h-2"]
+    assert not agent.removed.is_set()
+
+
+async def test_valid_events_change_the_view(agent) -> None:
+    assert agent._on_event({"type": "ADDED", "revision": 11, "peer": host(3)}) is True
+    assert agent._on_event({"type": "BOOKMARK", "revision": 12}) is False
+    assert agent._on_event({"type": "DELETED", "revision": 13, "id": "h-2"}) is True
+    assert list(agent.m.peers) == ["h-3"] and agent.m.revision == 13
+    assert agent._on_event({"type": "DELETED", "revision": 14, "id": "h-1"}) is False
+    assert agent.removed.is_set()
