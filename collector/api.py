@@ -6,11 +6,13 @@ import hmac
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -56,9 +58,25 @@ class RuleBook:
         tmp.replace(self.path)
 
 
-def create_app(ingest: Ingest, rules: RuleBook, token_hashes: list[str]) -> FastAPI:
-    """The HTTP API over a running ingest (its store, live state and alarm engine)."""
+def create_app(
+    ingest: Ingest,
+    rules: RuleBook,
+    token_hashes: list[str],
+    cors_origins: Sequence[str] = (),
+) -> FastAPI:
+    """The HTTP API over a running ingest (its store, live state and alarm engine).
+
+    ``cors_origins``: where the dashboard is served from (the controller's /ui), so
+    the browser may call this API with the token.
+    """
     app = FastAPI(title="CLADNet collector")
+    if cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     store = ingest.store
 
     def _error(status: int, code: str, message: str) -> JSONResponse:

@@ -101,7 +101,7 @@ async def serve(args: argparse.Namespace) -> None:
     )
     ingest = Ingest(broker, store, engine, notifier)
     host, _, port = args.listen.rpartition(":")
-    app = create_app(ingest, rules, _token_hashes())
+    app = create_app(ingest, rules, _token_hashes(), env_list("CLADNET_CORS_ORIGINS"))
     server = uvicorn.Server(
         uvicorn.Config(
             app,

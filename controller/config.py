@@ -22,6 +22,7 @@ class Settings:
     mqtt_admin_url: str | None = None
     mqtt_admin_user: str = "admin"
     mqtt_admin_password: str | None = None
+    collector_url: str | None = None  # for the dashboard's charts and alarms
 
     @property
     def host(self) -> str:
@@ -75,6 +76,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         default=env.get("CLADNET_MQTT_ADMIN_USER", defaults.mqtt_admin_user),
         help="dynsec admin user; its password comes from CLADNET_MQTT_ADMIN_PASSWORD",
     )
+    p.add_argument(
+        "--collector-url",
+        default=env.get("CLADNET_COLLECTOR_URL"),
+        help="the collector's API, for the dashboard (env CLADNET_COLLECTOR_URL)",
+    )
     a = p.parse_args(argv)
     if ":" not in a.listen:
         p.error(f"--listen must be HOST:PORT, got {a.listen!r}")
@@ -89,4 +95,5 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         mqtt_admin_url=a.mqtt_admin_url or a.mqtt_url,
         mqtt_admin_user=a.mqtt_admin_user,
         mqtt_admin_password=env.get("CLADNET_MQTT_ADMIN_PASSWORD") or None,
+        collector_url=a.collector_url,
     )

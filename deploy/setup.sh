@@ -14,6 +14,7 @@ PACKAGES=(
   mosquitto mosquitto-clients      # MQTT broker for metrics
   victoria-metrics                 # scale-out metrics store (collector backend)
   iperf3                           # data-plane benchmark
+  chromium chromium-driver         # dashboard tests in a headless browser
   curl ca-certificates procps
   python3 python3-venv python3-dev gcc
 )

@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.components import Controller, free_port, wait_until
+from tests.components import (
+    MQTT_ADMIN_PASSWORD,
+    Collector,
+    Controller,
+    Mosquitto,
+    free_port,
+    wait_until,
+)
 from tests.netns import Lab, need_root
 from tests.test_controller_api import make_network, make_token
 
@@ -284,3 +291,58 @@ def test_join_with_a_bad_token_prints_one_line(mesh_controller, agents, lab) -> 
     assert r.returncode == 1
     assert r.stderr.strip().count("\n") == 0 and "invalid_token" in r.stderr, r.stderr
     assert not (a.state_dir / "networks").exists()
+
+
+def test_agents_push_host_and_overlay_metrics(lab, etcd, agents, tmp_path: Path) -> None:
+    """Real agents → Mosquitto (per-host users) → collector: the latency matrix fills."""
+    broker = Mosquitto(data_dir=tmp_path / "mosquitto", port=free_port(), host=lab.gateway)
+    broker.start()
+    ctl = Controller(
+        etcd_url=etcd.url,
+        state_dir=tmp_path / "controller",
+        port=free_port(),
+        host=lab.gateway,
+        extra_env={
+            "CLADNET_MQTT_URL": broker.url,
+            "CLADNET_MQTT_ADMIN_PASSWORD": MQTT_ADMIN_PASSWORD,
+        },
+    )
+    collector = Collector(broker, tmp_path / "collector", free_port())
+    try:
+        ctl.start()
+        collector.start()
+        with ctl.client() as admin:
+            make_network(admin, "mesh", cidr="10.214.0.0/24", metrics_interval=1)
+            token = make_token(admin, "mesh")
+        hosts = agents(3)
+        for a in hosts:
+            a.join(ctl.url, token)
+        _full_mesh(hosts)
+
+        def matrix() -> dict | None:
+            with collector.client() as c:
+                m = c.get("/v1/networks/mesh/latency").json()["matrix"]
+            pairs = [(a, b) for a in m for b in m[a]]
+            return m if len(pairs) == 6 else None
+
+        m = wait_until(matrix, 40, what="a full latency matrix")
+        assert set(m) == {"vm1", "vm2", "vm3"}
+        assert all(0 < rtt < 1000 for row in m.values() for rtt in row.values()), m
+        with collector.client() as c:
+            vm1 = c.get("/v1/metrics/latest", params={"host": "vm1"}).json()["hosts"]["vm1"]
+            stats = c.get("/v1/ingest").json()
+        assert vm1["up"] and 'peer_handshake_age_seconds{peer="vm2"}' in vm1["metrics"]
+        assert stats["counters"].get("rejected", 0) == 0
+
+        # The controller gets the per-peer health too (what `cladnet status` shows).
+        def reported() -> list | None:
+            with ctl.client() as admin:
+                hs = admin.get("/v1/networks/mesh/hosts").json()
+            return hs if all(h["status"] and len(h["status"]["peers"]) == 2 for h in hs) else None
+
+        for h in wait_until(reported, 40, what="status reports"):
+            assert all(p["handshake_age_s"] is not None for p in h["status"]["peers"])
+    finally:
+        collector.stop()
+        ctl.stop()
+        broker.stop()
