@@ -39,7 +39,9 @@ def _raise_for(response: httpx.Response) -> None:
 
 
 class ControllerClient:
-    """One controller URL and, after joining, this host's credential."""
+    """The controller replicas (comma-separated URLs) and, after joining, this host's
+    credential. A connection failure moves to the next replica; one-shot calls try
+    each replica once before giving up."""
 
     def __init__(
         self,
@@ -48,13 +50,25 @@ class ControllerClient:
         timeout: float = 10.0,
         verify: bool | str = True,
     ) -> None:
-        self.url = url.rstrip("/")
+        self.urls = [u.strip().rstrip("/") for u in url.split(",") if u.strip()]
+        if not self.urls:
+            raise ValueError("no controller URL given")
+        self._current = 0
         self.credential = credential
         self._timeout, self._verify = timeout, verify
         self._http = self._new_http()
 
+    @property
+    def url(self) -> str:
+        return self.urls[self._current]
+
     def _new_http(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.url, timeout=self._timeout, verify=self._verify)
+
+    async def _fail_over(self) -> None:
+        """Switch to the next replica (no-op with a single URL beyond a fresh pool)."""
+        self._current = (self._current + 1) % len(self.urls)
+        await self.reconnect()
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -69,7 +83,16 @@ class ControllerClient:
         return {"Authorization": f"Bearer {self.credential}"} if self.credential else {}
 
     async def _call(self, method: str, path: str, body: Any = None) -> Any:
-        response = await self._http.request(method, path, json=body, headers=self._headers())
+        for attempt in range(len(self.urls)):
+            try:
+                response = await self._http.request(
+                    method, path, json=body, headers=self._headers()
+                )
+                break
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError):
+                if attempt == len(self.urls) - 1:
+                    raise
+                await self._fail_over()
         _raise_for(response)
         return response.json() if response.content else None
 
@@ -109,16 +132,22 @@ class ControllerClient:
         # The controller sends keep-alive lines (every 15 s by default): a read that
         # waits 45 s means the path is dead and the watch must be resumed.
         timeout = httpx.Timeout(10.0, read=45.0)
-        async with self._http.stream(
-            "GET",
-            f"/v1/networks/{network_id}/peers",
-            params=params,
-            headers=self._headers(),
-            timeout=timeout,
-        ) as response:
-            if response.status_code >= 400:
-                await response.aread()
-                _raise_for(response)
-            async for line in response.aiter_lines():
-                if line.strip():
-                    yield json.loads(line)
+        try:
+            async with self._http.stream(
+                "GET",
+                f"/v1/networks/{network_id}/peers",
+                params=params,
+                headers=self._headers(),
+                timeout=timeout,
+            ) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    _raise_for(response)
+                async for line in response.aiter_lines():
+                    if line.strip():
+                        yield json.loads(line)
+        except httpx.TransportError:
+            # The caller resumes from the last revision; do that on the next replica.
+            if len(self.urls) > 1:
+                await self._fail_over()
+            raise

@@ -239,7 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     j = sub.add_parser("join", help="join a network and keep running")
-    j.add_argument("--controller", required=True)
+    j.add_argument(
+        "--controller", required=True, help="controller URL; several, comma-separated, for replicas"
+    )
     j.add_argument("--token", required=True)
     j.add_argument("--hostname", default=socket.gethostname())
     j.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
