@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -34,6 +35,7 @@ from cladnet.models import (
     PeerList,
     TokenCreate,
 )
+from cladnet.ratelimit import RateLimiter
 from controller import auth
 from controller.auth import Authenticator, Principal
 from controller.broker import BrokerAdmin, BrokerError
@@ -66,8 +68,29 @@ def _observed(request: Request) -> str:
 # --- dependencies -------------------------------------------------------------------------
 
 
+def _rate_limited(seconds: float, what: str) -> ApiError:
+    return ApiError(429, "rate_limited", f"too many {what}; retry in {math.ceil(seconds)} s")
+
+
 async def principal(request: Request) -> Principal:
-    return await request.app.state.auth.authenticate(request.headers.get("authorization"))
+    """The caller; an address with too many failed attempts is refused for a while."""
+    limiter: RateLimiter = request.app.state.auth_failures
+    source, now = _observed(request), time.monotonic()
+    wait = limiter.blocked_for(source, now)
+    if wait > 0:
+        raise _rate_limited(wait, "failed authentications")
+    try:
+        return await request.app.state.auth.authenticate(request.headers.get("authorization"))
+    except ApiError as exc:
+        if exc.status == 401:
+            limiter.hit(source, now)
+        raise
+
+
+async def join_allowed(request: Request) -> None:
+    wait = request.app.state.join_limit.hit(_observed(request), time.monotonic())
+    if wait > 0:
+        raise _rate_limited(wait, "joins from this address")
 
 
 async def admin(p: Annotated[Principal, Depends(principal)]) -> Principal:
@@ -105,6 +128,10 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.store = store
         app.state.auth = Authenticator(etcd, store, configured)
         app.state.hubs = WatchHubs(etcd, settings.watch_keepalive)
+        app.state.join_limit = RateLimiter(settings.join_rate, settings.join_burst)
+        app.state.auth_failures = RateLimiter(
+            settings.auth_failure_rate, settings.auth_failure_burst
+        )
         app.state.broker = None
         if settings.mqtt_url and settings.mqtt_admin_password:
             app.state.broker = BrokerAdmin(
@@ -223,7 +250,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     # --- hosts (agents) ----------------------------------------------------------------
 
-    @app.post("/v1/join")
+    @app.post("/v1/join", dependencies=[Depends(join_allowed)])
     async def join(req: JoinRequest, request: Request, db: Db) -> JoinResponse:
         observed = _observed(request)
         peer, credential, net = await db.join(req, observed, "")

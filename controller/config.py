@@ -23,6 +23,12 @@ class Settings:
     mqtt_admin_user: str = "admin"
     mqtt_admin_password: str | None = None
     collector_url: str | None = None  # for the dashboard's charts and alarms
+    # Per client address. Generous for joins (a fleet behind one NAT joins at once),
+    # strict for failed authentications (token guessing).
+    join_rate: float = 100.0
+    join_burst: float = 1000.0
+    auth_failure_rate: float = 1.0
+    auth_failure_burst: float = 100.0
 
     @property
     def host(self) -> str:
@@ -96,4 +102,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         mqtt_admin_user=a.mqtt_admin_user,
         mqtt_admin_password=env.get("CLADNET_MQTT_ADMIN_PASSWORD") or None,
         collector_url=a.collector_url,
+        join_rate=float(env.get("CLADNET_JOIN_RATE", defaults.join_rate)),
+        join_burst=float(env.get("CLADNET_JOIN_BURST", defaults.join_burst)),
+        auth_failure_rate=float(env.get("CLADNET_AUTH_FAILURE_RATE", defaults.auth_failure_rate)),
+        auth_failure_burst=float(
+            env.get("CLADNET_AUTH_FAILURE_BURST", defaults.auth_failure_burst)
+        ),
     )
