@@ -233,6 +233,8 @@ def plan(
         ):
             continue
         reason = _unusable(peer, cidr, taken)
+        if reason is None and peer["public_key"] in desired:
+            reason = "public key claimed twice"
         if reason is not None:
             skipped.append((_peer_id(peer) or "?", reason))
             continue
@@ -257,6 +259,14 @@ def plan(
     )
 
 
+def _str_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("expected a list of strings")
+    return value
+
+
 def _peer_id(peer: Any) -> str:
     return str(peer.get("id", "")) if isinstance(peer, Mapping) else ""
 
@@ -279,9 +289,37 @@ def _unusable(
         return f"overlay address {overlay} outside {cidr}"
     if str(overlay) in taken:
         return f"overlay address {overlay} claimed twice"
+    if cidr.num_addresses > 2 and overlay in (cidr.network_address, cidr.broadcast_address):
+        return f"overlay address {overlay} is not a host address of {cidr}"
     port = peer.get("listen_port")
-    if port is not None and not (isinstance(port, int) and 0 < port < 65536):
+    if port is not None and (
+        isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536
+    ):
         return "invalid listen port"
+    return _bad_underlay(peer)
+
+
+def _bad_underlay(peer: Mapping[str, Any]) -> str | None:
+    """Why the peer's underlay facts (addresses, endpoints, labels) are unusable."""
+    try:
+        for address in _str_list(peer.get("addresses")):
+            ipaddress.ip_interface(address)
+        for endpoint in _str_list(peer.get("endpoints")):
+            host, port = split_endpoint(endpoint)
+            ipaddress.ip_address(host)
+            if not 0 < port < 65536:
+                raise ValueError("port out of range")
+        public = peer.get("public_address")
+        if public is not None:
+            ipaddress.ip_address(str(public))
+    except ValueError as exc:
+        return f"invalid underlay data: {exc}"
+    labels = peer.get("labels")
+    if labels is not None and not (
+        isinstance(labels, Mapping)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())
+    ):
+        return "invalid labels"
     return None
 
 

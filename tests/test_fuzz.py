@@ -1,0 +1,115 @@
+"""Property-based fuzzing of what arrives from the network: the metric-batch decoder
+(collector side) and the peer-event handling and planning (agent side). No crash,
+only the documented errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.daemon import NetworkAgent
+from agent.state import Membership, StateDir
+from cladnet import mesh, metrics
+from tests.test_mesh import NETWORK, host
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5)
+    ),
+    max_leaves=30,
+)
+
+
+@given(st.binary(max_size=300))
+def test_decoder_survives_arbitrary_bytes(payload: bytes) -> None:
+    try:
+        metrics.decode(payload)
+    except metrics.BatchError:
+        pass
+
+
+batch_like = st.fixed_dictionaries(
+    {
+        "v": st.sampled_from([1, 1, 2, "1"]),
+        "network": st.text(max_size=12),
+        "host": st.text(max_size=12),
+        "seq": st.integers(-5, 10) | st.floats() | st.booleans(),
+        "ts": st.floats() | st.integers() | st.text(max_size=3),
+        "samples": st.lists(st.lists(json_values, max_size=4) | json_values, max_size=5),
+    }
+)
+
+
+@given(batch_like)
+def test_decoder_accepts_only_well_formed_batches(raw: dict[str, Any]) -> None:
+    try:
+        batch = metrics.decode(json.dumps(raw).encode())
+    except metrics.BatchError:
+        return
+    # Whatever passes is safe to store: names valid, values finite floats.
+    for name, labels, value in batch.samples:
+        assert metrics.NAME_RE.match(name)
+        assert all(isinstance(v, str) for v in labels.values())
+        assert isinstance(value, float) and value == value
+
+
+peer_like = st.fixed_dictionaries(
+    {
+        "id": st.text(max_size=6),
+        "public_key": st.text(max_size=50) | st.just(host(2)["public_key"]),
+        "overlay_ip": st.text(max_size=15) | st.sampled_from(["10.77.0.9", "10.78.0.1", "::1"]),
+    },
+    optional={
+        "listen_port": json_values,
+        "addresses": json_values,
+        "public_address": json_values,
+        "labels": json_values,
+        "endpoints": json_values,
+    },
+)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=200)
+@given(st.lists(peer_like | json_values, max_size=6))
+def test_plan_never_crashes_on_hostile_peers(peers: list[Any]) -> None:
+    try:
+        device = mesh.plan(NETWORK, host(1), peers)
+    except (TypeError, ValueError, AttributeError) as exc:  # pragma: no cover - a finding
+        raise AssertionError(f"plan crashed on {peers!r}: {exc!r}") from exc
+    ips = [p.allowed_ips for p in device.peers.values()]
+    assert len(ips) == len(set(ips))  # never two peers with one address
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=200)
+@given(
+    st.lists(
+        json_values
+        | st.fixed_dictionaries(
+            {
+                "type": st.sampled_from(["ADDED", "MODIFIED", "DELETED", "BOOKMARK"]),
+                "revision": json_values,
+            },
+            optional={"peer": json_values, "id": json_values},
+        ),
+        max_size=8,
+    )
+)
+def test_event_handling_never_crashes(tmp_path_factory, events: list[Any]) -> None:
+    m = Membership(
+        controller="http://127.0.0.1:9",
+        host_id="h-1",
+        interface="cl-fuzz",
+        network=NETWORK,
+        me=host(1),
+        peers={"h-2": host(2)},
+    )
+    agent = NetworkAgent(StateDir(Path(tmp_path_factory.mktemp("s"))), m, "c", "k", None)  # type: ignore[arg-type]
+    for event in events:
+        agent._on_event(event)
+    # Whatever the view became, planning from it must not crash either.
+    test_plan_never_crashes_on_hostile_peers.hypothesis.inner_test(list(agent.m.peers.values()))  # type: ignore[attr-defined]
