@@ -6,6 +6,7 @@ Plain JSON dicts, no pydantic: the agent stays small.
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -38,6 +39,28 @@ def _raise_for(response: httpx.Response) -> None:
     raise cls(response.status_code, code, message)
 
 
+class TrustError(Exception):
+    """The controller's CA does not match the hash the operator gave."""
+
+
+async def fetch_pinned_ca(url: str, expected_hash: str) -> str:
+    """The controller's CA (PEM), fetched unverified once and accepted only if its
+    public-key hash is ``expected_hash`` (given with the join token)."""
+    from cladnet.keys import ca_hash
+
+    async with httpx.AsyncClient(verify=False, timeout=10.0) as http:  # checked below
+        response = await http.get(f"{url.rstrip('/')}/v1/ca")
+        _raise_for(response)
+        pem = str(response.json()["ca_pem"])
+    actual = ca_hash(pem)
+    if actual != expected_hash.strip().lower():
+        raise TrustError(
+            f"controller CA hash {actual} does not match --ca-hash {expected_hash}: "
+            "refusing to trust it"
+        )
+    return pem
+
+
 class ControllerClient:
     """The controller replicas (comma-separated URLs) and, after joining, this host's
     credential. A connection failure moves to the next replica; one-shot calls try
@@ -48,13 +71,15 @@ class ControllerClient:
         url: str,
         credential: str | None = None,
         timeout: float = 10.0,
-        verify: bool | str = True,
+        verify: bool | str | ssl.SSLContext = True,
     ) -> None:
         self.urls = [u.strip().rstrip("/") for u in url.split(",") if u.strip()]
         if not self.urls:
             raise ValueError("no controller URL given")
         self._current = 0
         self.credential = credential
+        if isinstance(verify, str):  # a pinned CA file
+            verify = ssl.create_default_context(cafile=verify)
         self._timeout, self._verify = timeout, verify
         self._http = self._new_http()
 

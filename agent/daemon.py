@@ -75,7 +75,9 @@ class NetworkAgent:
         self.backend = backend
         self.timing = timing or Timing()
         self.metrics_server = metrics_server
-        self.client = ControllerClient(membership.controller, credential)
+        self.client = ControllerClient(
+            membership.controller, credential, verify=membership.ca_file or True
+        )
         self._lock = asyncio.Lock()
         self._device_ready = False
         self._sync_task: asyncio.Task[None] | None = None

@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import sys
 from pathlib import Path
 
@@ -94,13 +95,18 @@ async def _run_networks(
 
 async def cmd_join(args: argparse.Namespace) -> int:
     from agent import addresses
-    from agent.controller_client import ControllerClient
+    from agent.controller_client import ControllerClient, fetch_pinned_ca
     from cladnet.keys import generate_keypair
 
     states = StateDir(Path(args.state_dir))
     private_key, public_key = generate_keypair()
     local = await addresses.underlay_addresses()
-    client = ControllerClient(args.controller)
+    ca_pem = None
+    verify: bool | ssl.SSLContext = True
+    if args.ca_hash:
+        ca_pem = await fetch_pinned_ca(args.controller.split(",")[0], args.ca_hash)
+        verify = ssl.create_default_context(cadata=ca_pem)
+    client = ControllerClient(args.controller, verify=verify)
     try:
         fields = {
             "hostname": args.hostname,
@@ -137,6 +143,8 @@ async def cmd_join(args: argparse.Namespace) -> int:
         backend=args.backend,
     )
     states.save_secrets(net["id"], result["credential"], private_key)
+    if ca_pem is not None:
+        membership.ca_file = states.save_ca(net["id"], ca_pem)
     states.save(membership)
     log.info(
         "joined",
@@ -177,7 +185,9 @@ async def cmd_leave(args: argparse.Namespace) -> int:
             raise UsageError(f"not a member of network {args.network!r}")
     for net_id in ids:
         membership, credential, _ = states.load(net_id)
-        client = ControllerClient(membership.controller, credential)
+        client = ControllerClient(
+            membership.controller, credential, verify=membership.ca_file or True
+        )
         try:
             await client.leave(membership.host_id)
         except ControllerError as exc:
@@ -243,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--controller", required=True, help="controller URL; several, comma-separated, for replicas"
     )
     j.add_argument("--token", required=True)
+    j.add_argument(
+        "--ca-hash",
+        help="sha256:… of the controller's CA (from the token's ca_cert_hash): pin it on join",
+    )
     j.add_argument("--hostname", default=socket.gethostname())
     j.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     j.add_argument("--interface", help="WireGuard interface name (default cl-<network>)")

@@ -43,6 +43,8 @@ class Membership:
     backend: str | None = None
     # Broker URL, per-host user/password, topic, interval; {} = no broker configured.
     metrics: dict[str, Any] | None = None
+    # The controller CA pinned at join (PEM file in the network's dir), if TLS.
+    ca_file: str | None = None
 
     @property
     def network_id(self) -> str:
@@ -78,6 +80,12 @@ class StateDir:
         write_private(
             self._net(membership.network_id) / "membership.json", json.dumps(asdict(membership))
         )
+
+    def save_ca(self, network_id: str, pem: str) -> str:
+        """Pin the controller's CA for this network; returns the file's path."""
+        path = self._net(network_id) / "ca.crt"
+        write_private(path, pem)
+        return str(path)
 
     def save_secrets(self, network_id: str, credential: str, private_key: str) -> None:
         d = self._net(network_id)

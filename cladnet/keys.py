@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 
 
 def generate_keypair() -> tuple[str, str]:
@@ -60,3 +61,16 @@ def key_to_hex(key: str) -> str:
 def hex_to_key(hex_key: str) -> str:
     """Hex key (UAPI form) to WireGuard's base64 form."""
     return base64.b64encode(bytes.fromhex(hex_key)).decode()
+
+
+def ca_hash(ca_pem: bytes | str) -> str:
+    """``sha256:<hex>`` of a CA certificate's SubjectPublicKeyInfo (kubeadm's CA hash)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    data = ca_pem.encode() if isinstance(ca_pem, str) else ca_pem
+    cert = x509.load_pem_x509_certificate(data)
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return "sha256:" + hashlib.sha256(spki).hexdigest()

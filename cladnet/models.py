@@ -137,6 +137,8 @@ class JoinToken(BaseModel):
 
 class JoinTokenCreated(JoinToken):
     token: str  # shown once; only its hash is stored
+    # With TLS: the CA's public-key hash, for `cladnet-agent join --ca-hash`.
+    ca_cert_hash: str | None = None
 
 
 # --- hosts and peers ----------------------------------------------------------------------

@@ -36,7 +36,7 @@ from cladnet.models import (
     TokenCreate,
 )
 from cladnet.ratelimit import RateLimiter
-from controller import auth
+from controller import auth, tls
 from controller.auth import Authenticator, Principal
 from controller.broker import BrokerAdmin, BrokerError
 from controller.config import Settings
@@ -107,12 +107,22 @@ Admin = Annotated[Principal, Depends(admin)]
 Db = Annotated[Store, Depends(store_of)]
 
 
+def serving_tls(settings: Settings) -> tls.TlsFiles | None:
+    """The certificate files to serve with, generating them on first start."""
+    if not settings.tls:
+        return None
+    if settings.tls_cert and settings.tls_key and settings.tls_ca:
+        return tls.TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    return tls.ensure(settings.state_dir / "tls", list(settings.tls_names) or [settings.host])
+
+
 def create_app(settings: Settings) -> FastAPI:
     """Build the controller application; etcd is connected in the lifespan."""
 
     generated_token = None
     if not settings.admin_token:
         generated_token = auth.load_or_create_admin_token(settings.state_dir)
+    tls_files = serving_tls(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -191,6 +201,13 @@ def create_app(settings: Settings) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
 
+    @app.get("/v1/ca")
+    async def ca() -> Any:
+        """The CA that signed this controller's certificate (public; agents check its hash)."""
+        if tls_files is None:
+            raise ApiError(404, "tls_disabled", "this controller does not serve TLS")
+        return {"ca_pem": tls_files.ca_pem.decode(), "ca_hash": tls_files.ca_hash}
+
     @app.get("/readyz")
     async def readyz(request: Request) -> JSONResponse:
         try:
@@ -236,7 +253,10 @@ def create_app(settings: Settings) -> FastAPI:
     async def create_token(
         ref: str, _: Admin, db: Db, req: TokenCreate | None = None
     ) -> JoinTokenCreated:
-        return await db.create_token(ref, req or TokenCreate())
+        created = await db.create_token(ref, req or TokenCreate())
+        if tls_files is not None:
+            created.ca_cert_hash = tls_files.ca_hash
+        return created
 
     @app.get("/v1/networks/{ref}/tokens")
     async def list_tokens(ref: str, _: Admin, db: Db) -> list[JoinToken]:

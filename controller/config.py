@@ -25,6 +25,12 @@ class Settings:
     collector_url: str | None = None  # for the dashboard's charts and alarms
     # Per client address. Generous for joins (a fleet behind one NAT joins at once),
     # strict for failed authentications (token guessing).
+    # TLS: generated CA + serving cert in <state_dir>/tls (names: --tls-name), or given files.
+    tls: bool = False
+    tls_names: tuple[str, ...] = ()
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
     join_rate: float = 100.0
     join_burst: float = 1000.0
     auth_failure_rate: float = 1.0
@@ -87,7 +93,25 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         default=env.get("CLADNET_COLLECTOR_URL"),
         help="the collector's API, for the dashboard (env CLADNET_COLLECTOR_URL)",
     )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        default=env.get("CLADNET_TLS", "") in ("1", "true", "yes"),
+        help="serve HTTPS with a CA and certificate generated on first start (env CLADNET_TLS=1)",
+    )
+    p.add_argument(
+        "--tls-name",
+        action="append",
+        default=[n for n in env.get("CLADNET_TLS_NAMES", "").split(",") if n],
+        help="DNS name or IP for the generated certificate (repeatable; default: listen host)",
+    )
+    p.add_argument("--tls-cert", type=Path, help="serving certificate chain (PEM) to use instead")
+    p.add_argument("--tls-key", type=Path, help="its private key (PEM)")
+    p.add_argument("--tls-ca", type=Path, help="the CA that signed it (PEM), for agents to pin")
     a = p.parse_args(argv)
+    given = [a.tls_cert, a.tls_key, a.tls_ca]
+    if any(given) and not all(given):
+        p.error("--tls-cert, --tls-key and --tls-ca go together")
     if ":" not in a.listen:
         p.error(f"--listen must be HOST:PORT, got {a.listen!r}")
     return Settings(
@@ -102,6 +126,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         mqtt_admin_user=a.mqtt_admin_user,
         mqtt_admin_password=env.get("CLADNET_MQTT_ADMIN_PASSWORD") or None,
         collector_url=a.collector_url,
+        tls=a.tls or all(given),
+        tls_names=tuple(a.tls_name),
+        tls_cert=a.tls_cert,
+        tls_key=a.tls_key,
+        tls_ca=a.tls_ca,
         join_rate=float(env.get("CLADNET_JOIN_RATE", defaults.join_rate)),
         join_burst=float(env.get("CLADNET_JOIN_BURST", defaults.join_burst)),
         auth_failure_rate=float(env.get("CLADNET_AUTH_FAILURE_RATE", defaults.auth_failure_rate)),

@@ -7,7 +7,7 @@ import sys
 import uvicorn
 
 from cladnet import logs
-from controller.api import create_app
+from controller.api import create_app, serving_tls
 from controller.config import parse_args
 
 
@@ -15,6 +15,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = parse_args(argv)
     logs.setup(settings.log_level)
     app = create_app(settings)
+    files = serving_tls(settings)  # already made by create_app; loaded, not regenerated
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -22,6 +23,8 @@ def main(argv: list[str] | None = None) -> None:
         log_config=None,  # keep our JSON log lines
         access_log=False,
         timeout_graceful_shutdown=2,
+        ssl_certfile=str(files.cert) if files else None,
+        ssl_keyfile=str(files.key) if files else None,
     )
     try:
         uvicorn.Server(config).run()
