@@ -135,6 +135,11 @@ class JoinToken(BaseModel):
     created_at: float
 
 
+class AdminTokenCreate(Strict):
+    role: Literal["admin", "viewer"] = "viewer"
+    description: Annotated[str, Field(max_length=256)] = ""
+
+
 class JoinTokenCreated(JoinToken):
     token: str  # shown once; only its hash is stored
     # With TLS: the CA's public-key hash, for `cladnet-agent join --ca-hash`.

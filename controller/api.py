@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cladnet import __version__, metrics, tokens
 from cladnet.models import (
     AddressSpaces,
+    AdminTokenCreate,
     EndpointsUpdate,
     Heartbeat,
     HeartbeatResponse,
@@ -37,6 +38,8 @@ from cladnet.models import (
 )
 from cladnet.ratelimit import RateLimiter
 from controller import auth, tls
+from controller import keyspace as ks
+from controller.audit import AuditLog, is_audited
 from controller.auth import Authenticator, Principal
 from controller.broker import BrokerAdmin, BrokerError
 from controller.config import Settings
@@ -80,11 +83,13 @@ async def principal(request: Request) -> Principal:
     if wait > 0:
         raise _rate_limited(wait, "failed authentications")
     try:
-        return await request.app.state.auth.authenticate(request.headers.get("authorization"))
+        who = await request.app.state.auth.authenticate(request.headers.get("authorization"))
     except ApiError as exc:
         if exc.status == 401:
             limiter.hit(source, now)
         raise
+    request.state.principal = who  # for the audit log
+    return who
 
 
 async def join_allowed(request: Request) -> None:
@@ -98,13 +103,61 @@ async def admin(p: Annotated[Principal, Depends(principal)]) -> Principal:
     return p
 
 
+async def reader(p: Annotated[Principal, Depends(principal)]) -> Principal:
+    auth.require_reader(p)
+    return p
+
+
 def store_of(request: Request) -> Store:
     return request.app.state.store
 
 
 Caller = Annotated[Principal, Depends(principal)]
 Admin = Annotated[Principal, Depends(admin)]
+Reader = Annotated[Principal, Depends(reader)]
 Db = Annotated[Store, Depends(store_of)]
+
+
+class Observe:
+    """Request metrics and the audit log, as plain ASGI (no per-request task or copy).
+
+    An audited call is recorded before its last response byte is sent, so a client
+    that got an answer finds the call in the log.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        method, path = scope["method"], scope["path"]
+        audited = is_audited(method, path)
+        status = 500
+
+        async def sending(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif audited and not message.get("more_body", False):
+                await self._audit(scope, method, path, status)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            HTTP_REQUESTS.labels(method, route, str(status)).inc()
+            HTTP_LATENCY.labels(route).observe(time.perf_counter() - started)
+
+    @staticmethod
+    async def _audit(scope: Any, method: str, path: str, status: int) -> None:
+        who = scope.get("state", {}).get("principal")
+        client = scope.get("client")
+        await scope["app"].state.audit.record(
+            who.name if who else "anonymous", method, path, status, client[0] if client else ""
+        )
 
 
 def serving_tls(settings: Settings) -> tls.TlsFiles | None:
@@ -138,6 +191,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.store = store
         app.state.auth = Authenticator(etcd, store, configured)
         app.state.hubs = WatchHubs(etcd, settings.watch_keepalive)
+        app.state.audit = AuditLog(etcd)
         app.state.join_limit = RateLimiter(settings.join_rate, settings.join_burst)
         app.state.auth_failures = RateLimiter(
             settings.auth_failure_rate, settings.auth_failure_burst
@@ -185,15 +239,7 @@ def create_app(settings: Settings) -> FastAPI:
             log.error("etcd unavailable", extra={"error": repr(exc)})
             return _error(503, "etcd_unavailable", "the controller cannot reach etcd")
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        template = getattr(route, "path", "unmatched")
-        HTTP_REQUESTS.labels(request.method, template, str(response.status_code)).inc()
-        HTTP_LATENCY.labels(template).observe(time.perf_counter() - started)
-        return response
+    app.add_middleware(Observe)
 
     # --- health ------------------------------------------------------------------------
 
@@ -207,6 +253,33 @@ def create_app(settings: Settings) -> FastAPI:
         if tls_files is None:
             raise ApiError(404, "tls_disabled", "this controller does not serve TLS")
         return {"ca_pem": tls_files.ca_pem.decode(), "ca_hash": tls_files.ca_hash}
+
+    @app.post("/v1/admin-tokens", status_code=201)
+    async def create_admin_token(req: AdminTokenCreate, request: Request, _: Admin) -> Any:
+        """An operator token (admin or viewer); shown once, stored hashed."""
+        token, record = await auth.create_admin_token(
+            request.app.state.etcd, req.role, req.description
+        )
+        record.pop("hash")
+        return {**record, "token": token}
+
+    @app.get("/v1/admin-tokens")
+    async def list_admin_tokens(request: Request, _: Admin) -> Any:
+        return await auth.list_admin_tokens(request.app.state.etcd)
+
+    @app.delete("/v1/admin-tokens/{token_id}", status_code=204)
+    async def revoke_admin_token(token_id: str, request: Request, _: Admin) -> Response:
+        etcd = request.app.state.etcd
+        if await etcd.get(ks.admin_token(token_id)) is None:
+            raise ApiError(404, "not_found", f"no admin token {token_id!r}")
+        await etcd.call(lambda c: c.delete(ks.admin_token(token_id)))
+        return Response(status_code=204)
+
+    @app.get("/v1/audit")
+    async def audit_log(
+        request: Request, _: Admin, limit: Annotated[int, Query(ge=1, le=10_000)] = 100
+    ) -> Any:
+        return {"entries": await request.app.state.audit.recent(limit)}
 
     @app.get("/readyz")
     async def readyz(request: Request) -> JSONResponse:
@@ -227,7 +300,7 @@ def create_app(settings: Settings) -> FastAPI:
         return await db.create_network(req)
 
     @app.get("/v1/networks")
-    async def list_networks(_: Admin, db: Db) -> list[Network]:
+    async def list_networks(_: Reader, db: Db) -> list[Network]:
         networks, _rev = await db.list_networks()
         return sorted(networks, key=lambda n: n.name)
 
@@ -243,7 +316,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/v1/address-spaces")
     async def address_spaces(
-        _: Admin, db: Db, hosts: Annotated[int, Query(ge=1, le=1_000_000)] = 100
+        _: Reader, db: Db, hosts: Annotated[int, Query(ge=1, le=1_000_000)] = 100
     ) -> AddressSpaces:
         return await db.address_spaces(hosts)
 
@@ -259,7 +332,7 @@ def create_app(settings: Settings) -> FastAPI:
         return created
 
     @app.get("/v1/networks/{ref}/tokens")
-    async def list_tokens(ref: str, _: Admin, db: Db) -> list[JoinToken]:
+    async def list_tokens(ref: str, _: Reader, db: Db) -> list[JoinToken]:
         net = await db.get_network(ref)
         return await db.list_tokens(net.id)
 
@@ -272,6 +345,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/v1/join", dependencies=[Depends(join_allowed)])
     async def join(req: JoinRequest, request: Request, db: Db) -> JoinResponse:
+        parsed = tokens.parse(req.token)
+        if parsed is not None:  # for the audit log: which join token was used
+            request.state.principal = Principal("join-token", token_id=parsed.id)
         observed = _observed(request)
         peer, credential, net = await db.join(req, observed, "")
         JOINS.inc()
@@ -286,13 +362,14 @@ def create_app(settings: Settings) -> FastAPI:
         )
 
     @app.get("/v1/networks/{ref}/hosts")
-    async def list_hosts(ref: str, _: Admin, db: Db) -> list[Host]:
+    async def list_hosts(ref: str, _: Reader, db: Db) -> list[Host]:
         net = await db.get_network(ref)
         return sorted(await db.list_hosts(net.id), key=lambda h: h.name)
 
     @app.get("/v1/hosts/{host_id}")
     async def get_host(host_id: str, p: Caller, db: Db) -> Host:
-        auth.require_self(p, host_id)
+        if not p.can_read_all:
+            auth.require_self(p, host_id)
         return await db.get_host(host_id)
 
     @app.post("/v1/hosts/{host_id}/heartbeat")

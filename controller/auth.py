@@ -8,6 +8,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cladnet import tokens
 from controller import keyspace as ks
@@ -21,17 +22,32 @@ ADMIN_TOKEN_FILE = "admin-token"
 CACHE_SECONDS = 5.0
 
 
+ROLES = ("admin", "viewer")
+
+
 @dataclass(frozen=True)
 class Principal:
     """An authenticated caller. ``host_id`` is set for agents only."""
 
-    kind: str  # "admin" | "host"
+    kind: str  # "admin" | "viewer" | "host"
     host_id: str | None = None
     network_id: str | None = None
+    token_id: str | None = None
 
     @property
     def is_admin(self) -> bool:
         return self.kind == "admin"
+
+    @property
+    def can_read_all(self) -> bool:
+        return self.kind in ROLES
+
+    @property
+    def name(self) -> str:
+        """For the audit log: role and token id, or the host."""
+        if self.kind == "host":
+            return f"host:{self.host_id}"
+        return f"{self.kind}:{self.token_id or 'configured'}"
 
 
 ADMIN = Principal("admin")
@@ -73,16 +89,16 @@ class Authenticator:
         self.etcd = etcd
         self.store = store
         self.configured_hash = configured_hash
-        self._admin_cache: dict[str, tuple[str | None, float]] = {}
+        self._admin_cache: dict[str, tuple[dict[str, Any] | None, float]] = {}
 
-    async def _admin_hash(self, token_id: str) -> str | None:
+    async def _admin_record(self, token_id: str) -> dict[str, Any] | None:
         cached = self._admin_cache.get(token_id)
         if cached and cached[1] > time.monotonic():
             return cached[0]
         kv = await self.etcd.get(ks.admin_token(token_id))
-        digest = json.loads(kv.value)["hash"] if kv is not None else None
-        self._admin_cache[token_id] = (digest, time.monotonic() + CACHE_SECONDS)
-        return digest
+        record = json.loads(kv.value) if kv is not None else None
+        self._admin_cache[token_id] = (record, time.monotonic() + CACHE_SECONDS)
+        return record
 
     async def authenticate(self, authorization: str | None) -> Principal:
         """A principal for an ``Authorization: Bearer …`` header, or 401."""
@@ -93,9 +109,9 @@ class Authenticator:
             return ADMIN
         parsed = tokens.parse(token)
         if parsed is not None and parsed.kind == "cla":
-            digest = await self._admin_hash(parsed.id)
-            if digest and tokens.verify(parsed.secret, digest):
-                return ADMIN
+            record = await self._admin_record(parsed.id)
+            if record and tokens.verify(parsed.secret, record["hash"]):
+                return Principal(record.get("role", "admin"), token_id=parsed.id)
         elif parsed is not None and parsed.kind == "clh":
             cred = await self.store.authenticate_host(token)
             if cred is not None:
@@ -105,16 +121,46 @@ class Authenticator:
 
 def require_admin(principal: Principal) -> None:
     if not principal.is_admin:
-        raise ApiError(403, "forbidden", "this call needs the admin token")
+        raise ApiError(403, "forbidden", "this call needs an admin token")
+
+
+def require_reader(principal: Principal) -> None:
+    if not principal.can_read_all:
+        raise ApiError(403, "forbidden", "this call needs an admin or viewer token")
+
+
+async def create_admin_token(etcd: Etcd, role: str, description: str) -> tuple[str, dict[str, Any]]:
+    """A new operator token of ``role``; only its hash is stored. Returns (token, record)."""
+    token_id = tokens.new_id()
+    token, digest = tokens.mint("cla", token_id)
+    record = {
+        "id": token_id,
+        "role": role,
+        "description": description,
+        "hash": digest,
+        "created_at": time.time(),
+    }
+    await etcd.put(ks.admin_token(token_id), json.dumps(record).encode())
+    return token, record
+
+
+async def list_admin_tokens(etcd: Etcd) -> list[dict[str, Any]]:
+    res = await etcd.get_prefix(ks.prefix("admin-tokens"))
+    out = []
+    for kv in res:
+        record = json.loads(kv.value)
+        record.pop("hash", None)
+        out.append({"role": "admin", "description": "", "id": ks.last_segment(kv.key), **record})
+    return sorted(out, key=lambda r: r["created_at"])
 
 
 def require_self(principal: Principal, host_id: str) -> None:
-    """Agents may act on their own host only; the admin on any."""
+    """Agents may act on their own host only; the admin on any (a viewer on none)."""
     if not principal.is_admin and principal.host_id != host_id:
         raise ApiError(403, "forbidden", "an agent credential can only change its own host")
 
 
 def require_member(principal: Principal, network_id: str) -> None:
-    """Peers of a network are visible to the admin and to that network's hosts."""
-    if not principal.is_admin and principal.network_id != network_id:
+    """Peers of a network are visible to operators and to that network's hosts."""
+    if not principal.can_read_all and principal.network_id != network_id:
         raise ApiError(403, "forbidden", "this host is not a member of that network")

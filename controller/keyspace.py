@@ -67,5 +67,9 @@ def admin_token(token_id: str) -> bytes:
     return _k("admin-tokens", token_id)
 
 
+def audit(entry_id: str) -> bytes:
+    return _k("audit", entry_id)
+
+
 def last_segment(key: bytes) -> str:
     return key.decode().rsplit("/", 1)[-1]

@@ -1,0 +1,61 @@
+"""The audit log: who changed what, when — in etcd (shared by all replicas) and in the
+structured log. Entries expire with a daily etcd lease after ``retention`` seconds."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from typing import Any
+
+from controller import keyspace as ks
+from controller.etcd import Etcd
+
+log = logging.getLogger("cladnet.audit")
+
+# Host telemetry that is not an operator action and would flood the log.
+QUIET_SUFFIXES = ("/heartbeat", "/status", "/endpoints", "/metrics-credentials")
+
+
+def is_audited(method: str, path: str) -> bool:
+    """Mutating calls, except the hosts' own high-frequency reports."""
+    return method in ("POST", "PUT", "PATCH", "DELETE") and not path.endswith(QUIET_SUFFIXES)
+
+
+class AuditLog:
+    def __init__(self, etcd: Etcd, retention: float = 30 * 86400) -> None:
+        self.etcd, self.retention = etcd, retention
+        self._lease: Any = None
+        self._lease_until = 0.0
+
+    async def _current_lease(self, now: float) -> Any:
+        # One lease per day: entries of one day expire together, no per-entry lease.
+        if self._lease is None or now >= self._lease_until:
+            self._lease = await self.etcd.call(lambda c: c.lease(int(self.retention + 86400)))
+            self._lease_until = now + 86400
+        return self._lease
+
+    async def record(self, who: str, method: str, path: str, status: int, source: str) -> None:
+        now = time.time()
+        entry = {
+            "ts": now,
+            "who": who,
+            "method": method,
+            "path": path,
+            "status": status,
+            "source": source,
+        }
+        log.info("audit", extra=entry)
+        key = ks.audit(f"{int(now * 1e6):020d}-{secrets.token_hex(3)}")
+        try:
+            lease = await self._current_lease(now)
+            await self.etcd.call(lambda c: c.put(key, json.dumps(entry).encode(), lease=lease))
+        except Exception as exc:  # the log line above is the fallback record
+            log.warning("audit entry not stored in etcd", extra={"error": repr(exc)})
+
+    async def recent(self, limit: int) -> list[dict[str, Any]]:
+        res = await self.etcd.call(
+            lambda c: c.get_prefix(ks.prefix("audit"), sort_order="descend", sort_target="key")
+        )
+        return [json.loads(kv.value) for kv in list(res)[:limit]]
