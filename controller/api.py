@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -45,6 +46,7 @@ from controller.broker import BrokerAdmin, BrokerError
 from controller.config import Settings
 from controller.errors import ApiError
 from controller.etcd import Etcd, parse_endpoints
+from controller.leader import Leadership
 from controller.store import Store
 from controller.telemetry import API_ERRORS, HTTP_LATENCY, HTTP_REQUESTS, JOINS, REGISTRY
 from controller.watch import WatchGone, WatchHubs
@@ -192,6 +194,16 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.auth = Authenticator(etcd, store, configured)
         app.state.hubs = WatchHubs(etcd, settings.watch_keepalive)
         app.state.audit = AuditLog(etcd)
+
+        async def janitor() -> None:
+            while True:
+                removed = await store.delete_expired_tokens(time.time())
+                if removed:
+                    log.info("expired join tokens removed", extra={"count": removed})
+                await asyncio.sleep(settings.janitor_interval)
+
+        app.state.leadership = Leadership(etcd, "janitor", janitor, ttl=settings.leader_ttl)
+        background = asyncio.create_task(app.state.leadership.run(), name="leadership")
         app.state.join_limit = RateLimiter(settings.join_rate, settings.join_burst)
         app.state.auth_failures = RateLimiter(
             settings.auth_failure_rate, settings.auth_failure_burst
@@ -208,6 +220,9 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
+            background.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await background
             await app.state.hubs.close()
             await etcd.close()
 
@@ -287,7 +302,13 @@ def create_app(settings: Settings) -> FastAPI:
             status = await request.app.state.etcd.status()
         except Exception as exc:
             return _error(503, "etcd_unavailable", f"etcd is not reachable: {exc!r}")
-        return JSONResponse({"status": "ready", "etcd_version": status.version})
+        return JSONResponse(
+            {
+                "status": "ready",
+                "etcd_version": status.version,
+                "leader": request.app.state.leadership.leading,
+            }
+        )
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

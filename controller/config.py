@@ -31,6 +31,8 @@ class Settings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    leader_ttl: int = 10  # seconds for another replica to take over background jobs
+    janitor_interval: float = 60.0
     join_rate: float = 100.0
     join_burst: float = 1000.0
     auth_failure_rate: float = 1.0
@@ -131,6 +133,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         tls_cert=a.tls_cert,
         tls_key=a.tls_key,
         tls_ca=a.tls_ca,
+        leader_ttl=int(env.get("CLADNET_LEADER_TTL", defaults.leader_ttl)),
+        janitor_interval=float(env.get("CLADNET_JANITOR_INTERVAL", defaults.janitor_interval)),
         join_rate=float(env.get("CLADNET_JOIN_RATE", defaults.join_rate)),
         join_burst=float(env.get("CLADNET_JOIN_BURST", defaults.join_burst)),
         auth_failure_rate=float(env.get("CLADNET_AUTH_FAILURE_RATE", defaults.auth_failure_rate)),

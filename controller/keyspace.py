@@ -67,6 +67,10 @@ def admin_token(token_id: str) -> bytes:
     return _k("admin-tokens", token_id)
 
 
+def leader(job: str) -> bytes:
+    return _k("leader", job)
+
+
 def audit(entry_id: str) -> bytes:
     return _k("audit", entry_id)
 

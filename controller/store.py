@@ -260,6 +260,20 @@ class Store:
             compare=[], success=[tx.Delete(ks.token(token_id)), tx.Delete(p, prefix_end(p))]
         )
 
+    async def delete_expired_tokens(self, now: float) -> int:
+        """Remove join tokens past their expiry (and their use records); returns how many."""
+        removed = 0
+        for kv in await self.etcd.get_prefix(ks.prefix("tokens")):
+            record = json.loads(kv.value)
+            if record["expires_at"] < now:
+                p = ks.prefix("token-uses", record["id"])
+                await self.etcd.txn(
+                    compare=[tx.Mod(ks.token(record["id"])) == kv.mod_revision],
+                    success=[tx.Delete(ks.token(record["id"])), tx.Delete(p, prefix_end(p))],
+                )
+                removed += 1
+        return removed
+
     async def _token_uses(self, token_id: str) -> int:
         res = await self.etcd.get_prefix(ks.prefix("token-uses", token_id), keys_only=True)
         return len(res.kvs)
