@@ -84,6 +84,7 @@ class NetworkAgent:
         self.metrics: MetricsReporter | None = None
         self._skipped: tuple[tuple[str, str], ...] = ()
         self.bad_input = 0  # malformed events and unusable peers, for the logs and metrics
+        self.save_errors = 0
         self.removed = asyncio.Event()
 
     @property
@@ -133,7 +134,13 @@ class NetworkAgent:
     # --- controller sync -------------------------------------------------------------------
 
     def _save(self) -> None:
-        self.states.save(self.m)
+        """Persist the view; a full or read-only disk is reported, never fatal: the
+        device keeps following the controller from memory."""
+        try:
+            self.states.save(self.m)
+        except OSError as exc:
+            self.save_errors += 1
+            log.error("cannot save state; continuing from memory", extra={"error": str(exc)})
 
     def _on_event(self, event: Any) -> bool:
         """Apply one watch event to the local view; True if the device may need a change.

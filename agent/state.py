@@ -9,11 +9,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("cladnet.agent")
 
 
 def write_private(path: Path, text: str) -> None:
@@ -67,8 +70,22 @@ class StateDir:
         return sorted(p.name for p in base.iterdir() if (p / "membership.json").exists())
 
     def load(self, network_id: str) -> tuple[Membership, str, str]:
-        """Membership, credential and private key of a joined network."""
+        """Membership, credential and private key of a joined network.
+
+        Secrets readable by others are tightened back to 0600 (and said so): a key
+        that leaked cannot be un-leaked, but it must not stay exposed.
+        """
         d = self._net(network_id)
+        for path, mode in (
+            (self.root, 0o700),
+            (d, 0o700),
+            (d / "private.key", 0o600),
+            (d / "credential", 0o600),
+            (d / "membership.json", 0o600),
+        ):
+            if path.exists() and path.stat().st_mode & 0o077 & ~mode:
+                log.warning("tightening permissions", extra={"path": str(path)})
+                path.chmod(mode)
         membership = Membership(**json.loads((d / "membership.json").read_text()))
         return (
             membership,
