@@ -247,6 +247,12 @@ def create_app(settings: Settings) -> FastAPI:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _error(exc.status_code, code, str(exc.detail))
 
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # Still JSON, still a message: clients (and agents) handle every error alike.
+        log.error("unhandled error", exc_info=exc)
+        return _error(500, "internal", "internal error; the request may be retried")
+
     for exc_type in ETCD_DOWN:
 
         @app.exception_handler(exc_type)

@@ -7,6 +7,7 @@ connection error, retrying that call once per endpoint.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -64,6 +65,7 @@ class Etcd:
         self._index = 0
         self.client = self._new_client()
         self.failovers = 0
+        self._closing: set[asyncio.Task[None]] = set()
 
     def _new_client(self) -> aetcd.Client:
         host, port = self.endpoints[self._index]
@@ -73,6 +75,8 @@ class Etcd:
         await self.client.connect()
 
     async def close(self) -> None:
+        for task in self._closing:
+            task.cancel()
         await self.client.close()
 
     async def _failover(self, failed: aetcd.Client) -> None:
@@ -82,11 +86,18 @@ class Etcd:
         self.failovers += 1
         old, self.client = self.client, self._new_client()
         log.warning("etcd endpoint failed, trying %s:%s", *self.endpoints[self._index])
+        # Closing a gRPC channel cancels the calls still on it; let them end first.
+        task = asyncio.get_running_loop().create_task(self._close_later(old))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+        await self.client.connect()
+
+    async def _close_later(self, old: aetcd.Client, grace: float = 30.0) -> None:
+        await asyncio.sleep(grace)
         try:
             await old.close()
         except Exception:  # a broken channel may fail to close; it is dropped anyway
             log.debug("closing failed etcd client", exc_info=True)
-        await self.client.connect()
 
     async def call(self, fn: Callable[[aetcd.Client], Awaitable[T]]) -> T:
         """Run ``fn(client)``, failing over to the next endpoint on connection errors."""
@@ -99,6 +110,12 @@ class Etcd:
                 if attempt == attempts - 1:
                     raise
                 await self._failover(client)
+            except etcd_errors.InternalError:
+                # e.g. "leader changed" during an election: the cluster is fine a moment
+                # later. Every write we make is guarded by compares, so a retry is safe.
+                if attempt == attempts - 1:
+                    raise
+                await asyncio.sleep(0.2)
         raise AssertionError("unreachable")
 
     # Thin helpers for the calls the controller makes most.

@@ -43,6 +43,11 @@ def token_use(token_id: str, host_id: str) -> bytes:
     return _k("token-uses", token_id, host_id)
 
 
+def token_slot(token_id: str, slot: int) -> bytes:
+    """One of a limited join token's ``max_uses`` slots (value: the host that took it)."""
+    return _k("token-uses", token_id, f"slot-{slot}")
+
+
 def host(host_id: str) -> bytes:
     return _k("hosts", host_id)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import random
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -274,6 +275,19 @@ class Store:
                 removed += 1
         return removed
 
+    async def _free_slot(self, token: dict[str, Any]) -> int:
+        """A random unclaimed use slot of a limited token, or 403 when none is left."""
+        res = await self.etcd.get_prefix(ks.prefix("token-uses", token["id"]), keys_only=True)
+        taken = {ks.last_segment(kv.key) for kv in res}
+        free = [n for n in range(token["max_uses"]) if f"slot-{n}" not in taken]
+        if not free:
+            raise ApiError(
+                403,
+                "token_exhausted",
+                f"the join token was used {token['max_uses']} time(s) already",
+            )
+        return random.choice(free)
+
     async def _token_uses(self, token_id: str) -> int:
         res = await self.etcd.get_prefix(ks.prefix("token-uses", token_id), keys_only=True)
         return len(res.kvs)
@@ -305,7 +319,7 @@ class Store:
         used_ips: set[int] = set()
         loaded_ips = False
         for _ in range(MAX_TXN_ATTEMPTS):
-            token, token_rev = await self._check_join_token(req.token)
+            token, _ = await self._check_join_token(req.token)
             net = await self.get_network(token["network_id"])
             existing = await self.etcd.get(ks.hostname(net.id, req.hostname))
             if existing is not None:
@@ -348,19 +362,25 @@ class Store:
                 tx.Create(ks.hostname(net.id, req.hostname)) == 0,
                 tx.Create(ks.network(net.id)) > 0,  # not deleted meanwhile
             ]
+            slot = None
             if token["max_uses"] is not None:
-                # Serialise users of a limited token so uses never exceed max_uses.
-                compare.append(tx.Mod(ks.token(token["id"])) == token_rev)
+                # A limited token has max_uses slots; claiming one is a create-if-absent
+                # like an IP, so concurrent joiners do not serialise on the token.
+                slot = await self._free_slot(token)
+                compare.append(tx.Create(ks.token_slot(token["id"], slot)) == 0)
             success = [
                 tx.Put(ks.ip(net.id, str(address)), host_id.encode()),
                 tx.Put(ks.hostname(net.id, req.hostname), host_id.encode()),
                 tx.Put(ks.host(host_id), _dump(host)),
                 tx.Put(ks.peer(net.id, host_id), _dump(peer)),
                 tx.Put(ks.liveness(net.id, host_id), _dump({"last_seen": now})),
-                tx.Put(ks.token_use(token["id"], host_id), str(now).encode()),
+                tx.Put(
+                    ks.token_use(token["id"], host_id)
+                    if slot is None
+                    else ks.token_slot(token["id"], slot),
+                    host_id.encode(),
+                ),
             ]
-            if token["max_uses"] is not None:
-                success.append(tx.Put(ks.token(token["id"]), _dump(token)))
             ok, _ = await self.etcd.txn(compare, success)
             if ok:
                 log.info(
@@ -414,7 +434,13 @@ class Store:
                 tx.Put(ks.host(host_id), _dump(host)),
                 tx.Put(ks.peer(net.id, host_id), _dump(peer)),
                 tx.Put(ks.liveness(net.id, host_id), _dump({"last_seen": now})),
-                tx.Put(ks.token_use(token["id"], host_id), str(now).encode()),
+                # A limited token's slot was taken at the first join; unlimited ones
+                # record every host that used them.
+                *(
+                    [tx.Put(ks.token_use(token["id"], host_id), str(now).encode())]
+                    if token["max_uses"] is None
+                    else []
+                ),
             ],
         )
         if not ok:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -328,3 +329,89 @@ class Collector:
     def client(self, token: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token or self.token}"}
         return httpx.Client(base_url=self.url, headers=headers, timeout=10)
+
+
+@dataclass
+class EtcdCluster:
+    """Several etcd members on loopback forming one cluster (for fault tests)."""
+
+    base_dir: Path
+    size: int = 3
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    ports: dict[str, tuple[int, int]] = field(default_factory=dict)  # name → (client, peer)
+
+    def __post_init__(self) -> None:
+        for i in range(self.size):
+            self.ports[f"cl-m{i}"] = (free_port(), free_port())
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{c}" for c, _ in self.ports.values()]
+
+    @property
+    def url(self) -> str:
+        return ",".join(self.urls)
+
+    def start(self) -> None:
+        initial = ",".join(f"{n}=http://127.0.0.1:{p}" for n, (_, p) in self.ports.items())
+        for name in self.ports:
+            self.start_member(name, initial)
+        wait_until(lambda: all(self.healthy(n) for n in self.ports), 30, what="etcd cluster")
+
+    def start_member(self, name: str, initial: str | None = None) -> None:
+        client, peer = self.ports[name]
+        initial = initial or ",".join(
+            f"{n}=http://127.0.0.1:{p}" for n, (_, p) in self.ports.items()
+        )
+        data = self.base_dir / name
+        log = self.base_dir / f"{name}.log"
+        self.procs[name] = subprocess.Popen(
+            [
+                "etcd", "--name", name, "--data-dir", str(data),
+                "--listen-client-urls", f"http://127.0.0.1:{client}",
+                "--advertise-client-urls", f"http://127.0.0.1:{client}",
+                "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+                "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+                "--initial-cluster", initial, "--initial-cluster-state", "new",
+                "--initial-cluster-token", f"cl-{self.base_dir.name}",
+                "--heartbeat-interval", "50", "--election-timeout", "500",
+                "--log-level", "warn", "--logger", "zap",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("ab"),
+        )  # fmt: skip
+
+    def healthy(self, name: str) -> bool:
+        client, _ = self.ports[name]
+        try:
+            r = httpx.get(f"http://127.0.0.1:{client}/health", timeout=1)
+            return r.json().get("health") == "true"
+        except (httpx.HTTPError, ValueError):
+            return False
+
+    def leader(self) -> str:
+        """The name of the current leader."""
+        for name, (client, _) in self.ports.items():
+            if name not in self.procs or self.procs[name].poll() is not None:
+                continue
+            out = subprocess.run(
+                ["etcdctl", "--endpoints", f"http://127.0.0.1:{client}", "endpoint", "status",
+                 "-w", "json"],
+                env={**os.environ, "ETCDCTL_API": "3"}, capture_output=True, text=True,
+                timeout=10,
+            )  # fmt: skip
+            if out.returncode == 0:
+                status = json.loads(out.stdout)[0]["Status"]
+                if status["header"]["member_id"] == status["leader"]:
+                    return name
+        raise RuntimeError("no leader found")
+
+    def kill(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        proc.kill()
+        proc.wait(10)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            _stop(proc)
+        self.procs.clear()
