@@ -1,0 +1,94 @@
+"""Every route and every kind of caller → the right status. New routes must be added here
+(the test fails on a route it does not know), so nothing ships unprotected by mistake."""
+
+from __future__ import annotations
+
+import httpx
+
+from tests.components import ADMIN_TOKEN, Controller
+from tests.test_controller_api import join, make_network, make_token
+
+PUBLIC = {
+    ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"), ("GET", "/v1/ca"),
+    ("POST", "/v1/join"),
+}  # fmt: skip
+
+# (method, path template) → who may call it: admin, viewer, self (the host itself),
+# member (a host of that network).
+ALLOWED: dict[tuple[str, str], set[str]] = {
+    ("GET", "/v1/networks"): {"admin", "viewer"},
+    ("POST", "/v1/networks"): {"admin"},
+    ("GET", "/v1/networks/{ref}"): {"admin", "viewer", "member"},
+    ("DELETE", "/v1/networks/{ref}"): {"admin"},
+    ("GET", "/v1/address-spaces"): {"admin", "viewer"},
+    ("POST", "/v1/networks/{ref}/tokens"): {"admin"},
+    ("GET", "/v1/networks/{ref}/tokens"): {"admin", "viewer"},
+    ("DELETE", "/v1/networks/{ref}/tokens/{token_id}"): {"admin"},
+    ("GET", "/v1/networks/{ref}/hosts"): {"admin", "viewer"},
+    ("GET", "/v1/networks/{ref}/peers"): {"admin", "viewer", "member"},
+    ("GET", "/v1/hosts/{host_id}"): {"admin", "viewer", "self"},
+    ("POST", "/v1/hosts/{host_id}/heartbeat"): {"admin", "self"},
+    ("PUT", "/v1/hosts/{host_id}/endpoints"): {"admin", "self"},
+    ("POST", "/v1/hosts/{host_id}/status"): {"admin", "self"},
+    ("POST", "/v1/hosts/{host_id}/metrics-credentials"): {"admin", "self"},
+    ("DELETE", "/v1/hosts/{host_id}"): {"admin", "self"},
+    ("POST", "/v1/admin-tokens"): {"admin"},
+    ("GET", "/v1/admin-tokens"): {"admin"},
+    ("DELETE", "/v1/admin-tokens/{token_id}"): {"admin"},
+    ("GET", "/v1/audit"): {"admin"},
+}
+BODIES = {
+    ("POST", "/v1/networks"): {"name": "made-by-matrix"},
+    ("PUT", "/v1/hosts/{host_id}/endpoints"): {"endpoints": []},
+    ("POST", "/v1/hosts/{host_id}/status"): {"peers": []},
+    ("POST", "/v1/admin-tokens"): {"role": "viewer"},
+}
+
+
+def test_every_route_has_the_right_callers(controller: Controller, admin: httpx.Client) -> None:
+    routes = {
+        (method.upper(), path)
+        for path, ops in admin.get("/openapi.json").json()["paths"].items()
+        for method in ops
+    }
+    assert routes - PUBLIC == set(ALLOWED), "a route is missing from the auth matrix"
+
+    make_network(admin, "m", cidr="10.251.0.0/24")
+    make_network(admin, "elsewhere", cidr="10.251.1.0/24")
+    target = join(controller, make_token(admin, "m"), "target").json()
+    member = join(controller, make_token(admin, "m"), "member").json()
+    stranger = join(controller, make_token(admin, "elsewhere"), "stranger").json()
+    viewer = admin.post("/v1/admin-tokens", json={"role": "viewer"}).json()["token"]
+    callers = {
+        "nobody": None,
+        "stranger": stranger["credential"],
+        "member": member["credential"],
+        "viewer": viewer,
+        "self": target["credential"],
+        "admin": ADMIN_TOKEN,
+    }
+    ids = {"ref": "m", "host_id": target["host_id"], "token_id": "t-none"}
+    # Leaving comes last (it ends the target host); the admin's network delete aims at
+    # a network that does not exist (404 still proves it passed the auth check).
+    leave = ("DELETE", "/v1/hosts/{host_id}")
+    order = sorted(ALLOWED, key=lambda route: (route == leave, route))
+    failures = []
+    for method, template in order:
+        allowed = ALLOWED[(method, template)]
+        for who, token in callers.items():
+            path = template.format(**ids)
+            if who == "admin" and (method, template) == ("DELETE", "/v1/networks/{ref}"):
+                path = "/v1/networks/absent"
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            with httpx.Client(base_url=controller.url, headers=headers, timeout=10) as c:
+                r = c.request(method, path, json=BODIES.get((method, template)))
+            may = who in allowed or (who == "self" and "member" in allowed)
+            if who == "nobody":
+                expected_ok = r.status_code == 401
+            elif may:
+                expected_ok = r.status_code not in (401, 403)
+            else:
+                expected_ok = r.status_code == 403
+            if not expected_ok:
+                failures.append(f"{who:8} {method:6} {template}: {r.status_code} {r.text[:80]}")
+    assert not failures, "\n".join(failures)
