@@ -352,7 +352,7 @@ class NetworkAgent:
             await self.backend.destroy(self.iface)
             self.states.remove(self.m.network_id)
         finally:
-            tasks = [addresses_task, metrics_task, self._sync_task]
+            tasks = [t for t in (addresses_task, metrics_task, self._sync_task) if t is not None]
             for t in tasks:
                 t.cancel()
             for t in tasks:

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from agent.state import Membership, StateDir
+from agent.wireguard.backend import WireGuardBackend
 
 log = logging.getLogger("cladnet.agent")
 
@@ -41,7 +42,7 @@ def interface_name(network_name: str) -> str:
     return ("cl-" + re.sub(r"[^a-zA-Z0-9-]", "", network_name))[:15]
 
 
-def _backend(force: str | None):  # type: ignore[no-untyped-def]
+def _backend(force: str | None) -> WireGuardBackend:
     from agent.wireguard import choose_backend
 
     return choose_backend(force)

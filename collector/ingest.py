@@ -128,7 +128,7 @@ class Ingest:
                 except TimeoutError:
                     message = None
                 if message is not None:
-                    events = self.accept(str(message.topic), bytes(message.payload))  # type: ignore[arg-type]
+                    events = self.accept(str(message.topic), bytes(message.payload))
                     if message.qos > 0:
                         self._unacked.append(message.mid)
                     await self._notify(events)

@@ -61,7 +61,7 @@ class BrokerAdmin:
                     await client.subscribe(f"{CONTROL}/response", qos=1)
                     await client.publish(CONTROL, json.dumps({"commands": commands}), qos=1)
                     async for message in client.messages:
-                        return list(json.loads(message.payload).get("responses", []))  # type: ignore[arg-type]
+                        return list(json.loads(bytes(message.payload)).get("responses", []))
         except (aiomqtt.MqttError, TimeoutError, ValueError) as exc:
             raise BrokerError(f"broker admin at {self.admin_url}: {exc!r}") from exc
         raise BrokerError("broker closed the connection without answering")

@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from aetcd import transactions as tx
 
@@ -20,7 +21,7 @@ from controller.etcd import Etcd
 
 log = logging.getLogger("cladnet.controller.leader")
 
-Job = Callable[[], Awaitable[None]]
+Job = Callable[[], Coroutine[Any, Any, None]]
 
 
 class Leadership:
