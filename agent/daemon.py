@@ -329,6 +329,7 @@ class NetworkAgent:
             device=lambda: self.backend.get(self.iface),
             peers=lambda: self.m.peers,
             broker=broker,
+            ack_topic=settings.get("ack_topic"),
             status=self._report_status,
             server=self.metrics_server,
         )

@@ -27,6 +27,7 @@ from typing import Any
 
 VERSION = 1
 TOPIC_ROOT = "cladnet/metrics"
+ACK_ROOT = "cladnet/acks"
 # Prometheus-compatible names, so the same names work in VictoriaMetrics/PromQL.
 NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]{0,127}$")
 LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]{0,63}$")
@@ -102,6 +103,11 @@ class Batch:
 def topic(network: str, host: str) -> str:
     """The topic a host publishes its batches to."""
     return f"{TOPIC_ROOT}/{network}/{host}"
+
+
+def ack_topic(network: str, host: str) -> str:
+    """Where collectors confirm a host's stored batches: ``{"seqs": [...]}``."""
+    return f"{ACK_ROOT}/{network}/{host}"
 
 
 def decode(payload: bytes, topic_name: str | None = None) -> Batch:

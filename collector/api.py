@@ -42,6 +42,20 @@ class RuleCreate(BaseModel):
     for_s: Annotated[float, Field(ge=0, le=86400)] = 0.0
 
 
+async def authorized(request: Request) -> None:
+    """Bearer token whose hash is one of the configured ones (compared in constant time)."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise ApiError(401, "unauthorized", "missing bearer token")
+    digest = tokens.hash_secret(token.strip())
+    if not any(hmac.compare_digest(digest, h) for h in request.app.state.token_hashes):
+        raise ApiError(401, "unauthorized", "invalid token")
+
+
+Auth = Annotated[None, Depends(authorized)]
+
+
 class RuleBook:
     """Alarm rules, kept in a JSON file in the collector's state dir."""
 
@@ -100,16 +114,7 @@ def create_app(
     async def bad_value(_: Request, exc: ValueError) -> JSONResponse:
         return _error(400, "invalid_request", str(exc))
 
-    async def authorized(request: Request) -> None:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise ApiError(401, "unauthorized", "missing bearer token")
-        digest = tokens.hash_secret(token.strip())
-        if not any(hmac.compare_digest(digest, h) for h in token_hashes):
-            raise ApiError(401, "unauthorized", "invalid token")
-
-    Auth = Annotated[None, Depends(authorized)]
+    app.state.token_hashes = token_hashes
 
     def _up(network: str, host: str, now: float) -> bool:
         ts, interval = ingest.last_seen.get((network, host), (0.0, 0.0))

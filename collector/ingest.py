@@ -9,6 +9,7 @@ dies mid-way gets its unacknowledged batches redelivered instead of losing them.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -17,12 +18,14 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from cladnet import metrics
 from cladnet.alarms import AlarmEngine, Event
 from cladnet.sequence import SequenceTracker, Verdict
 from collector.notify import Notifier
-from collector.store.base import MetricsStore
+from collector.storage import MetricsStore
 
 log = logging.getLogger("cladnet.collector")
 
@@ -34,6 +37,7 @@ class BrokerSettings:
     password: str | None = None
     group: str = "collectors"
     client_id: str = ""
+    session_expiry: int = 7 * 86400
 
 
 class Ingest:
@@ -57,10 +61,16 @@ class Ingest:
         self.connected = False
         self._pending: list[metrics.Sample] = []
         self._unacked: list[int] = []
+        # (network, host) → seqs stored (or found stored) since the last flush.
+        self._stored: dict[tuple[str, str], list[int]] = {}
 
     def _client(self) -> aiomqtt.Client:
         parts = urlsplit(self.broker.url)
         tls = parts.scheme == "mqtts"
+        # A persistent session under a stable id: while this collector is away the
+        # broker queues its share of the batches instead of dropping them.
+        session = Properties(PacketTypes.CONNECT)
+        session.SessionExpiryInterval = self.broker.session_expiry
         client = aiomqtt.Client(
             parts.hostname or "127.0.0.1",
             parts.port or (8883 if tls else 1883),
@@ -70,6 +80,8 @@ class Ingest:
             protocol=aiomqtt.ProtocolVersion.V5,
             tls_params=aiomqtt.TLSParameters() if tls else None,
             keepalive=30,
+            clean_start=False,
+            properties=session,
         )
         # aiomqtt has no switch for it; paho's manual acknowledgement lets the PUBACK
         # wait until the batch is stored.
@@ -85,8 +97,9 @@ class Ingest:
             log.warning("rejected a batch", extra={"topic": topic, "error": str(exc)})
             return []
         key = f"{batch.network}/{batch.host}"
+        self._stored.setdefault((batch.network, batch.host), []).append(batch.seq)
         if self.tracker.check(key, batch.seq, batch.ts) is Verdict.DUPLICATE:
-            self.counters["duplicates"] += 1
+            self.counters["duplicates"] += 1  # acknowledged again: the first ack was lost
             return []
         self.counters["batches"] += 1
         samples = batch.flat()
@@ -105,7 +118,12 @@ class Ingest:
         if client is not None:
             for mid in self._unacked:
                 client._client.ack(mid, 1)
+            # Tell each host what is safely stored, so it can drop it from its spool.
+            for (network, host), seqs in self._stored.items():
+                body = json.dumps({"seqs": seqs}).encode()
+                await client.publish(metrics.ack_topic(network, host), body, qos=1)
         self._unacked = []
+        self._stored = {}
 
     async def _notify(self, events: list[Event]) -> None:
         if events and self.notifier is not None:
@@ -116,7 +134,11 @@ class Ingest:
             self.connected = True
             self.counters["connects"] += 1
             topic = f"$share/{self.broker.group}/{metrics.TOPIC_ROOT}/#"
-            await client.subscribe(topic, qos=1)
+            granted = await client.subscribe(topic, qos=1)
+            codes = granted if isinstance(granted, list) else [granted]
+            if any(getattr(c, "is_failure", False) for c in codes):
+                # Not authorised to read metrics: say so loudly, keep retrying.
+                raise aiomqtt.MqttError(f"subscription to {topic} refused: {codes}")
             log.info("subscribed", extra={"topic": topic, "broker": self.broker.url})
             messages = client.messages
             deadline = time.monotonic() + self.flush_interval
@@ -151,7 +173,9 @@ class Ingest:
                 log.warning("broker connection lost", extra={"error": str(exc)})
             finally:
                 self.connected = False
-                self._unacked = []  # unacknowledged batches come back on reconnect
+                # Unacknowledged batches come back on reconnect (or are resent).
+                self._unacked = []
+                self._stored = {}
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, 30.0)
 

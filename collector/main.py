@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from cladnet.alarms import AlarmEngine
 from collector.api import RuleBook, create_app
 from collector.ingest import BrokerSettings, Ingest
 from collector.notify import Notifier, SmtpSettings
-from collector.store.base import MetricsStore
+from collector.storage import MetricsStore, SqliteStore
 
 log = logging.getLogger("cladnet.collector")
 
@@ -27,8 +28,6 @@ def open_store(spec: str, state_dir: Path, raw_retention: float) -> MetricsStore
     """``sqlite`` (in the state dir), ``sqlite:PATH`` or ``victoria:http://host:port``."""
     kind, _, where = spec.partition(":")
     if kind == "sqlite":
-        from collector.store.sqlite import SqliteStore
-
         return SqliteStore(
             Path(where) if where else state_dir / "metrics.db", raw_retention=raw_retention
         )
@@ -81,6 +80,15 @@ def _token_hashes() -> list[str]:
     return hashes
 
 
+def collector_id(state_dir: Path) -> str:
+    """A stable MQTT client id, kept in the state dir, so the broker keeps our session."""
+    path = state_dir / "client-id"
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"cladnet-collector-{secrets.token_hex(4)}\n")
+    return path.read_text().strip()
+
+
 def env_list(name: str) -> list[str]:
     return [v.strip() for v in os.environ.get(name, "").split(",") if v.strip()]
 
@@ -98,6 +106,7 @@ async def serve(args: argparse.Namespace) -> None:
         username=args.mqtt_user,
         password=os.environ.get("CLADNET_MQTT_PASSWORD") or None,
         group=args.group,
+        client_id=collector_id(args.state_dir),
     )
     ingest = Ingest(broker, store, engine, notifier)
     host, _, port = args.listen.rpartition(":")

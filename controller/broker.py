@@ -70,6 +70,7 @@ class BrokerAdmin:
         """(Re)create the host's broker user; returns what the agent needs to publish."""
         password = secrets.token_urlsafe(24)
         topic = metrics.topic(network, host)
+        acks = metrics.ack_topic(network, host)
         # Deleting first makes this idempotent (a re-join gets a fresh password).
         await self.run(
             [
@@ -88,7 +89,13 @@ class BrokerAdmin:
                             "topic": topic,
                             "priority": 10,
                             "allow": True,
-                        }
+                        },
+                        {
+                            "acltype": "subscribeLiteral",
+                            "topic": acks,
+                            "priority": 10,
+                            "allow": True,
+                        },
                     ],
                 },
                 {
@@ -107,6 +114,7 @@ class BrokerAdmin:
             "username": host_id,
             "password": password,
             "topic": topic,
+            "ack_topic": acks,
         }
 
     async def unregister(self, host_id: str) -> None:

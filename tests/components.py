@@ -232,6 +232,7 @@ class Mosquitto:
         conf = (REPO / "deploy" / "mosquitto" / "cladnet.conf").read_text()
         conf = conf.replace("listener 1883", f"listener {self.port} {self.host}")
         conf = conf.replace("/var/lib/mosquitto/dynamic-security.json", str(dynsec))
+        conf = conf.replace("/var/lib/mosquitto/", f"{self.data_dir}/")
         conf_path = self.data_dir / "mosquitto.conf"
         conf_path.write_text(f"user {os.environ.get('USER', 'root')}\n{conf}")
         self.log = self.data_dir / "mosquitto.log"

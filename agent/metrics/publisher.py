@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import random
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiomqtt
@@ -46,37 +50,91 @@ class Broker:
 
 
 class Publisher:
-    """Drains the spool to ``topic`` whenever woken; reconnects with capped backoff."""
+    """Drains the spool to ``topic``; reconnects with capped backoff.
 
-    def __init__(self, broker: Broker, identifier: str, topic: str, spool: Spool) -> None:
+    With ``ack_topic`` (end-to-end acknowledgement) a batch leaves the spool only when
+    a collector says it stored it; a broker's PUBACK is not enough, because a broker
+    restart can drop what it acknowledged (Mosquitto 2.0 does not restore shared
+    subscriptions from its persistence file). Unacknowledged batches are sent again
+    after ``resend_after`` seconds; the collector drops the duplicates.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        identifier: str,
+        topic: str,
+        spool: Spool,
+        ack_topic: str | None = None,
+        resend_after: float = 30.0,
+    ) -> None:
         self.broker, self.identifier, self.topic, self.spool = broker, identifier, topic, spool
+        self.ack_topic, self.resend_after = ack_topic, resend_after
         self.wake = asyncio.Event()
         self.connected = False
         self.sent = 0
+        self.resent = 0
         self.failures = 0
+        self._sent_at: dict[Path, float] = {}  # awaiting the collector's ack
+
+    def _due(self, now: float) -> list[tuple[Path, bytes]]:
+        due = []
+        for path, body in self.spool.pending(IN_FLIGHT * 4):
+            sent = self._sent_at.get(path)
+            if sent is None or now - sent >= self.resend_after:
+                due.append((path, body))
+                if sent is not None:
+                    self.resent += 1
+            if len(due) >= IN_FLIGHT:
+                break
+        return due
 
     async def _drain(self, client: aiomqtt.Client) -> None:
         while True:
-            chunk = self.spool.pending(IN_FLIGHT)
+            chunk = self._due(time.monotonic())
             if not chunk:
                 return
             # MQTT keeps QoS 1 messages of one session in order; waiting on a window
             # of them at once avoids one round trip per batch when draining a backlog.
             await asyncio.gather(*(client.publish(self.topic, body, qos=1) for _, body in chunk))
+            now = time.monotonic()
             for path, _ in chunk:
-                self.spool.done(path)
+                if self.ack_topic is None:
+                    self.spool.done(path)
+                else:
+                    self._sent_at[path] = now
             self.sent += len(chunk)
+
+    def _acknowledged(self, payload: bytes) -> None:
+        try:
+            seqs = [int(s) for s in json.loads(payload)["seqs"]]
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring a malformed metrics ack")
+            return
+        for seq in seqs:
+            path = self.spool.path_of(seq)
+            self._sent_at.pop(path, None)
+            self.spool.done(path)
+
+    async def _acks(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            self._acknowledged(bytes(message.payload))  # type: ignore[arg-type]
 
     async def run(self) -> None:
         delay = 0.5
         while True:
+            acks: asyncio.Task[None] | None = None
             try:
                 async with self.broker.client(self.identifier) as client:
                     self.connected, delay = True, 0.5
                     log.info("connected to the metrics broker", extra={"broker": self.broker.url})
+                    if self.ack_topic is not None:
+                        await client.subscribe(self.ack_topic, qos=1)
+                        acks = asyncio.create_task(self._acks(client))
                     while True:
                         await self._drain(client)
-                        await self.wake.wait()
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self.wake.wait(), self.resend_after / 2)
                         self.wake.clear()
             except aiomqtt.MqttError as exc:
                 self.failures += 1
@@ -86,5 +144,9 @@ class Publisher:
                 )
             finally:
                 self.connected = False
+                if acks is not None:
+                    acks.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                        await acks
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, 30.0)

@@ -45,6 +45,8 @@ class MetricsReporter:
         broker: Broker | None = None,
         status: StatusSink | None = None,
         server: MetricsServer | None = None,
+        ack_topic: str | None = None,
+        resend_after: float = 30.0,
         probe_interval: float = 10.0,
         status_every: float = 15.0,
         spool_limits: SpoolLimits | None = None,
@@ -58,7 +60,14 @@ class MetricsReporter:
         self.prober = LatencyProber(overlay_ip)
         self.rtt: dict[str, float | None] = {}
         self.publisher = (
-            Publisher(broker, f"cladnet-{host_id}", metrics.topic(network, host), self.spool)
+            Publisher(
+                broker,
+                f"cladnet-{host_id}",
+                metrics.topic(network, host),
+                self.spool,
+                ack_topic=ack_topic,
+                resend_after=resend_after,
+            )
             if broker is not None
             else None
         )

@@ -50,8 +50,11 @@ class Spool:
         self._write(self._seq_file, str(self._next_seq - 1).encode())
         return seq
 
+    def path_of(self, seq: int) -> Path:
+        return self.dir / f"{seq:020d}.batch"
+
     def append(self, seq: int, payload: bytes) -> None:
-        path = self.dir / f"{seq:020d}.batch"
+        path = self.path_of(seq)
         self._write(path, payload)
         self._files.append(path)
         self._bytes += len(payload)

@@ -19,6 +19,10 @@ case "${1:-}" in
     ctl=(mosquitto_ctrl -h "${2:?HOST}" -p "${3:?PORT}" -u admin -P "$CLADNET_MQTT_ADMIN_PASSWORD" dynsec)
     "${ctl[@]}" createRole cladnet-collector
     "${ctl[@]}" addRoleACL cladnet-collector subscribePattern 'cladnet/metrics/#' allow 5
+    # Mosquitto 2.0 checks a shared subscription against its full $share/... topic.
+    "${ctl[@]}" addRoleACL cladnet-collector subscribePattern '$share/+/cladnet/metrics/#' allow 5
+    # End-to-end acknowledgements back to each host (cladnet/acks/<network>/<host>).
+    "${ctl[@]}" addRoleACL cladnet-collector publishClientSend 'cladnet/acks/#' allow 5
     "${ctl[@]}" createClient cladnet-collector -p "$CLADNET_MQTT_PASSWORD"
     "${ctl[@]}" addClientRole cladnet-collector cladnet-collector 5
     ;;
