@@ -244,17 +244,14 @@ def test_underlay_address_change_recovers_without_restarts(mesh_controller, agen
     recovered = time.monotonic() - started
     print(f"recovered {recovered:.2f}s after the address change")
 
-    def vm2() -> dict:
+    def vm2_moved() -> dict | None:
         with mesh_controller.client() as admin:
             hosts = admin.get("/v1/networks/mesh/hosts").json()
-        return next(h for h in hosts if h["name"] == "vm2")
+        host = next(h for h in hosts if h["name"] == "vm2")
+        return host if f"{new}/24" in host["addresses"] else None
 
     # The controller's record follows (the last heartbeat may still be on its way).
-    host = wait_until(
-        lambda: (h := vm2()) if f"{new}/24" in h["addresses"] else None,
-        10,
-        what="the controller to see vm2's new address",
-    )
+    host = wait_until(vm2_moved, 10, what="the controller to see vm2's new address")
     assert host["public_address"] == new and host["public_address_changed_at"] is not None
 
 
