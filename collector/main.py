@@ -19,7 +19,7 @@ from cladnet.alarms import AlarmEngine
 from collector.api import RuleBook, create_app
 from collector.ingest import BrokerSettings, Ingest
 from collector.notify import Notifier, SmtpSettings
-from collector.storage import MetricsStore, SqliteStore
+from collector.storage import MetricsStore, SqliteStore, VictoriaStore
 
 log = logging.getLogger("cladnet.collector")
 
@@ -32,8 +32,6 @@ def open_store(spec: str, state_dir: Path, raw_retention: float) -> MetricsStore
             Path(where) if where else state_dir / "metrics.db", raw_retention=raw_retention
         )
     if kind == "victoria":
-        from collector.store.victoria import VictoriaStore
-
         return VictoriaStore(where)
     raise SystemExit(f"cladnet-collector: unknown --store {spec!r} (sqlite[:PATH] or victoria:URL)")
 

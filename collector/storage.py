@@ -232,3 +232,120 @@ class SqliteStore:
 
     async def close(self) -> None:
         await self._run(self._db.close)
+
+
+AGG_FUNCTIONS = {"avg": "avg_over_time", "min": "min_over_time", "max": "max_over_time",
+                 "last": "last_over_time"}  # fmt: skip
+
+
+def _selector(matchers: dict[str, str]) -> str:
+    def quote(v: str) -> str:
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+    return "{" + ",".join(f"{k}={quote(v)}" for k, v in sorted(matchers.items())) + "}"
+
+
+class VictoriaStore:
+    """VictoriaMetrics (a real server) for scale: writes through ``/api/v1/import``,
+    reads through its Prometheus query API. Retention is the server's
+    (``-retentionPeriod``); run it with ``-search.latencyOffset=1s`` for live views.
+    ``labels={}`` selects like ``None`` here: PromQL cannot say "no other labels".
+    """
+
+    def __init__(self, url: str, lookback: float = 600.0) -> None:
+        import httpx
+
+        self.url, self.lookback = url.rstrip("/"), lookback
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=30.0)
+
+    async def write(self, samples: Sequence[Sample]) -> None:
+        if not samples:
+            return
+        series: dict[tuple[Any, ...], tuple[list[float], list[int]]] = {}
+        for s in samples:
+            key = (s.network, s.host, s.name, s.labels)
+            values, stamps = series.setdefault(key, ([], []))
+            values.append(s.value)
+            stamps.append(int(s.ts * 1000))
+        lines = [
+            json.dumps(
+                {
+                    "metric": {"__name__": name, **dict(labels), "network": net, "host": host},
+                    "values": values,
+                    "timestamps": stamps,
+                }
+            )
+            for (net, host, name, labels), (values, stamps) in series.items()
+        ]
+        response = await self._http.post("/api/v1/import", content="\n".join(lines).encode())
+        response.raise_for_status()
+
+    async def _query(self, path: str, **params: Any) -> list[dict[str, Any]]:
+        response = await self._http.get(path, params=params)
+        response.raise_for_status()
+        body = response.json()
+        if body.get("status") != "success":
+            raise ValueError(f"VictoriaMetrics: {body.get('error', body)}")
+        return list(body["data"]["result"])
+
+    async def latest(self, network: str | None = None, host: str | None = None) -> list[Sample]:
+        matchers = {k: v for k, v in (("network", network), ("host", host)) if v is not None}
+        selector = _selector(matchers) if matchers else '{host!=""}'
+        rows = await self._query(
+            "/api/v1/query", query=f"last_over_time({selector}[{int(self.lookback)}s])"
+        )
+        out = []
+        for row in rows:
+            labels = dict(row["metric"])
+            name = labels.pop("__name__", "")
+            net, hst = labels.pop("network", ""), labels.pop("host", "")
+            ts, value = row["value"]
+            out.append(
+                Sample(net, hst, name, tuple(sorted(labels.items())), float(ts), float(value))
+            )
+        return out
+
+    async def series(
+        self,
+        host: str,
+        name: str,
+        labels: dict[str, str] | None,
+        start: float,
+        end: float,
+        step: float,
+        agg: str = "avg",
+    ) -> list[tuple[float, float]]:
+        _check_range(start, end, step, agg)
+        selector = _selector({"__name__": name, "host": host, **(labels or {})})
+        inner = f"{AGG_FUNCTIONS[agg]}({selector}[{int(max(step, 1))}s])"
+        combine = {"avg": "avg", "min": "min", "max": "max", "last": "max"}[agg]
+        rows = await self._query(
+            "/api/v1/query_range",
+            query=f"{combine}({inner})",
+            start=f"{start:.3f}",
+            end=f"{end:.3f}",
+            step=f"{int(max(step, 1))}s",
+        )
+        return [(float(t), float(v)) for t, v in rows[0]["values"]] if rows else []
+
+    async def aggregate(self, network: str, name: str, since: float) -> dict[str, Any]:
+        latest = [s for s in await self.latest(network=network) if s.name == name]
+        per_host: dict[str, list[float]] = {}
+        for s in latest:
+            if s.ts >= since and not s.labels:
+                per_host.setdefault(s.host, []).append(s.value)
+        values = [sum(v) / len(v) for v in per_host.values()]
+        if not values:
+            return {"hosts": 0, "avg": None, "max": None}
+        return {"hosts": len(values), "avg": sum(values) / len(values), "max": max(values)}
+
+    async def prune(self, now: float) -> None:
+        """Nothing to do: VictoriaMetrics applies its own ``-retentionPeriod``."""
+
+    async def flush(self) -> None:
+        """Make written samples searchable now (tests, and before a query right after write)."""
+        response = await self._http.get("/internal/force_flush")
+        response.raise_for_status()
+
+    async def close(self) -> None:
+        await self._http.aclose()

@@ -416,3 +416,44 @@ class EtcdCluster:
         for proc in self.procs.values():
             _stop(proc)
         self.procs.clear()
+
+
+@dataclass
+class Victoria:
+    """A real VictoriaMetrics (Debian ``victoria-metrics``) on a random loopback port."""
+
+    data_dir: Path
+    port: int
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        if shutil.which("victoria-metrics") is None:
+            raise RuntimeError("victoria-metrics is missing (Debian package): run deploy/setup.sh")
+        self.proc = subprocess.Popen(
+            [
+                "victoria-metrics",
+                f"-httpListenAddr=127.0.0.1:{self.port}",
+                f"-storageDataPath={self.data_dir}",
+                "-retentionPeriod=1d",
+                "-search.latencyOffset=0s",  # tests query what they just wrote
+                "-loggerLevel=ERROR",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=(self.data_dir.parent / "victoria.log").open("ab"),
+        )
+        wait_until(self.healthy, 20, what="VictoriaMetrics")
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+            self.proc = None

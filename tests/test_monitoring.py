@@ -25,6 +25,7 @@ from tests.components import (
     Collector,
     Controller,
     Mosquitto,
+    Victoria,
     free_port,
 )
 from tests.test_controller_api import join, make_network, make_token
@@ -464,3 +465,30 @@ async def test_the_agent_serves_prometheus_text(tmp_path: Path) -> None:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     assert len(reporter.spool) == 0  # no broker: nothing is buffered for nobody
+
+
+async def test_the_collector_stores_in_victoriametrics(
+    metrics_controller: Controller, mosquitto: Mosquitto, make_collector, tmp_path: Path
+) -> None:
+    vm = Victoria(tmp_path / "vm", free_port())
+    vm.start()
+    try:
+        with metrics_controller.client() as admin:
+            make_network(admin, "mon", cidr="10.227.0.0/24")
+        _, creds = _host_credentials(metrics_controller, "mon", "vm1")
+        collector = make_collector(store=f"victoria:{vm.url}")
+        now = time.time()
+        for seq in range(3):
+            b = Batch(network="mon", host="vm1", seq=seq, ts=now - 3 + seq, interval=1.0)
+            b.add("load1", float(seq))
+            await _publish(mosquitto, creds, creds["topic"], b.encode())
+
+        def stored() -> float | None:
+            httpx.get(f"{vm.url}/internal/force_flush", timeout=5)
+            with collector.client() as c:
+                hosts = c.get("/v1/metrics/latest", params={"network": "mon"}).json()["hosts"]
+            return hosts.get("vm1", {}).get("metrics", {}).get("load1")
+
+        assert await _until(lambda: stored() == 2.0, what="the newest value from VictoriaMetrics")
+    finally:
+        vm.stop()
