@@ -11,6 +11,7 @@ import pytest
 from tests.components import (
     ADMIN_TOKEN,
     MQTT_ADMIN_PASSWORD,
+    Collector,
     Controller,
     Etcd,
     Mosquitto,
@@ -88,3 +89,24 @@ def controller(make_controller) -> Controller:
 def admin(controller: Controller) -> Iterator[httpx.Client]:
     with controller.client() as c:
         yield c
+
+
+@pytest.fixture
+def make_collector(mosquitto: Mosquitto, tmp_path: Path) -> Iterator:
+    started: list[Collector] = []
+
+    def make(*extra: str, store: str = "sqlite") -> Collector:
+        c = Collector(
+            mosquitto,
+            tmp_path / f"collector-{len(started)}",
+            free_port(),
+            store=store,
+            extra_args=list(extra),
+        )
+        started.append(c)
+        c.start()
+        return c
+
+    yield make
+    for c in started:
+        c.stop()

@@ -1,5 +1,5 @@
-"""Schemathesis against the controller's OpenAPI: no 5xx for any generated request, and
-every 4xx carries a JSON body with an error code and a message."""
+"""Schemathesis against the controller's and the collector's OpenAPI: no 5xx for any
+generated request, and every 4xx carries a JSON body with an error code and a message."""
 
 from __future__ import annotations
 
@@ -12,10 +12,8 @@ from tests.components import ADMIN_TOKEN, Controller
 SKIP = {("GET", "/v1/networks/{ref}/peers")}
 
 
-def test_the_api_never_fails_on_generated_input(controller: Controller) -> None:
-    with controller.client() as admin:  # something to find, so paths with ids are exercised
-        admin.post("/v1/networks", json={"name": "fuzz", "cidr": "10.250.0.0/24"})
-    schema = schemathesis.openapi.from_url(f"{controller.url}/openapi.json")
+def _fuzz(url: str, token: str) -> None:
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
     checked, calls = 0, []
     for result in schema.get_all_operations():
         operation = result.ok()
@@ -25,7 +23,7 @@ def test_the_api_never_fails_on_generated_input(controller: Controller) -> None:
         @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
         @given(case=operation.as_strategy())
         def exercise(case) -> None:  # type: ignore[no-untyped-def]
-            response = case.call(headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10)
+            response = case.call(headers={"Authorization": f"Bearer {token}"}, timeout=10)
             calls.append(response.status_code)
             where = (case.method, case.formatted_path)
             assert response.status_code < 500, (where, response.text[:300])
@@ -36,5 +34,16 @@ def test_the_api_never_fails_on_generated_input(controller: Controller) -> None:
 
         exercise()
         checked += 1
-    assert checked >= 20 and len(calls) > 100  # every route, many inputs
+    assert checked >= 5 and len(calls) > 10 * checked // 2  # every route, many inputs
     assert any(400 <= c < 500 for c in calls) and any(c < 300 for c in calls)
+
+
+def test_the_controller_never_fails_on_generated_input(controller: Controller) -> None:
+    with controller.client() as admin:  # something to find, so paths with ids are exercised
+        admin.post("/v1/networks", json={"name": "fuzz", "cidr": "10.250.0.0/24"})
+    _fuzz(controller.url, ADMIN_TOKEN)
+
+
+def test_the_collector_never_fails_on_generated_input(make_collector) -> None:
+    collector = make_collector()
+    _fuzz(collector.url, collector.token)

@@ -136,27 +136,6 @@ def test_without_a_broker_metrics_are_reported_as_disabled(controller: Controlle
 # --- the pipeline: agent reporter → broker → collector → API ------------------------------
 
 
-@pytest.fixture
-def make_collector(mosquitto: Mosquitto, tmp_path: Path) -> Iterator:
-    started: list[Collector] = []
-
-    def make(*extra: str, store: str = "sqlite") -> Collector:
-        c = Collector(
-            mosquitto,
-            tmp_path / f"collector-{len(started)}",
-            free_port(),
-            store=store,
-            extra_args=list(extra),
-        )
-        started.append(c)
-        c.start()
-        return c
-
-    yield make
-    for c in started:
-        c.stop()
-
-
 def _reporter(creds: dict, host: dict, spool: Path, **kw) -> MetricsReporter:
     return MetricsReporter(
         network="mon",
