@@ -341,13 +341,20 @@ def test_agents_push_host_and_overlay_metrics(lab, etcd, agents, tmp_path: Path)
         assert stats["counters"].get("rejected", 0) == 0
 
         # The controller gets the per-peer health too (what `cladnet status` shows).
+        # (Reports go out every 15 s; the first may predate the handshakes.)
         def reported() -> list | None:
             with ctl.client() as admin:
                 hs = admin.get("/v1/networks/mesh/hosts").json()
-            return hs if all(h["status"] and len(h["status"]["peers"]) == 2 for h in hs) else None
+            complete = all(
+                h["status"]
+                and len(h["status"]["peers"]) == 2
+                and all(p["handshake_age_s"] is not None for p in h["status"]["peers"])
+                for h in hs
+            )
+            return hs if complete else None
 
-        for h in wait_until(reported, 40, what="status reports"):
-            assert all(p["handshake_age_s"] is not None for p in h["status"]["peers"])
+        for h in wait_until(reported, 45, what="status reports with handshakes"):
+            assert all(p["latency_ms"] is None or p["latency_ms"] > 0 for p in h["status"]["peers"])
     finally:
         collector.stop()
         ctl.stop()
