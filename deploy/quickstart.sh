@@ -26,7 +26,41 @@ etcd --name cl-demo --data-dir "$STATE/etcd" \
   --log-level warn --logger zap 2>"$STATE/etcd.log" &
 pids+=($!)
 
+MQTT_PORT="${MQTT_PORT:-18830}"
+COLLECTOR_PORT="${COLLECTOR_PORT:-8471}"
+SECRETS="$STATE/secrets.env"
+if [ ! -f "$SECRETS" ]; then
+  umask 077
+  printf 'CLADNET_MQTT_ADMIN_PASSWORD=%s\nCLADNET_MQTT_PASSWORD=%s\nCLADNET_COLLECTOR_TOKEN=%s\n' \
+    "$(head -c 18 /dev/urandom | base64)" "$(head -c 18 /dev/urandom | base64)" \
+    "$(head -c 18 /dev/urandom | base64)" > "$SECRETS"
+  umask 022
+fi
+set -a; . "$SECRETS"; set +a
+
+echo "==> Mosquitto on 127.0.0.1:$MQTT_PORT (dynamic security, per-host users)"
+mkdir -p "$STATE/mosquitto"
+[ -f "$STATE/mosquitto/dynamic-security.json" ] || \
+  bash deploy/mosquitto/init-dynsec.sh init "$STATE/mosquitto/dynamic-security.json"
+sed -e "s|^listener 1883|listener $MQTT_PORT 127.0.0.1|" \
+    -e "s|/var/lib/mosquitto/dynamic-security.json|$STATE/mosquitto/dynamic-security.json|" \
+    -e "s|/var/lib/mosquitto/|$STATE/mosquitto/|" deploy/mosquitto/cladnet.conf \
+  | { echo "user $(id -un)"; cat; } > "$STATE/mosquitto/mosquitto.conf"
+mosquitto -c "$STATE/mosquitto/mosquitto.conf" 2>"$STATE/mosquitto.log" &
+pids+=($!)
+for _ in $(seq 50); do (echo > /dev/tcp/127.0.0.1/$MQTT_PORT) 2>/dev/null && break; sleep 0.1; done
+if [ ! -f "$STATE/mosquitto/.collector" ]; then
+  bash deploy/mosquitto/init-dynsec.sh collector 127.0.0.1 "$MQTT_PORT" >/dev/null 2>&1 || true
+  touch "$STATE/mosquitto/.collector"
+fi
+
+echo "==> collector on http://127.0.0.1:$COLLECTOR_PORT (SQLite in $STATE/collector)"
+"$VENV/bin/cladnet-collector" --mqtt-url "mqtt://127.0.0.1:$MQTT_PORT" --mqtt-user cladnet-collector \
+  --listen "127.0.0.1:$COLLECTOR_PORT" --state-dir "$STATE/collector" 2>"$STATE/collector.log" &
+pids+=($!)
+
 echo "==> controller on $API (log in $STATE/controller.log)"
+CLADNET_MQTT_URL="mqtt://127.0.0.1:$MQTT_PORT" CLADNET_COLLECTOR_URL="http://127.0.0.1:$COLLECTOR_PORT" \
 "$VENV/bin/cladnet-controller" --etcd "http://127.0.0.1:$ETCD_PORT" --listen "127.0.0.1:$API_PORT" \
   --state-dir "$STATE/controller" 2>"$STATE/controller.log" &
 pids+=($!)
@@ -57,6 +91,13 @@ curl -fs -X POST "$API/v1/join" -H 'Content-Type: application/json' \
 
 echo "==> peers of 'demo'"
 curl -fs "${AUTH[@]}" "$API/v1/networks/demo/peers" | "$VENV/bin/python" -m json.tool
+
+echo "==> the fake agent's broker user (it may publish only to its own topic)"
+CRED="$(curl -fs -X POST "$API/v1/join" -H 'Content-Type: application/json' \
+  -d "{\"token\":\"$JOIN\",\"hostname\":\"fake-vm-$$\",\"public_key\":\"$PUB\"}" \
+  | "$VENV/bin/python" -c 'import json,sys; d=json.load(sys.stdin); print(d["host_id"], d["credential"])')"
+curl -fs -X POST -H "Authorization: Bearer ${CRED#* }" "$API/v1/hosts/${CRED%% *}/metrics-credentials" \
+  | "$VENV/bin/python" -c 'import json,sys; d=json.load(sys.stdin); print("  ", d["broker"], "user", d["username"], "topic", d["topic"])'
 
 if [ "${1:-}" = "--exit" ]; then exit 0; fi
 echo "==> running. Try:  curl -N -H 'Authorization: Bearer $TOKEN' '$API/v1/networks/demo/peers?watch=true'"
