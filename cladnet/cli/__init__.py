@@ -1,0 +1,426 @@
+"""``cladnet``: the operator's CLI over the controller and collector HTTP APIs.
+
+Every command takes ``--json`` (a stable schema: the API's own objects, or the
+documented shape of ``status``), exits non-zero on failure, and reports connection,
+auth and API errors as one line on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cladnet import __version__
+from cladnet.cli import config
+from cladnet.cli.client import Api, CliError
+from cladnet.cli.status import summary
+
+app = typer.Typer(
+    help="CLADNet: one encrypted private network across clouds.", no_args_is_help=True
+)
+net_app = typer.Typer(help="Networks (CLADNets).", no_args_is_help=True)
+token_app = typer.Typer(help="Join tokens of a network.", no_args_is_help=True)
+hosts_app = typer.Typer(help="Hosts (agents) of a network.", no_args_is_help=True)
+metrics_app = typer.Typer(help="Metrics from the collector.", no_args_is_help=True)
+alarms_app = typer.Typer(help="Alarm rules and firing alarms (collector).", no_args_is_help=True)
+for sub, name in ((net_app, "net"), (token_app, "token"), (hosts_app, "hosts"),
+                  (metrics_app, "metrics"), (alarms_app, "alarms")):  # fmt: skip
+    app.add_typer(sub, name=name)
+
+out = Console()
+State: dict[str, Any] = {"context": None}
+Json = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+
+
+@app.callback()
+def _global(
+    context: Annotated[str | None, typer.Option(help="use this context from the config")] = None,
+) -> None:
+    State["context"] = context
+
+
+def controller() -> Api:
+    ctx = config.resolve(State["context"])
+    return Api(ctx.controller, ctx.token, "controller")
+
+
+def collector() -> Api:
+    ctx = config.resolve(State["context"])
+    return Api(ctx.collector, ctx.token, "collector")
+
+
+def emit(data: Any, as_json: bool, table: Table | None = None) -> None:
+    if as_json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    elif table is not None:
+        out.print(table)
+
+
+def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*["" if v is None else str(v) for v in r])
+    return t
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m"
+
+
+# --- login / version -------------------------------------------------------------------
+
+
+@app.command()
+def login(
+    url: str,
+    token: Annotated[str, typer.Option(help="an admin or viewer token")],
+    collector_url: Annotated[str | None, typer.Option("--collector")] = None,
+    name: Annotated[str, typer.Option("--name", help="context name")] = "default",
+) -> None:
+    """Check the token against the controller and save a context (0600)."""
+    Api(url, token).get("/v1/networks")
+    data = config.load()
+    data["contexts"][name] = {"controller": url, "collector": collector_url, "token": token}
+    data["current"] = name
+    path = config.save(data)
+    out.print(f"logged in to {url} as context [bold]{name}[/] ({path})")
+
+
+@app.command()
+def version(as_json: Json = False) -> None:
+    """The CLI's version (and the controller's, if reachable)."""
+    info: dict[str, Any] = {"cli": __version__}
+    try:
+        info["controller"] = controller().get("/healthz").get("version")
+    except CliError:
+        info["controller"] = None
+    if as_json:
+        emit(info, True)
+    else:
+        out.print(f"cladnet {info['cli']} (controller: {info['controller'] or 'unreachable'})")
+
+
+# --- networks ----------------------------------------------------------------------------
+
+
+@net_app.command("create")
+def net_create(
+    name: str,
+    cidr: Annotated[str | None, typer.Option(help="default: the recommended free space")] = None,
+    hosts: Annotated[int | None, typer.Option(help="expected hosts")] = None,
+    mtu: int | None = None,
+    listen_port: int | None = None,
+    keepalive: int | None = None,
+    as_json: Json = False,
+) -> None:
+    """Create a network."""
+    body = {"name": name, "cidr": cidr, "expected_hosts": hosts, "mtu": mtu,
+            "listen_port": listen_port, "keepalive": keepalive}  # fmt: skip
+    net = controller().call("POST", "/v1/networks", json={k: v for k, v in body.items() if v})
+    if as_json:
+        emit(net, True)
+    else:
+        out.print(f"created {net['name']} ({net['id']}) with {net['cidr']}")
+
+
+@net_app.command("list")
+def net_list(as_json: Json = False) -> None:
+    """All networks."""
+    nets = controller().get("/v1/networks")
+    rows = [[n["name"], n["id"], n["cidr"], n["mtu"], n["listen_port"]] for n in nets]
+    emit(nets, as_json, _table("networks", ["NAME", "ID", "CIDR", "MTU", "PORT"], rows))
+
+
+@net_app.command("show")
+def net_show(network: str, as_json: Json = False) -> None:
+    """One network and its hosts."""
+    api = controller()
+    net = api.get(f"/v1/networks/{network}")
+    hosts = api.get(f"/v1/networks/{network}/hosts")
+    if as_json:
+        emit({"network": net, "hosts": hosts}, True)
+        return
+    out.print(f"[bold]{net['name']}[/] {net['id']} {net['cidr']} mtu {net['mtu']}")
+    _print_hosts(hosts)
+
+
+@net_app.command("delete")
+def net_delete(
+    network: str,
+    force: Annotated[bool, typer.Option(help="also when hosts are still in it")] = False,
+    as_json: Json = False,
+) -> None:
+    """Delete a network."""
+    net = controller().call("DELETE", f"/v1/networks/{network}", params={"force": force})
+    if as_json:
+        emit(net, True)
+    else:
+        out.print(f"deleted {net['name']}")
+
+
+@app.command("address-spaces")
+def address_spaces(
+    hosts: Annotated[int, typer.Option(help="size the recommendation for N hosts")] = 100,
+    as_json: Json = False,
+) -> None:
+    """Free private address space and the recommended prefix."""
+    spaces = controller().get("/v1/address-spaces", hosts=hosts)
+    rows = [[b["block"], b["free_addresses"], ", ".join(b["free"][:6])] for b in spaces["blocks"]]
+    if not as_json:
+        out.print(f"recommended for {hosts} hosts: [bold]{spaces['recommended']}[/]")
+    emit(spaces, as_json, _table("free space", ["BLOCK", "FREE ADDRESSES", "LARGEST"], rows))
+
+
+# --- tokens ------------------------------------------------------------------------------
+
+
+@token_app.command("create")
+def token_create(
+    network: str,
+    ttl: Annotated[int, typer.Option(help="seconds")] = 86400,
+    max_uses: int | None = None,
+    as_json: Json = False,
+) -> None:
+    """A join token (shown once)."""
+    body: dict[str, Any] = {"ttl_seconds": ttl}
+    if max_uses:
+        body["max_uses"] = max_uses
+    tok = controller().call("POST", f"/v1/networks/{network}/tokens", json=body)
+    if as_json:
+        emit(tok, True)
+        return
+    out.print(f"token (shown once): [bold]{tok['token']}[/]")
+    extra = f" --ca-hash {tok['ca_cert_hash']}" if tok.get("ca_cert_hash") else ""
+    out.print(f"join with: cladnet-agent join --controller URL --token {tok['token']}{extra}")
+
+
+@token_app.command("list")
+def token_list(network: str, as_json: Json = False) -> None:
+    """Join tokens of a network (never their secrets)."""
+    toks = controller().get(f"/v1/networks/{network}/tokens")
+    expires = [time.strftime("%Y-%m-%d %H:%M", time.localtime(t["expires_at"])) for t in toks]
+    rows = [
+        [t["id"], t["uses"], t.get("max_uses") or "-", e]
+        for t, e in zip(toks, expires, strict=True)
+    ]
+    emit(toks, as_json, _table(f"tokens of {network}", ["ID", "USES", "MAX", "EXPIRES"], rows))
+
+
+@token_app.command("revoke")
+def token_revoke(network: str, token_id: str) -> None:
+    """Revoke a join token."""
+    controller().call("DELETE", f"/v1/networks/{network}/tokens/{token_id}")
+    out.print(f"revoked {token_id}")
+
+
+# --- hosts and status --------------------------------------------------------------------
+
+
+def _print_hosts(hosts: list[dict[str, Any]]) -> None:
+    now = time.time()
+    rows = [
+        [h["name"], h["id"], h["overlay_ip"], h.get("public_address"),
+         ",".join(f"{k}={v}" for k, v in sorted(h.get("labels", {}).items())),
+         _age(now - h["last_seen"]) if h.get("last_seen") else "never"]
+        for h in hosts
+    ]  # fmt: skip
+    out.print(_table("hosts", ["NAME", "ID", "OVERLAY", "PUBLIC", "LABELS", "SEEN"], rows))
+
+
+@hosts_app.command("list")
+def hosts_list(network: str, as_json: Json = False) -> None:
+    """Hosts of a network."""
+    hosts = controller().get(f"/v1/networks/{network}/hosts")
+    if as_json:
+        emit(hosts, True)
+    else:
+        _print_hosts(hosts)
+
+
+@hosts_app.command("show")
+def hosts_show(host_id: str, as_json: Json = False) -> None:
+    """One host, with what it reports about its peers."""
+    host = controller().get(f"/v1/hosts/{host_id}")
+    if as_json:
+        emit(host, True)
+        return
+    for key in ("name", "id", "overlay_ip", "public_address", "addresses", "labels"):
+        out.print(f"{key:15} {host.get(key)}")
+
+
+@app.command()
+def peers(host_id: str, as_json: Json = False) -> None:
+    """A host's peers: handshake age and latency as that host reports them."""
+    api = controller()
+    host = api.get(f"/v1/hosts/{host_id}")
+    others = {h["id"]: h for h in api.get(f"/v1/networks/{host['network_id']}/hosts")}
+    reported = (host.get("status") or {}).get("peers") or []
+    data = [
+        {**p, "name": others.get(p["peer_id"], {}).get("name"),
+         "endpoint": others.get(p["peer_id"], {}).get("public_address")}
+        for p in reported
+    ]  # fmt: skip
+    rows = [[d["name"], d["endpoint"], _age(d["handshake_age_s"]), d["latency_ms"]] for d in data]
+    emit(data, as_json, _table(f"peers of {host['name']}", ["PEER", "PUBLIC", "HANDSHAKE",
+                                                            "RTT MS"], rows))  # fmt: skip
+
+
+def _status_views(network: str | None) -> list[dict[str, Any]]:
+    api = controller()
+    nets = [api.get(f"/v1/networks/{network}")] if network else api.get("/v1/networks")
+    now = time.time()
+    return [summary(n, api.get(f"/v1/networks/{n['id']}/hosts"), now) for n in nets]
+
+
+def _render_status(views: list[dict[str, Any]]) -> Table:
+    t = Table(title="CLADNet status")
+    for c in ("NETWORK", "UP", "DOWN", "BROKEN PAIRS", "WORST PAIRS", "MOVED"):
+        t.add_column(c)
+    for v in views:
+        worst = [
+            f"{p['from']}→{p['to']} {p['state']}"
+            + (f" {p['latency_ms']:.1f}ms" if p["latency_ms"] is not None else "")
+            for p in v["pairs"][:3]
+        ]
+        t.add_row(
+            ("[green]" if v["healthy"] else "[red]") + v["network"],
+            str(len(v["hosts_up"])),
+            ", ".join(v["hosts_down"]) or "-",
+            str(v["broken_pairs"]),
+            "\n".join(worst) or "-",
+            ", ".join(v["endpoint_changed"]) or "-",
+        )
+    return t
+
+
+@app.command()
+def status(
+    network: Annotated[str | None, typer.Argument()] = None,
+    watch: Annotated[bool, typer.Option(help="refresh in place")] = False,
+    interval: float = 2.0,
+    as_json: Json = False,
+) -> None:
+    """Is my overlay healthy? Hosts up/down, broken pairs first, moved endpoints."""
+    if watch and not as_json:
+        from rich.live import Live
+
+        with Live(_render_status(_status_views(network)), console=out) as live:
+            while True:
+                time.sleep(interval)
+                live.update(_render_status(_status_views(network)))
+    views = _status_views(network)
+    emit(views, as_json, _render_status(views))
+    if not all(v["healthy"] for v in views):
+        raise typer.Exit(3)  # scripts can tell "unhealthy" (3) from "failed" (1)
+
+
+# --- metrics and alarms (collector) -------------------------------------------------------
+
+
+def _seconds(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except (ValueError, IndexError):
+        raise CliError(f"not a duration: {text!r} (e.g. 90s, 10m, 2h)") from None
+
+
+@metrics_app.command("top")
+def metrics_top(
+    network: Annotated[str | None, typer.Argument()] = None, as_json: Json = False
+) -> None:
+    """Latest CPU, memory and load per host."""
+    data = collector().get("/v1/metrics/latest", network=network)["hosts"]
+    rows = [[h, d["network"], "up" if d["up"] else "DOWN", d["metrics"].get("cpu_percent"),
+             d["metrics"].get("mem_percent"), d["metrics"].get("load1")]
+            for h, d in sorted(data.items())]  # fmt: skip
+    emit(data, as_json, _table("hosts", ["HOST", "NETWORK", "STATE", "CPU %", "MEM %", "LOAD"],
+                               rows))  # fmt: skip
+
+
+@metrics_app.command("show")
+def metrics_show(
+    host: str, metric: str, since: str = "10m", step: str = "10s", as_json: Json = False
+) -> None:
+    """One metric of one host over time."""
+    data = collector().get("/v1/metrics/series", host=host, metric=metric,
+                           since=_seconds(since), step=_seconds(step))  # fmt: skip
+    rows = [[time.strftime("%H:%M:%S", time.localtime(t)), f"{v:g}"] for t, v in data["points"]]
+    emit(data, as_json, _table(f"{metric} on {host}", ["TIME", "VALUE"], rows))
+
+
+@alarms_app.command("list")
+def alarms_list(as_json: Json = False) -> None:
+    """Rules and the alarms firing now."""
+    api = collector()
+    data = {"rules": api.get("/v1/alarms/rules")["rules"], **api.get("/v1/alarms")}
+    if as_json:
+        emit(data, True)
+        return
+    rules = [[r["id"], r["name"], _rule_text(r), f"{r['for_s']:g}s"] for r in data["rules"]]
+    out.print(_table("rules", ["ID", "NAME", "RULE", "FOR"], rules))
+    firing = [[a["rule_name"], a["host"], a["series"], a["value"]] for a in data["alarms"]]
+    out.print(_table("firing", ["RULE", "HOST", "SERIES", "VALUE"], firing))
+
+
+def _rule_text(r: dict[str, Any]) -> str:
+    where = f"{r['network']}/{r.get('host') or '*'}"
+    return f"{r['metric']} {r['op']} {r['threshold']:g} on {where}"
+
+
+@alarms_app.command("create")
+def alarms_create(
+    name: str,
+    metric: str,
+    op: str,
+    threshold: float,
+    network: Annotated[str, typer.Option()],
+    host: str | None = None,
+    for_: Annotated[str, typer.Option("--for")] = "0s",
+    as_json: Json = False,
+) -> None:
+    """An alarm rule: ``cladnet alarms create hot cpu_percent '>' 90 --network prod --for 1m``."""
+    body = {"name": name, "metric": metric, "op": op, "threshold": threshold, "network": network,
+            "host": host, "for_s": _seconds(for_)}  # fmt: skip
+    rule = collector().call("POST", "/v1/alarms/rules", json=body)
+    if as_json:
+        emit(rule, True)
+    else:
+        out.print(f"created rule {rule['id']}")
+
+
+@alarms_app.command("delete")
+def alarms_delete(rule_id: str) -> None:
+    """Delete an alarm rule."""
+    collector().call("DELETE", f"/v1/alarms/rules/{rule_id}")
+    out.print(f"deleted {rule_id}")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except CliError as exc:
+        print(f"cladnet: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        sys.exit(130)
+    except Exception as exc:  # click usage errors and the like: one line
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        print(f"cladnet: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,3 @@
+from cladnet.cli import main
+
+main()

@@ -1,0 +1,81 @@
+"""CLI contexts, like kubectl's: ``~/.config/cladnet/config.toml`` (0600).
+
+    current = "prod"
+    [contexts.prod]
+    controller = "https://ctl:8470"
+    collector = "http://col:8471"
+    token = "cla_…"
+
+Environment variables win: CLADNET_CONTROLLER, CLADNET_COLLECTOR, CLADNET_TOKEN,
+CLADNET_CONTEXT (which context to use).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def config_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "cladnet" / "config.toml"
+
+
+@dataclass
+class Context:
+    name: str
+    controller: str | None = None
+    collector: str | None = None
+    token: str | None = None
+
+
+def load() -> dict:
+    path = config_path()
+    if not path.exists():
+        return {"current": None, "contexts": {}}
+    with path.open("rb") as f:
+        data = tomllib.load(f)
+    data.setdefault("contexts", {})
+    data.setdefault("current", None)
+    return data
+
+
+def _toml_str(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+def save(data: dict) -> Path:
+    """Write the config (mode 0600, created so)."""
+    path = config_path()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lines = []
+    if data.get("current"):
+        lines.append(f"current = {_toml_str(data['current'])}")
+    for name, ctx in sorted(data["contexts"].items()):
+        lines.append(f"\n[contexts.{_toml_str(name)}]")
+        for key in ("controller", "collector", "token"):
+            if ctx.get(key):
+                lines.append(f"{key} = {_toml_str(ctx[key])}")
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def resolve(name: str | None = None) -> Context:
+    """The context to use: ``name`` / CLADNET_CONTEXT / current, then env overrides."""
+    data = load()
+    name = name or os.environ.get("CLADNET_CONTEXT") or data.get("current") or "default"
+    stored = data["contexts"].get(name, {})
+    env = os.environ
+    return Context(
+        name=name,
+        controller=env.get("CLADNET_CONTROLLER") or stored.get("controller"),
+        collector=env.get("CLADNET_COLLECTOR") or stored.get("collector"),
+        token=env.get("CLADNET_TOKEN") or stored.get("token"),
+    )

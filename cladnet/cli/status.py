@@ -1,0 +1,72 @@
+"""Is my overlay healthy? Pure functions over the controller's host list (no I/O)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+DOWN_AFTER = 30.0  # 3 heartbeats
+BROKEN_AFTER = 180.0  # a WireGuard session rekeys every 2 min: 3 min without = broken
+MOVED_WITHIN = 600.0
+
+
+def host_up(host: dict[str, Any], now: float) -> bool:
+    return bool(host.get("last_seen")) and now - float(host["last_seen"]) <= DOWN_AFTER
+
+
+def pairs(hosts: list[dict[str, Any]], now: float) -> list[dict[str, Any]]:
+    """One row per ordered pair (reporter → peer), worst first.
+
+    ``state``: ``ok``, ``broken`` (no handshake within 3 min, or none at all while
+    both are up), ``down`` (one of the two is down), ``unknown`` (no report yet).
+    """
+    by_id = {h["id"]: h for h in hosts}
+    rows = []
+    for h in hosts:
+        reported = {p["peer_id"]: p for p in ((h.get("status") or {}).get("peers") or [])}
+        for other in hosts:
+            if other["id"] == h["id"]:
+                continue
+            p = reported.get(other["id"])
+            both_up = host_up(h, now) and host_up(by_id[other["id"]], now)
+            age = p.get("handshake_age_s") if p else None
+            if not both_up:
+                state = "down"
+            elif p is None:
+                state = "unknown"
+            elif age is None or age > BROKEN_AFTER:
+                state = "broken"
+            else:
+                state = "ok"
+            rows.append(
+                {
+                    "from": h["name"],
+                    "to": other["name"],
+                    "state": state,
+                    "handshake_age_s": age,
+                    "latency_ms": p.get("latency_ms") if p else None,
+                }
+            )
+    rank = {"broken": 0, "down": 1, "unknown": 2, "ok": 3}
+    return sorted(
+        rows, key=lambda r: (rank[r["state"]], -(r["latency_ms"] or 0), r["from"], r["to"])
+    )
+
+
+def summary(network: dict[str, Any], hosts: list[dict[str, Any]], now: float) -> dict[str, Any]:
+    """The ``cladnet status`` view of one network (also its ``--json`` schema)."""
+    rows = pairs(hosts, now)
+    return {
+        "network": network["name"],
+        "cidr": network["cidr"],
+        "hosts_up": sorted(h["name"] for h in hosts if host_up(h, now)),
+        "hosts_down": sorted(h["name"] for h in hosts if not host_up(h, now)),
+        "endpoint_changed": sorted(
+            h["name"]
+            for h in hosts
+            if h.get("public_address_changed_at")
+            and now - float(h["public_address_changed_at"]) <= MOVED_WITHIN
+        ),
+        "pairs": rows,
+        "broken_pairs": sum(r["state"] == "broken" for r in rows),
+        "healthy": all(r["state"] == "ok" for r in rows) and all(host_up(h, now) for h in hosts),
+    }
