@@ -131,8 +131,10 @@ def test_errors_are_one_line_with_a_nonzero_exit(tmp_path: Path, controller: Con
     env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path)}
 
     def run(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "cladnet.cli", *args], cwd=REPO,
-                              env={**env, **extra}, capture_output=True, text=True, timeout=60)  # fmt: skip
+        command = [sys.executable, "-m", "cladnet.cli", *args]
+        return subprocess.run(
+            command, cwd=REPO, env={**env, **extra}, capture_output=True, text=True, timeout=60
+        )
 
     dead = run("net", "list", CLADNET_CONTROLLER=f"http://127.0.0.1:{free_port()}")
     assert dead.returncode == 1 and dead.stderr.startswith("cladnet: cannot reach controller")
