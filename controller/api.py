@@ -49,6 +49,7 @@ from controller.etcd import Etcd, parse_endpoints
 from controller.leader import Leadership
 from controller.store import Store
 from controller.telemetry import API_ERRORS, HTTP_LATENCY, HTTP_REQUESTS, JOINS, REGISTRY
+from controller.ui import mount_ui
 from controller.watch import WatchGone, WatchHubs
 
 log = logging.getLogger("cladnet.controller.api")
@@ -261,6 +262,7 @@ def create_app(settings: Settings) -> FastAPI:
             return _error(503, "etcd_unavailable", "the controller cannot reach etcd")
 
     app.add_middleware(Observe)
+    mount_ui(app, settings.collector_url)
 
     # --- health ------------------------------------------------------------------------
 

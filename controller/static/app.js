@@ -1,0 +1,170 @@
+// CLADNet dashboard: vanilla JS + SVG, talking to the controller (same origin) and,
+// if configured, the collector. Health rules are the CLI's (cladnet/cli/status.py).
+"use strict";
+
+const DOWN_AFTER = 30, BROKEN_AFTER = 180, SVG = "http://www.w3.org/2000/svg";
+const state = { token: sessionStorage.getItem("cladnet-token"), network: null,
+                collector: null, host: null, timer: null };
+const $ = (id) => document.getElementById(id);
+
+async function api(path, base = "") {
+  const r = await fetch(base + path, { headers: { Authorization: "Bearer " + state.token } });
+  if (r.status === 401) { throw new Error("unauthorized: check the token"); }
+  const body = await r.json();
+  if (!r.ok) { throw new Error(body.message || r.statusText); }
+  return body;
+}
+
+function showLogin(message) {
+  $("login").hidden = false; $("main").hidden = true; $("logout").hidden = true;
+  $("error").textContent = message || "";
+}
+
+async function start() {
+  try {
+    await api("/v1/networks");
+  } catch (e) { showLogin(String(e.message)); return; }
+  $("login").hidden = true; $("main").hidden = false; $("logout").hidden = false;
+  state.collector = (await (await fetch("/ui/config.json")).json()).collector_url;
+  await loadNetworks();
+  clearInterval(state.timer);
+  state.timer = setInterval(refresh, 5000);
+}
+
+async function loadNetworks() {
+  const nets = await api("/v1/networks");
+  const ul = $("networks");
+  ul.replaceChildren();
+  for (const n of nets) {
+    const li = document.createElement("li");
+    li.textContent = n.name; li.title = n.cidr; li.dataset.network = n.name;
+    li.onclick = () => { state.network = n.name; state.host = null; refresh(); };
+    ul.append(li);
+  }
+  if (!state.network && nets.length) { state.network = nets[0].name; }
+  await refresh();
+}
+
+const up = (h, now) => h.last_seen && now - h.last_seen <= DOWN_AFTER;
+
+function pairState(a, b, now) {
+  if (!up(a, now) || !up(b, now)) { return ["down", null]; }
+  const p = ((a.status || {}).peers || []).find((x) => x.peer_id === b.id);
+  if (!p) { return ["unknown", null]; }
+  if (p.handshake_age_s === null || p.handshake_age_s > BROKEN_AFTER) { return ["broken", p]; }
+  if (p.latency_ms !== null && p.latency_ms >= 100) { return ["bad", p]; }
+  if (p.latency_ms !== null && p.latency_ms >= 20) { return ["slow", p]; }
+  return ["ok", p];
+}
+
+function colour(h) {
+  const key = ((h.labels || {}).cloud || "") + "/" + ((h.labels || {}).region || "");
+  let hash = 0;
+  for (const c of key) { hash = (hash * 31 + c.charCodeAt(0)) % 360; }
+  return `hsl(${hash}, 60%, 60%)`;
+}
+
+const EDGE = { ok: "#2a9d8f", slow: "#e9c46a", bad: "#e76f51", broken: "#d62828",
+               down: "#bbb", unknown: "#bbb" };
+
+function el(tag, attrs, text) {
+  const e = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) { e.setAttribute(k, v); }
+  if (text !== undefined) { e.textContent = text; }
+  return e;
+}
+
+function drawMesh(hosts) {
+  const svg = $("mesh"), now = Date.now() / 1000, n = hosts.length;
+  svg.replaceChildren();
+  const pos = hosts.map((_, i) => [300 + 220 * Math.cos(2 * Math.PI * i / n - Math.PI / 2),
+                                   300 + 220 * Math.sin(2 * Math.PI * i / n - Math.PI / 2)]);
+  for (let i = 0; i < n; i++) {
+    for (let j = i + 1; j < n; j++) {
+      // A pair is as bad as the worse of its two directions.
+      const order = ["broken", "down", "unknown", "bad", "slow", "ok"];
+      const [s1, p1] = pairState(hosts[i], hosts[j], now);
+      const [s2, p2] = pairState(hosts[j], hosts[i], now);
+      const s = order.indexOf(s1) <= order.indexOf(s2) ? s1 : s2;
+      const lat = [p1, p2].map((p) => p && p.latency_ms).filter((x) => x !== null && x !== undefined);
+      const line = el("line", { x1: pos[i][0], y1: pos[i][1], x2: pos[j][0], y2: pos[j][1],
+        stroke: EDGE[s], "stroke-width": 3, "stroke-dasharray": s === "broken" ? "8 6" : "",
+        "data-pair": `${hosts[i].name}|${hosts[j].name}`, "data-state": s });
+      line.append(el("title", {}, `${hosts[i].name} ↔ ${hosts[j].name}: ${s}` +
+        (lat.length ? ` ${Math.max(...lat).toFixed(1)} ms` : "")));
+      svg.append(line);
+    }
+  }
+  hosts.forEach((h, i) => {
+    const c = el("circle", { cx: pos[i][0], cy: pos[i][1], r: 22, fill: colour(h),
+      "data-host": h.name, "data-up": String(!!up(h, now)) });
+    c.append(el("title", {}, `${h.name} ${h.overlay_ip} ${JSON.stringify(h.labels || {})}`));
+    c.onclick = () => { state.host = h; showHost(h); };
+    svg.append(c, el("text", { x: pos[i][0], y: pos[i][1] + 38 }, h.name));
+  });
+}
+
+function chart(points) {
+  const svg = el("svg", { class: "chart", viewBox: "0 0 300 70", preserveAspectRatio: "none" });
+  if (points.length > 1) {
+    const ts = points.map((p) => p[0]), vs = points.map((p) => p[1]);
+    const [t0, t1] = [Math.min(...ts), Math.max(...ts)], top = Math.max(...vs, 1);
+    const d = points.map(([t, v], k) => `${k ? "L" : "M"}${(300 * (t - t0)) / (t1 - t0 || 1)},${
+      65 - (60 * v) / top}`).join(" ");
+    svg.append(el("path", { d, fill: "none", stroke: "#1d3557", "stroke-width": 1.5 }));
+  }
+  return svg;
+}
+
+async function showHost(h) {
+  const panel = $("host-panel");
+  panel.replaceChildren(Object.assign(document.createElement("h2"), { textContent: h.name }));
+  const dl = document.createElement("dl");
+  for (const k of ["overlay_ip", "public_address", "addresses", "labels", "listen_port"]) {
+    dl.append(Object.assign(document.createElement("dt"), { textContent: k }),
+              Object.assign(document.createElement("dd"), { textContent: JSON.stringify(h[k]) }));
+  }
+  panel.append(dl);
+  if (!state.collector) { panel.append("Charts need a collector (CLADNET_COLLECTOR_URL)."); return; }
+  for (const metric of ["cpu_percent", "mem_percent", "net_rx_bytes"]) {
+    try {
+      const q = `/v1/metrics/series?host=${encodeURIComponent(h.name)}&metric=${metric}&since=600&step=10`;
+      const data = await api(q, state.collector);
+      panel.append(Object.assign(document.createElement("h3"), { textContent: metric }), chart(data.points));
+    } catch (e) { panel.append(`${metric}: ${e.message}`); }
+  }
+}
+
+async function showAlarms() {
+  const ul = $("alarms");
+  if (!state.collector) { ul.replaceChildren("collector not configured"); return; }
+  try {
+    const data = await api("/v1/alarms", state.collector);
+    ul.replaceChildren(...data.alarms.map((a) => Object.assign(document.createElement("li"),
+      { textContent: `${a.rule_name} on ${a.network}/${a.host} ${a.series} = ${a.value}` })));
+    if (!data.alarms.length) { ul.replaceChildren("no alarm firing"); }
+  } catch (e) { ul.replaceChildren(`alarms: ${e.message}`); }
+}
+
+async function refresh() {
+  if (!state.network) { return; }
+  for (const li of $("networks").children) {
+    li.classList.toggle("active", li.dataset.network === state.network);
+  }
+  try {
+    const hosts = await api(`/v1/networks/${encodeURIComponent(state.network)}/hosts`);
+    $("mesh-title").textContent = `${state.network}: ${hosts.length} hosts`;
+    drawMesh(hosts);
+    if (state.host) { const h = hosts.find((x) => x.id === state.host.id); if (h) { showHost(h); } }
+  } catch (e) { $("mesh-title").textContent = `${state.network}: ${e.message}`; }
+  showAlarms();
+}
+
+$("login-form").onsubmit = (ev) => {
+  ev.preventDefault();
+  state.token = $("token").value.trim();
+  sessionStorage.setItem("cladnet-token", state.token);
+  start();
+};
+$("logout").onclick = () => { sessionStorage.removeItem("cladnet-token"); state.token = null; showLogin(); };
+if (state.token) { start(); } else { showLogin(); }

@@ -1,0 +1,105 @@
+"""The dashboard in a real headless Chromium: it loads, draws the seeded mesh, and
+shows a broken pair as broken. A screenshot goes to artifacts/dashboard.png."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cladnet.keys import generate_keypair
+from tests.components import ADMIN_TOKEN, REPO, Controller
+from tests.test_controller_api import make_network, make_token
+
+CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture
+def browser():
+    if not (shutil.which(CHROMIUM) and shutil.which(DRIVER)):
+        pytest.skip("needs Debian chromium and chromium-driver (run deploy/setup.sh)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1300,900"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _seed(ctl: Controller) -> None:
+    with ctl.client() as admin:
+        make_network(admin, "web", cidr="10.70.0.0/24")
+        token = make_token(admin, "web")
+    hosts = {}
+    for name, cloud in (("vm1", "aws"), ("vm2", "aws"), ("vm3", "gcp")):
+        with httpx.Client(base_url=ctl.url, timeout=10) as c:
+            hosts[name] = c.post("/v1/join", json={
+                "token": token, "hostname": name, "public_key": generate_keypair()[1],
+                "labels": {"cloud": cloud, "region": "r1"}}).json()  # fmt: skip
+    ok = {"handshake_age_s": 4, "rx_bytes": 10, "tx_bytes": 10, "latency_ms": 1.5}
+    ids = {n: h["host_id"] for n, h in hosts.items()}
+    reports = {
+        "vm1": [{"peer_id": ids["vm2"], **ok}, {"peer_id": ids["vm3"], "handshake_age_s": None}],
+        "vm2": [{"peer_id": ids["vm1"], **ok}, {"peer_id": ids["vm3"], **ok}],
+        "vm3": [{"peer_id": ids["vm1"], "handshake_age_s": None}, {"peer_id": ids["vm2"], **ok}],
+    }
+    for name, peers in reports.items():
+        with ctl.client(token=hosts[name]["credential"]) as c:
+            c.post(f"/v1/hosts/{ids[name]}/heartbeat", json={}).raise_for_status()
+            c.post(f"/v1/hosts/{ids[name]}/status", json={"peers": peers}).raise_for_status()
+
+
+def test_the_dashboard_draws_the_mesh_and_a_broken_pair(browser, controller: Controller) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _seed(controller)
+    wait = WebDriverWait(browser, 20)
+    browser.get(f"{controller.url}/ui/")
+    # A wrong token is refused with a message.
+    wait.until(ec.visibility_of_element_located((By.ID, "token"))).send_keys("cla_wrong.token")
+    browser.find_element(By.CSS_SELECTOR, "#login-form button").click()
+    wait.until(lambda d: "unauthorized" in d.find_element(By.ID, "error").text)
+    box = browser.find_element(By.ID, "token")
+    box.clear()
+    box.send_keys(ADMIN_TOKEN)
+    browser.find_element(By.CSS_SELECTOR, "#login-form button").click()
+
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "circle[data-host]")) == 3)
+    names = {c.get_attribute("data-host") for c in browser.find_elements(By.CSS_SELECTOR, "circle")}
+    assert names == {"vm1", "vm2", "vm3"}
+    assert all(c.get_attribute("data-up") == "true"
+               for c in browser.find_elements(By.CSS_SELECTOR, "circle"))  # fmt: skip
+    states = {
+        e.get_attribute("data-pair"): e.get_attribute("data-state")
+        for e in browser.find_elements(By.CSS_SELECTOR, "line[data-pair]")
+    }
+    assert states == {"vm1|vm2": "ok", "vm1|vm3": "broken", "vm2|vm3": "ok"}
+    assert "web: 3 hosts" in browser.find_element(By.ID, "mesh-title").text
+    # The host panel opens on a click.
+    browser.find_element(By.CSS_SELECTOR, "circle[data-host='vm3']").click()
+    wait.until(lambda d: "vm3" in d.find_element(By.ID, "host-panel").text)
+    artifacts = REPO / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    browser.save_screenshot(str(artifacts / "dashboard.png"))
+    assert (artifacts / "dashboard.png").stat().st_size > 10_000
+
+
+def test_the_ui_needs_no_token_to_load_but_the_api_does(controller: Controller) -> None:
+    page = httpx.get(f"{controller.url}/ui/", timeout=10)
+    assert page.status_code == 200 and '<svg id="mesh"' in page.text
+    assert httpx.get(f"{controller.url}/ui/app.js", timeout=10).status_code == 200
+    assert httpx.get(f"{controller.url}/ui/config.json", timeout=10).json() == {
+        "collector_url": None
+    }
+    assert httpx.get(f"{controller.url}/v1/networks", timeout=10).status_code == 401
+    assert Path(REPO / "controller" / "static" / "index.html").exists()
