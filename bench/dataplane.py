@@ -127,7 +127,8 @@ def main() -> None:
         a, b = first[0], first[1]
         recover = []
         for gen in range(1, reps + 1):
-            old, new_addr = lab.address(b.index, gen - 1), lab.address(b.index, gen)
+            # Back and forth between two addresses: each move is a real change.
+            old, new_addr = lab.address(b.index, (gen - 1) % 2), lab.address(b.index, gen % 2)
             started = time.monotonic()
             lab.run(b.ns, "ip", "addr", "del", f"{old}/24", "dev", "eth0")
             lab.run(b.ns, "ip", "addr", "add", f"{new_addr}/24", "dev", "eth0")
@@ -137,7 +138,7 @@ def main() -> None:
         result["address_change_recovery_s"] = {"median": round(statistics.median(recover), 3),
                                                "max": round(max(recover), 3)}  # fmt: skip
 
-        underlay = _iperf(lab, b.ns, a.ns, lab.address(b.index, reps), seconds)
+        underlay = _iperf(lab, b.ns, a.ns, lab.address(b.index, reps % 2), seconds)
         before = _rcvbuf_errors(lab, b.ns)
         overlay = _iperf(lab, b.ns, a.ns, ips[b.index], seconds)
         drops = _rcvbuf_errors(lab, b.ns) - before
@@ -153,6 +154,14 @@ def main() -> None:
     finally:
         for a in agents:
             a.stop()
+        # wireguard-go runs in its own session (tunnels outlive agent restarts) and may
+        # outlive its namespace: stop the ones this run started, by PID.
+        ours = [a.interface for a in agents] + hand_links
+        for pid, cmd in _processes():
+            if cmd[:1] == ["wireguard-go"] and cmd[-1] in ours:
+                subprocess.run(["kill", str(pid)], check=False)
+        for name in ours:
+            Path(f"/var/run/wireguard/{name}.sock").unlink(missing_ok=True)
         for link in hand_links:
             sh("ip", "link", "del", link, check=False)
         ctl.stop()
@@ -165,6 +174,18 @@ def main() -> None:
           f"{result['address_change_recovery_s']['median']}s; overlay {t['overlay']} Gbit/s = "
           f"{result['overlay_vs_hand']}x hand wireguard-go ({t['hand_wireguard_go']}), "
           f"underlay {t['underlay']} Gbit/s")  # fmt: skip
+
+
+def _processes() -> list[tuple[int, list[str]]]:
+    out = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            out.append((int(proc.name), [c.decode(errors="replace") for c in cmd if c]))
+    return out
 
 
 def _tunnel_between(lab: Lab, a: str, b: str, total: int) -> tuple[float, str, list[str]]:
