@@ -118,7 +118,7 @@ class Publisher:
 
     async def _acks(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
-            self._acknowledged(bytes(message.payload))  # type: ignore[arg-type]
+            self._acknowledged(bytes(message.payload))
 
     async def run(self) -> None:
         delay = 0.5
