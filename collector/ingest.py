@@ -9,6 +9,7 @@ dies mid-way gets its unacknowledged batches redelivered instead of losing them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -112,18 +113,32 @@ class Ingest:
 
     async def flush(self, client: aiomqtt.Client | None = None) -> None:
         """Write queued samples, then acknowledge the batches they came in."""
-        if self._pending:
-            samples, self._pending = self._pending, []
-            await self.store.write(samples)
+        # Take everything queued so far; batches arriving meanwhile wait for the next.
+        samples, self._pending = self._pending, []
+        unacked, self._unacked = self._unacked, []
+        stored, self._stored = self._stored, {}
+        if samples:
+            try:
+                await self.store.write(samples)
+            except Exception as exc:  # nothing acknowledged: put it back, try again later
+                self.counters["store_errors"] += 1
+                log.error("storing a flush failed", extra={"error": repr(exc)})
+                self._pending[:0], self._unacked[:0] = samples, unacked
+                for key, seqs in stored.items():
+                    self._stored.setdefault(key, [])[:0] = seqs
+                return
         if client is not None:
-            for mid in self._unacked:
+            for mid in unacked:
                 client._client.ack(mid, 1)
             # Tell each host what is safely stored, so it can drop it from its spool.
-            for (network, host), seqs in self._stored.items():
+            for (network, host), seqs in stored.items():
                 body = json.dumps({"seqs": seqs}).encode()
                 await client.publish(metrics.ack_topic(network, host), body, qos=1)
-        self._unacked = []
-        self._stored = {}
+
+    async def _flusher(self, client: aiomqtt.Client) -> None:
+        while True:
+            await asyncio.sleep(self.flush_interval)
+            await self.flush(client)
 
     async def _notify(self, events: list[Event]) -> None:
         if events and self.notifier is not None:
@@ -140,27 +155,21 @@ class Ingest:
                 # Not authorised to read metrics: say so loudly, keep retrying.
                 raise aiomqtt.MqttError(f"subscription to {topic} refused: {codes}")
             log.info("subscribed", extra={"topic": topic, "broker": self.broker.url})
-            messages = client.messages
-            deadline = time.monotonic() + self.flush_interval
-            while True:
-                try:
-                    message = await asyncio.wait_for(
-                        anext(messages), max(0.0, deadline - time.monotonic())
-                    )
-                except TimeoutError:
-                    message = None
-                if message is not None:
+            # Messages are read by one uninterrupted loop (cancelling a pending read can
+            # drop a message already taken off the queue); a separate task flushes.
+            flusher = asyncio.create_task(self._flusher(client))
+            try:
+                async for message in client.messages:
                     events = self.accept(str(message.topic), bytes(message.payload))
                     if message.qos > 0:
                         self._unacked.append(message.mid)
                     await self._notify(events)
-                if (
-                    message is None
-                    or len(self._pending) >= self.flush_samples
-                    or time.monotonic() >= deadline
-                ):
-                    await self.flush(client)
-                    deadline = time.monotonic() + self.flush_interval
+                    if len(self._pending) >= self.flush_samples:
+                        await self.flush(client)
+            finally:
+                flusher.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await flusher
 
     async def run(self) -> None:
         """Subscribe and ingest forever; reconnect with capped backoff."""

@@ -36,8 +36,10 @@ async def _flush(store: MetricsStore) -> None:
         await store.flush()
 
 
-# Aligned to a 10-s bucket, in the recent past (VictoriaMetrics refuses old samples).
-T0 = (int(time.time()) // 60) * 60 - 300.0
+def _t0() -> float:
+    """A minute-aligned start two minutes ago: recent enough for VictoriaMetrics'
+    retention and the 10-minute lookback of ``latest``, computed when the test runs."""
+    return (int(time.time()) // 60) * 60 - 120.0
 
 
 def _s(host: str, name: str, ts: float, value: float, **labels: str) -> Sample:
@@ -45,6 +47,7 @@ def _s(host: str, name: str, ts: float, value: float, **labels: str) -> Sample:
 
 
 async def test_latest_is_the_newest_value_of_every_series(store: MetricsStore) -> None:
+    T0 = _t0()
     await store.write([_s("vm1", "cpu_percent", T0 + i, 10.0 + i) for i in range(5)])
     await store.write([_s("vm1", "cpu_percent", T0 + 2, 50.0, core="0")])
     await store.write([_s("vm2", "cpu_percent", T0 + 1, 7.0)])
@@ -61,6 +64,7 @@ async def test_latest_is_the_newest_value_of_every_series(store: MetricsStore) -
 
 
 async def test_series_bucketed_by_step_with_each_aggregation(store: MetricsStore) -> None:
+    T0 = _t0()
     # 1 sample per second for 40 s: values 0..39.
     await store.write([_s("vm1", "load1", T0 + i, float(i)) for i in range(40)])
     await _flush(store)
@@ -92,6 +96,7 @@ async def test_series_bucketed_by_step_with_each_aggregation(store: MetricsStore
 
 
 async def test_labels_pick_one_series_and_odd_values_survive(store: MetricsStore) -> None:
+    T0 = _t0()
     odd = 'disk "/mnt/ü\\x"'
     await store.write(
         [_s("vm1", "disk_percent", T0 + i, 10.0, mount="/") for i in range(3)]
@@ -106,6 +111,7 @@ async def test_labels_pick_one_series_and_odd_values_survive(store: MetricsStore
 
 
 async def test_network_aggregate_over_hosts(store: MetricsStore) -> None:
+    T0 = _t0()
     await store.write(
         [_s("vm1", "mem_percent", T0, 20.0), _s("vm2", "mem_percent", T0, 60.0),
          _s("vm3", "mem_percent", T0 - 3600, 99.0)]  # stale: not in the window
@@ -117,6 +123,7 @@ async def test_network_aggregate_over_hosts(store: MetricsStore) -> None:
 
 
 async def test_bad_queries_are_value_errors(store: MetricsStore) -> None:
+    T0 = _t0()
     with pytest.raises(ValueError, match="agg"):
         await store.series("vm1", "x", None, T0, T0 + 1, 10, "p99")
     with pytest.raises(ValueError, match="start"):
@@ -124,6 +131,7 @@ async def test_bad_queries_are_value_errors(store: MetricsStore) -> None:
 
 
 async def test_sqlite_retention_keeps_rollups(tmp_path: Path) -> None:
+    T0 = _t0()
     store = SqliteStore(tmp_path / "m.db", raw_retention=60, rollup_retention=86400)
     try:
         await store.write([_s("vm1", "load1", T0 + i, float(i)) for i in range(10)])
