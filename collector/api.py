@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cladnet import tokens
-from cladnet.alarms import OPS, AlarmEngine, Rule, RuleError
+from cladnet.alarms import AlarmEngine, Rule, RuleError
 from collector.ingest import Ingest
 
 DOWN_AFTER_INTERVALS = 3
@@ -147,16 +147,28 @@ def create_app(
             entry["metrics"][s.series] = s.value
         return {"hosts": out}
 
-    @app.get("/v1/metrics/series")
+    @app.get("/v1/hosts/{host}/latest")
+    async def host_latest(host: str, _: Auth, network: str | None = None) -> Any:
+        """The newest value of every series of one host."""
+        hosts = (await latest(None, network=network, host=host))["hosts"]
+        if host not in hosts:
+            raise ApiError(404, "not_found", f"no metrics from host {host!r}")
+        return {"host": host, **hosts[host]}
+
+    @app.get("/v1/series")
     async def series(
         _: Auth,
         host: str,
         metric: str,
+        start: float | None = None,
+        end: float | None = None,
         since: Annotated[float, Query(gt=0, le=90 * 86400)] = 600,
         step: Annotated[float, Query(ge=1, le=86400)] = 10,
         agg: Literal["avg", "min", "max", "last"] = "avg",
         labels: Annotated[str | None, Query(description="k=v,k2=v2")] = None,
     ) -> Any:
+        """One metric of one host from ``start`` to ``end`` (unix seconds; default: the
+        last ``since`` seconds) in buckets of ``step`` seconds."""
         wanted = None
         if labels:
             wanted = {}
@@ -165,8 +177,9 @@ def create_app(
                 if not eq:
                     raise ApiError(400, "invalid_request", f"labels must be k=v,…, got {part!r}")
                 wanted[k.strip()] = v.strip()
-        end = time.time()
-        points = await store.series(host, metric, wanted, end - since, end, step, agg)
+        end = time.time() if end is None else end
+        start = end - since if start is None else start
+        points = await store.series(host, metric, wanted, start, end, step, agg)
         return {"host": host, "metric": metric, "step": step, "agg": agg, "points": points}
 
     @app.get("/v1/networks/{network}/summary")
@@ -200,11 +213,25 @@ def create_app(
             "hosts": ingest.tracker.stats(),
         }
 
-    @app.get("/v1/alarms/rules")
-    async def list_rules(_: Auth) -> Any:
-        return {"rules": [r.to_dict() for r in rules.engine.rules.values()]}
+    @app.get("/v1/hosts/{host}/ingest")
+    async def host_ingest(host: str, _: Auth) -> Any:
+        """Batches received, duplicates, gaps and resets of one host (per network)."""
+        stats = {k: v for k, v in ingest.tracker.stats().items() if k.split("/", 1)[1] == host}
+        if not stats:
+            raise ApiError(404, "not_found", f"no batch from host {host!r}")
+        return {"host": host, "networks": stats}
 
-    @app.post("/v1/alarms/rules", status_code=201)
+    @app.get("/v1/alarms")
+    async def alarms(_: Auth) -> Any:
+        """The rules, the alarms firing now and the recent transitions."""
+        recent = ingest.notifier.history[-100:] if ingest.notifier else []
+        return {
+            "rules": [r.to_dict() for r in rules.engine.rules.values()],
+            "alarms": rules.engine.active(),
+            "recent": recent,
+        }
+
+    @app.post("/v1/alarms", status_code=201)
     async def create_rule(req: RuleCreate, _: Auth) -> Any:
         try:
             rule = Rule(id=f"r-{uuid.uuid4().hex[:12]}", **req.model_dump())
@@ -214,16 +241,11 @@ def create_app(
         rules.save()
         return rule.to_dict()
 
-    @app.delete("/v1/alarms/rules/{rule_id}", status_code=204)
+    @app.delete("/v1/alarms/{rule_id}", status_code=204)
     async def delete_rule(rule_id: str, _: Auth) -> Response:
         if not rules.engine.remove_rule(rule_id):
             raise ApiError(404, "not_found", f"no alarm rule {rule_id!r}")
         rules.save()
         return Response(status_code=204)
-
-    @app.get("/v1/alarms")
-    async def alarms(_: Auth) -> Any:
-        recent = ingest.notifier.history[-100:] if ingest.notifier else []
-        return {"alarms": rules.engine.active(), "recent": recent, "operators": list(OPS)}
 
     return app

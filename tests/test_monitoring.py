@@ -262,7 +262,7 @@ async def test_a_batch_delivered_twice_is_stored_once(
     def points() -> list:
         with collector.client() as c:
             return c.get(
-                "/v1/metrics/series",
+                "/v1/series",
                 params={"host": "vm1", "metric": "load1", "since": 60, "step": 1, "agg": "last"},
             ).json()["points"]
 
@@ -337,7 +337,7 @@ async def test_alarms_notify_once_per_episode_and_on_host_down(
     )
     with collector.client() as c:
         r = c.post(
-            "/v1/alarms/rules",
+            "/v1/alarms",
             json={
                 "name": "memory",
                 "metric": "mem_percent",
@@ -379,14 +379,16 @@ def test_the_collector_api_needs_a_token_and_rejects_bad_input(make_collector) -
         assert c.get("/v1/alarms").status_code == 401
     with collector.client() as c:
         bad_op = c.post(
-            "/v1/alarms/rules",
+            "/v1/alarms",
             json={"name": "x", "metric": "cpu_percent", "network": "n", "op": "=>", "threshold": 1},
         )
         assert bad_op.status_code == 422 and "op" in bad_op.json()["message"]
-        bad_agg = c.get("/v1/metrics/series", params={"host": "h", "metric": "m", "agg": "p99"})
+        bad_agg = c.get("/v1/series", params={"host": "h", "metric": "m", "agg": "p99"})
         assert bad_agg.status_code == 422
-        assert c.delete("/v1/alarms/rules/r-nope").status_code == 404
-        assert c.get("/v1/alarms/rules").json() == {"rules": []}
+        assert c.delete("/v1/alarms/r-nope").status_code == 404
+        assert c.get("/v1/alarms").json()["rules"] == []
+        assert c.get("/v1/hosts/nobody/latest").json()["error"] == "not_found"
+        assert c.get("/v1/hosts/nobody/ingest").status_code == 404
 
 
 async def test_collectors_in_one_group_share_the_batches(

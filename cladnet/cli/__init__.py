@@ -353,7 +353,7 @@ def metrics_show(
     host: str, metric: str, since: str = "10m", step: str = "10s", as_json: Json = False
 ) -> None:
     """One metric of one host over time."""
-    data = collector().get("/v1/metrics/series", host=host, metric=metric,
+    data = collector().get("/v1/series", host=host, metric=metric,
                            since=_seconds(since), step=_seconds(step))  # fmt: skip
     rows = [[time.strftime("%H:%M:%S", time.localtime(t)), f"{v:g}"] for t, v in data["points"]]
     emit(data, as_json, _table(f"{metric} on {host}", ["TIME", "VALUE"], rows))
@@ -362,8 +362,7 @@ def metrics_show(
 @alarms_app.command("list")
 def alarms_list(as_json: Json = False) -> None:
     """Rules and the alarms firing now."""
-    api = collector()
-    data = {"rules": api.get("/v1/alarms/rules")["rules"], **api.get("/v1/alarms")}
+    data = collector().get("/v1/alarms")
     if as_json:
         emit(data, True)
         return
@@ -392,7 +391,7 @@ def alarms_create(
     """An alarm rule: ``cladnet alarms create hot cpu_percent '>' 90 --network prod --for 1m``."""
     body = {"name": name, "metric": metric, "op": op, "threshold": threshold, "network": network,
             "host": host, "for_s": _seconds(for_)}  # fmt: skip
-    rule = collector().call("POST", "/v1/alarms/rules", json=body)
+    rule = collector().call("POST", "/v1/alarms", json=body)
     if as_json:
         emit(rule, True)
     else:
@@ -402,7 +401,7 @@ def alarms_create(
 @alarms_app.command("delete")
 def alarms_delete(rule_id: str) -> None:
     """Delete an alarm rule."""
-    collector().call("DELETE", f"/v1/alarms/rules/{rule_id}")
+    collector().call("DELETE", f"/v1/alarms/{rule_id}")
     out.print(f"deleted {rule_id}")
 
 

@@ -128,7 +128,7 @@ async function showHost(h) {
   if (!state.collector) { panel.append("Charts need a collector (CLADNET_COLLECTOR_URL)."); return; }
   for (const metric of ["cpu_percent", "mem_percent", "net_rx_bytes"]) {
     try {
-      const q = `/v1/metrics/series?host=${encodeURIComponent(h.name)}&metric=${metric}&since=600&step=10`;
+      const q = `/v1/series?host=${encodeURIComponent(h.name)}&metric=${metric}&since=600&step=10`;
       const data = await api(q, state.collector);
       panel.append(Object.assign(document.createElement("h3"), { textContent: metric }), chart(data.points));
     } catch (e) { panel.append(`${metric}: ${e.message}`); }
