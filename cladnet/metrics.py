@@ -7,9 +7,20 @@ A batch on MQTT topic ``cladnet/metrics/<network>/<host>`` is a JSON object::
 
     {"v": 1, "network": "prod", "host": "vm1", "host_id": "h-…", "seq": 42,
      "ts": 1795400000.0, "sent": 1795400000.1, "interval": 2.0,
-     "samples": [["cpu_percent", {}, 12.5],
-                 ["cpu_percent", {"core": "0"}, 20.0],
-                 ["peer_rtt_ms", {"peer": "vm2"}, 0.41], …]}
+     "samples": [["cpu_usage_ratio", {}, 0.125],
+                 ["cpu_usage_ratio", {"cpu": "0"}, 0.2],
+                 ["wireguard_peer_latency_seconds", {"peer": "vm2"}, 0.00041], …]}
+
+Names follow Prometheus conventions (base units, ``_ratio``, ``_total`` for counters)
+and are the same in batches, the pull endpoint and the collector's API:
+cpu_usage_ratio{cpu}, memory_total_bytes, memory_used_bytes, memory_usage_ratio,
+swap_used_bytes, swap_usage_ratio, filesystem_size_bytes / filesystem_used_bytes /
+filesystem_usage_ratio {mountpoint}, disk_read_bytes_total / disk_written_bytes_total
+{device}, network_receive_bytes_total / network_transmit_bytes_total /
+network_receive_drop_total {interface}, load1, load5, load15, processes,
+uptime_seconds, wireguard_peer_handshake_age_seconds / wireguard_peer_receive_bytes_total
+/ wireguard_peer_transmit_bytes_total / wireguard_peer_latency_seconds {peer},
+agent_spool_batches, agent_spool_dropped_batches_total, agent_metric_errors_total.
 
 ``seq`` increases by one per batch for the life of the host's state directory
 (it survives agent restarts), so the collector can de-duplicate by

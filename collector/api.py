@@ -188,7 +188,12 @@ def create_app(
         hosts = sorted(h for (n, h) in ingest.last_seen if n == network)
         down = [h for h in hosts if not _up(network, h, now)]
         figures = {}
-        for metric in ("cpu_percent", "mem_percent", "load1", "peer_rtt_ms"):
+        for metric in (
+            "cpu_usage_ratio",
+            "memory_usage_ratio",
+            "load1",
+            "wireguard_peer_latency_seconds",
+        ):
             figures[metric] = await store.aggregate(network, metric, now - 60)
         return {
             "network": network,
@@ -201,9 +206,9 @@ def create_app(
     async def latency(network: str, _: Auth) -> Any:
         matrix: dict[str, dict[str, float]] = {}
         for s in await store.latest(network=network):
-            if s.name == "peer_rtt_ms":
+            if s.name == "wireguard_peer_latency_seconds":
                 matrix.setdefault(s.host, {})[dict(s.labels).get("peer", "?")] = s.value
-        return {"network": network, "unit": "ms", "matrix": matrix}
+        return {"network": network, "unit": "seconds", "matrix": matrix}
 
     @app.get("/v1/ingest")
     async def ingest_stats(_: Auth) -> Any:

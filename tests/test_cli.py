@@ -155,7 +155,7 @@ def test_metrics_and_alarms_against_the_collector(
 ) -> None:
     collector = make_collector()
     _login(cli, controller, collector=collector.url)
-    code, out, _ = cli("alarms", "create", "hot", "cpu_percent", ">", "90", "--network", "prod",
+    code, out, _ = cli("alarms", "create", "hot", "cpu_usage_ratio", ">", "90", "--network", "prod",
                        "--for", "1m", "--json")  # fmt: skip
     assert code == 0, out
     rule = json.loads(out)
@@ -166,7 +166,7 @@ def test_metrics_and_alarms_against_the_collector(
     assert cli("alarms", "delete", rule["id"])[0] == 0
     code, out, _ = cli("metrics", "top", "--json")
     assert code == 0 and json.loads(out) == {}
-    code, out, _ = cli("metrics", "show", "vm1", "cpu_percent", "--since", "5m", "--json")
+    code, out, _ = cli("metrics", "show", "vm1", "cpu_usage_ratio", "--since", "5m", "--json")
     assert code == 0 and json.loads(out)["points"] == []
 
 

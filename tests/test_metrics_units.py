@@ -18,8 +18,8 @@ from cladnet.sequence import SequenceTracker, Verdict
 
 def _batch(seq: int = 0, ts: float = 1000.0, **kw) -> Batch:
     b = Batch(network="prod", host="vm1", seq=seq, ts=ts, interval=2.0, **kw)
-    b.add("cpu_percent", 12.5)
-    b.add("cpu_percent", 50.0, core="0")
+    b.add("cpu_usage_ratio", 12.5)
+    b.add("cpu_usage_ratio", 50.0, core="0")
     return b
 
 
@@ -31,10 +31,10 @@ def test_batch_round_trip_and_topic() -> None:
     back = metrics.decode(b.encode(), "cladnet/metrics/prod/vm1")
     assert (back.network, back.host, back.seq, back.ts) == ("prod", "vm1", 7, 1000.0)
     assert back.flat() == [
-        Sample("prod", "vm1", "cpu_percent", (), 1000.0, 12.5),
-        Sample("prod", "vm1", "cpu_percent", (("core", "0"),), 1000.0, 50.0),
+        Sample("prod", "vm1", "cpu_usage_ratio", (), 1000.0, 12.5),
+        Sample("prod", "vm1", "cpu_usage_ratio", (("core", "0"),), 1000.0, 50.0),
     ]
-    assert back.flat()[1].series == 'cpu_percent{core="0"}'
+    assert back.flat()[1].series == 'cpu_usage_ratio{core="0"}'
 
 
 @pytest.mark.parametrize(
@@ -64,7 +64,7 @@ def test_a_batch_on_another_hosts_topic_is_rejected() -> None:
 
 def test_non_finite_values_are_dropped_not_fatal() -> None:
     raw = json.loads(_batch().encode())
-    raw["samples"].append(["peer_rtt_ms", {"peer": "vm2"}, 1e999])
+    raw["samples"].append(["wireguard_peer_latency_seconds", {"peer": "vm2"}, 1e999])
     assert len(metrics.decode(json.dumps(raw).encode()).samples) == 2
 
 
@@ -138,12 +138,12 @@ def test_an_agent_that_lost_its_state_is_a_reset_not_a_duplicate() -> None:
 # --- alarms ------------------------------------------------------------------------------
 
 
-def _s(value: float, ts: float, host: str = "vm1", name: str = "cpu_percent") -> Sample:
+def _s(value: float, ts: float, host: str = "vm1", name: str = "cpu_usage_ratio") -> Sample:
     return Sample("prod", host, name, (), ts, value)
 
 
 def test_a_rule_fires_once_per_episode_after_its_duration() -> None:
-    engine = AlarmEngine([Rule("r1", "hot", "cpu_percent", ">", 90, "prod", for_s=10)])
+    engine = AlarmEngine([Rule("r1", "hot", "cpu_usage_ratio", ">", 90, "prod", for_s=10)])
     assert engine.observe([_s(95, 0)]) == []  # pending
     assert engine.observe([_s(96, 5)]) == []
     fired = engine.observe([_s(97, 10)])
@@ -160,20 +160,20 @@ def test_a_rule_fires_once_per_episode_after_its_duration() -> None:
 
 
 def test_rules_select_by_host_labels_and_network() -> None:
-    rule = Rule("r", "core0", "cpu_percent", ">=", 50, "prod", host="vm2", labels={"core": "0"})
+    rule = Rule("r", "core0", "cpu_usage_ratio", ">=", 50, "prod", host="vm2", labels={"core": "0"})
     engine = AlarmEngine([rule])
     assert engine.observe([_s(99, 1)]) == []  # vm1: other host
-    core0 = Sample("prod", "vm2", "cpu_percent", (("core", "0"),), 1, 60)
-    core1 = Sample("prod", "vm2", "cpu_percent", (("core", "1"),), 1, 60)
-    other_net = Sample("test", "vm2", "cpu_percent", (("core", "0"),), 1, 60)
+    core0 = Sample("prod", "vm2", "cpu_usage_ratio", (("core", "0"),), 1, 60)
+    core1 = Sample("prod", "vm2", "cpu_usage_ratio", (("core", "1"),), 1, 60)
+    other_net = Sample("test", "vm2", "cpu_usage_ratio", (("core", "0"),), 1, 60)
     assert [e.series for e in engine.observe([core0, core1, other_net])] == [
-        'cpu_percent{core="0"}'
+        'cpu_usage_ratio{core="0"}'
     ]
 
 
 def test_invalid_rules_are_refused() -> None:
     with pytest.raises(RuleError, match="op"):
-        Rule("r", "x", "cpu_percent", "=>", 1, "prod")
+        Rule("r", "x", "cpu_usage_ratio", "=>", 1, "prod")
     with pytest.raises(RuleError, match="metric"):
         Rule("r", "x", "cpu percent", ">", 1, "prod")
 
@@ -197,8 +197,8 @@ def test_prometheus_text_has_types_labels_and_escaping() -> None:
     b = _batch()
     b.add("disk_percent", 40.0, mount='/mnt/"odd"\\dir')
     text = render([b]).decode()
-    assert "# TYPE cladnet_cpu_percent gauge" in text
-    assert 'cladnet_cpu_percent{network="prod",host="vm1",core="0"} 50.0 1000000' in text
+    assert "# TYPE cpu_usage_ratio gauge" in text
+    assert 'cpu_usage_ratio{network="prod",host="vm1",core="0"} 50.0 1000000' in text
     assert r'mount="/mnt/\"odd\"\\dir"' in text
-    assert text.count("# TYPE cladnet_cpu_percent") == 1
+    assert text.count("# TYPE cpu_usage_ratio") == 1
     assert not math.isnan(float(text.splitlines()[1].split()[1]))

@@ -194,9 +194,9 @@ async def test_batches_reach_the_collector_and_survive_a_broker_outage(
 
         vm1 = await _until(latest, what="vm1's metrics in the collector")
         assert vm1["up"] is True and vm1["network"] == "mon"
-        assert 0 <= vm1["metrics"]["cpu_percent"] <= 100
-        assert vm1["metrics"]["mem_total_bytes"] > 0
-        assert any(k.startswith('net_rx_bytes{iface="') for k in vm1["metrics"])
+        assert 0 <= vm1["metrics"]["cpu_usage_ratio"] <= 1
+        assert vm1["metrics"]["memory_total_bytes"] > 0
+        assert any(k.startswith('network_receive_bytes_total{interface="') for k in vm1["metrics"])
 
         # The broker goes away: batches wait on disk …
         mosquitto.stop()
@@ -340,23 +340,23 @@ async def test_alarms_notify_once_per_episode_and_on_host_down(
             "/v1/alarms",
             json={
                 "name": "memory",
-                "metric": "mem_percent",
+                "metric": "memory_usage_ratio",
                 "network": "mon",
                 "op": ">",
-                "threshold": 50,
+                "threshold": 0.5,
                 "for_s": 1,
             },
         )
         assert r.status_code == 201, r.text
     start = time.time()
-    for seq, value in enumerate([60, 70, 80, 90, 10, 20]):
+    for seq, value in enumerate([0.6, 0.7, 0.8, 0.9, 0.1, 0.2]):
         b = Batch(network="mon", host="vm1", seq=seq, ts=start + seq, interval=1.0)
-        b.add("mem_percent", value)
+        b.add("memory_usage_ratio", value)
         await _publish(mosquitto, creds, creds["topic"], b.encode())
     memory = lambda: [p for p in posts if p["cladnet"]["rule_name"] == "memory"]  # noqa: E731
     await _until(lambda: len(memory()) == 2, what="firing and resolved webhooks")
     assert [p["cladnet"]["state"] for p in memory()] == ["firing", "resolved"]
-    assert "FIRING" in memory()[0]["text"] and "mem_percent" in memory()[0]["text"]
+    assert "FIRING" in memory()[0]["text"] and "memory_usage_ratio" in memory()[0]["text"]
     # No more batches: the built-in host-down alarm fires, once.
     await _until(
         lambda: any(p["cladnet"]["rule_id"] == "host_down" for p in posts), what="host down"
@@ -380,7 +380,13 @@ def test_the_collector_api_needs_a_token_and_rejects_bad_input(make_collector) -
     with collector.client() as c:
         bad_op = c.post(
             "/v1/alarms",
-            json={"name": "x", "metric": "cpu_percent", "network": "n", "op": "=>", "threshold": 1},
+            json={
+                "name": "x",
+                "metric": "cpu_usage_ratio",
+                "network": "n",
+                "op": "=>",
+                "threshold": 1,
+            },
         )
         assert bad_op.status_code == 422 and "op" in bad_op.json()["message"]
         bad_agg = c.get("/v1/series", params={"host": "h", "metric": "m", "agg": "p99"})
@@ -431,7 +437,7 @@ async def test_the_agent_serves_prometheus_text(tmp_path: Path) -> None:
                 for _ in range(50):
                     try:
                         r = await http.get(f"http://127.0.0.1:{server.port}/metrics")
-                        if "cladnet_cpu_percent" in r.text:
+                        if "cpu_usage_ratio" in r.text:
                             return r.text
                     except httpx.HTTPError:
                         pass
@@ -439,7 +445,7 @@ async def test_the_agent_serves_prometheus_text(tmp_path: Path) -> None:
                 raise AssertionError("no metrics served")
 
             text = await scrape()
-            assert 'cladnet_mem_percent{network="mon",host="vm1"}' in text
+            assert 'memory_usage_ratio{network="mon",host="vm1"}' in text
             assert (await http.get(f"http://127.0.0.1:{server.port}/other")).status_code == 404
     finally:
         for t in tasks:

@@ -25,7 +25,7 @@ def render(batches: list[Batch]) -> bytes:
     for batch in batches:
         base = {"network": batch.network, "host": batch.host}
         for name, labels, value in batch.samples:
-            metric = f"cladnet_{name}"
+            metric = name
             if metric not in typed:
                 typed.add(metric)
                 lines.append(f"# TYPE {metric} gauge")

@@ -31,9 +31,13 @@ def peer_samples(
             continue
         name = str(peer.get("name", peer.get("id", "?")))
         if state.last_handshake:
-            batch.add("peer_handshake_age_seconds", max(0.0, now - state.last_handshake), peer=name)
-        batch.add("peer_rx_bytes", state.rx_bytes, peer=name)
-        batch.add("peer_tx_bytes", state.tx_bytes, peer=name)
+            batch.add(
+                "wireguard_peer_handshake_age_seconds",
+                max(0.0, now - state.last_handshake),
+                peer=name,
+            )
+        batch.add("wireguard_peer_receive_bytes_total", state.rx_bytes, peer=name)
+        batch.add("wireguard_peer_transmit_bytes_total", state.tx_bytes, peer=name)
 
 
 class _EchoProtocol(asyncio.DatagramProtocol):

@@ -86,10 +86,10 @@ class MetricsReporter:
         self.host_metrics.collect(batch)
         for name, rtt in self.rtt.items():
             if rtt is not None:
-                batch.add("peer_rtt_ms", rtt, peer=name)
+                batch.add("wireguard_peer_latency_seconds", rtt / 1000, peer=name)
         batch.add("agent_spool_batches", len(self.spool))
-        batch.add("agent_spool_dropped_batches", self.spool.dropped)
-        batch.add("agent_metric_errors", self.errors)
+        batch.add("agent_spool_dropped_batches_total", self.spool.dropped)
+        batch.add("agent_metric_errors_total", self.errors)
         return batch
 
     async def _probe_loop(self) -> None:

@@ -341,11 +341,17 @@ def metrics_top(
 ) -> None:
     """Latest CPU, memory and load per host."""
     data = collector().get("/v1/metrics/latest", network=network)["hosts"]
-    rows = [[h, d["network"], "up" if d["up"] else "DOWN", d["metrics"].get("cpu_percent"),
-             d["metrics"].get("mem_percent"), d["metrics"].get("load1")]
-            for h, d in sorted(data.items())]  # fmt: skip
-    emit(data, as_json, _table("hosts", ["HOST", "NETWORK", "STATE", "CPU %", "MEM %", "LOAD"],
-                               rows))  # fmt: skip
+
+    def pct(value: float | None) -> str | None:
+        return None if value is None else f"{100 * value:.1f}"
+
+    rows = [
+        [h, d["network"], "up" if d["up"] else "DOWN", pct(d["metrics"].get("cpu_usage_ratio")),
+         pct(d["metrics"].get("memory_usage_ratio")), d["metrics"].get("load1")]
+        for h, d in sorted(data.items())
+    ]  # fmt: skip
+    columns = ["HOST", "NETWORK", "STATE", "CPU %", "MEM %", "LOAD"]
+    emit(data, as_json, _table("hosts", columns, rows))
 
 
 @metrics_app.command("show")

@@ -126,7 +126,7 @@ async function showHost(h) {
   }
   panel.append(dl);
   if (!state.collector) { panel.append("Charts need a collector (CLADNET_COLLECTOR_URL)."); return; }
-  for (const metric of ["cpu_percent", "mem_percent", "net_rx_bytes"]) {
+  for (const metric of ["cpu_usage_ratio", "memory_usage_ratio", "network_receive_bytes_total"]) {
     try {
       const q = `/v1/series?host=${encodeURIComponent(h.name)}&metric=${metric}&since=600&step=10`;
       const data = await api(q, state.collector);
