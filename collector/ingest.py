@@ -26,7 +26,7 @@ from cladnet import metrics
 from cladnet.alarms import AlarmEngine, Event
 from cladnet.sequence import SequenceTracker, Verdict
 from collector.notify import Notifier
-from collector.storage import MetricsStore
+from collector.store.base import MetricsStore
 
 log = logging.getLogger("cladnet.collector")
 

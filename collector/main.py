@@ -19,21 +19,9 @@ from cladnet.alarms import AlarmEngine
 from collector.api import RuleBook, create_app
 from collector.ingest import BrokerSettings, Ingest
 from collector.notify import Notifier, SmtpSettings
-from collector.storage import MetricsStore, SqliteStore, VictoriaStore
+from collector.store import open_store
 
 log = logging.getLogger("cladnet.collector")
-
-
-def open_store(spec: str, state_dir: Path, raw_retention: float) -> MetricsStore:
-    """``sqlite`` (in the state dir), ``sqlite:PATH`` or ``victoria:http://host:port``."""
-    kind, _, where = spec.partition(":")
-    if kind == "sqlite":
-        return SqliteStore(
-            Path(where) if where else state_dir / "metrics.db", raw_retention=raw_retention
-        )
-    if kind == "victoria":
-        return VictoriaStore(where)
-    raise SystemExit(f"cladnet-collector: unknown --store {spec!r} (sqlite[:PATH] or victoria:URL)")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -92,7 +80,10 @@ def env_list(name: str) -> list[str]:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    store = open_store(args.store, args.state_dir, args.raw_retention)
+    try:
+        store = open_store(args.store, args.state_dir, args.raw_retention)
+    except ValueError as exc:
+        raise SystemExit(f"cladnet-collector: {exc}") from None
     smtp = None
     if args.smtp_host:
         smtp = SmtpSettings(args.smtp_host, args.smtp_port, args.smtp_from, tuple(args.smtp_to))

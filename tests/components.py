@@ -440,6 +440,7 @@ class Victoria:
                 f"-storageDataPath={self.data_dir}",
                 "-retentionPeriod=1d",
                 "-search.latencyOffset=0s",  # tests query what they just wrote
+                "-dedup.minScrapeInterval=1ms",  # a re-delivered sample is stored once
                 "-loggerLevel=ERROR",
             ],
             stdout=subprocess.DEVNULL,
