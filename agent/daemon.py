@@ -150,7 +150,7 @@ class NetworkAgent:
         """
         try:
             return self._apply_event(event)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             self.bad_input += 1
             log.warning("ignoring a malformed watch event", extra={"error": repr(exc)})
             return False
@@ -161,7 +161,10 @@ class NetworkAgent:
             raise ValueError(f"unknown event type {kind!r}")
         if kind != "BOOKMARK" and not isinstance(event.get("peer", {}), dict):
             raise TypeError("peer is not an object")
-        self.m.revision = max(self.m.revision, int(event["revision"]))
+        revision = event["revision"]
+        if not isinstance(revision, int) or isinstance(revision, bool) or revision < 0:
+            raise ValueError(f"bad revision {revision!r}")
+        self.m.revision = max(self.m.revision, revision)
         if kind == "BOOKMARK":
             return False
         if kind == "DELETED":
@@ -171,6 +174,9 @@ class NetworkAgent:
             return self.m.peers.pop(event["id"], None) is not None
         peer = event["peer"]
         if peer["id"] == self.m.host_id:
+            # Our own record drives the device address: take it only if it is whole.
+            if not all(isinstance(peer.get(k), str) for k in ("overlay_ip", "public_key", "name")):
+                raise ValueError("incomplete record of this host")
             self.m.me = peer
             return True
         self.m.peers[peer["id"]] = peer

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import settings
 
 from tests.components import (
     ADMIN_TOKEN,
@@ -19,6 +21,13 @@ from tests.components import (
 )
 
 __all__ = ["ADMIN_TOKEN", "Controller", "Etcd"]
+
+# CI explores the same examples every run: a property test fails because the code
+# changed, not because today's random draw found an old corner (run locally with
+# HYPOTHESIS_PROFILE=explore to search further).
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", max_examples=2000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture
