@@ -7,6 +7,8 @@ import contextlib
 import ipaddress
 import logging
 
+from cladnet.tasks import cancel_and_wait
+
 log = logging.getLogger("cladnet.agent")
 
 
@@ -68,7 +70,4 @@ class AddressEvents:
         self._changed.clear()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait([self._task])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -20,6 +19,7 @@ from agent.metrics.reporter import MetricsReporter
 from agent.state import Membership, StateDir
 from agent.wireguard.backend import WireGuardBackend, WireGuardError
 from cladnet import mesh
+from cladnet.tasks import cancel_and_wait
 
 log = logging.getLogger("cladnet.agent")
 
@@ -359,10 +359,5 @@ class NetworkAgent:
             await self.backend.destroy(self.iface)
             self.states.remove(self.m.network_id)
         finally:
-            tasks = [t for t in (addresses_task, metrics_task, self._sync_task) if t is not None]
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
+            await cancel_and_wait([addresses_task, metrics_task, self._sync_task], Exception)
             await self.client.close()

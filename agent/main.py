@@ -17,6 +17,7 @@ from pathlib import Path
 
 from agent.state import Membership, StateDir
 from agent.wireguard.backend import WireGuardBackend
+from cladnet.tasks import cancel_and_wait
 
 log = logging.getLogger("cladnet.agent")
 
@@ -86,11 +87,7 @@ async def _run_networks(
     # On a signal the interfaces stay up: a restart must not interrupt traffic.
     if server is not None:
         runs.append(serving)
-    for t in runs:
-        t.cancel()
-    for t in runs:
-        with contextlib.suppress(asyncio.CancelledError):
-            await t
+    await cancel_and_wait(runs)
     return 0
 
 

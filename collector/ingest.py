@@ -9,7 +9,6 @@ dies mid-way gets its unacknowledged batches redelivered instead of losing them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import random
@@ -25,6 +24,7 @@ from paho.mqtt.properties import Properties
 from cladnet import metrics
 from cladnet.alarms import AlarmEngine, Event
 from cladnet.sequence import SequenceTracker, Verdict
+from cladnet.tasks import cancel_and_wait
 from collector.notify import Notifier
 from collector.store.base import MetricsStore
 
@@ -167,9 +167,7 @@ class Ingest:
                     if len(self._pending) >= self.flush_samples:
                         await self.flush(client)
             finally:
-                flusher.cancel()
-                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                    await flusher
+                await cancel_and_wait([flusher], aiomqtt.MqttError)
 
     async def run(self) -> None:
         """Subscribe and ingest forever; reconnect with capped backoff."""

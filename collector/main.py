@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -16,6 +15,7 @@ import uvicorn
 
 from cladnet import logs, tokens
 from cladnet.alarms import AlarmEngine
+from cladnet.tasks import cancel_and_wait
 from collector.api import RuleBook, create_app
 from collector.ingest import BrokerSettings, Ingest
 from collector.notify import Notifier, SmtpSettings
@@ -127,11 +127,7 @@ async def serve(args: argparse.Namespace) -> None:
     try:
         await server.serve()
     finally:
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_and_wait(tasks)
         await ingest.flush()
         await notifier.close()
         await store.close()

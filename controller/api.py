@@ -38,6 +38,7 @@ from cladnet.models import (
     TokenCreate,
 )
 from cladnet.ratelimit import RateLimiter
+from cladnet.tasks import cancel_and_wait
 from controller import auth, tls
 from controller import keyspace as ks
 from controller.audit import AuditLog, is_audited
@@ -221,9 +222,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
-            background.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await background
+            await cancel_and_wait([background])
             await app.state.hubs.close()
             await etcd.close()
 

@@ -8,7 +8,6 @@ absent transaction wins within one TTL. No home-made consensus: etcd decides.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 from collections.abc import Callable, Coroutine
@@ -16,6 +15,7 @@ from typing import Any
 
 from aetcd import transactions as tx
 
+from cladnet.tasks import cancel_and_wait
 from controller import keyspace as ks
 from controller.etcd import Etcd
 
@@ -65,10 +65,7 @@ class Leadership:
                 job = asyncio.create_task(self.job())
                 hold = asyncio.create_task(self._hold(lease))
                 await asyncio.wait({job, hold}, return_when=asyncio.FIRST_COMPLETED)
-                for t in (job, hold):
-                    t.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await t
+                await cancel_and_wait([job, hold], Exception)
                 log.warning("stopped leading", extra={"job": self.name})
             except asyncio.CancelledError:
                 raise

@@ -20,6 +20,7 @@ from typing import Any
 from aetcd import exceptions as etcd_errors
 from aetcd import rpc
 
+from cladnet.tasks import cancel_and_wait
 from controller import keyspace as ks
 from controller.etcd import Etcd, prefix_end
 from controller.telemetry import ETCD_WATCH_RESTARTS, WATCH_EVENTS, WATCHERS
@@ -203,10 +204,7 @@ class NetworkHub:
             self.idle_since = asyncio.get_running_loop().time()
 
     async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.task
+        await cancel_and_wait([self.task], Exception)
         self._close_all()
 
 

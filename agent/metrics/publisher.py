@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import aiomqtt
 
 from agent.metrics.spool import Spool
+from cladnet.tasks import cancel_and_wait
 
 log = logging.getLogger("cladnet.agent")
 
@@ -144,9 +145,6 @@ class Publisher:
                 )
             finally:
                 self.connected = False
-                if acks is not None:
-                    acks.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                        await acks
+                await cancel_and_wait([acks], aiomqtt.MqttError)
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, 30.0)

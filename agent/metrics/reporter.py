@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -17,6 +16,7 @@ from agent.metrics.publisher import Broker, Publisher
 from agent.metrics.spool import Spool, SpoolLimits
 from cladnet import metrics
 from cladnet.mesh import DeviceState
+from cladnet.tasks import cancel_and_wait
 
 log = logging.getLogger("cladnet.agent")
 
@@ -155,9 +155,5 @@ class MetricsReporter:
                     log.warning("metrics pass failed", extra={"error": repr(exc)})
                 await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
         finally:
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await t
+            await cancel_and_wait(tasks)
             self.prober.close()
