@@ -8,13 +8,9 @@ routers' nftables tables go with their namespaces).
 
 from __future__ import annotations
 
-import secrets
-import subprocess
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from tests.netns import sh
+from tests.netns import Namespaces, sh
 
 
 @dataclass
@@ -27,37 +23,21 @@ class Cloud:
     forwards: dict[int, str] = field(default_factory=dict)  # public UDP port → private ip
 
 
-@dataclass
-class MultiCloud:
+@dataclass(kw_only=True)
+class MultiCloud(Namespaces):
     """``internet`` is ``<inet>.0/24`` on a bridge in the root namespace (``.1`` is ours)."""
 
     inet: str = "172.29.0"
-    tag: str = field(default_factory=lambda: secrets.token_hex(2))
     clouds: dict[str, Cloud] = field(default_factory=dict)
-    namespaces: list[str] = field(default_factory=list)
-    links: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.bridge = f"cl-{self.tag}-net"
-        sh("ip", "link", "add", self.bridge, "type", "bridge")
-        self.links.append(self.bridge)
-        sh("ip", "addr", "add", f"{self.gateway}/24", "dev", self.bridge)
-        sh("ip", "link", "set", self.bridge, "up")
+        self.add_bridge(self.bridge, self.gateway)
 
     @property
     def gateway(self) -> str:
         """Our address on the internet: where the controller and broker listen."""
         return f"{self.inet}.1"
-
-    def ns(self, *args: str, check: bool = True):  # type: ignore[no-untyped-def]
-        return sh("ip", "netns", "exec", *args, check=check)
-
-    # The same interface as tests.netns.Lab, so tests.test_agent_mesh.Agent runs here.
-    def run(self, ns: str, *args: str, check: bool = True, timeout: float = 20):  # type: ignore[no-untyped-def]
-        return sh("ip", "netns", "exec", ns, *args, check=check, timeout=timeout)
-
-    def popen(self, ns: str, args: Sequence[str], **kw: Any) -> subprocess.Popen:
-        return subprocess.Popen(["ip", "netns", "exec", ns, *args], **kw)
 
     def add_cloud(self, name: str, subnet: str, public_host: int) -> Cloud:
         cloud = Cloud(name, subnet, f"{self.inet}.{public_host}")
@@ -70,18 +50,18 @@ class MultiCloud:
         self.links.append(outside)
         sh("ip", "link", "set", outside, "master", self.bridge, "up")
         r = cloud.router
-        self.ns(r, "ip", "link", "set", "lo", "up")
-        self.ns(r, "ip", "addr", "add", f"{cloud.public}/24", "dev", "wan")
-        self.ns(r, "ip", "link", "set", "wan", "up")
-        self.ns(r, "ip", "link", "add", "lan", "type", "bridge")
-        self.ns(r, "ip", "addr", "add", f"{subnet}.1/24", "dev", "lan")
-        self.ns(r, "ip", "link", "set", "lan", "up")
-        self.ns(r, "sysctl", "-qw", "net.ipv4.ip_forward=1")  # this namespace only
-        self.ns(r, "nft", "add table ip cl-nat")
+        self.run(r, "ip", "link", "set", "lo", "up")
+        self.run(r, "ip", "addr", "add", f"{cloud.public}/24", "dev", "wan")
+        self.run(r, "ip", "link", "set", "wan", "up")
+        self.run(r, "ip", "link", "add", "lan", "type", "bridge")
+        self.run(r, "ip", "addr", "add", f"{subnet}.1/24", "dev", "lan")
+        self.run(r, "ip", "link", "set", "lan", "up")
+        self.run(r, "sysctl", "-qw", "net.ipv4.ip_forward=1")  # this namespace only
+        self.run(r, "nft", "add table ip cl-nat")
         chain = "add chain ip cl-nat post { type nat hook postrouting priority 100 ; }"
-        self.ns(r, "nft", chain)
-        self.ns(r, "nft", 'add rule ip cl-nat post oifname "wan" masquerade')
-        self.ns(r, "nft", "add chain ip cl-nat pre { type nat hook prerouting priority -100 ; }")
+        self.run(r, "nft", chain)
+        self.run(r, "nft", 'add rule ip cl-nat post oifname "wan" masquerade')
+        self.run(r, "nft", "add chain ip cl-nat pre { type nat hook prerouting priority -100 ; }")
         self.clouds[name] = cloud
         return cloud
 
@@ -93,12 +73,12 @@ class MultiCloud:
         self.namespaces.append(host)
         sh("ip", "link", "add", "eth0", "netns", host, "type", "veth", "peer", "name",
            f"h{index}", "netns", cloud.router)  # fmt: skip
-        self.ns(cloud.router, "ip", "link", "set", f"h{index}", "master", "lan", "up")
-        self.ns(host, "ip", "link", "set", "lo", "up")
-        self.ns(host, "ip", "addr", "add", f"{self.host_address(cloud_name, index)}/24", "dev",
+        self.run(cloud.router, "ip", "link", "set", f"h{index}", "master", "lan", "up")
+        self.run(host, "ip", "link", "set", "lo", "up")
+        self.run(host, "ip", "addr", "add", f"{self.host_address(cloud_name, index)}/24", "dev",
                 "eth0")  # fmt: skip
-        self.ns(host, "ip", "link", "set", "eth0", "up")
-        self.ns(host, "ip", "route", "add", "default", "via", f"{cloud.subnet}.1")
+        self.run(host, "ip", "link", "set", "eth0", "up")
+        self.run(host, "ip", "route", "add", "default", "via", f"{cloud.subnet}.1")
         cloud.hosts.append(host)
         return host
 
@@ -116,10 +96,10 @@ class MultiCloud:
         self._apply_forwards(cloud)
 
     def _apply_forwards(self, cloud: Cloud) -> None:
-        self.ns(cloud.router, "nft", "flush chain ip cl-nat pre")
+        self.run(cloud.router, "nft", "flush chain ip cl-nat pre")
         for port, ip in cloud.forwards.items():
             rule = f'add rule ip cl-nat pre iifname "wan" udp dport {port} dnat to {ip}:{port}'
-            self.ns(cloud.router, "nft", rule)
+            self.run(cloud.router, "nft", rule)
 
     def move_host(self, cloud_name: str, index: int, generation: int) -> str:
         """Give a host a new private address (its port-forwards follow, as in a cloud)."""
@@ -127,9 +107,9 @@ class MultiCloud:
         host = f"cl-{self.tag}-{cloud_name}{index}"
         old = self.host_address(cloud_name, index)
         new = self.host_address(cloud_name, index, generation)
-        self.ns(host, "ip", "addr", "del", f"{old}/24", "dev", "eth0")
-        self.ns(host, "ip", "addr", "add", f"{new}/24", "dev", "eth0")
-        self.ns(host, "ip", "route", "replace", "default", "via", f"{cloud.subnet}.1")
+        self.run(host, "ip", "addr", "del", f"{old}/24", "dev", "eth0")
+        self.run(host, "ip", "addr", "add", f"{new}/24", "dev", "eth0")
+        self.run(host, "ip", "route", "replace", "default", "via", f"{cloud.subnet}.1")
         cloud.forwards = {p: (new if ip == old else ip) for p, ip in cloud.forwards.items()}
         self._apply_forwards(cloud)
         return new
@@ -143,17 +123,7 @@ class MultiCloud:
         new = f"{self.inet}.{public_host}"
         # Removing the old address also drops masquerade's connection-tracking entries.
         # (Old first: deleting a primary address deletes its secondaries with it.)
-        self.ns(cloud.router, "ip", "addr", "del", f"{cloud.public}/24", "dev", "wan")
-        self.ns(cloud.router, "ip", "addr", "add", f"{new}/24", "dev", "wan")
+        self.run(cloud.router, "ip", "addr", "del", f"{cloud.public}/24", "dev", "wan")
+        self.run(cloud.router, "ip", "addr", "add", f"{new}/24", "dev", "wan")
         cloud.public = new
         return new
-
-    def ping(self, ns: str, address: str, count: int = 1, wait: float = 1) -> bool:
-        r = self.ns(ns, "ping", "-c", str(count), "-W", str(wait), address, check=False)
-        return r.returncode == 0
-
-    def cleanup(self) -> None:
-        for ns in reversed(self.namespaces):
-            sh("ip", "netns", "del", ns, check=False)
-        for link in self.links:
-            sh("ip", "link", "del", link, check=False)

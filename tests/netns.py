@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -33,22 +34,48 @@ def sh(*args: str, check: bool = True, timeout: float = 20) -> subprocess.Comple
     return r
 
 
-@dataclass
-class Lab:
-    """A bridge in the root namespace and hosts (namespaces) attached to it."""
+@dataclass(kw_only=True)
+class Namespaces:
+    """Network namespaces and root-namespace links made by a test, removed by ``cleanup``."""
 
-    subnet_prefix: str  # e.g. "192.168.241" → bridge .1, hosts .11, .12, …
     tag: str = field(default_factory=lambda: secrets.token_hex(2))
     namespaces: list[str] = field(default_factory=list)
     links: list[str] = field(default_factory=list)
+
+    def add_bridge(self, name: str, address: str) -> None:
+        """A bridge in the root namespace with our ``address/24`` on it."""
+        sh("ip", "link", "add", name, "type", "bridge")
+        self.links.append(name)
+        sh("ip", "addr", "add", f"{address}/24", "dev", name)
+        sh("ip", "link", "set", name, "up")
+
+    def run(self, ns: str, *args: str, check: bool = True, timeout: float = 20):  # type: ignore[no-untyped-def]
+        return sh("ip", "netns", "exec", ns, *args, check=check, timeout=timeout)
+
+    def popen(self, ns: str, args: Sequence[str], **kw: Any) -> subprocess.Popen:
+        return subprocess.Popen(["ip", "netns", "exec", ns, *args], **kw)
+
+    def ping(self, ns: str, address: str, count: int = 1, wait: float = 1) -> bool:
+        r = self.run(ns, "ping", "-c", str(count), "-W", str(wait), address, check=False)
+        return r.returncode == 0
+
+    def cleanup(self) -> None:
+        for ns in reversed(self.namespaces):
+            sh("ip", "netns", "del", ns, check=False)
+        for link in self.links:
+            sh("ip", "link", "del", link, check=False)
+
+
+@dataclass(kw_only=True)
+class Lab(Namespaces):
+    """A bridge in the root namespace and hosts (namespaces) attached to it."""
+
+    subnet_prefix: str  # e.g. "192.168.241" → bridge .1, hosts .11, .12, …
     bridge: str = ""
 
     def __post_init__(self) -> None:
         self.bridge = f"cl-br{self.tag}"
-        sh("ip", "link", "add", self.bridge, "type", "bridge")
-        self.links.append(self.bridge)
-        sh("ip", "addr", "add", f"{self.gateway}/24", "dev", self.bridge)
-        sh("ip", "link", "set", self.bridge, "up")
+        self.add_bridge(self.bridge, self.gateway)
 
     @property
     def gateway(self) -> str:
@@ -72,19 +99,3 @@ class Lab:
 
     def address(self, index: int, generation: int = 0) -> str:
         return f"{self.subnet_prefix}.{10 + index + 100 * generation}"
-
-    def run(self, ns: str, *args: str, check: bool = True, timeout: float = 20):
-        return sh("ip", "netns", "exec", ns, *args, check=check, timeout=timeout)
-
-    def popen(self, ns: str, args: Sequence[str], **kw) -> subprocess.Popen:
-        return subprocess.Popen(["ip", "netns", "exec", ns, *args], **kw)
-
-    def ping(self, ns: str, address: str, count: int = 1, wait: float = 1) -> bool:
-        r = self.run(ns, "ping", "-c", str(count), "-W", str(wait), address, check=False)
-        return r.returncode == 0
-
-    def cleanup(self) -> None:
-        for ns in self.namespaces:
-            sh("ip", "netns", "del", ns, check=False)
-        for link in self.links:
-            sh("ip", "link", "del", link, check=False)

@@ -50,7 +50,7 @@ def world(tmp_path_factory) -> Iterator[tuple[MultiCloud, Controller, list[Agent
             for i in range(1, count + 1):
                 ns = net.add_host(name, i)
                 net.forward(name, port_no, net.host_address(name, i))
-                agent = Agent(net, len(agents) + 1, ns, tmp / f"agent-{name}{i}",  # type: ignore[arg-type]
+                agent = Agent(net, len(agents) + 1, ns, tmp / f"agent-{name}{i}",
                               f"cl-{net.tag}{name}{i}")  # fmt: skip
                 # Distinct ports, each forwarded by the cloud's NAT to its host: the
                 # host is reached at <cloud public address>:<its port>.
@@ -164,7 +164,7 @@ def test_controller_outage_keeps_tunnels_and_agents_resync(world) -> None:
         token = make_token(admin, "clouds")
     ns = net.add_host("a", 3)
     net.forward("a", 51899, net.host_address("a", 3))
-    late = Agent(net, len(agents) + 1, ns, tmp / "agent-a3", f"cl-{net.tag}a3")  # type: ignore[arg-type]
+    late = Agent(net, len(agents) + 1, ns, tmp / "agent-a3", f"cl-{net.tag}a3")
     agents.append(late)
     late.start("join", "--controller", ctl.url, "--token", token, "--hostname", "a3",
                "--interface", late.interface, "--listen-port", "51899", "--label", "cloud=a",

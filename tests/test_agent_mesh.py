@@ -21,13 +21,13 @@ from tests.components import (
     free_port,
     wait_until,
 )
-from tests.netns import Lab, need_root
+from tests.netns import Lab, Namespaces, need_root
 from tests.test_controller_api import make_network, make_token
 
 
 @dataclass
 class Agent:
-    lab: Lab
+    lab: Namespaces
     index: int
     ns: str
     state_dir: Path
