@@ -37,10 +37,8 @@ import gc
 import json
 import math
 import os
-import platform
 import re
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,12 +53,13 @@ sys.path.insert(0, str(REPO))
 import aetcd  # noqa: E402
 import httpx  # noqa: E402
 
+from bench import common  # noqa: E402
+from bench.common import cpu_seconds, percentile, rss_bytes  # noqa: E402
 from cladnet.keys import generate_keypair  # noqa: E402
 from tests.components import ADMIN_TOKEN, Controller, Etcd, free_port  # noqa: E402
 
 HOST = "127.0.0.1"
 TARGETS_P99_SECONDS = {1000: 1.0, 5000: 3.0}
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 # File descriptors beyond the N streams: etcd/gRPC, httpx clients, logs, slack.
 FD_SLACK = 256
 # Rough resident memory per watcher (controller + this process), for a feasibility check.
@@ -76,33 +75,12 @@ def log(message: str) -> None:
 
 
 def machine_facts() -> dict[str, Any]:
-    """What the figures were measured on: they mean little without it."""
-    try:
-        etcd_version = subprocess.run(
-            ["etcd", "--version"], capture_output=True, text=True, timeout=10
-        ).stdout.splitlines()[0]
-    except (OSError, IndexError, subprocess.SubprocessError) as exc:
-        etcd_version = f"unknown ({exc!r})"
+    """The shared facts, plus memory and file-descriptor limits (they bound N)."""
     return {
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
+        **common.machine_facts("aetcd", "uvicorn"),
         "mem_available_mb": mem_available() // 2**20,
-        "etcd_version": etcd_version,
-        "aetcd_version": _dist_version("aetcd"),
-        "uvicorn_version": _dist_version("uvicorn"),
         "rlimit_nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
     }
-
-
-def _dist_version(name: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def mem_available() -> int:
@@ -111,29 +89,6 @@ def mem_available() -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return 0
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (from /proc/<pid>/stat)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100) of an already sorted sequence."""
-    if not sorted_values:
-        return None
-    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
-    return sorted_values[rank - 1]
 
 
 def ms(seconds: float | None) -> float | None:

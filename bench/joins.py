@@ -31,13 +31,11 @@ import ipaddress
 import json
 import math
 import os
-import platform
 import re
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,12 +47,13 @@ import aetcd  # noqa: E402
 import httpx  # noqa: E402
 from aetcd import transactions as tx  # noqa: E402
 
+from bench import common  # noqa: E402
+from bench.common import cpu_seconds, percentile  # noqa: E402
 from cladnet.keys import generate_keypair  # noqa: E402
 from tests.components import Controller, Etcd, free_port  # noqa: E402
 
 TARGET_JOINS_PER_SECOND = 300.0
 CONNECTIONS_PER_CLIENT = 8
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def log(message: str) -> None:
@@ -66,55 +65,16 @@ def log(message: str) -> None:
 
 
 def machine_facts() -> dict[str, Any]:
-    """What the figures were measured on: they mean little without it."""
-    try:
-        etcd_version = subprocess.run(
-            ["etcd", "--version"], capture_output=True, text=True, timeout=10
-        ).stdout.splitlines()[0]
-    except (OSError, IndexError, subprocess.SubprocessError) as exc:
-        etcd_version = f"unknown ({exc!r})"
     return {
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "etcd_version": etcd_version,
-        "aetcd_version": _dist_version("aetcd"),
-        "httpx_version": _dist_version("httpx"),
-        "uvicorn_version": _dist_version("uvicorn"),
+        **common.machine_facts("aetcd", "httpx", "uvicorn"),
         # Without sniffio, httpcore retries `import sniffio` (a failing path search)
         # for every pooled-connection lock: ~15% of this client's CPU.
-        "sniffio_installed": _dist_version("sniffio") is not None,
+        "sniffio_installed": common.dist_version("sniffio") is not None,
     }
-
-
-def _dist_version(name: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100) of an already sorted sequence."""
-    if not sorted_values:
-        return None
-    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
-    return sorted_values[rank - 1]
 
 
 def ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (from /proc/<pid>/stat)."""
-    with open(f"/proc/{pid}/stat") as f:
-        # The command name may contain spaces; fields after the closing ')' are fixed.
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def own_cpu_seconds() -> float:
