@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from cladnet.keys import generate_keypair
-from tests.components import Controller, Etcd, free_port, wait_until
+from tests.components import Controller, Etcd, free_port
 from tests.netns import Lab, sh
 from tests.test_agent_mesh import Agent
 from tests.test_controller_api import make_network, make_token
@@ -46,10 +46,6 @@ def _first_ping(lab: Lab, ns: str, address: str, started: float, limit: float = 
             return time.monotonic() - started
         time.sleep(0.02)
     raise TimeoutError(f"no ping to {address} from {ns}")
-
-
-def _overlay_ip(agent: Agent) -> str:
-    return wait_until(lambda: (agent.membership() or {}).get("me", {}).get("overlay_ip"), 30)
 
 
 def _rcvbuf_errors(lab: Lab, ns: str) -> int:
@@ -109,7 +105,7 @@ def main() -> None:
         first = [agent(i) for i in range(1, hosts)]
         for a in first:
             a.join(ctl.url, token)
-        ips = {a.index: _overlay_ip(a) for a in first}
+        ips = {a.index: a.overlay_ip(30) for a in first}
         for a in first[1:]:
             _first_ping(lab, a.ns, ips[first[0].index], time.monotonic(), 60)
         joins = []

@@ -71,17 +71,9 @@ def world(tmp_path_factory) -> Iterator[tuple[MultiCloud, Controller, list[Agent
             Path(f"/var/run/wireguard/{a.interface}.sock").unlink(missing_ok=True)
 
 
-def _ip(agent: Agent) -> str:
-    return wait_until(
-        lambda: (agent.membership() or {}).get("me", {}).get("overlay_ip"),
-        30,
-        what=f"{agent.ns} to join",
-    )
-
-
 def _full_mesh(net: MultiCloud, agents: list[Agent], timeout: float = 60) -> float:
     started = time.monotonic()
-    ips = {a.index: _ip(a) for a in agents}
+    ips = {a.index: a.overlay_ip(30) for a in agents}
     for a in agents:
         for b in agents:
             if a is not b:
@@ -118,7 +110,7 @@ def test_full_mesh_with_private_endpoints_inside_and_public_across(world) -> Non
 def test_public_and_private_address_change_recovers(world) -> None:
     net, ctl, agents, _ = world
     mover = next(a for a in agents if a.ns.endswith("-c1"))
-    ip_mover = _ip(mover)
+    ip_mover = mover.overlay_ip(30)
     # Cloud c's NAT gets a new public address, and the VM a new private one.
     started = time.monotonic()
     new_public = net.move_public_address("c", 23)
@@ -155,9 +147,9 @@ def test_controller_outage_keeps_tunnels_and_agents_resync(world) -> None:
     net, ctl, agents, tmp = world
     ctl.stop()
     a, b = agents[0], agents[-1]
-    assert net.ping(a.ns, _ip(b), count=3), "tunnels must not depend on the controller"
+    assert net.ping(a.ns, b.overlay_ip(30), count=3), "tunnels must not depend on the controller"
     time.sleep(3)
-    assert net.ping(b.ns, _ip(a), count=2)
+    assert net.ping(b.ns, a.overlay_ip(30), count=2)
     ctl.start()
     # A host joining now reaches everyone: the others resynced with the controller.
     with ctl.client() as admin:

@@ -101,6 +101,14 @@ class Agent:
         files = list(self.state_dir.glob("networks/*/membership.json"))
         return json.loads(files[0].read_text()) if files else None
 
+    def overlay_ip(self, timeout: float = 15) -> str:
+        """The overlay address, once the join has saved it."""
+        return wait_until(
+            lambda: (self.membership() or {}).get("me", {}).get("overlay_ip"),
+            timeout,
+            what=f"{self.ns} to join",
+        )
+
     def log_text(self) -> str:
         return "\n".join(p.read_text() for p in self.logs if p.exists())[-4000:]
 
@@ -157,15 +165,8 @@ def _setup(mesh_controller: Controller, agents, n: int, **net) -> tuple[list[Age
     return hosts, token
 
 
-def _overlay_ip(agent: Agent) -> str:
-    return wait_until(
-        lambda: (agent.membership() or {}).get("me", {}).get("overlay_ip"),
-        what=f"agent {agent.index} to join",
-    )
-
-
 def _full_mesh(hosts: list[Agent], timeout: float = 20) -> None:
-    ips = {a.index: _overlay_ip(a) for a in hosts}
+    ips = {a.index: a.overlay_ip() for a in hosts}
     for a in hosts:
         wait_until(
             lambda a=a: len(a.wg_peers()) == len(hosts) - 1, timeout, what=f"peers on vm{a.index}"
@@ -199,7 +200,7 @@ def test_agents_build_a_full_mesh_and_follow_changes(mesh_controller, agents) ->
         )
 
     # It leaves: its peer disappears everywhere, its interface goes, its IP is released.
-    ip = _overlay_ip(new)
+    ip = new.overlay_ip()
     new.stop()
     r = new.lab.run(
         new.ns,
@@ -227,7 +228,7 @@ def test_underlay_address_change_recovers_without_restarts(mesh_controller, agen
     hosts, _ = _setup(mesh_controller, agents, 2)
     _full_mesh(hosts)
     a, b = hosts
-    ip_a = _overlay_ip(a)
+    ip_a = a.overlay_ip()
     # vm2's address changes (suspend/resume in a cloud): nobody is restarted.
     old, new = lab.address(2), lab.address(2, generation=1)
     # (Deleting the old primary address first: deleting it second would take the
@@ -259,7 +260,7 @@ def test_restart_restores_tunnels_while_controller_is_down(mesh_controller, agen
     hosts, _ = _setup(mesh_controller, agents, 2)
     _full_mesh(hosts)
     a, b = hosts
-    ip_b = _overlay_ip(b)
+    ip_b = b.overlay_ip()
     # The controller goes away: tunnels stay up.
     mesh_controller.stop()
     assert lab.ping(a.ns, ip_b, count=3)
