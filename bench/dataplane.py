@@ -73,7 +73,7 @@ def main() -> None:
     args = p.parse_args()
     hosts, reps, seconds = (3, 1, 2) if args.smoke else (6, 3, 5)
     tmp = Path(tempfile.mkdtemp(prefix="cl-bench-"))
-    lab = Lab(subnet_prefix="192.168.244")
+    lab = Lab()
     port = free_port()
     etcd = Etcd(url=f"http://127.0.0.1:{port}", data_dir=tmp / "etcd", client_port=port,
                 peer_port=free_port())  # fmt: skip

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tests.netns import Namespaces, sh
+from tests.netns import Namespaces, free_prefix, sh
 
 
 @dataclass
@@ -27,7 +27,7 @@ class Cloud:
 class MultiCloud(Namespaces):
     """``internet`` is ``<inet>.0/24`` on a bridge in the root namespace (``.1`` is ours)."""
 
-    inet: str = "172.29.0"
+    inet: str = field(default_factory=lambda: free_prefix([f"172.29.{n}" for n in range(256)]))
     clouds: dict[str, Cloud] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

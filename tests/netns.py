@@ -34,6 +34,19 @@ def sh(*args: str, check: bool = True, timeout: float = 20) -> subprocess.Comple
     return r
 
 
+def free_prefix(candidates: Sequence[str]) -> str:
+    """The first ``a.b.c`` of ``candidates`` with no address of this machine in ``a.b.c.0/24``.
+
+    A bridge left by a killed run keeps its address; a new lab on the same /24 would
+    route into the old bridge, so each lab takes a /24 nobody uses.
+    """
+    used = sh("ip", "-4", "-o", "addr", "show").stdout
+    for prefix in candidates:
+        if f" {prefix}." not in used:
+            return prefix
+    raise RuntimeError(f"no free /24 among {candidates[0]}… for a test lab")
+
+
 @dataclass(kw_only=True)
 class Namespaces:
     """Network namespaces and root-namespace links made by a test, removed by ``cleanup``."""
@@ -70,7 +83,10 @@ class Namespaces:
 class Lab(Namespaces):
     """A bridge in the root namespace and hosts (namespaces) attached to it."""
 
-    subnet_prefix: str  # e.g. "192.168.241" → bridge .1, hosts .11, .12, …
+    # e.g. "192.168.241" → bridge .1, hosts .11, .12, …
+    subnet_prefix: str = field(
+        default_factory=lambda: free_prefix([f"192.168.{n}" for n in range(240, 255)])
+    )
     bridge: str = ""
 
     def __post_init__(self) -> None:

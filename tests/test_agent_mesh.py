@@ -116,7 +116,7 @@ class Agent:
 @pytest.fixture
 def lab() -> Iterator[Lab]:
     need_root()
-    lab = Lab(subnet_prefix="192.168.243")
+    lab = Lab()
     try:
         yield lab
     finally:
@@ -181,12 +181,12 @@ def _full_mesh(hosts: list[Agent], timeout: float = 20) -> None:
                 ), a.log_text()
 
 
-def test_agents_build_a_full_mesh_and_follow_changes(mesh_controller, agents) -> None:
+def test_agents_build_a_full_mesh_and_follow_changes(mesh_controller, agents, lab) -> None:
     hosts, token = _setup(mesh_controller, agents, 3)
     _full_mesh(hosts)
     # Same site (same underlay subnet and observed address): private endpoints are used.
     peers = hosts[0].wg_peers()
-    assert all(p["endpoint"].startswith("192.168.243.") for p in peers.values()), peers
+    assert all(p["endpoint"].startswith(f"{lab.subnet_prefix}.") for p in peers.values()), peers
 
     # A fourth host joins: the others add exactly one peer; existing sessions stay.
     before = {pub: p["handshake"] for pub, p in hosts[0].wg_peers().items()}
