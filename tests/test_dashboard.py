@@ -1,17 +1,32 @@
-"""The dashboard in a real headless Chromium: it loads, draws the seeded mesh, and
-shows a broken pair as broken. A screenshot goes to artifacts/dashboard.png."""
+"""The dashboard in a real headless Chromium: it loads, draws the seeded mesh, shows a
+broken pair as broken, and charts a host's metrics from a real collector (with an
+interface picker for the per-interface network series). A screenshot goes to
+artifacts/dashboard.png."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from cladnet.keys import generate_keypair
-from tests.components import ADMIN_TOKEN, REPO, Controller
+from cladnet.metrics import Batch
+from tests.components import (
+    ADMIN_TOKEN,
+    MQTT_ADMIN_PASSWORD,
+    REPO,
+    Controller,
+    Etcd,
+    Mosquitto,
+    free_port,
+)
 from tests.test_controller_api import make_network, make_token
+from tests.test_monitoring import _publish
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -34,7 +49,45 @@ def browser():
         driver.quit()
 
 
-def _seed(ctl: Controller) -> None:
+@pytest.fixture
+def dashboard(
+    etcd: Etcd, mosquitto: Mosquitto, make_collector, tmp_path: Path, monkeypatch
+) -> Iterator[tuple[Controller, Mosquitto]]:
+    """A controller whose dashboard charts from a collector that lets it call (CORS)."""
+    ctl = Controller(etcd_url=etcd.url, state_dir=tmp_path / "ctl", port=free_port())
+    # The collector reads its allowed origins from the environment it inherits.
+    monkeypatch.setenv("CLADNET_CORS_ORIGINS", ctl.url)
+    collector = make_collector()
+    ctl.extra_env = {
+        "CLADNET_COLLECTOR_URL": collector.url,
+        "CLADNET_MQTT_URL": mosquitto.url,
+        "CLADNET_MQTT_ADMIN_PASSWORD": MQTT_ADMIN_PASSWORD,
+    }
+    ctl.start()
+    try:
+        yield ctl, mosquitto
+    finally:
+        ctl.stop()
+
+
+def _publish_metrics(ctl: Controller, broker: Mosquitto, host: dict) -> None:
+    """A few batches of one host with three interfaces, the WireGuard one among them."""
+    with ctl.client(token=host["credential"]) as c:
+        r = c.post(f"/v1/hosts/{host['host_id']}/metrics-credentials")
+    r.raise_for_status()
+    creds, now = r.json(), time.time()
+    for seq in range(4):
+        b = Batch(network="web", host="vm3", seq=seq, ts=now - 40 + 10 * seq, interval=10.0)
+        b.add("cpu_usage_ratio", 0.1 * seq)
+        b.add("memory_usage_ratio", 0.5)
+        # Different shapes, so the chart visibly changes with the picked interface.
+        b.add("network_receive_bytes_total", 1000.0 * seq * seq, interface="cl-web")
+        b.add("network_receive_bytes_total", 5000.0 + 1000 * seq, interface="eth0")
+        b.add("network_receive_bytes_total", 10.0, interface="lo")
+        asyncio.run(_publish(broker, creds, creds["topic"], b.encode()))
+
+
+def _seed(ctl: Controller) -> dict[str, dict]:
     with ctl.client() as admin:
         make_network(admin, "web", cidr="10.70.0.0/24")
         token = make_token(admin, "web")
@@ -55,14 +108,19 @@ def _seed(ctl: Controller) -> None:
         with ctl.client(token=hosts[name]["credential"]) as c:
             c.post(f"/v1/hosts/{ids[name]}/heartbeat", json={}).raise_for_status()
             c.post(f"/v1/hosts/{ids[name]}/status", json={"peers": peers}).raise_for_status()
+    return hosts
 
 
-def test_the_dashboard_draws_the_mesh_and_a_broken_pair(browser, controller: Controller) -> None:
+def test_the_dashboard_draws_the_mesh_a_broken_pair_and_charts(
+    browser, dashboard: tuple[Controller, Mosquitto]
+) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    _seed(controller)
+    controller, broker = dashboard
+    hosts = _seed(controller)
+    _publish_metrics(controller, broker, hosts["vm3"])
     wait = WebDriverWait(browser, 20)
     browser.get(f"{controller.url}/ui/")
     # A wrong token is refused with a message.
@@ -85,9 +143,29 @@ def test_the_dashboard_draws_the_mesh_and_a_broken_pair(browser, controller: Con
     }
     assert states == {"vm1|vm2": "ok", "vm1|vm3": "broken", "vm2|vm3": "ok"}
     assert "web: 3 hosts" in browser.find_element(By.ID, "mesh-title").text
-    # The host panel opens on a click.
+
+    # The host panel opens on a click, with a chart per metric drawn from the collector;
+    # the network chart picks the WireGuard interface (cl-web) among the host's three.
     browser.find_element(By.CSS_SELECTOR, "circle[data-host='vm3']").click()
     wait.until(lambda d: "vm3" in d.find_element(By.ID, "host-panel").text)
+    net_path = "svg.chart[data-metric='network_receive_bytes_total'] path"
+
+    def drawn(d) -> str | None:
+        paths = d.find_elements(By.CSS_SELECTOR, net_path)
+        return paths[0].get_attribute("d") if paths else None
+
+    wg_line = wait.until(drawn)
+    assert "ambiguous" not in browser.find_element(By.ID, "host-panel").text
+    for metric in ("cpu_usage_ratio", "memory_usage_ratio"):
+        chart = browser.find_element(By.CSS_SELECTOR, f"svg.chart[data-metric='{metric}']")
+        assert int(chart.get_attribute("data-points")) >= 2
+    picker = Select(browser.find_element(By.ID, "iface-picker"))
+    assert [o.text for o in picker.options] == ["cl-web", "eth0", "lo"]
+    assert picker.first_selected_option.text == "cl-web"
+    # Another interface: the chart is redrawn from that interface's series.
+    picker.select_by_visible_text("eth0")
+    wait.until(lambda d: drawn(d) not in (None, wg_line))
+    assert Select(browser.find_element(By.ID, "iface-picker")).first_selected_option.text == "eth0"
     artifacts = REPO / "artifacts"
     artifacts.mkdir(exist_ok=True)
     browser.save_screenshot(str(artifacts / "dashboard.png"))

@@ -4,7 +4,7 @@
 
 const DOWN_AFTER = 30, BROKEN_AFTER = 180, SVG = "http://www.w3.org/2000/svg";
 const state = { token: sessionStorage.getItem("cladnet-token"), network: null,
-                collector: null, host: null, timer: null };
+                collector: null, host: null, iface: null, timer: null };
 const $ = (id) => document.getElementById(id);
 
 async function api(path, base = "") {
@@ -99,13 +99,14 @@ function drawMesh(hosts) {
     const c = el("circle", { cx: pos[i][0], cy: pos[i][1], r: 22, fill: colour(h),
       "data-host": h.name, "data-up": String(!!up(h, now)) });
     c.append(el("title", {}, `${h.name} ${h.overlay_ip} ${JSON.stringify(h.labels || {})}`));
-    c.onclick = () => { state.host = h; showHost(h); };
+    c.onclick = () => { state.host = h; state.iface = null; showHost(h); };
     svg.append(c, el("text", { x: pos[i][0], y: pos[i][1] + 38 }, h.name));
   });
 }
 
-function chart(points) {
-  const svg = el("svg", { class: "chart", viewBox: "0 0 300 70", preserveAspectRatio: "none" });
+function chart(metric, points) {
+  const svg = el("svg", { class: "chart", viewBox: "0 0 300 70", preserveAspectRatio: "none",
+                          "data-metric": metric, "data-points": points.length });
   if (points.length > 1) {
     const ts = points.map((p) => p[0]), vs = points.map((p) => p[1]);
     const [t0, t1] = [Math.min(...ts), Math.max(...ts)], top = Math.max(...vs, 1);
@@ -114,6 +115,28 @@ function chart(points) {
     svg.append(el("path", { d, fill: "none", stroke: "#1d3557", "stroke-width": 1.5 }));
   }
   return svg;
+}
+
+// The agent names its WireGuard interface like agent/main.py's interface_name().
+const wgInterface = (network) => ("cl-" + network.replace(/[^a-zA-Z0-9-]/g, "")).slice(0, 15);
+
+// A host has one network_receive_bytes_total per interface; the collector refuses to
+// guess (ambiguous series), so the chart asks for the interface picked here.
+async function interfacePicker(h) {
+  const latest = await api(`/v1/hosts/${encodeURIComponent(h.name)}/latest?network=${
+    encodeURIComponent(state.network)}`, state.collector);
+  const names = Object.keys(latest.metrics)
+    .map((k) => /^network_receive_bytes_total\{interface="(.*)"\}$/.exec(k))
+    .filter((m) => m).map((m) => m[1]).sort();
+  if (!names.includes(state.iface)) {
+    const wg = wgInterface(state.network);
+    state.iface = names.includes(wg) ? wg : names[0] || null;
+  }
+  const select = Object.assign(document.createElement("select"), { id: "iface-picker" });
+  select.append(...names.map((n) => Object.assign(document.createElement("option"),
+    { value: n, textContent: n, selected: n === state.iface })));
+  select.onchange = () => { state.iface = select.value; showHost(h); };
+  return select;
 }
 
 async function showHost(h) {
@@ -128,9 +151,15 @@ async function showHost(h) {
   if (!state.collector) { panel.append("Charts need a collector (CLADNET_COLLECTOR_URL)."); return; }
   for (const metric of ["cpu_usage_ratio", "memory_usage_ratio", "network_receive_bytes_total"]) {
     try {
-      const q = `/v1/series?host=${encodeURIComponent(h.name)}&metric=${metric}&since=600&step=10`;
+      const title = Object.assign(document.createElement("h3"), { textContent: metric });
+      let q = `/v1/series?host=${encodeURIComponent(h.name)}&metric=${metric}&since=600&step=10`;
+      if (metric === "network_receive_bytes_total") {
+        const picker = await interfacePicker(h);
+        title.append(" ", picker);
+        if (state.iface) { q += `&labels=${encodeURIComponent("interface=" + state.iface)}`; }
+      }
       const data = await api(q, state.collector);
-      panel.append(Object.assign(document.createElement("h3"), { textContent: metric }), chart(data.points));
+      panel.append(title, chart(metric, data.points));
     } catch (e) { panel.append(`${metric}: ${e.message}`); }
   }
 }
