@@ -257,7 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     j.add_argument("--hostname", default=socket.gethostname())
     j.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
-    j.add_argument("--interface", help="WireGuard interface name (default cl-<network>)")
+    j.add_argument(
+        "--interface",
+        default=os.environ.get("CLADNET_INTERFACE"),
+        help="WireGuard interface name (default cl-<network>; env CLADNET_INTERFACE)",
+    )
     j.add_argument("--listen-port", type=int)
     j.add_argument("--replace", action="store_true", help="take over this hostname with a new key")
     j.add_argument("--no-run", action="store_true", help="join and exit (then use 'run')")

@@ -239,6 +239,72 @@ class PeerEvent(BaseModel):
     id: str | None = None
 
 
+# --- groups of VMs -------------------------------------------------------------------------
+
+
+class GroupMember(Strict):
+    """``count`` VMs from one driver in one region."""
+
+    driver: Name
+    region: Annotated[str, Field(min_length=1, max_length=64)]
+    count: Annotated[int, Field(ge=1, le=100)] = 1
+    image: Annotated[str, Field(max_length=200)] = "debian-12"
+    size: Annotated[str, Field(max_length=64)] = "small"
+    labels: Labels = Field(default_factory=dict)
+
+
+class GroupCreate(Strict):
+    name: Name
+    members: Annotated[list[GroupMember], Field(min_length=1, max_length=20)]
+    cidr: str | None = None  # the group's network; recommended space when absent
+    keepalive: Annotated[int, Field(ge=0, le=600)] = DEFAULT_KEEPALIVE
+    metrics_interval: Annotated[float, Field(ge=1, le=3600)] = DEFAULT_METRICS_INTERVAL
+
+
+class GroupAction(Strict):
+    action: Literal["suspend", "resume", "reboot", "terminate", "retry"]
+
+
+class Vm(BaseModel):
+    """A VM of a group as the controller tracks it (``details``: the driver's own ids)."""
+
+    name: str
+    group: str
+    driver: str
+    region: str
+    state: str
+    error: str | None = None
+    failed_op: str | None = None
+    private_ip: str | None = None
+    public_ip: str | None = None
+    overlay_ip: str | None = None
+    details: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+    image: str = "debian-12"
+    size: str = "small"
+    updated_at: float = 0.0
+
+
+class Group(BaseModel):
+    name: str
+    network: str  # the network's name (same as the group's)
+    network_id: str | None = None  # set once the reconciler made the network
+    members: list[GroupMember]
+    cidr: str | None = None
+    keepalive: int = DEFAULT_KEEPALIVE
+    metrics_interval: float = DEFAULT_METRICS_INTERVAL
+    created_at: float
+    deleting: bool = False
+    state: str = ""  # derived when read: see cladnet.groups.group_state
+    counts: dict[str, int] = Field(default_factory=dict)
+    vms: list[Vm] = Field(default_factory=list)
+
+
+class CommandRequest(Strict):
+    command: Annotated[str, Field(min_length=1, max_length=4096)]
+    timeout: Annotated[float, Field(gt=0, le=600)] = 60
+
+
 class ErrorBody(BaseModel):
     error: str
     message: str

@@ -11,6 +11,8 @@
 /cladnet/liveness/<net_id>/<host_id>       last seen + status report (changes often,
                                            kept apart so heartbeats do not wake watchers)
 /cladnet/admin-tokens/<token_id>           admin token hash
+/cladnet/groups/<name>                     Group JSON (members, network, deleting)
+/cladnet/vms/<group>/<vm>                  Vm JSON — its state is the reconciler's to-do
 """
 
 from __future__ import annotations
@@ -82,3 +84,11 @@ def audit(entry_id: str) -> bytes:
 
 def last_segment(key: bytes) -> str:
     return key.decode().rsplit("/", 1)[-1]
+
+
+def group(name: str) -> bytes:
+    return _k("groups", name)
+
+
+def vm(group_name: str, name: str) -> bytes:
+    return _k("vms", group_name, name)

@@ -42,3 +42,9 @@ ETCD_WATCH_RESTARTS = Counter(
     "etcd watches restarted after an error.",
     registry=REGISTRY,
 )
+GROUP_OPERATIONS = Counter(
+    "cladnet_controller_vm_operations_total",
+    "Driver operations on group VMs, by operation and outcome (ok, failed).",
+    ["operation", "outcome"],
+    registry=REGISTRY,
+)
