@@ -183,7 +183,11 @@ def create_app(settings: Settings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        etcd = Etcd(parse_endpoints(settings.etcd))
+        etcd = Etcd(
+            parse_endpoints(settings.etcd),
+            user=settings.etcd_user,
+            password=settings.etcd_password,
+        )
         await etcd.connect()
         store = Store(etcd)
         configured = None

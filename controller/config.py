@@ -11,6 +11,8 @@ from pathlib import Path
 @dataclass
 class Settings:
     etcd: str = "http://127.0.0.1:2379"
+    etcd_user: str | None = None  # etcd authentication; the password never from a flag
+    etcd_password: str | None = None
     listen: str = "127.0.0.1:8470"
     state_dir: Path = Path("/var/lib/cladnet-controller")
     admin_token: str | None = None
@@ -57,6 +59,13 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         default=env.get("CLADNET_ETCD", defaults.etcd),
         help="etcd endpoints, comma separated (env CLADNET_ETCD)",
     )
+    p.add_argument(
+        "--etcd-user",
+        default=env.get("CLADNET_ETCD_USER"),
+        help="etcd user (env CLADNET_ETCD_USER); password from env CLADNET_ETCD_PASSWORD "
+        "or --etcd-password-file",
+    )
+    p.add_argument("--etcd-password-file", type=Path, help="file holding the etcd password")
     p.add_argument(
         "--listen",
         default=env.get("CLADNET_LISTEN", defaults.listen),
@@ -114,10 +123,20 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     given = [a.tls_cert, a.tls_key, a.tls_ca]
     if any(given) and not all(given):
         p.error("--tls-cert, --tls-key and --tls-ca go together")
+    etcd_password = env.get("CLADNET_ETCD_PASSWORD") or None
+    if a.etcd_password_file:
+        try:  # one line; a trailing newline is not part of the password
+            etcd_password = a.etcd_password_file.read_text().rstrip("\r\n")
+        except OSError as exc:
+            p.error(f"--etcd-password-file: {exc}")
+    if bool(a.etcd_user) != bool(etcd_password):
+        p.error("an etcd user needs a password and a password a user")
     if ":" not in a.listen:
         p.error(f"--listen must be HOST:PORT, got {a.listen!r}")
     return Settings(
         etcd=a.etcd,
+        etcd_user=a.etcd_user or None,
+        etcd_password=etcd_password,
         listen=a.listen,
         state_dir=a.state_dir,
         admin_token=env.get("CLADNET_ADMIN_TOKEN") or None,

@@ -33,6 +33,10 @@ GRPC_OPTIONS = {
 CONNECTION_ERRORS = (etcd_errors.ConnectionFailedError, etcd_errors.ConnectionTimeoutError)
 
 
+class EtcdAuthError(RuntimeError):
+    """etcd refused the controller's user name or password."""
+
+
 def prefix_end(prefix: bytes) -> bytes:
     """The range end that covers every key starting with ``prefix``."""
     return prefix[:-1] + bytes([prefix[-1] + 1])
@@ -59,9 +63,17 @@ def parse_endpoints(spec: str) -> list[tuple[str, int]]:
 class Etcd:
     """A failover wrapper around ``aetcd.Client``; use ``call`` for every request."""
 
-    def __init__(self, endpoints: list[tuple[str, int]], timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        endpoints: list[tuple[str, int]],
+        timeout: float = 5.0,
+        user: str | None = None,
+        password: str | None = None,
+    ) -> None:
         self.endpoints = endpoints
         self.timeout = timeout
+        self.user = user
+        self._password = password
         self._index = 0
         self.client = self._new_client()
         self.failovers = 0
@@ -69,28 +81,47 @@ class Etcd:
 
     def _new_client(self) -> aetcd.Client:
         host, port = self.endpoints[self._index]
-        return aetcd.Client(host=host, port=port, timeout=self.timeout, options=GRPC_OPTIONS)
+        return aetcd.Client(
+            host=host,
+            port=port,
+            username=self.user,
+            password=self._password,
+            timeout=self.timeout,
+            options=GRPC_OPTIONS,
+        )
 
     async def connect(self) -> None:
-        await self.client.connect()
+        """Connect to the first endpoint that answers and, with a user, log in.
+
+        Refused credentials raise ``EtcdAuthError``: retrying cannot fix them.
+        """
+        try:
+            await self.call(lambda c: c.connect())
+        except (etcd_errors.InvalidArgumentError, etcd_errors.UnauthenticatedError) as exc:
+            if self.user is None:
+                raise
+            raise EtcdAuthError(f"etcd refused the login of user {self.user!r}: {exc}") from exc
 
     async def close(self) -> None:
         for task in self._closing:
             task.cancel()
         await self.client.close()
 
-    async def _failover(self, failed: aetcd.Client) -> None:
-        if failed is not self.client:  # another task already moved on
+    def _replace(self, failed: aetcd.Client, next_endpoint: bool) -> None:
+        """A new client (to the next endpoint, or the same one to log in again)."""
+        if failed is not self.client:  # another task already replaced it
             return
-        self._index = (self._index + 1) % len(self.endpoints)
-        self.failovers += 1
+        if next_endpoint:
+            self._index = (self._index + 1) % len(self.endpoints)
+            self.failovers += 1
+            log.warning("etcd endpoint failed, trying %s:%s", *self.endpoints[self._index])
+        else:
+            log.info("etcd auth token expired, logging in again as %s", self.user)
         old, self.client = self.client, self._new_client()
-        log.warning("etcd endpoint failed, trying %s:%s", *self.endpoints[self._index])
         # Closing a gRPC channel cancels the calls still on it; let them end first.
         task = asyncio.get_running_loop().create_task(self._close_later(old))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
-        await self.client.connect()
 
     async def _close_later(self, old: aetcd.Client, grace: float = 30.0) -> None:
         await asyncio.sleep(grace)
@@ -109,7 +140,14 @@ class Etcd:
             except CONNECTION_ERRORS:
                 if attempt == attempts - 1:
                     raise
-                await self._failover(client)
+                # The new client connects (and logs in) lazily, inside the next try.
+                self._replace(client, next_endpoint=True)
+            except etcd_errors.UnauthenticatedError:
+                # "invalid auth token": etcd's tokens expire (--auth-token-ttl, an
+                # idle simple token; JWT's ttl). A fresh login gets a new one.
+                if self.user is None or attempt == attempts - 1:
+                    raise
+                self._replace(client, next_endpoint=False)
             except etcd_errors.InternalError:
                 # e.g. "leader changed" during an election: the cluster is fine a moment
                 # later. Every write we make is guarded by compares, so a retry is safe.
