@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -23,6 +24,9 @@ from cladnet.models import (
     AddressSpaces,
     AdminTokenCreate,
     EndpointsUpdate,
+    Group,
+    GroupAction,
+    GroupCreate,
     Heartbeat,
     HeartbeatResponse,
     Host,
@@ -47,6 +51,7 @@ from controller.broker import BrokerAdmin, BrokerError
 from controller.config import Settings
 from controller.errors import ApiError
 from controller.etcd import Etcd, parse_endpoints
+from controller.groups import Drivers, GroupStore, Reconciler
 from controller.leader import Leadership
 from controller.store import Store
 from controller.telemetry import API_ERRORS, HTTP_LATENCY, HTTP_REQUESTS, JOINS, REGISTRY
@@ -120,6 +125,13 @@ Caller = Annotated[Principal, Depends(principal)]
 Admin = Annotated[Principal, Depends(admin)]
 Reader = Annotated[Principal, Depends(reader)]
 Db = Annotated[Store, Depends(store_of)]
+
+
+def groups_of(request: Request) -> GroupStore:
+    return request.app.state.groups
+
+
+Groups = Annotated[GroupStore, Depends(groups_of)]
 
 
 class Observe:
@@ -208,7 +220,22 @@ def create_app(settings: Settings) -> FastAPI:
                     log.info("expired join tokens removed", extra={"count": removed})
                 await asyncio.sleep(settings.janitor_interval)
 
-        app.state.leadership = Leadership(etcd, "janitor", janitor, ttl=settings.leader_ttl)
+        drivers = Drivers(settings.drivers)
+        app.state.groups = GroupStore(etcd, store, drivers)
+        reconciler = Reconciler(
+            app.state.groups,
+            store,
+            settings.controller_url,
+            tls_files.ca_hash if tls_files else None,
+            settings.driver_timeout,
+        )
+
+        async def background_jobs() -> None:
+            await asyncio.gather(janitor(), reconciler.run())
+
+        app.state.leadership = Leadership(
+            etcd, "background", background_jobs, ttl=settings.leader_ttl
+        )
         background = asyncio.create_task(app.state.leadership.run(), name="leadership")
         app.state.join_limit = RateLimiter(settings.join_rate, settings.join_burst)
         app.state.auth_failures = RateLimiter(
@@ -227,6 +254,7 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         finally:
             await cancel_and_wait([background])
+            await drivers.close()
             await app.state.hubs.close()
             await etcd.close()
 
@@ -351,6 +379,40 @@ def create_app(settings: Settings) -> FastAPI:
         _: Reader, db: Db, hosts: Annotated[int, Query(ge=1, le=1_000_000)] = 100
     ) -> AddressSpaces:
         return await db.address_spaces(hosts)
+
+    # --- provisioning: drivers and groups of VMs --------------------------------------
+
+    @app.get("/v1/drivers")
+    async def list_drivers(_: Reader, groups: Groups) -> list[dict[str, Any]]:
+        drivers = []
+        for name in sorted(settings.drivers):
+            regions = await groups.call(groups.drivers.get(name).regions())
+            drivers.append({"name": name, "regions": [dataclasses.asdict(r) for r in regions]})
+        return drivers
+
+    @app.post("/v1/groups", status_code=202)
+    async def create_group(req: GroupCreate, _: Admin, groups: Groups) -> Group:
+        return await groups.create(req)
+
+    @app.get("/v1/groups")
+    async def list_groups(_: Reader, groups: Groups) -> list[Group]:
+        return sorted(await groups.list(), key=lambda g: g.name)
+
+    @app.get("/v1/groups/{name}")
+    async def get_group(name: str, _: Reader, groups: Groups) -> Group:
+        return await groups.get(name)
+
+    @app.post("/v1/groups/{name}/actions", status_code=202)
+    async def group_action(name: str, req: GroupAction, _: Admin, groups: Groups) -> Group:
+        return await groups.act(name, req.action)
+
+    @app.post("/v1/groups/{name}/vms/{vm}/actions", status_code=202)
+    async def vm_action(name: str, vm: str, req: GroupAction, _: Admin, groups: Groups) -> Group:
+        return await groups.act(name, req.action, vm)
+
+    @app.delete("/v1/groups/{name}", status_code=202)
+    async def delete_group(name: str, _: Admin, groups: Groups) -> Group:
+        return await groups.delete(name)
 
     # --- join tokens -------------------------------------------------------------------
 

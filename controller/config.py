@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -39,6 +41,16 @@ class Settings:
     join_burst: float = 1000.0
     auth_failure_rate: float = 1.0
     auth_failure_burst: float = 100.0
+    # Provisioning: driver name → its options (from a JSON file), and the URL new VMs
+    # join at (default: this controller's own listen address).
+    drivers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    advertise_url: str | None = None
+    driver_timeout: float = 300.0
+
+    @property
+    def controller_url(self) -> str:
+        scheme = "https" if self.tls else "http"
+        return self.advertise_url or f"{scheme}://{self.listen}"
 
     @property
     def host(self) -> str:
@@ -119,7 +131,26 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--tls-cert", type=Path, help="serving certificate chain (PEM) to use instead")
     p.add_argument("--tls-key", type=Path, help="its private key (PEM)")
     p.add_argument("--tls-ca", type=Path, help="the CA that signed it (PEM), for agents to pin")
+    p.add_argument(
+        "--drivers",
+        type=Path,
+        default=env.get("CLADNET_DRIVERS"),
+        help='JSON file {"<driver>": {options}} of the provisioning drivers (env CLADNET_DRIVERS)',
+    )
+    p.add_argument(
+        "--advertise-url",
+        default=env.get("CLADNET_ADVERTISE_URL"),
+        help="the URL VMs created by groups join at (default: http(s)://--listen)",
+    )
     a = p.parse_args(argv)
+    drivers: dict[str, dict[str, Any]] = {}
+    if a.drivers:
+        try:
+            drivers = json.loads(Path(a.drivers).read_text())
+        except (OSError, ValueError) as e:
+            p.error(f"--drivers {a.drivers}: {e}")
+        if not isinstance(drivers, dict) or not all(isinstance(v, dict) for v in drivers.values()):
+            p.error(f"--drivers {a.drivers}: expected an object of driver name → options")
     given = [a.tls_cert, a.tls_key, a.tls_ca]
     if any(given) and not all(given):
         p.error("--tls-cert, --tls-key and --tls-ca go together")
@@ -160,4 +191,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         auth_failure_burst=float(
             env.get("CLADNET_AUTH_FAILURE_BURST", defaults.auth_failure_burst)
         ),
+        drivers=drivers,
+        advertise_url=a.advertise_url,
+        driver_timeout=float(env.get("CLADNET_DRIVER_TIMEOUT", defaults.driver_timeout)),
     )

@@ -2,8 +2,9 @@
 
 ``state_file`` keeps the records on disk so several controller processes (and a
 test) see the same "cloud"; ``delay`` makes every call return that much after its
-change is made, so a controller can be killed between the two; ``failures`` maps a VM name to the operations that fail
-for it (``*`` for every VM), as a flaky provider would.
+change is made, so a controller can be killed between the two; ``failures`` maps a
+VM name to the operations that fail for it (``*`` for every VM), as a flaky
+provider would.
 """
 
 from __future__ import annotations
