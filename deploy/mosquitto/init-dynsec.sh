@@ -8,6 +8,8 @@
 # Passwords come from the environment, not arguments, so they stay out of `ps`
 # (mosquitto_ctrl itself takes them as arguments; run this on a machine you trust).
 set -euo pipefail
+# The dynamic-security file holds password hashes: owner-only from the start.
+umask 077
 : "${CLADNET_MQTT_ADMIN_PASSWORD:?set CLADNET_MQTT_ADMIN_PASSWORD}"
 case "${1:-}" in
   init)
