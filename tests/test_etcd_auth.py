@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,6 +137,35 @@ def test_controller_logs_in(etcd_auth: AuthEtcd, tmp_path: Path) -> None:
     )
     assert as_root.returncode == 0 and as_root.stdout.count("/cladnet/networks/") >= 2
     assert PASSWORD not in c.log.read_text()
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_login_through_grpc_proxy(etcd_auth: AuthEtcd, tmp_path: Path) -> None:
+    """The documented way to a TLS cluster: a local ``etcd grpc-proxy``; the
+    controller's login passes through it."""
+    port = free_port()
+    log = (tmp_path / "proxy.log").open("w")
+    proxy = subprocess.Popen(
+        ["etcd", "grpc-proxy", "start", f"--endpoints={etcd_auth.url}",
+         f"--listen-addr=127.0.0.1:{port}"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    c = controller(etcd_auth, tmp_path, PASSWORD)
+    c.etcd_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: listening(port), 20, what="grpc-proxy")
+        c.start()
+        with c.client() as admin:
+            r = admin.post("/v1/networks", json={"name": "proxied", "cidr": "10.83.0.0/24"})
+            assert r.status_code == 201, r.text
+    finally:
+        c.stop()
+        _stop(proxy)
 
 
 def test_wrong_password_stops_the_controller(etcd_auth: AuthEtcd, tmp_path: Path) -> None:
