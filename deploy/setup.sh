@@ -16,6 +16,7 @@ PACKAGES=(
   iperf3                           # data-plane benchmark
   chromium chromium-driver         # dashboard tests in a headless browser
   curl ca-certificates procps
+  openssh-server openssh-client    # the ssh driver's tests run a real sshd in a namespace
   systemd docker-compose busybox gettext-base  # deploy/ tests: systemd-analyze, compose config, sh, envsubst
   python3 python3-venv python3-dev gcc
 )

@@ -411,9 +411,17 @@ def alarms_delete(rule_id: str) -> None:
     out.print(f"deleted {rule_id}")
 
 
+from cladnet.cli.demo import demo_app  # noqa: E402 - it uses the helpers above
+
+app.add_typer(demo_app, name="demo")
+
+
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns (not raises) the code of typer.Exit.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except CliError as exc:
         print(f"cladnet: {exc}", file=sys.stderr)
         sys.exit(1)
