@@ -178,3 +178,43 @@ def test_killing_the_leader_mid_creation_leaves_nothing_untracked(
         group = _wait_state(admin, "big", lifecycle.RUNNING, timeout=60)
     assert set(_cloud(tmp_path)) == {vm["name"] for vm in group["vms"]}
     assert len(group["vms"]) == 8
+
+
+def test_group_commands_of_the_cli(make_controller, tmp_path: Path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from cladnet.cli import app
+
+    ctl = make_controller(extra_env=_drivers(tmp_path, failures={"app-3": ["create"]}))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("CLADNET_CONTROLLER", ctl.url)
+    monkeypatch.setenv("CLADNET_TOKEN", ctl.admin_token or "")
+    runner = CliRunner()
+
+    def cli(*args: str) -> tuple[int, str]:
+        r = runner.invoke(app, list(args))
+        return r.exit_code, r.stdout
+
+    code, out = cli("group", "create", "app", "--member", "mock:mock-1:2",
+                    "--member", "mock:mock-2", "--wait", "--json")  # fmt: skip
+    assert code == 0, out
+    group = json.loads(out)
+    assert group["state"] == "Partial-Failed" and group["counts"] == {"Running": 2, "Failed": 1}
+    assert [vm["region"] for vm in group["vms"]] == ["mock-1", "mock-1", "mock-2"]
+
+    code, out = cli("group", "show", "app")
+    assert code == 0 and "app-3" in out and "Partial-Failed" in out
+    code, out = cli("group", "show", "app", "--json")
+    assert "as configured" in json.loads(out)["vms"][2]["error"]
+    code, out = cli("group", "suspend", "app", "--vm", "app-1", "--wait", "--json")
+    assert code == 0 and json.loads(out)["counts"] == {"Suspended": 1, "Running": 1, "Failed": 1}
+    code, out = cli("group", "suspend", "app", "--vm", "app-1")
+    assert code != 0  # already suspended: refused with the API's message
+
+    code, out = cli("group", "create", "bad", "--member", "mock")
+    assert code != 0
+    code, out = cli("group", "list", "--json")
+    assert code == 0 and [g["name"] for g in json.loads(out)] == ["app"]
+    code, out = cli("group", "delete", "app", "--wait")
+    assert code == 0, out
+    assert _cloud(tmp_path) == {}

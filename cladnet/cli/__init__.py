@@ -411,9 +411,11 @@ def alarms_delete(rule_id: str) -> None:
     out.print(f"deleted {rule_id}")
 
 
-from cladnet.cli.demo import demo_app  # noqa: E402 - it uses the helpers above
+from cladnet.cli.demo import demo_app  # noqa: E402 - they use the helpers above
+from cladnet.cli.groups import group_app  # noqa: E402
 
 app.add_typer(demo_app, name="demo")
+app.add_typer(group_app, name="group")
 
 
 def main() -> None:

@@ -1,0 +1,144 @@
+"""``cladnet group``: groups of VMs the controller provisions through its drivers."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from cladnet.cli.client import CliError
+
+group_app = typer.Typer(
+    help="Groups of VMs made by the controller's drivers.", no_args_is_help=True
+)
+Json = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+Wait = Annotated[bool, typer.Option("--wait", help="until no VM is in a transitional state")]
+SETTLED = {"Running", "Suspended", "Terminated", "Failed"}
+
+
+def _api() -> Any:
+    from cladnet.cli import controller
+
+    return controller()
+
+
+def _member(text: str) -> dict[str, Any]:
+    """``driver:region[:count]`` → a group member."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise CliError(f"--member {text!r}: expected DRIVER:REGION[:COUNT]")
+    try:
+        count = int(parts[2]) if len(parts) == 3 else 1
+    except ValueError:
+        raise CliError(f"--member {text!r}: COUNT must be a number") from None
+    return {"driver": parts[0], "region": parts[1], "count": count}
+
+
+def _show(group: dict[str, Any], as_json: bool) -> None:
+    from cladnet.cli import out
+
+    if as_json:
+        print(json.dumps(group, indent=2, sort_keys=True))
+        return
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(group["counts"].items()))
+    t = Table(title=f"group {group['name']}: {group['state']} ({counts or 'no VMs'})")
+    for c in ("VM", "DRIVER", "REGION", "STATE", "PRIVATE", "PUBLIC", "OVERLAY", "ERROR"):
+        t.add_column(c, no_wrap=c != "ERROR")
+    for vm in group["vms"]:
+        cells = [vm["name"], vm["driver"], vm["region"], vm["state"]]
+        cells += [vm[k] or "-" for k in ("private_ip", "public_ip", "overlay_ip")]
+        t.add_row(*cells, vm.get("error") or "")
+    out.print(t)
+
+
+def _settle(name: str, until_gone: bool = False, timeout: float = 600) -> dict[str, Any] | None:
+    """Poll until no VM is transitional (or, ``until_gone``, the group is removed)."""
+    api = _api()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        group = next((g for g in api.get("/v1/groups") if g["name"] == name), None)
+        if until_gone:
+            if group is None:
+                return None
+        elif group is not None and all(vm["state"] in SETTLED for vm in group["vms"]):
+            return group
+        time.sleep(1)
+    raise CliError(f"group {name!r} did not settle within {timeout:.0f}s")
+
+
+@group_app.command("create")
+def create(
+    name: str,
+    member: Annotated[
+        list[str], typer.Option(help="DRIVER:REGION[:COUNT], repeatable (e.g. local:a-west:2)")
+    ],
+    cidr: Annotated[
+        str | None, typer.Option(help="the group's network (default: recommended)")
+    ] = None,
+    wait: Wait = False,
+    as_json: Json = False,
+) -> None:
+    """Create a group: its network, a one-use join token per VM, the VMs."""
+    body: dict[str, Any] = {"name": name, "members": [_member(m) for m in member]}
+    if cidr:
+        body["cidr"] = cidr
+    group = _api().call("POST", "/v1/groups", json=body)
+    _show(_settle(name) if wait else group, as_json)  # type: ignore[arg-type]
+
+
+@group_app.command("list")
+def list_groups(as_json: Json = False) -> None:
+    """Groups with their derived state."""
+    from cladnet.cli import out
+
+    groups = _api().get("/v1/groups")
+    if as_json:
+        print(json.dumps(groups, indent=2, sort_keys=True))
+        return
+    t = Table(title="groups")
+    for c in ("GROUP", "STATE", "VMS", "NETWORK"):
+        t.add_column(c)
+    for g in groups:
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(g["counts"].items()))
+        t.add_row(g["name"], g["state"], counts, g["network"])
+    out.print(t)
+
+
+@group_app.command("show")
+def show(name: str, as_json: Json = False) -> None:
+    """Every VM of a group: state, addresses, the last error."""
+    _show(_api().get(f"/v1/groups/{name}"), as_json)
+
+
+def _action(action: str) -> Callable[..., None]:
+    def command(
+        name: str,
+        vm: Annotated[str | None, typer.Option(help="only this VM")] = None,
+        wait: Wait = False,
+        as_json: Json = False,
+    ) -> None:
+        path = f"/v1/groups/{name}/vms/{vm}/actions" if vm else f"/v1/groups/{name}/actions"
+        group = _api().call("POST", path, json={"action": action})
+        _show(_settle(name) if wait else group, as_json)  # type: ignore[arg-type]
+
+    command.__doc__ = f"{action.capitalize()} the group's VMs (or one, --vm) where it applies."
+    return command
+
+
+for _name in ("suspend", "resume", "reboot", "terminate", "retry"):
+    group_app.command(_name)(_action(_name))
+
+
+@group_app.command("delete")
+def delete(name: str, wait: Wait = False) -> None:
+    """Terminate every VM, then remove the group and its network."""
+    from cladnet.cli import out
+
+    _api().call("DELETE", f"/v1/groups/{name}")
+    if wait:
+        _settle(name, until_gone=True)
+    out.print(f"group {name} {'deleted' if wait else 'being deleted'}")
