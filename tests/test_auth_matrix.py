@@ -36,12 +36,22 @@ ALLOWED: dict[tuple[str, str], set[str]] = {
     ("GET", "/v1/admin-tokens"): {"admin"},
     ("DELETE", "/v1/admin-tokens/{token_id}"): {"admin"},
     ("GET", "/v1/audit"): {"admin"},
+    ("GET", "/v1/drivers"): {"admin", "viewer"},
+    ("POST", "/v1/groups"): {"admin"},
+    ("GET", "/v1/groups"): {"admin", "viewer"},
+    ("GET", "/v1/groups/{name}"): {"admin", "viewer"},
+    ("DELETE", "/v1/groups/{name}"): {"admin"},
+    ("POST", "/v1/groups/{name}/actions"): {"admin"},
+    ("POST", "/v1/groups/{name}/vms/{vm}/actions"): {"admin"},
 }
 BODIES = {
     ("POST", "/v1/networks"): {"name": "made-by-matrix"},
     ("PUT", "/v1/hosts/{host_id}/endpoints"): {"endpoints": []},
     ("POST", "/v1/hosts/{host_id}/status"): {"peers": []},
     ("POST", "/v1/admin-tokens"): {"role": "viewer"},
+    ("POST", "/v1/groups"): {"name": "g", "members": [{"driver": "none", "region": "r"}]},
+    ("POST", "/v1/groups/{name}/actions"): {"action": "suspend"},
+    ("POST", "/v1/groups/{name}/vms/{vm}/actions"): {"action": "suspend"},
 }
 
 
@@ -67,7 +77,7 @@ def test_every_route_has_the_right_callers(controller: Controller, admin: httpx.
         "self": target["credential"],
         "admin": ADMIN_TOKEN,
     }
-    ids = {"ref": "m", "host_id": target["host_id"], "token_id": "t-none"}
+    ids = {"ref": "m", "host_id": target["host_id"], "token_id": "t-none", "name": "g", "vm": "g-1"}
     # Leaving comes last (it ends the target host); the admin's network delete aims at
     # a network that does not exist (404 still proves it passed the auth check).
     leave = ("DELETE", "/v1/hosts/{host_id}")
