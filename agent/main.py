@@ -299,7 +299,8 @@ def main(argv: list[str] | None = None) -> None:
         code = 130
     except Exception as exc:  # one readable line, details in the log
         log.debug("command failed", exc_info=True)
-        print(f"cladnet-agent: {exc}", file=sys.stderr)
+        # Some errors (timeouts) have no message: their name is then the message.
+        print(f"cladnet-agent: {str(exc) or type(exc).__name__}", file=sys.stderr)
         code = 1
     sys.exit(code)
 
