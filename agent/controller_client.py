@@ -1,4 +1,5 @@
-"""The agent's side of the controller API: join, heartbeat, status, leave, list + watch.
+"""The agent's side of the controller API: join, heartbeat, status, leave, list + watch,
+remote commands.
 
 Plain JSON dicts, no pydantic: the agent stays small.
 """
@@ -139,6 +140,15 @@ class ControllerClient:
     async def metrics_credentials(self, host_id: str) -> dict[str, Any]:
         """Where and as whom to publish metrics (a fresh broker password each call)."""
         return await self._call("POST", f"/v1/hosts/{host_id}/metrics-credentials")
+
+    async def pending_commands(self, host_id: str) -> list[dict[str, Any]]:
+        """Commands this host is to run (asking tells the controller it accepts them)."""
+        result = await self._call("GET", f"/v1/hosts/{host_id}/commands")
+        return list(result["commands"])
+
+    async def report_command(self, host_id: str, command_id: str, report: dict[str, Any]) -> None:
+        """A command's state: ``running`` when it starts, then how it ended."""
+        await self._call("POST", f"/v1/hosts/{host_id}/commands/{command_id}", report)
 
     async def leave(self, host_id: str) -> None:
         await self._call("DELETE", f"/v1/hosts/{host_id}")

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 
 from agent import addresses
+from agent.commands import CommandRunner
 from agent.controller_client import ControllerClient, ControllerError, WatchGone
 from agent.metrics.exposition import MetricsServer
 from agent.metrics.publisher import Broker
@@ -35,6 +36,8 @@ class Timing:
     address_poll: float = 10.0
     backoff_min: float = 0.5
     backoff_max: float = 30.0
+    # How often an agent that accepts remote commands asks for them.
+    commands: float = 5.0
 
 
 class Backoff:
@@ -342,6 +345,18 @@ class NetworkAgent:
         self.metrics = reporter
         await reporter.run()
 
+    # --- remote commands ---------------------------------------------------------------------
+
+    async def commands_loop(self) -> None:
+        """Run the group's remote commands, telling them which host they run on."""
+        env = {
+            "CLADNET_HOST": str(self.m.me["name"]),
+            "CLADNET_OVERLAY_IP": str(self.m.me["overlay_ip"]),
+            "CLADNET_NETWORK": str(self.m.network["name"]),
+        }
+        runner = CommandRunner(self.client, self.m.host_id, env, poll=self.timing.commands)
+        await runner.run()
+
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -353,11 +368,14 @@ class NetworkAgent:
         self._restart_sync()
         addresses_task = asyncio.create_task(self.address_loop(), name=f"addresses-{self.iface}")
         metrics_task = asyncio.create_task(self.metrics_loop(), name=f"metrics-{self.iface}")
+        tasks = [addresses_task, metrics_task]
+        if self.m.allow_commands:  # a task of its own: a long command never blocks the mesh
+            tasks.append(asyncio.create_task(self.commands_loop(), name=f"commands-{self.iface}"))
         try:
             await self.removed.wait()
             log.warning("this host was removed from the network; tearing the interface down")
             await self.backend.destroy(self.iface)
             self.states.remove(self.m.network_id)
         finally:
-            await cancel_and_wait([addresses_task, metrics_task, self._sync_task], Exception)
+            await cancel_and_wait([*tasks, self._sync_task], Exception)
             await self.client.close()

@@ -54,6 +54,7 @@ async def _run_networks(
     backend_name: str | None,
     only: list[str] | None = None,
     metrics_listen: str | None = None,
+    allow_commands: bool = False,
 ) -> int:
     from agent.daemon import NetworkAgent
     from agent.metrics.exposition import MetricsServer
@@ -71,6 +72,7 @@ async def _run_networks(
     agents = []
     for net_id in ids:
         membership, credential, private_key = states.load(net_id)
+        membership.allow_commands = membership.allow_commands or allow_commands
         backend = _backend(backend_name or membership.backend)
         agents.append(
             NetworkAgent(
@@ -139,6 +141,7 @@ async def cmd_join(args: argparse.Namespace) -> int:
         me=me,
         labels=fields["labels"],
         backend=args.backend,
+        allow_commands=args.allow_commands,
     )
     states.save_secrets(net["id"], result["credential"], private_key)
     if ca_pem is not None:
@@ -161,12 +164,17 @@ async def cmd_join(args: argparse.Namespace) -> int:
     )
     if args.no_run:
         return 0
-    return await _run_networks(states, args.backend, [net["id"]], args.metrics_listen)
+    return await _run_networks(
+        states, args.backend, [net["id"]], args.metrics_listen, args.allow_commands
+    )
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
     return await _run_networks(
-        StateDir(Path(args.state_dir)), args.backend, metrics_listen=args.metrics_listen
+        StateDir(Path(args.state_dir)),
+        args.backend,
+        metrics_listen=args.metrics_listen,
+        allow_commands=args.allow_commands,
     )
 
 
@@ -244,6 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
             default=os.environ.get("CLADNET_METRICS_LISTEN"),
             metavar="HOST:PORT",
             help="serve Prometheus metrics here (off by default; e.g. the overlay IP)",
+        )
+        sp.add_argument(
+            "--allow-commands",
+            action="store_true",
+            default=os.environ.get("CLADNET_ALLOW_COMMANDS") == "1",
+            help="run the shell commands an admin sends to this host's group, as this "
+            "agent's user (env CLADNET_ALLOW_COMMANDS=1; saved by join)",
         )
 
     j = sub.add_parser("join", help="join a network and keep running")

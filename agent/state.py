@@ -48,6 +48,8 @@ class Membership:
     metrics: dict[str, Any] | None = None
     # The controller CA pinned at join (PEM file in the network's dir), if TLS.
     ca_file: str | None = None
+    # Run the group's remote commands (``join --allow-commands``); off unless asked.
+    allow_commands: bool = False
 
     @property
     def network_id(self) -> str:

@@ -109,17 +109,21 @@ def user_data(
     hostname: str,
     labels: dict[str, str],
     ca_hash: str | None = None,
+    allow_commands: bool = True,
 ) -> str:
     """The first-boot script that installs nothing and joins: the agent must be present.
 
     It joins without running, then hands the agent to systemd when systemd runs the
     VM (a real VM) or execs it in the foreground (a ``local`` VM, which sets
     ``CLADNET_NO_SYSTEMD``). It holds a one-use join token: it is written 0600.
+    ``allow_commands``: the agent runs the group's remote commands (saved by join).
     """
     args = ["join", "--no-run", "--controller", controller_url, "--token", token]
     args += ["--hostname", hostname]
     if ca_hash:  # TLS: the agent pins the controller's CA on first contact
         args += ["--ca-hash", ca_hash]
+    if allow_commands:
+        args.append("--allow-commands")
     for key, value in sorted(labels.items()):
         args += ["--label", f"{key}={value}"]
     join = " ".join(shlex.quote(a) for a in args)

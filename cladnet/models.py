@@ -300,9 +300,52 @@ class Group(BaseModel):
     vms: list[Vm] = Field(default_factory=list)
 
 
+# --- remote commands on a group's VMs ---------------------------------------------------
+
+# Bytes of stdout and of stderr kept per VM (the agent cuts, the controller checks).
+COMMAND_OUTPUT_LIMIT = 64 * 1024
+
+
 class CommandRequest(Strict):
     command: Annotated[str, Field(min_length=1, max_length=4096)]
     timeout: Annotated[float, Field(gt=0, le=600)] = 60
+
+
+class CommandReport(Strict):
+    """An agent's report on one command: it started, or how it ended."""
+
+    state: Literal["running", "done", "timeout", "error"]
+    exit_code: int | None = None
+    stdout: Annotated[str, Field(max_length=COMMAND_OUTPUT_LIMIT)] = ""
+    stderr: Annotated[str, Field(max_length=COMMAND_OUTPUT_LIMIT)] = ""
+    truncated: bool = False
+    error: Annotated[str, Field(max_length=1000)] | None = None
+
+
+class VmCommand(BaseModel):
+    """One VM's part of a command: pending|running|done|timeout|refused|error."""
+
+    state: str
+    host_id: str | None = None
+    exit_code: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    truncated: bool = False
+    error: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+class CommandRun(BaseModel):
+    """A command sent to every VM of a group, with each VM's result."""
+
+    id: str
+    group: str
+    command: str
+    timeout: float
+    created_at: float
+    by: str
+    vms: dict[str, VmCommand] = Field(default_factory=dict)
 
 
 class ErrorBody(BaseModel):

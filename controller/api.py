@@ -23,6 +23,9 @@ from cladnet import __version__, metrics, tokens
 from cladnet.models import (
     AddressSpaces,
     AdminTokenCreate,
+    CommandReport,
+    CommandRequest,
+    CommandRun,
     EndpointsUpdate,
     Group,
     GroupAction,
@@ -48,6 +51,7 @@ from controller import keyspace as ks
 from controller.audit import AuditLog, is_audited
 from controller.auth import Authenticator, Principal
 from controller.broker import BrokerAdmin, BrokerError
+from controller.commands import Commands, require_agent
 from controller.config import Settings
 from controller.errors import ApiError
 from controller.etcd import Etcd, parse_endpoints
@@ -134,6 +138,13 @@ def groups_of(request: Request) -> GroupStore:
 Groups = Annotated[GroupStore, Depends(groups_of)]
 
 
+def commands_of(request: Request) -> Commands:
+    return request.app.state.commands
+
+
+Cmds = Annotated[Commands, Depends(commands_of)]
+
+
 class Observe:
     """Request metrics and the audit log, as plain ASGI (no per-request task or copy).
 
@@ -169,10 +180,15 @@ class Observe:
 
     @staticmethod
     async def _audit(scope: Any, method: str, path: str, status: int) -> None:
-        who = scope.get("state", {}).get("principal")
-        client = scope.get("client")
+        state = scope.get("state", {})
+        who, client = state.get("principal"), scope.get("client")
         await scope["app"].state.audit.record(
-            who.name if who else "anonymous", method, path, status, client[0] if client else ""
+            who.name if who else "anonymous",
+            method,
+            path,
+            status,
+            client[0] if client else "",
+            state.get("audit_detail"),
         )
 
 
@@ -222,6 +238,7 @@ def create_app(settings: Settings) -> FastAPI:
 
         drivers = Drivers(settings.drivers)
         app.state.groups = GroupStore(etcd, store, drivers)
+        app.state.commands = Commands(etcd, app.state.groups, store)
         reconciler = Reconciler(
             app.state.groups,
             store,
@@ -410,6 +427,19 @@ def create_app(settings: Settings) -> FastAPI:
     async def vm_action(name: str, vm: str, req: GroupAction, _: Admin, groups: Groups) -> Group:
         return await groups.act(name, req.action, vm)
 
+    @app.post("/v1/groups/{name}/commands", status_code=202)
+    async def run_command(
+        name: str, req: CommandRequest, request: Request, p: Admin, commands: Cmds
+    ) -> CommandRun:
+        """Run a shell command on every VM of the group (through the agents that accept it)."""
+        request.state.audit_detail = {"command": req.command, "timeout": req.timeout}
+        return await commands.start(name, req, p.name)
+
+    @app.get("/v1/groups/{name}/commands/{command_id}")
+    async def get_command(name: str, command_id: str, _: Admin, commands: Cmds) -> CommandRun:
+        """Each VM's state, exit code and output (admin only: output may hold secrets)."""
+        return await commands.get(name, command_id)
+
     @app.delete("/v1/groups/{name}", status_code=202)
     async def delete_group(name: str, _: Admin, groups: Groups) -> Group:
         return await groups.delete(name)
@@ -513,6 +543,20 @@ def create_app(settings: Settings) -> FastAPI:
         except BrokerError as exc:
             log.warning("broker registration failed", extra={"host": host_id, "error": str(exc)})
             raise ApiError(503, "broker_unavailable", "the metrics broker is unreachable") from exc
+
+    @app.get("/v1/hosts/{host_id}/commands")
+    async def host_commands(host_id: str, p: Caller, commands: Cmds) -> dict[str, Any]:
+        """The commands this host's agent is to run (an agent that asks accepts them)."""
+        require_agent(p, host_id)
+        return {"commands": await commands.pending(host_id)}
+
+    @app.post("/v1/hosts/{host_id}/commands/{command_id}", status_code=204)
+    async def report_command(
+        host_id: str, command_id: str, req: CommandReport, p: Caller, commands: Cmds
+    ) -> Response:
+        require_agent(p, host_id)
+        await commands.report(host_id, command_id, req)
+        return Response(status_code=204)
 
     @app.delete("/v1/hosts/{host_id}")
     async def leave(host_id: str, request: Request, p: Caller, db: Db) -> Peer:

@@ -36,9 +36,18 @@ class AuditLog:
             self._lease_until = now + 86400
         return self._lease
 
-    async def record(self, who: str, method: str, path: str, status: int, source: str) -> None:
+    async def record(
+        self,
+        who: str,
+        method: str,
+        path: str,
+        status: int,
+        source: str,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """Log and store one call; ``detail``: what the route chose to add (a command)."""
         now = time.time()
-        entry = {
+        entry: dict[str, Any] = {
             "ts": now,
             "who": who,
             "method": method,
@@ -46,6 +55,8 @@ class AuditLog:
             "status": status,
             "source": source,
         }
+        if detail:
+            entry["detail"] = detail
         log.info("audit", extra=entry)
         key = ks.audit(f"{int(now * 1e6):020d}-{secrets.token_hex(3)}")
         try:

@@ -13,6 +13,12 @@
 /cladnet/admin-tokens/<token_id>           admin token hash
 /cladnet/groups/<name>                     Group JSON (members, network, deleting)
 /cladnet/vms/<group>/<vm>                  Vm JSON — its state is the reconciler's to-do
+/cladnet/commands/runs/<id>                CommandRun (without results) ┐ one 24 h lease
+/cladnet/commands/results/<id>/<vm>        VmCommand: that VM's result  │ per command,
+/cladnet/commands/queue/<host_id>/<id>     what the host's agent is to  ┘ so results expire
+                                           run (removed when it starts)
+/cladnet/commands/agents/<host_id>         last time the host's agent asked for commands
+                                           (it accepts them; a daily lease)
 """
 
 from __future__ import annotations
@@ -92,3 +98,19 @@ def group(name: str) -> bytes:
 
 def vm(group_name: str, name: str) -> bytes:
     return _k("vms", group_name, name)
+
+
+def command_run(command_id: str) -> bytes:
+    return _k("commands", "runs", command_id)
+
+
+def command_result(command_id: str, vm_name: str) -> bytes:
+    return _k("commands", "results", command_id, vm_name)
+
+
+def command_queue(host_id: str, command_id: str) -> bytes:
+    return _k("commands", "queue", host_id, command_id)
+
+
+def command_agent(host_id: str) -> bytes:
+    return _k("commands", "agents", host_id)

@@ -43,6 +43,11 @@ ALLOWED: dict[tuple[str, str], set[str]] = {
     ("DELETE", "/v1/groups/{name}"): {"admin"},
     ("POST", "/v1/groups/{name}/actions"): {"admin"},
     ("POST", "/v1/groups/{name}/vms/{vm}/actions"): {"admin"},
+    ("POST", "/v1/groups/{name}/commands"): {"admin"},
+    ("GET", "/v1/groups/{name}/commands/{command_id}"): {"admin"},
+    # A host's commands: its own agent only, not even the admin (no forged results).
+    ("GET", "/v1/hosts/{host_id}/commands"): {"self"},
+    ("POST", "/v1/hosts/{host_id}/commands/{command_id}"): {"self"},
 }
 BODIES = {
     ("POST", "/v1/networks"): {"name": "made-by-matrix"},
@@ -52,6 +57,8 @@ BODIES = {
     ("POST", "/v1/groups"): {"name": "g", "members": [{"driver": "none", "region": "r"}]},
     ("POST", "/v1/groups/{name}/actions"): {"action": "suspend"},
     ("POST", "/v1/groups/{name}/vms/{vm}/actions"): {"action": "suspend"},
+    ("POST", "/v1/groups/{name}/commands"): {"command": "true"},
+    ("POST", "/v1/hosts/{host_id}/commands/{command_id}"): {"state": "running"},
 }
 
 
@@ -78,6 +85,7 @@ def test_every_route_has_the_right_callers(controller: Controller, admin: httpx.
         "admin": ADMIN_TOKEN,
     }
     ids = {"ref": "m", "host_id": target["host_id"], "token_id": "t-none", "name": "g", "vm": "g-1"}
+    ids["command_id"] = "cmd-none"
     # Leaving comes last (it ends the target host); the admin's network delete aims at
     # a network that does not exist (404 still proves it passed the auth check).
     leave = ("DELETE", "/v1/hosts/{host_id}")
