@@ -1,6 +1,6 @@
 """Remote commands on a group: a real controller and etcd (``mock`` driver VMs), hosts
-joined with real join tokens, and the agent's command loop run in-process against
-the controller's HTTP API with each host's own credential."""
+joined with real join tokens, and the agent daemon's command loop run in-process
+against the controller's HTTP API with each host's own credential."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from agent.commands import OUTPUT_LIMIT, CommandRunner, run_shell
-from agent.controller_client import ControllerClient
+from agent.commands import OUTPUT_LIMIT, run_shell
+from agent.daemon import NetworkAgent, Timing
 from agent.main import build_parser
+from agent.state import Membership, StateDir
 from tests.components import Controller
 from tests.test_controller_api import join, make_token
 from tests.test_groups import _drivers, _group, _wait_state
@@ -36,23 +37,37 @@ def _gone(pid: int) -> bool:
 
 @contextlib.asynccontextmanager
 async def _agents(ctl: Controller, hosts: list[dict]) -> AsyncIterator[None]:
-    """The command loop of each host's agent, as the daemon runs it."""
-    clients, tasks = [], []
+    """The command loop of each host's agent: the daemon's own, minus the mesh."""
+    agents, tasks = [], []
     for host in hosts:
-        client = ControllerClient(ctl.url, host["credential"])
-        clients.append(client)
-        await client.pending_commands(host["host_id"])  # the first poll: "I accept"
-        env = {"CLADNET_HOST": host["name"]}
-        runner = CommandRunner(client, host["host_id"], env, poll=0.1)
-        tasks.append(asyncio.create_task(runner.run()))
+        membership = Membership(
+            controller=ctl.url,
+            host_id=host["host_id"],
+            interface="cl-web",
+            network=host["network"],
+            me={"name": host["name"], "overlay_ip": host["overlay_ip"]},
+            allow_commands=True,
+        )
+        # No device is touched by the command loop: no WireGuard backend needed.
+        agent = NetworkAgent(
+            StateDir(Path("/nonexistent")),
+            membership,
+            host["credential"],
+            "unused",
+            backend=None,  # type: ignore[arg-type]
+            timing=Timing(commands=0.1),
+        )
+        agents.append(agent)
+        await agent.client.pending_commands(host["host_id"])  # the first poll: "I accept"
+        tasks.append(asyncio.create_task(agent.commands_loop()))
     try:
         yield
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for client in clients:
-            await client.close()
+        for agent in agents:
+            await agent.client.close()
 
 
 async def _finished(admin: httpx.AsyncClient, group: str, cid: str) -> dict:
