@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -100,6 +102,18 @@ def _full_mesh(admin, name: str, timeout: float = 60) -> dict:
     return group
 
 
+def _exec(ctl: Controller, group: str, command: str) -> dict:
+    """``cladnet group exec --json`` against the controller (exit 1: a VM exited non-zero)."""
+    env = {**os.environ, "CLADNET_CONTROLLER": ctl.url, "CLADNET_TOKEN": ctl.admin_token or ""}
+    r = subprocess.run(
+        [sys.executable, "-m", "cladnet.cli", "group", "exec", group, command, "--json",
+         "--timeout", "20"],
+        capture_output=True, text=True, env=env, timeout=200,
+    )  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    return json.loads(r.stdout)
+
+
 def _ours(driver: Driver) -> dict[str, list[str]]:
     """Everything on this machine carrying the driver's tag."""
     netns = [
@@ -132,6 +146,14 @@ def test_group_over_three_clouds_meshes_survives_suspend_and_leaves_nothing(loca
         publics = {vm["public_ip"] for vm in group["vms"]}
         assert len(publics) == 6
         group = _full_mesh(admin, "demo")
+
+        # A command on every VM through the real agents (group VMs accept commands).
+        run = _exec(ctl, "demo", "ip -4 -o addr show dev eth0; exit 3")
+        assert set(run["vms"]) == {vm["name"] for vm in group["vms"]}
+        for vm in group["vms"]:
+            result = run["vms"][vm["name"]]
+            assert result["state"] == "done" and result["exit_code"] == 3, result
+            assert f" {vm['private_ip']}/24" in result["stdout"]
 
         victim = group["vms"][0]
         r = admin.post("/v1/groups/demo/vms/demo-1/actions", json={"action": "suspend"})

@@ -142,3 +142,38 @@ def delete(name: str, wait: Wait = False) -> None:
     if wait:
         _settle(name, until_gone=True)
     out.print(f"group {name} {'deleted' if wait else 'being deleted'}")
+
+
+@group_app.command("exec")
+def exec_command(
+    name: str,
+    command: Annotated[str, typer.Argument(help="shell command, run with /bin/sh -c on each VM")],
+    timeout: Annotated[float, typer.Option(help="seconds per VM before it is killed")] = 60,
+    as_json: Json = False,
+) -> None:
+    """Run a command on every VM of a group through its agent; exit 1 if any VM failed."""
+    from cladnet.cli import out
+
+    api = _api()
+    run = api.call(
+        "POST", f"/v1/groups/{name}/commands", json={"command": command, "timeout": timeout}
+    )
+    deadline = time.monotonic() + timeout + 120
+    while any(vm["state"] in ("pending", "running") for vm in run["vms"].values()):
+        if time.monotonic() > deadline:
+            raise CliError(f"command {run['id']} did not finish on every VM")
+        time.sleep(1)
+        run = api.get(f"/v1/groups/{name}/commands/{run['id']}")
+    if as_json:
+        print(json.dumps(run, indent=2, sort_keys=True))
+    else:
+        for vm, result in sorted(run["vms"].items()):
+            code = result["exit_code"]
+            colour = "green" if result["state"] == "done" and code == 0 else "red"
+            detail = f"exit {code}" if code is not None else result.get("error") or ""
+            out.print(f"[{colour}]== {vm}: {result['state']} {detail}[/]")
+            for stream in ("stdout", "stderr"):
+                if result[stream]:
+                    out.print(result[stream].rstrip("\n"), markup=False, highlight=False)
+    if any(r["state"] != "done" or r["exit_code"] != 0 for r in run["vms"].values()):
+        raise typer.Exit(1)
