@@ -68,8 +68,15 @@ def test_demo_up_status_suspend_resume_down(demo_env: dict[str, str], tmp_path: 
     assert len(status["pairs"]) == 30 and all(p["ok"] for p in status["pairs"])
     clouds = {vm["details"]["cloud"] for vm in status["group"]["vms"]}
     assert clouds == {"a", "b", "c"}
-    # The demo wrote a CLI context: plain `cladnet status` works and is healthy.
+    # The demo wrote a CLI context: plain `cladnet status` works and is healthy, and
+    # every VM's metrics reach the collector through the broker (over the clouds' NAT).
     assert _cli(demo_env, "status", "--json").returncode == 0
+    wait_until(
+        lambda: len(json.loads(_cli(demo_env, "metrics", "top", "demo", "--json").stdout)) == 6,
+        60,
+        interval=1,
+        what="metrics from the six VMs",
+    )
 
     before = next(vm for vm in status["group"]["vms"] if vm["name"] == "demo-2")
     _cli(demo_env, "demo", "suspend", "demo-2")

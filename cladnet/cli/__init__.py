@@ -345,9 +345,12 @@ def metrics_top(
     def pct(value: float | None) -> str | None:
         return None if value is None else f"{100 * value:.1f}"
 
+    def _load(value: float | None) -> str | None:
+        return None if value is None else f"{value:.2f}"
+
     rows = [
         [h, d["network"], "up" if d["up"] else "DOWN", pct(d["metrics"].get("cpu_usage_ratio")),
-         pct(d["metrics"].get("memory_usage_ratio")), d["metrics"].get("load1")]
+         pct(d["metrics"].get("memory_usage_ratio")), _load(d["metrics"].get("load1"))]
         for h, d in sorted(data.items())
     ]  # fmt: skip
     columns = ["HOST", "NETWORK", "STATE", "CPU %", "MEM %", "LOAD"]
