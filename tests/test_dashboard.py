@@ -181,3 +181,29 @@ def test_the_ui_needs_no_token_to_load_but_the_api_does(controller: Controller) 
     }
     assert httpx.get(f"{controller.url}/v1/networks", timeout=10).status_code == 401
     assert Path(REPO / "controller" / "static" / "index.html").exists()
+
+
+def test_the_dashboard_lists_groups_with_their_partial_state(
+    browser, make_controller, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.test_groups import _drivers, _group, _wait_state
+
+    ctl = make_controller(extra_env=_drivers(tmp_path))
+    with ctl.client() as admin:
+        _group(admin, "shop", count=2)
+        _wait_state(admin, "shop", "Running")
+        admin.post("/v1/groups/shop/vms/shop-2/actions", json={"action": "suspend"})
+        _wait_state(admin, "shop", "Partial-Suspended")
+    wait = WebDriverWait(browser, 20)
+    browser.get(f"{ctl.url}/ui/")
+    wait.until(ec.visibility_of_element_located((By.ID, "token"))).send_keys(ADMIN_TOKEN)
+    browser.find_element(By.CSS_SELECTOR, "#login-form button").click()
+    item = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#groups li[data-group='shop']"))
+    assert item[0].get_attribute("data-state") == "Partial-Suspended"
+    assert "shop-2 Suspended" in item[0].get_attribute("title")
+    item[0].click()  # shows the group's network
+    wait.until(lambda d: d.find_element(By.ID, "mesh-title").text.startswith("shop:"))

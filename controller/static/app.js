@@ -175,7 +175,26 @@ async function showAlarms() {
   } catch (e) { ul.replaceChildren(`alarms: ${e.message}`); }
 }
 
+// Groups of VMs: derived state (e.g. Partial-Suspended) and each VM's state on hover;
+// a click shows the group's network.
+async function showGroups() {
+  const ul = $("groups");
+  try {
+    const groups = await api("/v1/groups");
+    ul.replaceChildren(...groups.map((g) => {
+      const li = Object.assign(document.createElement("li"), { textContent: `${g.name}: ${g.state}` });
+      li.dataset.group = g.name; li.dataset.state = g.state;
+      li.title = g.vms.map((vm) => `${vm.name} ${vm.state} ${vm.public_ip || ""}`).join("\n");
+      li.classList.toggle("bad", g.state !== "Running");
+      li.onclick = () => { state.network = g.network; state.host = null; refresh(); };
+      return li;
+    }));
+    if (!groups.length) { ul.replaceChildren("no groups"); }
+  } catch (e) { ul.replaceChildren(`groups: ${e.message}`); }
+}
+
 async function refresh() {
+  showGroups();
   if (!state.network) { return; }
   for (const li of $("networks").children) {
     li.classList.toggle("active", li.dataset.network === state.network);
