@@ -27,7 +27,9 @@ log = logging.getLogger("cladnet.collector")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     env = os.environ
     p = argparse.ArgumentParser(prog="cladnet-collector", description="CLADNet metrics collector")
-    p.add_argument("--mqtt-url", default=env.get("CLADNET_MQTT_URL", "mqtt://127.0.0.1:1883"))
+    p.add_argument(
+        "--mqtt-url", "--mqtt", default=env.get("CLADNET_MQTT_URL", "mqtt://127.0.0.1:1883")
+    )
     p.add_argument("--mqtt-user", default=env.get("CLADNET_MQTT_USER"))
     p.add_argument(
         "--group",

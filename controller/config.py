@@ -98,6 +98,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--log-level", default=env.get("CLADNET_LOG_LEVEL", defaults.log_level))
     p.add_argument(
         "--mqtt-url",
+        "--mqtt",
         default=env.get("CLADNET_MQTT_URL"),
         help="broker URL agents publish metrics to, mqtt://host:port (env CLADNET_MQTT_URL)",
     )
