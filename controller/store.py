@@ -194,33 +194,49 @@ class Store:
         raise ApiError(503, "contention", "too many concurrent network changes, try again")
 
     async def delete_network(self, ref: str, force: bool) -> Network:
-        """Delete a network; one with hosts needs ``force`` and takes its hosts with it."""
+        """Delete a network; one with hosts needs ``force`` and takes its hosts with it.
+
+        The network's own keys go last, in one transaction: a deletion cut short (the
+        replica killed between chunks) leaves the network in place, and a retry on any
+        replica finds what is left and finishes it.
+        """
         net = await self.get_network(ref)
-        peers = await self.etcd.get_prefix(ks.prefix("peers", net.id), keys_only=True)
-        host_ids = [ks.last_segment(kv.key) for kv in peers]
-        if host_ids and not force:
-            raise conflict(
-                "network_has_hosts",
-                f"network {net.name} has {len(host_ids)} host(s); delete with force=true",
+        peers_prefix = ks.prefix("peers", net.id)
+        for _ in range(MAX_TXN_ATTEMPTS):
+            peers = await self.etcd.get_prefix(peers_prefix, keys_only=True)
+            host_ids = [ks.last_segment(kv.key) for kv in peers]
+            if host_ids and not force:
+                raise conflict(
+                    "network_has_hosts",
+                    f"network {net.name} has {len(host_ids)} host(s); delete with force=true",
+                )
+            # Tokens first: no new join starts while we clean up.
+            token_ids = [t.id for t in await self.list_tokens(net.id)]
+            ops: list[Any] = [tx.Delete(ks.token(t)) for t in token_ids]
+            for t in token_ids:
+                p = ks.prefix("token-uses", t)
+                ops.append(tx.Delete(p, prefix_end(p)))
+            ops += [tx.Delete(ks.host(h)) for h in host_ids]
+            for i in range(0, len(ops), TXN_CHUNK):
+                await self.etcd.txn(compare=[], success=ops[i : i + TXN_CHUNK])
+            last: list[Any] = []
+            for kind in ("ips", "hostnames", "liveness", "peers"):
+                p = ks.prefix(kind, net.id)
+                last.append(tx.Delete(p, prefix_end(p)))
+            last += [tx.Delete(ks.network(net.id)), tx.Delete(ks.network_name(net.name))]
+            # Unless a join or re-join already under way wrote a host record meanwhile
+            # (it would be orphaned): it changed a peer too, so then round again.
+            ok, _ = await self.etcd.txn(
+                compare=[
+                    tx.Mod(peers_prefix, prefix_end(peers_prefix)) < peers.header.revision + 1
+                ],
+                success=last,
             )
-        # Network key first: joins check it, so no new host can arrive while we clean up.
-        await self.etcd.txn(
-            compare=[],
-            success=[tx.Delete(ks.network(net.id)), tx.Delete(ks.network_name(net.name))],
-        )
-        token_ids = [t.id for t in await self.list_tokens(net.id)]
-        ops: list[Any] = [tx.Delete(ks.host(h)) for h in host_ids]
-        ops += [tx.Delete(ks.token(t)) for t in token_ids]
-        for t in token_ids:
-            p = ks.prefix("token-uses", t)
-            ops.append(tx.Delete(p, prefix_end(p)))
-        for kind in ("ips", "hostnames", "liveness", "peers"):
-            p = ks.prefix(kind, net.id)
-            ops.append(tx.Delete(p, prefix_end(p)))
-        for i in range(0, len(ops), TXN_CHUNK):
-            await self.etcd.txn(compare=[], success=ops[i : i + TXN_CHUNK])
-        log.info("network deleted", extra={"network": net.name, "hosts": len(host_ids)})
-        return net
+            if ok:
+                log.info("network deleted", extra={"network": net.name, "hosts": len(host_ids)})
+                return net
+            TXN_RETRIES.labels("delete_network").inc()
+        raise ApiError(503, "contention", "too many concurrent joins, try again")
 
     # --- join tokens --------------------------------------------------------------------
 
