@@ -9,6 +9,7 @@ dies mid-way gets its unacknowledged batches redelivered instead of losing them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -29,6 +30,11 @@ from collector.notify import Notifier
 from collector.store.base import MetricsStore
 
 log = logging.getLogger("cladnet.collector")
+
+RECEIVE_MAXIMUM = 1000  # unacknowledged batches the broker may send us (MQTT v5)
+# Reconnect backoff: doubling from RECONNECT_FIRST, never longer than RECONNECT_CAP,
+# so a broker that is back is used within seconds.
+RECONNECT_FIRST, RECONNECT_CAP = 0.5, 5.0
 
 
 @dataclass
@@ -60,8 +66,12 @@ class Ingest:
         # (network, host) → (last batch time, interval): host-down and the live view.
         self.last_seen: dict[tuple[str, str], tuple[float, float]] = {}
         self.connected = False
-        self._pending: list[metrics.Sample] = []
+        # Decoded batches waiting to be written, and how many samples they hold.
+        self._pending: list[metrics.Batch] = []
+        self._pending_samples = 0
+        self._full = asyncio.Event()  # enough pending for a write: flush before the timer
         self._unacked: list[int] = []
+        self._write: asyncio.Future[None] | None = None  # the latest store write
         # (network, host) → seqs stored (or found stored) since the last flush.
         self._stored: dict[tuple[str, str], list[int]] = {}
 
@@ -72,6 +82,9 @@ class Ingest:
         # broker queues its share of the batches instead of dropping them.
         session = Properties(PacketTypes.CONNECT)
         session.SessionExpiryInterval = self.broker.session_expiry
+        # Batches the broker may have in flight to us, unacknowledged: room for the
+        # write in progress and the next one, and the bound on what we hold in memory.
+        session.ReceiveMaximum = RECEIVE_MAXIMUM
         client = aiomqtt.Client(
             parts.hostname or "127.0.0.1",
             parts.port or (8883 if tls else 1883),
@@ -103,41 +116,86 @@ class Ingest:
             self.counters["duplicates"] += 1  # acknowledged again: the first ack was lost
             return []
         self.counters["batches"] += 1
-        samples = batch.flat()
-        self.counters["samples"] += len(samples)
-        self._pending.extend(samples)
+        self.counters["samples"] += len(batch.samples)
+        self._pending.append(batch)
+        self._pending_samples += len(batch.samples)
+        if self._pending_samples >= self.flush_samples:
+            self._full.set()
         seen = self.last_seen.get((batch.network, batch.host))
         if seen is None or batch.ts >= seen[0]:
             self.last_seen[(batch.network, batch.host)] = (batch.ts, batch.interval)
-        return self.engine.observe(samples)
+        # Sample objects only for metrics some rule watches (a rule matches by name).
+        watched = {rule.metric for rule in self.engine.rules.values()}
+        if not watched:
+            return []
+        return self.engine.observe(
+            metrics.Sample(batch.network, batch.host, n, tuple(sorted(lb.items())), batch.ts, v)
+            for n, lb, v in batch.samples
+            if n in watched
+        )
 
     async def flush(self, client: aiomqtt.Client | None = None) -> None:
         """Write queued samples, then acknowledge the batches they came in."""
+        if self._write is not None:
+            # A cancelled flush's write may still run: what it holds (or puts back)
+            # comes before anything acknowledged from here on.
+            await asyncio.wait([self._write])
         # Take everything queued so far; batches arriving meanwhile wait for the next.
-        samples, self._pending = self._pending, []
+        batches, self._pending = self._pending, []
+        count, self._pending_samples = self._pending_samples, 0
+        self._full.clear()
         unacked, self._unacked = self._unacked, []
         stored, self._stored = self._stored, {}
-        if samples:
+        if batches:
+            write = self._write = asyncio.ensure_future(self.store.write_batches(batches))
             try:
-                await self.store.write(samples)
-            except Exception as exc:  # nothing acknowledged: put it back, try again later
-                self.counters["store_errors"] += 1
-                log.error("storing a flush failed", extra={"error": repr(exc)})
-                self._pending[:0], self._unacked[:0] = samples, unacked
+                # Shielded: a flush cancelled because the connection dropped still
+                # finishes its write. The tracker has seen these batches, so their
+                # re-deliveries would be dropped as duplicates.
+                await asyncio.shield(write)
+            except asyncio.CancelledError:
+                write.add_done_callback(lambda w: self._requeue(w, batches, count))
+                raise
+            except Exception:  # nothing acknowledged: put it back, try again later
+                self._requeue(write, batches, count)
+                self._unacked[:0] = unacked
                 for key, seqs in stored.items():
                     self._stored.setdefault(key, [])[:0] = seqs
                 return
         if client is not None:
             for mid in unacked:
                 client._client.ack(mid, 1)
-            # Tell each host what is safely stored, so it can drop it from its spool.
-            for (network, host), seqs in stored.items():
-                body = json.dumps({"seqs": seqs}).encode()
-                await client.publish(metrics.ack_topic(network, host), body, qos=1)
+            # Tell each host what is safely stored, so it can drop it from its spool;
+            # all at once, not one broker round trip after the other.
+            await asyncio.gather(
+                *(
+                    client.publish(
+                        metrics.ack_topic(network, host),
+                        json.dumps({"seqs": seqs}).encode(),
+                        qos=1,
+                    )
+                    for (network, host), seqs in stored.items()
+                )
+            )
+
+    def _requeue(
+        self, write: asyncio.Future[None], batches: list[metrics.Batch], count: int
+    ) -> None:
+        """Put a failed write's batches back in front, to be written with the next flush."""
+        error = "cancelled" if write.cancelled() else write.exception()
+        if error is None:
+            return
+        self.counters["store_errors"] += 1
+        log.error("storing a flush failed", extra={"error": repr(error)})
+        self._pending[:0] = batches
+        self._pending_samples += count
 
     async def _flusher(self, client: aiomqtt.Client) -> None:
+        # Every flush_interval, or as soon as a write's worth is pending. The reader
+        # never waits for a write, so decoding the next batches overlaps storing these.
         while True:
-            await asyncio.sleep(self.flush_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._full.wait(), self.flush_interval)
             await self.flush(client)
 
     async def _notify(self, events: list[Event]) -> None:
@@ -164,15 +222,14 @@ class Ingest:
                     if message.qos > 0:
                         self._unacked.append(message.mid)
                     await self._notify(events)
-                    if len(self._pending) >= self.flush_samples:
-                        await self.flush(client)
             finally:
                 await cancel_and_wait([flusher], aiomqtt.MqttError)
 
     async def run(self) -> None:
         """Subscribe and ingest forever; reconnect with capped backoff."""
-        delay = 0.5
+        delay = RECONNECT_FIRST
         while True:
+            connects = self.counters["connects"]
             try:
                 await self._session()
             except aiomqtt.MqttError as exc:
@@ -183,8 +240,10 @@ class Ingest:
                 # Unacknowledged batches come back on reconnect (or are resent).
                 self._unacked = []
                 self._stored = {}
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, 30.0)
+            if self.counters["connects"] > connects:  # it was up: back off afresh
+                delay = RECONNECT_FIRST
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, RECONNECT_CAP)
 
     async def watch_hosts(self, every: float = 1.0, missed: int = 3) -> None:
         """The built-in host-down alarm: no batch for ``missed`` intervals."""

@@ -20,6 +20,9 @@ from cladnet.tasks import cancel_and_wait
 log = logging.getLogger("cladnet.agent")
 
 IN_FLIGHT = 32  # batches published before waiting for their acknowledgements
+# Reconnect backoff: doubling from RECONNECT_FIRST, never longer than RECONNECT_CAP,
+# so a broker that is back gets the spooled batches within seconds.
+RECONNECT_FIRST, RECONNECT_CAP = 0.5, 5.0
 
 
 @dataclass
@@ -122,12 +125,13 @@ class Publisher:
             self._acknowledged(bytes(message.payload))
 
     async def run(self) -> None:
-        delay = 0.5
+        """Connect, drain the spool whenever woken, reconnect with capped backoff."""
+        delay = RECONNECT_FIRST
         while True:
             acks: asyncio.Task[None] | None = None
             try:
                 async with self.broker.client(self.identifier) as client:
-                    self.connected, delay = True, 0.5
+                    self.connected, delay = True, RECONNECT_FIRST
                     log.info("connected to the metrics broker", extra={"broker": self.broker.url})
                     if self.ack_topic is not None:
                         await client.subscribe(self.ack_topic, qos=1)
@@ -146,5 +150,6 @@ class Publisher:
             finally:
                 self.connected = False
                 await cancel_and_wait([acks], aiomqtt.MqttError)
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, 30.0)
+            # Jittered, so agents cut off together do not all come back at once.
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, RECONNECT_CAP)

@@ -58,7 +58,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from cladnet.metrics import Sample
+from cladnet.metrics import Batch, Sample
 
 AGGS = ("avg", "min", "max", "last")
 # Width of the rollup buckets (SQLite) — and the step from which rollups answer.
@@ -66,6 +66,9 @@ ROLLUP_STEP = 10
 RESERVED_LABELS = frozenset({"network", "host"})
 
 Labels = tuple[tuple[str, str], ...]
+#: One host's samples taken at one time, the unit the backends write:
+#: ``(network, host, ts, [(name, labels, value), …])``, labels a dict or ``Labels``.
+SampleGroup = tuple[str, str, float, Sequence[tuple[str, dict[str, str] | Labels, float]]]
 
 
 class StoreError(RuntimeError):
@@ -107,9 +110,9 @@ def normalize_labels(labels: Iterable[tuple[str, str]] | Mapping[str, str]) -> L
     return tuple(out)
 
 
-def usable(sample: Sample) -> bool:
-    """Whether a sample carries information (finite value, finite non-negative time)."""
-    return math.isfinite(sample.value) and math.isfinite(sample.ts) and sample.ts >= 0
+def usable_time(ts: float) -> bool:
+    """Whether samples taken at ``ts`` can be stored (a finite, non-negative time)."""
+    return math.isfinite(ts) and ts >= 0
 
 
 def check_query(start: float, end: float, step: float, agg: str) -> None:
@@ -191,13 +194,29 @@ class MetricsStore(ABC):
     #: Samples skipped on write because they carried no information (NaN, inf, ts < 0).
     skipped: int = 0
 
-    @abstractmethod
     async def write(self, samples: Sequence[Sample]) -> None:
         """Store many samples at once (one transaction / one request).
 
         Idempotent: a sample already stored for the same series and timestamp is
         not counted twice (VictoriaMetrics: with ``-dedup.minScrapeInterval``).
         """
+        groups: list[SampleGroup] = []
+        items: list[tuple[str, dict[str, str] | Labels, float]] = []
+        last: tuple[str, str, float] | None = None
+        for s in samples:  # a run of one host's samples at one time is one group
+            if (s.network, s.host, s.ts) != last:
+                last, items = (s.network, s.host, s.ts), []
+                groups.append((s.network, s.host, s.ts, items))
+            items.append((s.name, s.labels, s.value))
+        await self.write_groups(groups)
+
+    async def write_batches(self, batches: Sequence[Batch]) -> None:
+        """Store decoded batches as they are (the collector's path: no ``Sample`` each)."""
+        await self.write_groups([(b.network, b.host, b.ts, b.samples) for b in batches])
+
+    @abstractmethod
+    async def write_groups(self, groups: Sequence[SampleGroup]) -> None:
+        """What :meth:`write` and :meth:`write_batches` do, on groups (same contract)."""
 
     @abstractmethod
     async def latest(self, network: str | None = None, host: str | None = None) -> list[Sample]:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -54,13 +55,14 @@ from cladnet.metrics import Sample
 from collector.store.base import (
     Labels,
     MetricsStore,
+    SampleGroup,
     StoreError,
     bucket_bounds,
     check_query,
     network_aggregate,
     normalize_labels,
     pick_series,
-    usable,
+    usable_time,
 )
 
 OVER_TIME = {
@@ -71,6 +73,7 @@ OVER_TIME = {
 }
 OWN_LABELS = ("__name__", "network", "host")
 RE2_SPECIAL = set("\\.+*?()|[]{}^$")
+METRIC_CACHE = 1 << 20  # series whose "metric" JSON is kept
 
 
 def quote(value: str) -> str:
@@ -114,6 +117,7 @@ class VictoriaStore(MetricsStore):
         self.lookback, self.hosts_lookback = lookback, hosts_lookback
         self.max_import_samples = max_import_samples
         self.skipped = 0
+        self._metrics: dict[tuple[str, str, str, Labels], str] = {}
         self._http = client or httpx.AsyncClient(base_url=self.url, timeout=timeout)
 
     async def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
@@ -130,30 +134,55 @@ class VictoriaStore(MetricsStore):
 
     # ---- writes -----------------------------------------------------------------------
 
-    def _lines(self, samples: Sequence[Sample]) -> list[tuple[int, bytes]]:
-        series: dict[tuple[str, str, str, Labels], tuple[list[float], list[int]]] = {}
-        for s in samples:
-            if not usable(s):
-                self.skipped += 1
-                continue
-            key = (s.network, s.host, s.name, s.labels)
-            entry = series.get(key)
-            if entry is None:
-                entry = series[key] = ([], [])
-            entry[0].append(s.value)
-            entry[1].append(round(s.ts * 1000))
-        lines = []
-        for (network, host, name, labels), (values, stamps) in series.items():
-            metric = {**dict(normalize_labels(labels)), "__name__": name}
+    def _metric(self, key: tuple[str, str, str, Labels]) -> str:
+        """The ``"metric"`` JSON of a series, cached: most series come back every flush."""
+        text = self._metrics.get(key)
+        if text is None:
+            network, host, name, given = key
+            metric = {**dict(normalize_labels(given)), "__name__": name}
             metric.update(network=network, host=host)
-            body = {"metric": metric, "values": values, "timestamps": stamps}
-            lines.append((len(values), json.dumps(body, ensure_ascii=False).encode()))
-        return lines
+            text = json.dumps(metric, ensure_ascii=False)
+            if len(self._metrics) >= METRIC_CACHE:  # bounded; rebuilding is cheap
+                self._metrics.clear()
+            self._metrics[key] = text
+        return text
 
-    async def write(self, samples: Sequence[Sample]) -> None:
+    def _lines(self, groups: Sequence[SampleGroup]) -> list[tuple[int, bytes]]:
+        series: dict[tuple[str, str, str, Labels], tuple[list[float], list[int]]] = {}
+        isfinite = math.isfinite
+        for network, host, ts, items in groups:
+            if not usable_time(ts):
+                self.skipped += len(items)
+                continue
+            ms = round(ts * 1000)
+            for name, labels, value in items:
+                if not isfinite(value):
+                    self.skipped += 1
+                    continue
+                lb = tuple(labels.items()) if isinstance(labels, dict) else labels
+                key = (network, host, name, lb)
+                entry = series.get(key)
+                if entry is None:
+                    entry = series[key] = ([], [])
+                entry[0].append(value)
+                entry[1].append(ms)
+        # Formatted by hand (json.dumps per list costs more than the line): finite
+        # floats' repr is exactly what json.dumps writes, the shortest round trip.
+        return [
+            (
+                len(values),
+                (
+                    f'{{"metric":{self._metric(key)},"values":[{",".join(map(repr, values))}],'
+                    f'"timestamps":[{",".join(map(str, stamps))}]}}'
+                ).encode(),
+            )
+            for key, (values, stamps) in series.items()
+        ]
+
+    async def write_groups(self, groups: Sequence[SampleGroup]) -> None:
         chunk: list[bytes] = []
         size = 0
-        for count, line in self._lines(samples):
+        for count, line in self._lines(groups):
             chunk.append(line)
             size += count
             if size >= self.max_import_samples:
