@@ -11,6 +11,19 @@ A batch on MQTT topic ``cladnet/metrics/<network>/<host>`` is a JSON object::
                  ["cpu_usage_ratio", {"cpu": "0"}, 0.2],
                  ["wireguard_peer_latency_seconds", {"peer": "vm2"}, 0.00041], …]}
 
+Version 2 (what :meth:`Batch.encode` writes) has the same header fields and the
+samples in two columns: ``"series"``, the JSON text of ``[[name, labels], …]`` as one
+string, and ``"values"``, the numbers in the same order::
+
+    {"v": 2, "network": "prod", …, "series": "[[\\"cpu_usage_ratio\\",{}],…]",
+     "values": [0.125, 0.2, …]}
+
+A host sends the same series every interval, so ``series`` is byte-identical from
+batch to batch: the collector parses and validates it once and afterwards only looks
+it up (a string hash), which leaves one JSON float per sample to parse. Collectors
+read both versions (version-1 batches may wait in an agent's spool across an
+upgrade); upgrade collectors before agents.
+
 Names follow Prometheus conventions (base units, ``_ratio``, ``_total`` for counters)
 and are the same in batches, the pull endpoint and the collector's API:
 cpu_usage_ratio{cpu}, memory_total_bytes, memory_used_bytes, memory_usage_ratio,
@@ -36,7 +49,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-VERSION = 1
+VERSION = 2  # what encode() writes; decode() also reads version 1
 TOPIC_ROOT = "cladnet/metrics"
 ACK_ROOT = "cladnet/acks"
 # Prometheus-compatible names, so the same names work in VictoriaMetrics/PromQL.
@@ -45,6 +58,11 @@ LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]{0,63}$")
 TOPIC_PART_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 MAX_SAMPLES = 20_000
 MAX_LABEL_VALUE = 256
+MAX_SERIES_TEXT = 4_000_000  # bytes of a version-2 "series" column
+SERIES_CACHE = 8192  # distinct version-2 "series" columns kept parsed (about one per host)
+
+#: One validated series column: names and label dicts, in the batch's order.
+SeriesColumn = tuple[tuple[str, ...], tuple[dict[str, str], ...]]
 
 
 class BatchError(ValueError):
@@ -88,6 +106,8 @@ class Batch:
         self.samples.append((name, labels, float(value)))
 
     def encode(self) -> bytes:
+        """The version-2 wire form (see the module doc): series text plus a value column."""
+        series = json.dumps([[n, lb] for n, lb, _ in self.samples], separators=(",", ":"))
         return json.dumps(
             {
                 "v": VERSION,
@@ -98,7 +118,8 @@ class Batch:
                 "ts": self.ts,
                 "sent": self.sent,
                 "interval": self.interval,
-                "samples": [[n, lb, v] for n, lb, v in self.samples],
+                "series": series,
+                "values": [v for _, _, v in self.samples],
             },
             separators=(",", ":"),
         ).encode()
@@ -121,31 +142,83 @@ def ack_topic(network: str, host: str) -> str:
     return f"{ACK_ROOT}/{network}/{host}"
 
 
-def decode(payload: bytes, topic_name: str | None = None) -> Batch:
-    """Parse and validate a batch; ``topic_name`` must match its network/host if given.
+def _labels_ok(labels: Any) -> bool:
+    return isinstance(labels, dict) and all(
+        isinstance(k, str)
+        and LABEL_RE.match(k)
+        and isinstance(v, str)
+        and len(v) <= MAX_LABEL_VALUE
+        for k, v in labels.items()
+    )
 
-    Raises BatchError with a short reason; never anything else for bad input.
+
+def _check_series(name: Any, labels: Any) -> None:
+    """Raise BatchError unless ``name`` and ``labels`` make a valid series."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise BatchError(f"bad metric name {name!r}")
+    if not _labels_ok(labels):
+        raise BatchError(f"bad labels on {name}")
+
+
+def _finite_floats(values: list[Any]) -> list[float] | None:
+    """The values as floats if every one is a finite number; None if some is not finite.
+
+    Checked per column, in C: the element types as a set, then the sum (finite only if
+    every term is; a sum that overflows just takes the slow path).
     """
+    if not set(map(type, values)) <= {int, float}:  # bool is its own type: refused too
+        raise BatchError("a value is not a number")
     try:
-        raw: Any = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BatchError(f"not JSON: {exc}") from None
-    if not isinstance(raw, dict) or raw.get("v") != VERSION:
-        raise BatchError("not a version-1 batch object")
+        if math.isfinite(sum(values)):
+            return list(map(float, values))
+    except OverflowError:  # an int too large for a float
+        pass
+    return None
+
+
+def _number(value: Any) -> float | None:
+    """One value as a finite float, None for NaN/inf (no information), BatchError if no number."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BatchError("a value is not a number")
     try:
-        network, host = str(raw["network"]), str(raw["host"])
-        seq, ts = raw["seq"], float(raw["ts"])
-        interval = float(raw.get("interval", 0))
-        samples_raw = raw["samples"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BatchError(f"missing or bad field: {exc}") from None
-    if not (TOPIC_PART_RE.match(network) and TOPIC_PART_RE.match(host)):
-        raise BatchError("bad network or host name")
-    if topic_name is not None and topic_name != topic(network, host):
-        raise BatchError(f"batch for {network}/{host} published on {topic_name}")
-    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-        raise BatchError("seq must be a non-negative integer")
-    if not math.isfinite(ts) or not isinstance(samples_raw, list):
+        number = float(value)
+    except OverflowError:
+        return None  # an integer beyond float range: as unusable as inf
+    return number if math.isfinite(number) else None
+
+
+_series_cache: dict[str, SeriesColumn] = {}
+
+
+def _series_column(text: Any) -> SeriesColumn:
+    """A version-2 ``series`` string parsed and validated, from the cache when seen before.
+
+    The label dicts are shared by every batch with the same series text: read-only.
+    """
+    column = _series_cache.get(text) if isinstance(text, str) else None
+    if column is not None:
+        return column
+    if not isinstance(text, str) or len(text) > MAX_SERIES_TEXT:
+        raise BatchError("series must be a JSON string")
+    try:
+        raw: Any = json.loads(text)
+    except ValueError as exc:
+        raise BatchError(f"series is not JSON: {exc}") from None
+    if not isinstance(raw, list) or len(raw) > MAX_SAMPLES:
+        raise BatchError(f"series must be a list of at most {MAX_SAMPLES} entries")
+    for item in raw:
+        if not (isinstance(item, list) and len(item) == 2):
+            raise BatchError("a series must be [name, labels]")
+        _check_series(*item)
+    column = (tuple(n for n, _ in raw), tuple(lb for _, lb in raw))
+    if len(_series_cache) >= SERIES_CACHE:  # bounded; re-parsing is the fallback
+        _series_cache.clear()
+    _series_cache[text] = column
+    return column
+
+
+def _samples_v1(samples_raw: Any) -> list[tuple[str, dict[str, str], float]]:
+    if not isinstance(samples_raw, list):
         raise BatchError("bad ts or samples")
     if len(samples_raw) > MAX_SAMPLES:
         raise BatchError(f"more than {MAX_SAMPLES} samples")
@@ -154,21 +227,60 @@ def decode(payload: bytes, topic_name: str | None = None) -> Batch:
         if not (isinstance(item, list) and len(item) == 3):
             raise BatchError("a sample must be [name, labels, value]")
         name, labels, value = item
-        if not isinstance(name, str) or not NAME_RE.match(name):
-            raise BatchError(f"bad metric name {name!r}")
-        if not isinstance(labels, dict) or not all(
-            isinstance(k, str)
-            and LABEL_RE.match(k)
-            and isinstance(v, str)
-            and len(v) <= MAX_LABEL_VALUE
-            for k, v in labels.items()
-        ):
-            raise BatchError(f"bad labels on {name}")
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise BatchError(f"value of {name} is not a number")
-        if not math.isfinite(value):
-            continue  # NaN/inf (e.g. no RTT yet) carry no information
-        samples.append((name, labels, float(value)))
+        _check_series(name, labels)
+        try:
+            number = _number(value)
+        except BatchError:
+            raise BatchError(f"value of {name} is not a number") from None
+        if number is not None:  # NaN/inf (e.g. no RTT yet) carry no information
+            samples.append((name, labels, number))
+    return samples
+
+
+def _samples_v2(series: Any, values: Any) -> list[tuple[str, dict[str, str], float]]:
+    names, labels = _series_column(series)
+    if not isinstance(values, list) or len(values) != len(names):
+        raise BatchError("values must be a list as long as series")
+    floats = _finite_floats(values)
+    if floats is not None:  # the usual case: no per-sample Python code at all
+        return list(zip(names, labels, floats, strict=True))
+    return [
+        (n, lb, f)
+        for n, lb, v in zip(names, labels, values, strict=True)
+        if (f := _number(v)) is not None
+    ]
+
+
+def decode(payload: bytes, topic_name: str | None = None) -> Batch:
+    """Parse and validate a batch (version 1 or 2); ``topic_name`` must match its
+    network/host if given.
+
+    Raises BatchError with a short reason; never anything else for bad input.
+    """
+    try:
+        raw: Any = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BatchError(f"not JSON: {exc}") from None
+    version = raw.get("v") if isinstance(raw, dict) else None
+    if type(version) is not int or version not in (1, 2):
+        raise BatchError("not a version-1 or version-2 batch object")
+    try:
+        network, host = str(raw["network"]), str(raw["host"])
+        seq, ts = raw["seq"], float(raw["ts"])
+        interval = float(raw.get("interval", 0))
+        sent = float(raw.get("sent", ts) or ts)
+        columns = (raw["samples"],) if version == 1 else (raw["series"], raw["values"])
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise BatchError(f"missing or bad field: {exc}") from None
+    if not (TOPIC_PART_RE.match(network) and TOPIC_PART_RE.match(host)):
+        raise BatchError("bad network or host name")
+    if topic_name is not None and topic_name != topic(network, host):
+        raise BatchError(f"batch for {network}/{host} published on {topic_name}")
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        raise BatchError("seq must be a non-negative integer")
+    if not math.isfinite(ts):
+        raise BatchError("bad ts or samples")
+    samples = _samples_v1(*columns) if version == 1 else _samples_v2(*columns)
     return Batch(
         network=network,
         host=host,
@@ -177,5 +289,5 @@ def decode(payload: bytes, topic_name: str | None = None) -> Batch:
         interval=interval,
         samples=samples,
         host_id=str(raw.get("host_id", "")),
-        sent=float(raw.get("sent", ts) or ts),
+        sent=sent,
     )

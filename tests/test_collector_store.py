@@ -5,6 +5,7 @@ loopback port."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import random
 import shutil
@@ -14,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -516,6 +518,64 @@ async def test_sqlite_rollups_give_the_same_answers_as_raw(tmp_path: Path) -> No
         assert stats["rollup"] == len({math.floor(s.ts / 10) for s in data})
     finally:
         await store.close()
+
+
+async def test_sqlite_rollups_written_in_many_flushes_equal_one_write(tmp_path: Path) -> None:
+    """Per-write aggregates merged into existing rollup rows (min/max/sum/count/last and
+    latest) give exactly the rows of one write of everything, duplicates included."""
+    rng = random.Random(5)
+    data = [
+        sample(f"vm{h}", "load1", T0 + rng.uniform(0, 95), rng.uniform(-9, 9), core=str(c))
+        for h in range(3)
+        for c in range(2)
+        for _ in range(60)
+    ]
+    data = list({(s.host, s.labels, s.ts): s for s in data}.values())  # one value per time
+    rng.shuffle(data)
+
+    async def tables(store: SqliteStore) -> tuple[list[Any], list[Any]]:
+        db = store._r
+        rollup = db.execute(
+            "SELECT h.host, s.labels, r.bucket, r.min, r.max, r.sum, r.count, r.last, r.last_ts"
+            " FROM rollup r JOIN series s ON s.id = r.sid JOIN hosts h ON h.id = r.hid"
+            " ORDER BY 1, 2, 3"
+        ).fetchall()
+        latest = db.execute(
+            "SELECT h.host, s.labels, l.ts, l.value FROM latest l JOIN series s ON s.id = l.sid"
+            " JOIN hosts h ON h.id = s.hid ORDER BY 1, 2"
+        ).fetchall()
+        return rollup, latest
+
+    once = SqliteStore(tmp_path / "once.db")
+    many = SqliteStore(tmp_path / "many.db")
+    try:
+        await once.write(data)
+        for i in range(0, len(data), 23):
+            chunk = data[i : i + 23]
+            # Re-deliveries: part of an earlier flush again, and a sample twice in one.
+            await many.write(chunk + data[max(0, i - 5) : i] + chunk[:1])
+        got, expect = await tables(many), await tables(once)
+        # Exact but the sums, which add up in another order.
+        assert [r[:5] + r[6:] for r in got[0]] == [r[:5] + r[6:] for r in expect[0]]
+        assert [r[5] for r in got[0]] == pytest.approx([r[5] for r in expect[0]])
+        assert got[1] == expect[1]
+        # And against a plain computation.
+        buckets: dict[tuple[str, str, int], list[tuple[float, float]]] = {}
+        for s in data:
+            key = (s.host, s.labels[0][1], math.floor(s.ts / 10) * 10)
+            buckets.setdefault(key, []).append((s.ts, s.value))
+        plain = [
+            (h, c, b, min(v for _, v in p), max(v for _, v in p), len(p), max(p)[1], max(p)[0])
+            for (h, c, b), p in sorted(buckets.items())
+        ]
+        assert [
+            (h, json.loads(lb)["core"], b, mn, mx, n, last, lt)
+            for h, lb, b, mn, mx, _, n, last, lt in got[0]
+        ] == plain
+        assert (await many.stats())["raw"] == len(data)
+    finally:
+        await once.close()
+        await many.close()
 
 
 async def test_sqlite_retention_prunes_raw_but_keeps_rollups(tmp_path: Path) -> None:

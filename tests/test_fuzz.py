@@ -5,6 +5,7 @@ only the documented errors."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,37 @@ def test_decoder_accepts_only_well_formed_batches(raw: dict[str, Any]) -> None:
         assert metrics.NAME_RE.match(name)
         assert all(isinstance(v, str) for v in labels.values())
         assert isinstance(value, float) and value == value
+
+
+series_entries = st.lists(
+    st.lists(st.sampled_from(["cpu_usage_ratio", "9x", "", "a b"]) | json_values, max_size=3)
+    | st.tuples(st.sampled_from(["load1", "x"]), st.dictionaries(st.text(max_size=4), json_values))
+    | json_values,
+    max_size=5,
+)
+batch_v2_like = st.fixed_dictionaries(
+    {
+        "v": st.sampled_from([2, 2, 1, True]),
+        "network": st.sampled_from(["n", "a b"]),
+        "host": st.sampled_from(["h", ""]),
+        "seq": st.integers(-1, 3),
+        "ts": st.floats() | st.integers(),
+        "series": series_entries.map(json.dumps) | st.text(max_size=20) | json_values,
+        "values": st.lists(st.floats() | st.integers() | json_values, max_size=5) | json_values,
+    }
+)
+
+
+@given(batch_v2_like)
+def test_decoder_accepts_only_well_formed_version_2_batches(raw: dict[str, Any]) -> None:
+    try:
+        batch = metrics.decode(json.dumps(raw).encode())
+    except metrics.BatchError:
+        return
+    for name, labels, value in batch.samples:
+        assert metrics.NAME_RE.match(name)
+        assert all(isinstance(v, str) for v in labels.values())
+        assert type(value) is float and math.isfinite(value)
 
 
 peer_like = st.fixed_dictionaries(

@@ -62,10 +62,62 @@ def test_a_batch_on_another_hosts_topic_is_rejected() -> None:
         metrics.decode(_batch().encode(), "cladnet/metrics/prod/vm2")
 
 
+def _v1(batch: Batch) -> dict:
+    """``batch`` in the version-1 wire form (what older agents' spools still hold)."""
+    raw = json.loads(batch.encode())
+    raw["v"] = 1
+    raw["samples"] = [[n, lb, v] for n, lb, v in batch.samples]
+    del raw["series"], raw["values"]
+    return raw
+
+
 def test_non_finite_values_are_dropped_not_fatal() -> None:
-    raw = json.loads(_batch().encode())
+    raw = _v1(_batch())
     raw["samples"].append(["wireguard_peer_latency_seconds", {"peer": "vm2"}, 1e999])
+    raw["samples"].append(["wireguard_peer_latency_seconds", {"peer": "vm3"}, 10**400])
     assert len(metrics.decode(json.dumps(raw).encode()).samples) == 2
+    raw = json.loads(_batch().encode())
+    raw["series"] = raw["series"][:-1] + ',["x",{}],["y",{}]]'
+    raw["values"] += [1e999, 10**400]
+    assert len(metrics.decode(json.dumps(raw).encode()).samples) == 2
+
+
+def test_version_1_and_2_decode_alike() -> None:
+    b = _batch(seq=3)
+    assert json.loads(b.encode())["v"] == 2
+    old = metrics.decode(json.dumps(_v1(b)).encode(), "cladnet/metrics/prod/vm1")
+    new = metrics.decode(b.encode(), "cladnet/metrics/prod/vm1")
+    assert old == new
+    assert new.samples == [(n, lb, float(v)) for n, lb, v in b.samples]
+    assert all(type(v) is float for _, _, v in new.samples)
+    assert metrics.decode(b.encode()).samples == new.samples  # from the series cache
+
+
+def _v2(series: object, values: object) -> bytes:
+    raw = json.loads(_batch().encode())
+    raw["series"], raw["values"] = series, values
+    return json.dumps(raw).encode()
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (_v2([["x", {}]], [1]), "JSON string"),
+        (_v2("[[", [1]), "series is not JSON"),
+        (_v2('{"x":1}', [1]), "list"),
+        (_v2('[["x",{}, 1]]', [1]), r"\[name, labels\]"),
+        (_v2('[["9x",{}]]', [1]), "name"),
+        (_v2('[["x",{"a":1}]]', [1]), "labels"),
+        (_v2('[["x",{}]]', [1, 2]), "as long as"),
+        (_v2('[["x",{}]]', "1"), "as long as"),
+        (_v2('[["x",{}]]', [True]), "number"),
+        (_v2('[["x",{}]]', ["1"]), "number"),
+        (b'{"v":2,"network":"n","host":"h","seq":1,"ts":1,"samples":[]}', "missing"),
+    ],
+)
+def test_bad_version_2_batches_are_rejected(payload: bytes, reason: str) -> None:
+    with pytest.raises(BatchError, match=reason):
+        metrics.decode(payload)
 
 
 # --- spool -------------------------------------------------------------------------------
