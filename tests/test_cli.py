@@ -106,7 +106,7 @@ def test_status_shows_a_healthy_and_a_broken_pair(cli, controller: Controller) -
     a, b, c = (_fake_host(controller, token, n) for n in ("vm1", "vm2", "vm3"))
     ok = {"handshake_age_s": 5, "rx_bytes": 1, "tx_bytes": 1, "latency_ms": 0.8}
     _report(controller, a, [{"peer_id": b["host_id"], **ok},
-                            {"peer_id": c["host_id"], "handshake_age_s": None}])  # fmt: skip
+                            {"peer_id": c["host_id"], "handshake_age_s": 400}])  # fmt: skip
     _report(controller, b, [{"peer_id": a["host_id"], **ok}, {"peer_id": c["host_id"], **ok}])
     _report(controller, c, [{"peer_id": a["host_id"], "handshake_age_s": 600},
                             {"peer_id": b["host_id"], **ok}])  # fmt: skip
@@ -180,12 +180,19 @@ def test_status_logic_without_io() -> None:
             **up,
             "status": {"peers": [{"peer_id": "b", "handshake_age_s": 200}]},
         },
-        {"id": "b", "name": "b", **up, "status": {"peers": []}},
+        {
+            "id": "b",
+            "name": "b",
+            **up,
+            "status": {"peers": [{"peer_id": "d", "handshake_age_s": None}]},
+        },
+        {"id": "d", "name": "d", **up, "created_at": now - 20, "status": {"peers": []}},
         {"id": "c", "name": "c", "last_seen": now - 100, "public_address_changed_at": now - 60},
     ]
     rows = {(r["from"], r["to"]): r["state"] for r in pairs(hosts, now)}
     assert rows[("a", "b")] == "broken"  # a handshake older than 3 minutes
     assert rows[("b", "a")] == "unknown"  # b has not reported a
+    assert rows[("b", "d")] == "connecting"  # no handshake yet, but d joined 20 s ago
     assert rows[("a", "c")] == rows[("c", "a")] == "down"
     view = summary({"name": "n", "cidr": "10.0.0.0/24"}, hosts, now)
     assert view["hosts_down"] == ["c"] and view["endpoint_changed"] == ["c"]

@@ -100,9 +100,9 @@ def _seed(ctl: Controller) -> dict[str, dict]:
     ok = {"handshake_age_s": 4, "rx_bytes": 10, "tx_bytes": 10, "latency_ms": 1.5}
     ids = {n: h["host_id"] for n, h in hosts.items()}
     reports = {
-        "vm1": [{"peer_id": ids["vm2"], **ok}, {"peer_id": ids["vm3"], "handshake_age_s": None}],
+        "vm1": [{"peer_id": ids["vm2"], **ok}, {"peer_id": ids["vm3"], "handshake_age_s": 400}],
         "vm2": [{"peer_id": ids["vm1"], **ok}, {"peer_id": ids["vm3"], **ok}],
-        "vm3": [{"peer_id": ids["vm1"], "handshake_age_s": None}, {"peer_id": ids["vm2"], **ok}],
+        "vm3": [{"peer_id": ids["vm1"], "handshake_age_s": 400}, {"peer_id": ids["vm2"], **ok}],
     }
     for name, peers in reports.items():
         with ctl.client(token=hosts[name]["credential"]) as c:

@@ -13,11 +13,17 @@ def host_up(host: dict[str, Any], now: float) -> bool:
     return bool(host.get("last_seen")) and now - float(host["last_seen"]) <= DOWN_AFTER
 
 
+def _joined(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """When the younger of two hosts joined (0 when unknown: old enough)."""
+    return max(float(a.get("created_at") or 0), float(b.get("created_at") or 0))
+
+
 def pairs(hosts: list[dict[str, Any]], now: float) -> list[dict[str, Any]]:
     """One row per ordered pair (reporter → peer), worst first.
 
     ``state``: ``ok``, ``broken`` (no handshake within 3 min, or none at all while
-    both are up), ``down`` (one of the two is down), ``unknown`` (no report yet).
+    both are up), ``connecting`` (no handshake yet, but one of the two joined less
+    than 3 min ago), ``down`` (one of the two is down), ``unknown`` (no report yet).
     """
     by_id = {h["id"]: h for h in hosts}
     rows = []
@@ -33,6 +39,8 @@ def pairs(hosts: list[dict[str, Any]], now: float) -> list[dict[str, Any]]:
                 state = "down"
             elif p is None:
                 state = "unknown"
+            elif age is None and now - _joined(h, by_id[other["id"]]) < BROKEN_AFTER:
+                state = "connecting"
             elif age is None or age > BROKEN_AFTER:
                 state = "broken"
             else:
@@ -46,7 +54,7 @@ def pairs(hosts: list[dict[str, Any]], now: float) -> list[dict[str, Any]]:
                     "latency_ms": p.get("latency_ms") if p else None,
                 }
             )
-    rank = {"broken": 0, "down": 1, "unknown": 2, "ok": 3}
+    rank = {"broken": 0, "down": 1, "connecting": 2, "unknown": 3, "ok": 4}
     return sorted(
         rows, key=lambda r: (rank[r["state"]], -(r["latency_ms"] or 0), r["from"], r["to"])
     )

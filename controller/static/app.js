@@ -51,6 +51,8 @@ function pairState(a, b, now) {
   if (!up(a, now) || !up(b, now)) { return ["down", null]; }
   const p = ((a.status || {}).peers || []).find((x) => x.peer_id === b.id);
   if (!p) { return ["unknown", null]; }
+  const joined = Math.max(a.created_at || 0, b.created_at || 0);
+  if (p.handshake_age_s === null && now - joined < BROKEN_AFTER) { return ["connecting", p]; }
   if (p.handshake_age_s === null || p.handshake_age_s > BROKEN_AFTER) { return ["broken", p]; }
   if (p.latency_ms !== null && p.latency_ms >= 100) { return ["bad", p]; }
   if (p.latency_ms !== null && p.latency_ms >= 20) { return ["slow", p]; }
@@ -65,7 +67,7 @@ function colour(h) {
 }
 
 const EDGE = { ok: "#2a9d8f", slow: "#e9c46a", bad: "#e76f51", broken: "#d62828",
-               down: "#bbb", unknown: "#bbb" };
+               down: "#bbb", unknown: "#bbb", connecting: "#bbb" };
 
 function el(tag, attrs, text) {
   const e = document.createElementNS(SVG, tag);
@@ -82,7 +84,7 @@ function drawMesh(hosts) {
   for (let i = 0; i < n; i++) {
     for (let j = i + 1; j < n; j++) {
       // A pair is as bad as the worse of its two directions.
-      const order = ["broken", "down", "unknown", "bad", "slow", "ok"];
+      const order = ["broken", "down", "connecting", "unknown", "bad", "slow", "ok"];
       const [s1, p1] = pairState(hosts[i], hosts[j], now);
       const [s2, p2] = pairState(hosts[j], hosts[i], now);
       const s = order.indexOf(s1) <= order.indexOf(s2) ? s1 : s2;
