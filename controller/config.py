@@ -147,7 +147,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     drivers: dict[str, dict[str, Any]] = {}
     if a.drivers:
         try:
-            drivers = json.loads(Path(a.drivers).read_text())
+            drivers = json.loads(a.drivers.read_text())
         except (OSError, ValueError) as e:
             p.error(f"--drivers {a.drivers}: {e}")
         if not isinstance(drivers, dict) or not all(isinstance(v, dict) for v in drivers.values()):

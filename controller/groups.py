@@ -137,10 +137,18 @@ class GroupStore:
         res = await self.etcd.get_prefix(ks.prefix("vms", group))
         return [(Vm.model_validate_json(kv.value), kv.mod_revision) for kv in res]
 
+    async def vm(self, group: str, name: str) -> tuple[Vm, int] | None:
+        """One VM's record and its revision, or None when it is gone."""
+        kv = await self.etcd.get(ks.vm(group, name))
+        return None if kv is None else (Vm.model_validate_json(kv.value), kv.mod_revision)
+
     async def get(self, name: str) -> Group:
         """The group with its VMs (overlay addresses from the network) and derived state."""
         group, _ = await self.load_group(name)
-        vms = [vm for vm, _ in await self.vms(name)]
+        return await self._view(group)
+
+    async def _view(self, group: Group) -> Group:
+        vms = [vm for vm, _ in await self.vms(group.name)]
         vms.sort(key=lambda v: int(v.name.rsplit("-", 1)[1]))
         if group.network_id:
             try:
@@ -156,7 +164,7 @@ class GroupStore:
 
     async def list(self) -> list[Group]:
         res = await self.etcd.get_prefix(ks.prefix("groups"))
-        return [await self.get(Group.model_validate_json(kv.value).name) for kv in res]
+        return [await self._view(Group.model_validate_json(kv.value)) for kv in res]
 
     async def act(self, name: str, action: str, vm_name: str | None = None) -> Group:
         """Ask for ``action`` on one VM, or on every VM of the group it applies to."""
@@ -262,16 +270,21 @@ class Reconciler:
 
     async def scan(self) -> None:
         res = await self.groups.etcd.get_prefix(ks.prefix("groups"))
+        records = await self.groups.etcd.get_prefix(ks.prefix("vms"))
+        by_group: dict[str, list[Vm]] = {}
+        for kv in records:
+            vm = Vm.model_validate_json(kv.value)
+            by_group.setdefault(vm.group, []).append(vm)
         for kv in res:
             group = Group.model_validate_json(kv.value)
-            vms = await self.groups.vms(group.name)
-            for vm, _ in vms:
+            vms = by_group.get(group.name, [])
+            for vm in vms:
                 key = (group.name, vm.name)
                 if vm.state in lifecycle.TRANSITIONAL and key not in self._tasks:
                     task = asyncio.create_task(self._drive(group, vm.name), name=f"vm {vm.name}")
                     self._tasks[key] = task
                     task.add_done_callback(partial(self._forget, key))
-            if group.deleting and all(vm.state == lifecycle.TERMINATED for vm, _ in vms):
+            if group.deleting and all(vm.state == lifecycle.TERMINATED for vm in vms):
                 await self._remove(group)
 
     def _forget(self, key: tuple[str, str], _: object) -> None:
@@ -290,10 +303,10 @@ class Reconciler:
     async def _drive(self, group: Group, name: str) -> None:
         """Do the VM's pending operation until its record shows no more work."""
         while True:
-            records = {vm.name: (vm, rev) for vm, rev in await self.groups.vms(group.name)}
-            if name not in records:
+            record = await self.groups.vm(group.name, name)
+            if record is None:
                 return
-            vm, rev = records[name]
+            vm, rev = record
             op = lifecycle.OPERATION.get(vm.state)
             if op is None:
                 return

@@ -18,6 +18,7 @@ import pytest
 from controller.drivers.local import Driver
 from tests.components import Controller, free_port, wait_until
 from tests.netns import need_root, sh
+from tests.test_groups import _wait_state
 
 CLOUDS = {
     "a": {"regions": {"a-west": "192.168.1.0/24"}},
@@ -65,14 +66,6 @@ def local_cloud(etcd, tmp_path: Path) -> Iterator[tuple[Driver, Controller]]:
 
 def _group(admin, name: str) -> dict:
     return admin.get(f"/v1/groups/{name}").json()
-
-
-def _wait_state(admin, name: str, state: str, timeout: float = 60) -> dict:
-    return wait_until(
-        lambda: (g := _group(admin, name))["state"] == state and g,
-        timeout,
-        what=f"group {name} {state}",
-    )
 
 
 def _ping(namespace: str, address: str) -> bool:
@@ -138,7 +131,7 @@ def test_group_over_three_clouds_meshes_survives_suspend_and_leaves_nothing(loca
     with ctl.client() as admin:
         r = admin.post("/v1/groups", json={"name": "demo", "members": members, "keepalive": 2})
         assert r.status_code == 202, r.text
-        group = _wait_state(admin, "demo", "Running")
+        group = _wait_state(admin, "demo", "Running", 60)
         # Clouds a and b hand out the same private addresses: that is the point.
         private = {r: {vm["private_ip"] for vm in group["vms"] if vm["region"] == r}
                    for r in ("a-west", "b-east")}  # fmt: skip
@@ -158,12 +151,12 @@ def test_group_over_three_clouds_meshes_survives_suspend_and_leaves_nothing(loca
         victim = group["vms"][0]
         r = admin.post("/v1/groups/demo/vms/demo-1/actions", json={"action": "suspend"})
         assert r.status_code == 202
-        group = _wait_state(admin, "demo", "Partial-Suspended")
+        group = _wait_state(admin, "demo", "Partial-Suspended", 60)
         assert group["counts"] == {"Running": 5, "Suspended": 1}
         assert not _ping(group["vms"][1]["details"]["namespace"], victim["overlay_ip"])
 
         admin.post("/v1/groups/demo/vms/demo-1/actions", json={"action": "resume"})
-        group = _wait_state(admin, "demo", "Running")
+        group = _wait_state(admin, "demo", "Running", 60)
         resumed = group["vms"][0]
         assert resumed["public_ip"] and resumed["public_ip"] != victim["public_ip"]
         started = time.monotonic()

@@ -26,6 +26,7 @@ import typer
 from rich.table import Table
 
 from cladnet.cli.client import Api, CliError
+from cladnet.cli.groups import find
 
 demo_app = typer.Typer(
     help="A local multi-cloud demo on this machine (root).", no_args_is_help=True
@@ -83,10 +84,6 @@ class Demo:
         from controller.drivers.local import Driver
 
         return Driver(**self.load()["driver"])
-
-
-def _group(api: Api) -> dict[str, Any] | None:
-    return next((g for g in api.get("/v1/groups") if g["name"] == GROUP), None)
 
 
 def _alive(pid: int, binary: str) -> bool:
@@ -238,7 +235,7 @@ def up(
         out.print(f"==> services (logs in {root})")
         _services(demo)
         api = demo.api()
-        if _group(api) is None:
+        if find(api, GROUP) is None:
             out.print("==> group 'demo': 6 VMs over clouds a, b (both 192.168.1.0/24) and c")
             api.call("POST", "/v1/groups", json={"name": GROUP, "members": MEMBERS, "keepalive": 5})
         _wait(lambda: api.get(f"/v1/groups/{GROUP}")["state"] == "Running", timeout, "6 VMs")
@@ -384,9 +381,9 @@ def _down(demo: Demo) -> None:
     if data.get("controller"):
         try:
             api = demo.api()
-            if _group(api) is not None:
+            if find(api, GROUP) is not None:
                 api.call("DELETE", f"/v1/groups/{GROUP}")
-                _wait(lambda: _group(api) is None, 60, "removal")
+                _wait(lambda: find(api, GROUP) is None, 60, "removal")
         except CliError:
             pass  # the controller is gone: the driver's records remove the rest
     for name in ("controller", "collector", "mosquitto", "etcd"):

@@ -55,12 +55,17 @@ def _show(group: dict[str, Any], as_json: bool) -> None:
     out.print(t)
 
 
+def find(api: Any, name: str) -> dict[str, Any] | None:
+    """The group called ``name``, or None (a GET of a missing group is an error)."""
+    return next((g for g in api.get("/v1/groups") if g["name"] == name), None)
+
+
 def _settle(name: str, until_gone: bool = False, timeout: float = 600) -> dict[str, Any] | None:
     """Poll until no VM is transitional (or, ``until_gone``, the group is removed)."""
     api = _api()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        group = next((g for g in api.get("/v1/groups") if g["name"] == name), None)
+        group = find(api, name)
         if until_gone:
             if group is None:
                 return None

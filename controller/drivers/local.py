@@ -233,7 +233,7 @@ class Driver(base.Driver):
             "HOME": str(home),
             "CLADNET_AGENT": self.agent,
             "CLADNET_STATE_DIR": str(home / "cladnet"),
-            "CLADNET_INTERFACE": f"cl{self.tag}g{vm['no']}",
+            "CLADNET_INTERFACE": self._wireguard(vm),
             "CLADNET_NO_SYSTEMD": "1",
         }
         with (home / "console.log").open("ab") as console:
@@ -250,7 +250,12 @@ class Driver(base.Driver):
         self._children[name] = child
         vm["booted"] = True
 
-    async def _halt(self, name: str) -> None:
+    def _wireguard(self, vm: dict[str, Any]) -> str:
+        """The VM's WireGuard interface: unique machine-wide, as wireguard-go's socket
+        directory is shared by every namespace."""
+        return f"cl{self.tag}g{vm['no']}"
+
+    async def _halt(self, name: str, vm: dict[str, Any]) -> None:
         """Stop every process in the VM's namespace (SIGTERM, then SIGKILL)."""
         ns = self._namespace(name)
         for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
@@ -267,10 +272,9 @@ class Driver(base.Driver):
         child = self._children.pop(name, None)
         if child is not None:
             child.poll()  # reap it
-        state = self._load()
-        if name in state["vms"]:  # wireguard-go leaves its socket behind when killed
-            socket = Path(f"/var/run/wireguard/cl{self.tag}g{state['vms'][name]['no']}.sock")
-            socket.unlink(missing_ok=True)  # noqa: ASYNC240 - one unlink, no I/O wait
+        # wireguard-go leaves its socket behind when killed.
+        socket = Path(f"/var/run/wireguard/{self._wireguard(vm)}.sock")
+        socket.unlink(missing_ok=True)  # noqa: ASYNC240 - one unlink, no I/O wait
 
     def _vm(self, name: str, vm: dict[str, Any]) -> base.Vm:
         return base.Vm(
@@ -282,7 +286,7 @@ class Driver(base.Driver):
             details={
                 "namespace": self._namespace(name),
                 "cloud": vm["cloud"],
-                "interface": f"cl{self.tag}g{vm['no']}",
+                "interface": self._wireguard(vm),
             },
         )
 
@@ -367,7 +371,7 @@ class Driver(base.Driver):
         async with self._lock:
             state = self._load()
             vm = self._existing(state, name)
-            await self._halt(name)
+            await self._halt(name, vm)
             await self._in(self._router(vm["cloud"]), "ip", "link", "set", f"v{vm['no']}", "down")
             await self._set_public(vm, None)
             vm["power"] = base.SUSPENDED
@@ -392,7 +396,7 @@ class Driver(base.Driver):
         async with self._lock:
             state = self._load()
             vm = self._existing(state, name)
-            await self._halt(name)
+            await self._halt(name, vm)
             self._boot(name, vm)
             self._save(state)
             return self._vm(name, vm)
@@ -403,7 +407,7 @@ class Driver(base.Driver):
             vm = state["vms"].get(name)
             if vm is None:
                 return
-            await self._halt(name)
+            await self._halt(name, vm)
             await self._run("ip", "netns", "del", self._namespace(name), check=False)
             await self._set_public(vm, None)
             del state["vms"][name]
