@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from controller import keyspace as ks
-from controller.etcd import Etcd
+from controller.etcd import DailyLease, Etcd
 
 log = logging.getLogger("cladnet.audit")
 
@@ -26,15 +26,7 @@ def is_audited(method: str, path: str) -> bool:
 class AuditLog:
     def __init__(self, etcd: Etcd, retention: float = 30 * 86400) -> None:
         self.etcd, self.retention = etcd, retention
-        self._lease: Any = None
-        self._lease_until = 0.0
-
-    async def _current_lease(self, now: float) -> Any:
-        # One lease per day: entries of one day expire together, no per-entry lease.
-        if self._lease is None or now >= self._lease_until:
-            self._lease = await self.etcd.call(lambda c: c.lease(int(self.retention + 86400)))
-            self._lease_until = now + 86400
-        return self._lease
+        self._lease = DailyLease(etcd, retention)
 
     async def record(
         self,
@@ -60,7 +52,7 @@ class AuditLog:
         log.info("audit", extra=entry)
         key = ks.audit(f"{int(now * 1e6):020d}-{secrets.token_hex(3)}")
         try:
-            lease = await self._current_lease(now)
+            lease = await self._lease.current(now)
             await self.etcd.call(lambda c: c.put(key, json.dumps(entry).encode(), lease=lease))
         except Exception as exc:  # the log line above is the fallback record
             log.warning("audit entry not stored in etcd", extra={"error": repr(exc)})

@@ -26,7 +26,7 @@ from cladnet.models import CommandReport, CommandRequest, CommandRun, VmCommand
 from controller import keyspace as ks
 from controller.auth import Principal
 from controller.errors import ApiError, conflict, not_found
-from controller.etcd import Etcd
+from controller.etcd import DailyLease, Etcd
 from controller.groups import GroupStore
 from controller.store import Store
 
@@ -56,8 +56,7 @@ class Commands:
     def __init__(self, etcd: Etcd, groups: GroupStore, store: Store) -> None:
         self.etcd, self.groups, self.store = etcd, groups, store
         self._marked: dict[str, float] = {}  # host id → when this replica last recorded it
-        self._lease: Any = None
-        self._lease_until = 0.0
+        self._agents_lease = DailyLease(etcd, 86400)  # hosts' "accepts commands" records
 
     # --- the admin's side ----------------------------------------------------------------
 
@@ -143,7 +142,7 @@ class Commands:
         """The commands this host is to run, oldest first; records that it asked."""
         now = time.time()
         if now - self._marked.get(host_id, 0.0) >= MARK_EVERY:
-            lease = await self._agents_lease(now)
+            lease = await self._agents_lease.current(now)
             value = json.dumps({"seen_at": now}).encode()
             key = ks.command_agent(host_id)
             await self.etcd.call(lambda c: c.put(key, value, lease=lease))
@@ -153,13 +152,6 @@ class Commands:
         # Too late to start: the reader already reports it as an error.
         fresh = [e for e in entries if now - e["created_at"] <= PICKUP]
         return sorted(fresh, key=lambda e: e["created_at"])
-
-    async def _agents_lease(self, now: float) -> Any:
-        # One lease per day for all hosts' records, as the audit log does.
-        if self._lease is None or now >= self._lease_until:
-            self._lease = await self.etcd.call(lambda c: c.lease(2 * 86400))
-            self._lease_until = now + 86400
-        return self._lease
 
     async def report(self, host_id: str, command_id: str, rep: CommandReport) -> None:
         """Take a host's report: pending → running → done|timeout|error, nothing else."""

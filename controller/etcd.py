@@ -175,3 +175,21 @@ class Etcd:
 
     async def compact(self, revision: int) -> None:
         await self.call(lambda c: c.compact(revision, physical=True))
+
+
+class DailyLease:
+    """One lease per day for records that expire together, instead of a lease each.
+
+    A record written on a day lives at least ``keep`` seconds and at most a day more.
+    """
+
+    def __init__(self, etcd: Etcd, keep: float) -> None:
+        self.etcd, self.keep = etcd, keep
+        self._lease: Any = None
+        self._until = 0.0
+
+    async def current(self, now: float) -> Any:
+        if self._lease is None or now >= self._until:
+            self._lease = await self.etcd.call(lambda c: c.lease(int(self.keep + 86400)))
+            self._until = now + 86400
+        return self._lease
