@@ -1,31 +1,28 @@
-"""This host's underlay addresses, read over netlink (pyroute2)."""
+"""This host's underlay addresses, read over netlink."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
+import socket
 
+from agent.netlink import RTMGRP_IPV4_IFADDR, Netlink
 from cladnet.tasks import cancel_and_wait
 
 log = logging.getLogger("cladnet.agent")
 
 
 def _read(exclude: frozenset[str]) -> list[str]:
-    from pyroute2 import IPRoute  # imported lazily: only the agent needs netlink
-
-    found = []
-    with IPRoute() as ipr:
-        for msg in ipr.get_addr(family=2):
-            label = msg.get_attr("IFA_LABEL") or ""
-            if label in exclude or msg["scope"] != 0:  # scope 0 = global; skips loopback
-                continue
-            address = ipaddress.ip_interface(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}")
-            if address.ip.is_link_local or address.ip.is_loopback:
-                continue
-            found.append(str(address))
-    return sorted(found)
+    with Netlink() as nl:
+        found = nl.addresses(socket.AF_INET)
+    return sorted(
+        str(a.interface)
+        for a in found
+        # scope 0 = global: skips loopback and link-local
+        if a.label not in exclude and a.scope == 0
+        and not (a.interface.ip.is_link_local or a.interface.ip.is_loopback)
+    )  # fmt: skip
 
 
 async def underlay_addresses(exclude: set[str] | frozenset[str] = frozenset()) -> list[str]:
@@ -51,17 +48,28 @@ class AddressEvents:
         self._task = asyncio.create_task(self._listen(), name="netlink-addresses")
 
     async def _listen(self) -> None:
-        from pyroute2 import AsyncIPRoute
-        from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR
-
+        loop = asyncio.get_running_loop()
+        readable = asyncio.Event()
         try:
-            async with AsyncIPRoute() as ipr:
-                await ipr.bind(groups=RTMGRP_IPV4_IFADDR)
-                while True:
-                    async for _ in ipr.get():
-                        self._changed.set()
-        except (OSError, RuntimeError) as exc:
+            nl = Netlink(groups=RTMGRP_IPV4_IFADDR)
+        except OSError as exc:
             log.warning("netlink address events unavailable, polling", extra={"error": repr(exc)})
+            return
+        nl.sock.setblocking(False)
+        loop.add_reader(nl.sock.fileno(), readable.set)
+        try:
+            while True:
+                await readable.wait()
+                readable.clear()
+                # Drain until EAGAIN: what changed is read again in full. An overflow
+                # (ENOBUFS) means events were lost, which is a change too.
+                with contextlib.suppress(OSError):
+                    while True:
+                        nl.sock.recv(1 << 16)
+                self._changed.set()
+        finally:
+            loop.remove_reader(nl.sock.fileno())
+            nl.close()
 
     async def wait(self, seconds: float) -> None:
         """Return after an address event or ``seconds``, whichever is first."""

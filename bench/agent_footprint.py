@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""The agent's metrics path: resident memory and CPU, against a same-run baseline.
+"""The agent's resident memory and CPU, against baselines measured in the same run.
 
-    /work/venv/bin/python bench/agent_footprint.py            # 30 s per process
-    /work/venv/bin/python bench/agent_footprint.py --smoke    # 5 s (CI)
+    python -m bench.agent_footprint            # intervals 1 and 2 s, 10 peers, 30 s each
+    python -m bench.agent_footprint --smoke    # 2 s, 2 peers, 5 s (CI)
 
-Each variant runs in its own fresh process for the same time at one interval
-(``--interval``, default 2 s, the agent's default):
+At each metrics interval (``--intervals``; 2 s is the agent's default), each variant
+runs in its own fresh process for the same time:
 
 - ``baseline``: Python + asyncio + psutil taking ``cpu_percent()`` and
   ``virtual_memory()`` once an interval (the least any psutil-based agent does);
@@ -13,14 +13,20 @@ Each variant runs in its own fresh process for the same time at one interval
   disk, Prometheus pull server) with an empty WireGuard device;
 - ``agent-imports``: everything ``agent.daemon`` imports, idle (what the whole
   agent holds before it does anything);
+- ``agent``: the whole ``cladnet-agent`` (root) in a network namespace with
+  ``--peers`` real peers (every one a real agent on wireguard-go), joined through a real
+  controller and etcd, pushing to a real Mosquitto and collector: the process measured is
+  one agent's Python process once its mesh is complete; its wireguard-go is reported
+  next to it (the data plane, which node_exporter has no counterpart of);
 - ``node-exporter``: Debian's ``prometheus-node-exporter`` (default collectors) on a
   random loopback port, scraped by this process once an interval, as a Prometheus
   would (install it with ``apt-get install prometheus-node-exporter``; an instance
   the package started as a service is left alone).
 
 Reported: RSS at the end (VmRSS) and CPU seconds used (utime + stime) per process,
-the ratios to the baseline, and the metrics path against node_exporter. One JSON
-object on stdout, then a summary line.
+the ratios to the baseline and to node_exporter, and the issue's target (whole agent at
+2 s: at most 40 MB RSS and 0.5 % of a core). One JSON object on stdout, then a summary
+line.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -40,7 +47,19 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.components import free_port, wait_until  # noqa: E402
+from bench.common import machine_facts  # noqa: E402
+from tests.components import (  # noqa: E402
+    MQTT_ADMIN_PASSWORD,
+    Collector,
+    Controller,
+    Etcd,
+    Mosquitto,
+    free_port,
+    wait_until,
+)
+from tests.netns import Lab  # noqa: E402
+from tests.test_agent_mesh import Agent  # noqa: E402
+from tests.test_controller_api import make_network, make_token  # noqa: E402
 
 NODE_EXPORTER = "prometheus-node-exporter"
 
@@ -92,35 +111,24 @@ def _status(pid: int) -> tuple[float, float]:
     return rss_kb / 1024, cpu
 
 
-def run(
-    name: str, cmd: list[str], seconds: float, interval: float, scrape: str | None = None
+def _measure(
+    name: str, pid: int, seconds: float, interval: float, scrape: str | None = None
 ) -> dict[str, float | str]:
-    """Start ``cmd``, let it settle, then measure it for ``seconds``.
+    """RSS and CPU of a running process over ``seconds``.
 
     With ``scrape`` (a /metrics URL) this process scrapes it once every ``interval``
     meanwhile, so a pull exporter does the same work per interval as the agent.
     """
-    # node_exporter logs every failing collector (e.g. systemd in a container) on stderr.
-    quiet = subprocess.DEVNULL if scrape else None
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=quiet)
     scrapes, scraped_bytes, samples = 0, 0, 0
-    try:
-        if scrape is None:
-            time.sleep(1.5)  # imports done
-        else:
-            wait_until(lambda: _answers(scrape), 10, what=f"{name} to serve {scrape}")
-        rss0, cpu0 = _status(proc.pid)
-        end = time.monotonic() + seconds
-        while (left := end - time.monotonic()) > 0:
-            if scrape is not None:
-                text = httpx.get(scrape, timeout=interval).text
-                scrapes, scraped_bytes = scrapes + 1, scraped_bytes + len(text)
-                samples = sum(1 for line in text.splitlines() if line and line[0] != "#")
-            time.sleep(min(left, interval))
-        rss, cpu = _status(proc.pid)
-    finally:
-        proc.kill()  # ours, by its PID
-        proc.wait(10)
+    rss0, cpu0 = _status(pid)
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        if scrape is not None:
+            text = httpx.get(scrape, timeout=interval).text
+            scrapes, scraped_bytes = scrapes + 1, scraped_bytes + len(text)
+            samples = sum(1 for line in text.splitlines() if line and line[0] != "#")
+        time.sleep(min(left, interval))
+    rss, cpu = _status(pid)
     result: dict[str, float | str] = {
         "variant": name,
         "rss_mib": round(rss, 1),
@@ -137,6 +145,24 @@ def run(
     return result
 
 
+def run(
+    name: str, cmd: list[str], seconds: float, interval: float, scrape: str | None = None
+) -> dict[str, float | str]:
+    """Start ``cmd`` in a fresh process, let it settle, then measure it."""
+    # node_exporter logs every failing collector (e.g. systemd in a container) on stderr.
+    quiet = subprocess.DEVNULL if scrape else None
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=quiet)
+    try:
+        if scrape is None:
+            time.sleep(1.5)  # imports done
+        else:
+            wait_until(lambda: _answers(scrape), 10, what=f"{name} to serve {scrape}")
+        return _measure(name, proc.pid, seconds, interval, scrape)
+    finally:
+        proc.kill()  # ours, by its PID
+        proc.wait(10)
+
+
 def _answers(url: str) -> bool:
     try:
         return httpx.get(url, timeout=1).status_code == 200
@@ -148,53 +174,188 @@ def python(code: str, tmp: str, interval: float) -> list[str]:
     return [sys.executable, "-c", code, tmp, str(interval)]
 
 
+class AgentMesh:
+    """etcd, Mosquitto, a collector and a controller for real agents in namespaces."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.lab = Lab()
+        etcd_port = free_port()
+        self.etcd = Etcd(url=f"http://127.0.0.1:{etcd_port}", data_dir=tmp / "etcd",
+                         client_port=etcd_port, peer_port=free_port())  # fmt: skip
+        self.broker = Mosquitto(data_dir=tmp / "mosquitto", port=free_port(), host=self.lab.gateway)
+        self.collector = Collector(self.broker, tmp / "collector", free_port())
+        self.ctl = Controller(
+            etcd_url=self.etcd.url,
+            state_dir=tmp / "controller",
+            port=free_port(),
+            host=self.lab.gateway,
+            extra_env={"CLADNET_MQTT_URL": self.broker.url,
+                       "CLADNET_MQTT_ADMIN_PASSWORD": MQTT_ADMIN_PASSWORD},
+        )  # fmt: skip
+        self.hosts = 0
+
+    def __enter__(self) -> AgentMesh:
+        try:
+            for part in (self.etcd, self.broker, self.ctl, self.collector):
+                part.start()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for part in (self.collector, self.ctl, self.broker, self.etcd):
+            part.stop()
+        self.lab.cleanup()
+
+    def measure(self, interval: float, peers: int, seconds: float) -> list[dict[str, float | str]]:
+        """One agent and its wireguard-go, in a full mesh with ``peers`` other agents."""
+        name = f"fp{self.hosts}"
+        with self.ctl.client() as admin:
+            make_network(admin, name, cidr=f"10.217.{self.hosts}.0/24", metrics_interval=interval)
+            token = make_token(admin, name)
+        agents = []
+        for _ in range(peers + 1):
+            self.hosts += 1
+            ns = self.lab.add_host(self.hosts)
+            a = Agent(self.lab, self.hosts, ns, self.tmp / f"agent{self.hosts}",
+                      f"cl-{self.lab.tag}w{self.hosts}", log_level="info")  # fmt: skip
+            agents.append(a)
+        try:
+            for a in agents:
+                a.join(self.ctl.url, token)
+            me = agents[0]
+            ips = [a.overlay_ip(60) for a in agents[1:]]
+            for ip in ips:
+                wait_until(lambda ip=ip: self.lab.ping(me.ns, ip), 60, what=f"ping {ip}")
+            # Past the start: the first status report and metrics batches are out.
+            time.sleep(max(3 * interval, 5))
+            assert me.proc is not None
+            wg = _wireguard_go(me.interface)
+            measured = _measure("agent", me.proc.pid, seconds, interval)
+            measured |= {"peers": len(me.wg_peers()), "wireguard_go": _measure_now(wg)}
+            return [measured]
+        finally:
+            for a in agents:
+                a.stop()
+            # wireguard-go outlives its agent (tunnels survive restarts): ours, by PID.
+            for a in agents:
+                pid = _wireguard_go(a.interface, missing_ok=True)
+                if pid:
+                    os.kill(pid, signal.SIGTERM)
+                Path(f"/var/run/wireguard/{a.interface}.sock").unlink(missing_ok=True)
+
+
+def _wireguard_go(interface: str, missing_ok: bool = False) -> int:
+    """The PID of the wireguard-go serving ``interface``."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            args = [c.decode(errors="replace") for c in cmd if c]
+            if args[:1] == ["wireguard-go"] and args[-1] == interface:
+                return int(proc.name)
+    if missing_ok:
+        return 0
+    raise RuntimeError(f"no wireguard-go for {interface}")
+
+
+def _measure_now(pid: int) -> dict[str, float]:
+    rss, cpu = _status(pid)
+    return {"rss_mib": round(rss, 1), "cpu_s_total": round(cpu, 3)}
+
+
 def main() -> None:
     """Measure every variant in turn; print the JSON report and the summary line."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--smoke", action="store_true")
-    p.add_argument("--interval", type=float, default=2.0, help="seconds between collections")
+    p.add_argument("--smoke", action="store_true", help="2 s only, 2 peers, 5 s (CI)")
+    p.add_argument("--intervals", default="1,2", help="metrics intervals in seconds")
+    p.add_argument("--peers", type=int, default=10, help="peers of the measured agent")
+    p.add_argument("--seconds", type=float, default=30.0, help="measured time per variant")
     args = p.parse_args()
-    seconds = 5.0 if args.smoke else 30.0
-    with tempfile.TemporaryDirectory() as tmp:
-        results = [
-            run("baseline", python(BASELINE, tmp, args.interval), seconds, args.interval),
-            run("metrics", python(METRICS, tmp, args.interval), seconds, args.interval),
-            run("agent-imports", python(IMPORTS, tmp, args.interval), seconds, args.interval),
-        ]
-    base, m = results[0], results[1]
+    intervals = [2.0] if args.smoke else [float(i) for i in args.intervals.split(",")]
+    seconds, peers = (5.0, 2) if args.smoke else (args.seconds, args.peers)
+    exporter_binary = shutil.which(NODE_EXPORTER)
+    by_interval: dict[str, list[dict[str, float | str]]] = {}
+    with tempfile.TemporaryDirectory(prefix="cl-bench-") as tmp:
+        imports = run("agent-imports", python(IMPORTS, tmp, 2), seconds, 2)
+        with AgentMesh(Path(tmp)) as mesh:
+            for interval in intervals:
+                results = [
+                    run("baseline", python(BASELINE, tmp, interval), seconds, interval),
+                    run("metrics", python(METRICS, tmp, interval), seconds, interval),
+                    *mesh.measure(interval, peers, seconds),
+                ]
+                if exporter_binary is not None:
+                    port = free_port()
+                    results.append(run(
+                        "node-exporter",
+                        [exporter_binary, f"--web.listen-address=127.0.0.1:{port}",
+                         "--log.level=warn"],
+                        seconds, interval, scrape=f"http://127.0.0.1:{port}/metrics",
+                    ))  # fmt: skip
+                _ratios(results)
+                by_interval[f"{interval:g}"] = results
+    default = {r["variant"]: r for r in by_interval.get("2", next(iter(by_interval.values())))}
+    agent = default["agent"]
+    target = {
+        "interval_s": 2,
+        "rss_bytes_max": TARGET_RSS_BYTES,
+        "cpu_percent_max": TARGET_CPU_PERCENT,
+        "met": float(agent["rss_mib"]) * 2**20 <= TARGET_RSS_BYTES
+        and float(agent["cpu_percent"]) <= TARGET_CPU_PERCENT,
+    }
+    report = {
+        "benchmark": "cladnet.agent_footprint",
+        "inputs": {"seconds": seconds, "intervals": intervals, "peers": peers, "smoke": args.smoke},
+        "machine": machine_facts("psutil", "aiomqtt"),
+        "node_exporter": exporter_binary and _version(exporter_binary),
+        "agent_imports": imports,
+        "by_interval": by_interval,
+        "target": target,
+    }
+    print(json.dumps(report, indent=1))
+    line = []
+    for interval, results in by_interval.items():
+        v = {r["variant"]: r for r in results}
+        a = v["agent"]
+        exporter = v.get("node-exporter")
+        versus = (
+            f" vs node_exporter {exporter['rss_mib']} MiB {exporter['cpu_percent']}% "
+            f"(x{a['rss_vs_node_exporter']} RSS, x{a['cpu_vs_node_exporter']} CPU)"
+            if exporter
+            else f" (node_exporter missing: apt-get install {NODE_EXPORTER})"
+        )
+        line.append(f"at {interval} s agent with {a['peers']} peers {a['rss_mib']} MiB "
+                    f"{a['cpu_percent']}% CPU{versus}")  # fmt: skip
+    verdict = "met" if target["met"] else "NOT met"
+    print("; ".join(line) + f"; target ≤40 MB, ≤0.5% at 2 s: {verdict}")
+
+
+TARGET_RSS_BYTES = 40_000_000
+TARGET_CPU_PERCENT = 0.5
+
+
+def _ratios(results: list[dict[str, float | str]]) -> None:
+    """Each variant against the psutil baseline and, when measured, node_exporter."""
+    v = {r["variant"]: r for r in results}
+    base, exporter = v["baseline"], v.get("node-exporter")
     for r in results[1:]:
         r["rss_ratio"] = round(float(r["rss_mib"]) / float(base["rss_mib"]), 2)
-    binary = shutil.which(NODE_EXPORTER)
-    exporter: dict[str, float | str]
-    if binary is None:
-        exporter = {"variant": "node-exporter", "skipped": f"apt-get install {NODE_EXPORTER}"}
-    else:
-        port = free_port()
-        exporter = run(
-            "node-exporter",
-            [binary, f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-            seconds,
-            args.interval,
-            scrape=f"http://127.0.0.1:{port}/metrics",
-        )
-        # Below 1: the agent's metrics path is lighter than node_exporter.
-        m["rss_vs_node_exporter"] = round(float(m["rss_mib"]) / float(exporter["rss_mib"]), 2)
-        m["cpu_vs_node_exporter"] = round(
-            float(m["cpu_s"]) / max(float(exporter["cpu_s"]), 0.001), 2
-        )
-    results.append(exporter)
-    print(json.dumps({"seconds": seconds, "interval": args.interval, "results": results}, indent=1))
-    versus = (
-        f"; node_exporter {exporter['rss_mib']} MiB, {exporter['cpu_percent']}% "
-        f"(agent/exporter: RSS x{m['rss_vs_node_exporter']}, CPU x{m['cpu_vs_node_exporter']})"
-        if "rss_mib" in exporter
-        else f"; node_exporter skipped ({exporter['skipped']})"
-    )
-    print(
-        f"metrics path at {args.interval:g} s: {m['rss_mib']} MiB RSS ({m['rss_ratio']}x "
-        f"baseline {base['rss_mib']} MiB), {m['cpu_percent']}% CPU vs {base['cpu_percent']}%; "
-        f"whole agent idle: {results[2]['rss_mib']} MiB" + versus
-    )
+        if exporter is not None and r is not exporter:
+            # Below 1: lighter than node_exporter.
+            r["rss_vs_node_exporter"] = round(float(r["rss_mib"]) / float(exporter["rss_mib"]), 2)
+            r["cpu_vs_node_exporter"] = round(
+                float(r["cpu_s"]) / max(float(exporter["cpu_s"]), 0.001), 2
+            )
+
+
+def _version(binary: str) -> str:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
+    return (out.stdout or out.stderr).splitlines()[0]
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ PACKAGES=(
   iproute2 nftables iputils-ping   # test hosts are network namespaces
   mosquitto mosquitto-clients      # MQTT broker for metrics
   victoria-metrics                 # scale-out metrics store (collector backend)
-  iperf3                           # data-plane benchmark
+  iperf3 nebula                    # data-plane benchmark (nebula: a same-run baseline)
+  prometheus-node-exporter         # agent-footprint benchmark's same-run baseline
   chromium chromium-driver         # dashboard tests in a headless browser
   curl ca-certificates procps
   openssh-server openssh-client    # the ssh driver's tests run a real sshd in a namespace

@@ -34,6 +34,7 @@ class Agent:
     interface: str
     proc: subprocess.Popen | None = None
     logs: list[Path] = field(default_factory=list)
+    log_level: str = "debug"  # the benchmarks run at the default, info
 
     def start(self, *args: str) -> None:
         log = self.state_dir.parent / f"agent-{self.index}-{len(self.logs)}.log"
@@ -45,7 +46,7 @@ class Agent:
                 "-m",
                 "agent.main",
                 "--log-level",
-                "debug",
+                self.log_level,
                 *args,
                 "--state-dir",
                 str(self.state_dir),
