@@ -15,13 +15,20 @@ runs in its own fresh process for the same time:
   agent holds before it does anything);
 - ``agent``: the whole ``cladnet-agent`` (root) in a network namespace with
   ``--peers`` real peers (every one a real agent on wireguard-go), joined through a real
-  controller and etcd, pushing to a real Mosquitto and collector: the process measured is
-  one agent's Python process once its mesh is complete; its wireguard-go is reported
+  controller and etcd, pushing to a real Mosquitto and collector; joined with
+  ``join --no-run`` and then run as ``cladnet-agent run``, as the systemd unit does. The
+  process measured is one agent's Python process once its mesh is complete; its
+  wireguard-go is reported
   next to it (the data plane, which node_exporter has no counterpart of);
 - ``node-exporter``: Debian's ``prometheus-node-exporter`` (default collectors) on a
   random loopback port, scraped by this process once an interval, as a Prometheus
   would (install it with ``apt-get install prometheus-node-exporter``; an instance
   the package started as a service is left alone).
+
+Every measured Python process sees only the runtime dependencies of CLADNet (the dev
+venv's test extras are hidden, see ``bench.common.runtime_only_env``): with selenium's
+trio installed, httpcore would import it and the agent would hold 4 MiB more than after
+``pip install cladnet``.
 
 Reported: RSS at the end (VmRSS) and CPU seconds used (utime + stime) per process,
 the ratios to the baseline and to node_exporter, and the issue's target (whole agent at
@@ -47,7 +54,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import machine_facts  # noqa: E402
+from bench.common import machine_facts, runtime_only_env  # noqa: E402
 from tests.components import (  # noqa: E402
     MQTT_ADMIN_PASSWORD,
     Collector,
@@ -223,8 +230,14 @@ class AgentMesh:
                       f"cl-{self.lab.tag}w{self.hosts}", log_level="info")  # fmt: skip
             agents.append(a)
         try:
+            # As deployed: a one-shot join, then `cladnet-agent run` as the service.
             for a in agents:
-                a.join(self.ctl.url, token)
+                a.join(self.ctl.url, token, "--no-run")
+            for a in agents:
+                assert a.proc is not None
+                if a.proc.wait(60) != 0:
+                    raise RuntimeError(f"join failed: {a.log_text()}")
+                a.start("run")
             me = agents[0]
             ips = [a.overlay_ip(60) for a in agents[1:]]
             for ip in ips:
@@ -281,8 +294,11 @@ def main() -> None:
     exporter_binary = shutil.which(NODE_EXPORTER)
     by_interval: dict[str, list[dict[str, float | str]]] = {}
     with tempfile.TemporaryDirectory(prefix="cl-bench-") as tmp:
-        imports = run("agent-imports", python(IMPORTS, tmp, 2), seconds, 2)
         with AgentMesh(Path(tmp)) as mesh:
+            # Every Python measured from here on (agents included) sees only runtime
+            # dependencies, as after `pip install cladnet`; the services above see all.
+            os.environ.update(runtime_only_env(Path(tmp)))
+            imports = run("agent-imports", python(IMPORTS, tmp, 2), seconds, 2)
             for interval in intervals:
                 results = [
                     run("baseline", python(BASELINE, tmp, interval), seconds, interval),

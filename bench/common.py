@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
+import re
 import subprocess
 from collections.abc import Sequence
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -61,3 +64,52 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+_HIDE = """import sys
+HIDDEN = {hidden!r}
+
+
+class _Hidden:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name.partition(".")[0] in HIDDEN:
+            raise ModuleNotFoundError(f"{{name}}: not a runtime dependency (hidden by bench)")
+        return None
+
+
+sys.meta_path.insert(0, _Hidden)
+"""
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def runtime_only_env(directory: Path, dist: str = "cladnet") -> dict[str, str]:
+    """An environment for child Pythons that hides every installed distribution outside
+    ``dist``'s runtime dependencies (the test extras, e.g. selenium's trio, which httpcore
+    imports whenever it is installed), so a measured process imports what a production
+    install imports. Writes a ``sitecustomize.py`` into ``directory``."""
+    keep, todo = set(), [dist]
+    while todo:
+        name = _norm(todo.pop())
+        if name in keep:
+            continue
+        keep.add(name)
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            for req in metadata.requires(name) or []:
+                if "extra ==" not in req:  # other markers: kept (a superset is safe)
+                    todo.append(re.split(r"[ ;<>=!~\[(]", req, maxsplit=1)[0])
+    provided: dict[str, set[str]] = {}
+    for d in metadata.distributions():
+        tops = {
+            f.parts[0].removesuffix(".py")
+            for f in d.files or []
+            if len(f.parts) and not f.parts[0].endswith((".dist-info", ".pth", "__pycache__", ".."))
+        }
+        provided.setdefault(_norm(d.metadata["Name"]), set()).update(tops)
+    needed = set().union(*(m for n, m in provided.items() if n in keep))
+    hidden = sorted(set().union(*(m for n, m in provided.items() if n not in keep)) - needed)
+    (directory / "sitecustomize.py").write_text(_HIDE.format(hidden=hidden))
+    return {**os.environ, "PYTHONPATH": str(directory)}
