@@ -18,8 +18,7 @@ runs in its own fresh process for the same time:
   controller and etcd, pushing to a real Mosquitto and collector; joined with
   ``join --no-run`` and then run as ``cladnet-agent run``, as the systemd unit does. The
   process measured is one agent's Python process once its mesh is complete; its
-  wireguard-go is reported
-  next to it (the data plane, which node_exporter has no counterpart of);
+  wireguard-go is reported next to it (the data plane: node_exporter has no counterpart);
 - ``node-exporter``: Debian's ``prometheus-node-exporter`` (default collectors) on a
   random loopback port, scraped by this process once an interval, as a Prometheus
   would (install it with ``apt-get install prometheus-node-exporter``; an instance

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import platform
@@ -277,7 +278,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--naive-seconds", type=float, default=None)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--dir", type=Path, default=None, help="where the files go (tmp)")
-    parser.add_argument("--json", action="store_true", help="also print the report as JSON")
     args = parser.parse_args(argv)
     smoke = args.smoke
     args.hosts = args.hosts or (50 if smoke else 1000)
@@ -290,39 +290,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def print_table(report: dict[str, Any], args: argparse.Namespace) -> None:
-    print(
+    """The human-readable tables, on stderr (stdout carries the JSON and the summary)."""
+    out = functools.partial(print, file=sys.stderr)
+    out(
         f"SQLite store bench: {args.hosts} hosts x {len(SERIES)} series every {INTERVAL:.0f} s,"
         f" {args.rounds} rounds ({report['samples']:,} samples), {args.chunk_hosts} hosts"
         f" per write; target {report['target_samples_per_s']:,.0f} samples/s"
     )
-    print(f"{'writer':<14}{'samples/s':>12}{'x naive':>10}{'x target':>10}")
+    out(f"{'writer':<14}{'samples/s':>12}{'x naive':>10}{'x target':>10}")
     for key in ("store", "batched-flat", "naive"):
         r = report[key]
-        print(f"{key:<14}{r['samples_per_s']:>12,}{r['x_naive']:>10}{r['x_target']:>10}")
+        out(f"{key:<14}{r['samples_per_s']:>12,}{r['x_naive']:>10}{r['x_target']:>10}")
     h = report["history"]
-    print(
+    out(
         f"queries (after 1 h history for {h['hosts']} hosts, {h['samples']:,} samples in"
         f" {h['seconds']} s; file {report['store_file_mb']} MB,"
         f" {report['store_bytes_per_sample']} B/sample;"
         f" 1 h at step 10 s = {report['series_points_1h_step10']} points):"
     )
-    print(f"{'query':<36}{'median ms':>11}{'p95 ms':>9}")
+    out(f"{'query':<36}{'median ms':>11}{'p95 ms':>9}")
     for name, q in report["queries"].items():
-        print(f"{name:<36}{q['median_ms']:>11}{q['p95_ms']:>9}")
+        out(f"{name:<36}{q['median_ms']:>11}{q['p95_ms']:>9}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="cladnet-store-bench-", dir=args.dir) as tmp:
         report = asyncio.run(run(args, Path(tmp)))
+    report["benchmark"] = "cladnet.store"
     report["machine"] = {
         "python": platform.python_version(),
         "sqlite": sqlite3.sqlite_version,
         "cpus": os.cpu_count(),
     }
     print_table(report, args)
-    if args.json:
-        print(json.dumps(report, separators=(",", ":")))
+    print(json.dumps(report, separators=(",", ":")))
+    q = report["queries"]["series 1h step 10s avg (rollups)"]
+    print(f"store: SQLite writes {report['store']['samples_per_s']:,} samples/s "
+          f"(x{report['store']['x_naive']} one-INSERT-per-row), a 1-h series at a 10-s step "
+          f"in {q['median_ms']} ms median")  # fmt: skip
     return 0
 
 
