@@ -65,7 +65,6 @@ class DeviceState:
 
     listen_port: int | None
     peers: dict[str, PeerState]  # keyed by public key
-    public_key: str | None = None
 
 
 @dataclass(frozen=True)

@@ -48,14 +48,11 @@ def parse_info(messages: Iterable[Any]) -> DeviceState:
     under the same public key, so peers are merged by key.
     """
     listen_port: int | None = None
-    public_key: str | None = None
     fields: dict[str, dict[str, Any]] = {}
     allowed: dict[str, list[str]] = {}
     for msg in messages:
         if msg.get_attr("WGDEVICE_A_LISTEN_PORT") is not None:
             listen_port = int(msg.get_attr("WGDEVICE_A_LISTEN_PORT"))
-        if msg.get_attr("WGDEVICE_A_PUBLIC_KEY") is not None:
-            public_key = _text(msg.get_attr("WGDEVICE_A_PUBLIC_KEY"))
         for peer in msg.get_attr("WGDEVICE_A_PEERS") or []:
             key = _text(peer.get_attr("WGPEER_A_PUBLIC_KEY"))
             allowed.setdefault(key, []).extend(
@@ -79,7 +76,7 @@ def parse_info(messages: Iterable[Any]) -> DeviceState:
         key: PeerState(public_key=key, allowed_ips=tuple(allowed[key]), **values)
         for key, values in fields.items()
     }
-    return DeviceState(listen_port=listen_port, peers=peers, public_key=public_key)
+    return DeviceState(listen_port=listen_port, peers=peers)
 
 
 def _endpoint_fields(endpoint: str | None) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from agent import link
 from agent.wireguard.backend import WireGuardError, check_name
-from cladnet.keys import hex_to_key, key_to_hex, public_key_of
+from cladnet.keys import hex_to_key, key_to_hex
 from cladnet.mesh import DeviceChanges, DeviceState, PeerState, normalize_endpoint
 
 SOCKET_DIR = Path("/var/run/wireguard")
@@ -87,11 +87,9 @@ def parse_get(lines: Iterable[str]) -> DeviceState:
         else:
             peers[-1][0][key] = value
     states = [_peer_state(fields, allowed) for fields, allowed in peers]
-    private = device.get("private_key")
     return DeviceState(
         listen_port=int(device["listen_port"]) if "listen_port" in device else None,
         peers={state.public_key: state for state in states},
-        public_key=public_key_of(hex_to_key(private)) if private else None,
     )
 
 
