@@ -42,6 +42,7 @@ from controller.telemetry import TXN_RETRIES
 log = logging.getLogger("cladnet.controller.store")
 
 MAX_TXN_ATTEMPTS = 64
+IP_HINT_SECONDS = 10.0  # how stale the address hint may be (freed addresses reused after)
 # etcd rejects transactions with more operations than --max-txn-ops (default 128).
 TXN_CHUNK = 100
 
@@ -69,6 +70,11 @@ class Store:
 
     def __init__(self, etcd: Etcd) -> None:
         self.etcd = etcd
+        # network id → (when read, overlay addresses in use as ints): a hint for picking
+        # an address, so a join does not list every address of its network (that list
+        # was most of a join's CPU at a few thousand hosts). The transaction's compare
+        # on the address key stays what guarantees uniqueness.
+        self._used_ips: dict[str, tuple[float, set[int]]] = {}
 
     # --- networks -----------------------------------------------------------------------
 
@@ -332,24 +338,32 @@ class Store:
         self, req: JoinRequest, observed: str, peers_url: str
     ) -> tuple[Peer, str, Network]:
         """Register a host (or re-register it with the same name) and return its credential."""
-        used_ips: set[int] = set()
-        loaded_ips = False
+        fresh = False
         for _ in range(MAX_TXN_ATTEMPTS):
             token, _ = await self._check_join_token(req.token)
-            net = await self.get_network(token["network_id"])
-            existing = await self.etcd.get(ks.hostname(net.id, req.hostname))
-            if existing is not None:
-                return await self._rejoin(req, net, existing.value.decode(), token, observed)
+            # The network and the hostname's record in one round trip.
+            net_id = token["network_id"]
+            _, (net_kv, name_kv) = await self.etcd.txn(
+                [], [tx.Get(ks.network(net_id)), tx.Get(ks.hostname(net_id, req.hostname))]
+            )
+            if not net_kv:
+                raise not_found("network", net_id)
+            net = Network.model_validate_json(net_kv[0][0])
+            if name_kv:
+                return await self._rejoin(req, net, name_kv[0][0].decode(), token, observed)
             cidr = ipaddress.IPv4Network(net.cidr)
-            if not loaded_ips:
-                res = await self.etcd.get_prefix(ks.prefix("ips", net.id), keys_only=True)
-                used_ips = {int(ipaddress.IPv4Address(ks.last_segment(kv.key))) for kv in res}
-                loaded_ips = True
+            used_ips = await self._addresses_in_use(net.id, fresh)
             address = ipam.pick_address(cidr, used_ips)
+            if address is None and not fresh:
+                # The hint may hold addresses freed since it was read.
+                used_ips = await self._addresses_in_use(net.id, fresh=True)
+                address = ipam.pick_address(cidr, used_ips)
             if address is None:
                 raise conflict(
                     "network_full", f"network {net.name} ({net.cidr}) has no free overlay address"
                 )
+            # Taken at once, so concurrent joins through this controller pick apart.
+            used_ips.add(int(address))
             host_id = tokens.new_id("h-")
             credential, digest = tokens.mint("clh", host_id)
             now = time.time()
@@ -410,11 +424,20 @@ class Store:
                 )
                 return peer, credential, net
             TXN_RETRIES.labels("join").inc()
-            # Most likely someone took this address: remember it and re-read the rest.
-            used_ips.add(int(address))
-            if await self.etcd.get(ks.ip(net.id, str(address))) is None:
-                loaded_ips = False
+            # Most likely another controller took this address (it stays marked); if
+            # not, something else changed: read the addresses again.
+            fresh = await self.etcd.get(ks.ip(net.id, str(address))) is None
         raise ApiError(503, "contention", "too many concurrent joins, try again")
+
+    async def _addresses_in_use(self, net_id: str, fresh: bool) -> set[int]:
+        """The overlay addresses in use in a network, read at most IP_HINT_SECONDS ago
+        unless ``fresh``; the set is shared, and picks are added to it."""
+        cached = self._used_ips.get(net_id)
+        if fresh or cached is None or time.monotonic() - cached[0] > IP_HINT_SECONDS:
+            res = await self.etcd.get_prefix(ks.prefix("ips", net_id), keys_only=True)
+            used = {int(ipaddress.IPv4Address(ks.last_segment(kv.key))) for kv in res}
+            self._used_ips[net_id] = cached = (time.monotonic(), used)
+        return cached[1]
 
     async def _rejoin(
         self, req: JoinRequest, net: Network, host_id: str, token: dict[str, Any], observed: str
@@ -565,6 +588,8 @@ class Store:
                 tx.Delete(ks.host(host_id)),
             ],
         )
+        if net_id in self._used_ips:  # free for the next join through this controller
+            self._used_ips[net_id][1].discard(int(ipaddress.IPv4Address(peer.overlay_ip)))
         log.info("host left", extra={"host": host_id, "network_id": net_id})
         return peer
 

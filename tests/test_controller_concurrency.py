@@ -123,3 +123,31 @@ async def test_overlapping_network_creates_race_one_winner(make_controller) -> N
     # The auto-picked CIDR for "dup" overlaps nothing either.
     dup = ipaddress.IPv4Network(next(n["cidr"] for n in listed if n["name"] == "dup"))
     assert not any(dup.overlaps(n) for n in nets)
+
+
+async def test_an_address_freed_through_another_controller_is_used_when_the_network_is_full(
+    make_controller,
+) -> None:
+    """A controller's address hint is stale after a host leaves through another replica;
+    a full network is read again before a join is refused."""
+    one, two = make_controller(), make_controller()
+    with one.client() as admin:
+        make_network(admin, "tiny", cidr="10.92.0.0/29", expected_hosts=6)  # 6 addresses
+        token = make_token(admin, "tiny")
+    with one.client(token=None) as c1:
+        joined = [
+            c1.post("/v1/join", json={"token": token, "hostname": f"vm-{i}",
+                                      "public_key": generate_keypair()[1]}).json()
+            for i in range(6)
+        ]  # fmt: skip
+        assert all("overlay_ip" in j for j in joined), joined
+        with two.client(token=joined[2]["credential"]) as leaver:
+            r = leaver.delete(f"/v1/hosts/{joined[2]['host_id']}")
+            assert r.status_code in (200, 204), r.text
+        again = c1.post("/v1/join", json={"token": token, "hostname": "vm-new",
+                                          "public_key": generate_keypair()[1]})  # fmt: skip
+        assert again.status_code == 200, again.text
+        assert again.json()["overlay_ip"] == joined[2]["overlay_ip"]
+        full = c1.post("/v1/join", json={"token": token, "hostname": "vm-more",
+                                         "public_key": generate_keypair()[1]})  # fmt: skip
+        assert full.status_code == 409 and full.json()["error"] == "network_full"
