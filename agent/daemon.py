@@ -38,6 +38,8 @@ class Timing:
     backoff_max: float = 30.0
     # How often an agent that accepts remote commands asks for them.
     commands: float = 5.0
+    # After adding a peer whose keepalive waits for the peer's handshake (mesh.diff).
+    keepalive_delay: float = 1.0
 
 
 class Backoff:
@@ -84,6 +86,8 @@ class NetworkAgent:
         self._lock = asyncio.Lock()
         self._device_ready = False
         self._sync_task: asyncio.Task[None] | None = None
+        self._deferred: asyncio.Task[None] | None = None
+        self._keepalives_due = False
         self.metrics: MetricsReporter | None = None
         self._skipped: tuple[tuple[str, str], ...] = ()
         self.bad_input = 0  # malformed events and unusable peers, for the logs and metrics
@@ -125,7 +129,7 @@ class NetworkAgent:
                     self.bad_input += 1
                     log.warning("ignoring a peer", extra={"peer": peer_id, "reason": reason})
             actual = await self.backend.get(self.iface)
-            changes = mesh.diff(desired, actual)
+            changes = mesh.diff(desired, actual, own_key=self.m.me.get("public_key"))
             if force_endpoints:
                 changes = mesh.with_endpoint_refresh(changes, desired)
             if changes:
@@ -133,6 +137,20 @@ class NetworkAgent:
                 log.info(
                     "device updated", extra={"iface": self.iface, "changes": mesh.summary(changes)}
                 )
+            if changes.keepalive_deferred:
+                self._keepalives_due = True
+                if self._deferred is None or self._deferred.done():
+                    self._deferred = asyncio.create_task(self._add_deferred_keepalives())
+
+    async def _add_deferred_keepalives(self) -> None:
+        """The keepalives ``diff`` held back, a moment after their peers were added."""
+        while self._keepalives_due:
+            self._keepalives_due = False
+            await asyncio.sleep(self.timing.keepalive_delay)
+            try:
+                await self.reconcile()
+            except WireGuardError as exc:  # the sync loop's next reconcile retries
+                log.error("changing the device failed", extra={"error": str(exc)})
 
     # --- controller sync -------------------------------------------------------------------
 
@@ -377,5 +395,5 @@ class NetworkAgent:
             await self.backend.destroy(self.iface)
             self.states.remove(self.m.network_id)
         finally:
-            await cancel_and_wait([*tasks, self._sync_task], Exception)
+            await cancel_and_wait([*tasks, self._sync_task, self._deferred], Exception)
             await self.client.close()

@@ -97,6 +97,8 @@ class DeviceChanges:
     peers_to_remove: tuple[str, ...] = ()
     peers_to_add: tuple[PeerConfig, ...] = ()
     peers_to_update: dict[str, PeerUpdate] = field(default_factory=dict)
+    # Peers added without their keepalive for now (see ``diff``): diff again shortly.
+    keepalive_deferred: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
         return bool(
@@ -342,16 +344,33 @@ def _endpoint_changed(
 
 
 def diff(
-    desired: DesiredDevice, actual: DeviceState, applied: DesiredDevice | None = None
+    desired: DesiredDevice,
+    actual: DeviceState,
+    applied: DesiredDevice | None = None,
+    own_key: str | None = None,
 ) -> DeviceChanges:
     """What to change so that ``actual`` matches ``desired``; unchanged peers are absent.
 
     A planned endpoint of ``None`` never clears what the device has. ``applied`` is the
     plan last applied, if known: a peer whose planned endpoint did not change since then
     keeps the endpoint the device roamed to instead of being pointed back.
+
+    With ``own_key`` (this host's public key), a new peer whose key sorts before it is
+    added without its keepalive, listed in ``keepalive_deferred``; the next diff adds
+    it. Two hosts usually learn of each other at the same moment, and a keepalive makes
+    WireGuard start a handshake at once: two handshakes that cross cancel each other and
+    the pair waits for the 5-s retry. The host with the lower key starts; the other
+    opens its NAT mapping a moment later, once the caller diffs again.
     """
     remove = tuple(sorted(k for k in actual.peers if k not in desired.peers))
-    add = tuple(desired.peers[k] for k in sorted(desired.peers) if k not in actual.peers)
+    add: list[PeerConfig] = []
+    deferred: list[str] = []
+    for key in sorted(desired.peers.keys() - actual.peers.keys()):
+        peer = desired.peers[key]
+        if own_key is not None and peer.keepalive and key < own_key:
+            peer = replace(peer, keepalive=0)
+            deferred.append(key)
+        add.append(peer)
     update: dict[str, PeerUpdate] = {}
     for key in sorted(desired.peers.keys() & actual.peers.keys()):
         want, have = desired.peers[key], actual.peers[key]
@@ -371,8 +390,9 @@ def diff(
     return DeviceChanges(
         listen_port=desired.listen_port if desired.listen_port != actual.listen_port else None,
         peers_to_remove=remove,
-        peers_to_add=add,
+        peers_to_add=tuple(add),
         peers_to_update=update,
+        keepalive_deferred=tuple(deferred),
     )
 
 
@@ -403,4 +423,6 @@ def summary(changes: DeviceChanges) -> dict[str, Any]:
         out["remove"] = [k[:8] for k in changes.peers_to_remove]
     if changes.peers_to_update:
         out["update"] = {k[:8]: u.fields() for k, u in changes.peers_to_update.items()}
+    if changes.keepalive_deferred:
+        out["keepalive_later"] = [k[:8] for k in changes.keepalive_deferred]
     return out

@@ -324,3 +324,40 @@ def test_a_bad_peer_never_removes_a_working_one() -> None:
     # A newcomer that claims a working peer's address changes nothing on the device.
     with_garbage = mesh.plan(NETWORK, me, [peer, host(3, overlay_ip="10.77.0.2")])
     assert not mesh.diff(with_garbage, state_of(before))
+
+
+def test_of_two_new_peers_only_the_lower_key_starts_the_handshake() -> None:
+    """Both ends adding each other with a keepalive would start crossing handshakes; the
+    host with the higher key adds the peer without it and gets it on the next diff."""
+    me, lower, higher = (
+        host(2, public_address="203.0.113.2"),
+        host(1, public_address="203.0.113.1"),
+        host(3, public_address="203.0.113.3"),
+    )
+    device = mesh.plan(NETWORK, me, [me, lower, higher])
+    assert {p.keepalive for p in device.peers.values()} == {NETWORK["keepalive"]} != {0}
+    empty = DeviceState(listen_port=None, peers={})
+    first = mesh.diff(device, empty, own_key=me["public_key"])
+    added = {p.public_key: p.keepalive for p in first.peers_to_add}
+    assert added == {key(1): 0, key(3): NETWORK["keepalive"]}
+    assert first.keepalive_deferred == (key(1),)
+    assert mesh.summary(first)["keepalive_later"] == [key(1)[:8]]
+
+    # Applied: the next diff gives the held-back keepalive and holds nothing back.
+    held = state_of(device)
+    held.peers[key(1)] = replace(held.peers[key(1)], keepalive=0)
+    second = mesh.diff(device, held, own_key=me["public_key"])
+    assert second.peers_to_update == {
+        key(1): mesh.PeerUpdate(public_key=key(1), keepalive=NETWORK["keepalive"])
+    }
+    assert not second.peers_to_add and not second.keepalive_deferred
+
+    # The other end of each pair: of the two, exactly one holds back.
+    def held_back_by(other: dict[str, Any]) -> tuple[str, ...]:
+        theirs = mesh.plan(NETWORK, other, [other, me])
+        return mesh.diff(theirs, empty, own_key=other["public_key"]).keepalive_deferred
+
+    assert held_back_by(lower) == ()  # while I hold it back
+    assert held_back_by(higher) == (me["public_key"],)  # while I do not
+    # Without a key (or same-site peers, keepalive 0) nothing is held back.
+    assert not mesh.diff(device, empty).keepalive_deferred
