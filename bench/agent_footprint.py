@@ -53,7 +53,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import machine_facts, runtime_only_env  # noqa: E402
+from bench.common import machine_facts, runtime_only_env, wireguard_go_processes  # noqa: E402
 from tests.components import (  # noqa: E402
     MQTT_ADMIN_PASSWORD,
     Collector,
@@ -244,7 +244,7 @@ class AgentMesh:
             # Past the start: the first status report and metrics batches are out.
             time.sleep(max(3 * interval, 5))
             assert me.proc is not None
-            wg = _wireguard_go(me.interface)
+            wg = next(p for p, i in wireguard_go_processes().items() if i == me.interface)
             measured = _measure("agent", me.proc.pid, seconds, interval)
             measured |= {"peers": len(me.wg_peers()), "wireguard_go": _measure_now(wg)}
             return [measured]
@@ -252,27 +252,12 @@ class AgentMesh:
             for a in agents:
                 a.stop()
             # wireguard-go outlives its agent (tunnels survive restarts): ours, by PID.
-            for a in agents:
-                pid = _wireguard_go(a.interface, missing_ok=True)
-                if pid:
+            ours = {a.interface for a in agents}
+            for pid, interface in wireguard_go_processes().items():
+                if interface in ours:
                     os.kill(pid, signal.SIGTERM)
+            for a in agents:
                 Path(f"/var/run/wireguard/{a.interface}.sock").unlink(missing_ok=True)
-
-
-def _wireguard_go(interface: str, missing_ok: bool = False) -> int:
-    """The PID of the wireguard-go serving ``interface``."""
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmd = (proc / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            args = [c.decode(errors="replace") for c in cmd if c]
-            if args[:1] == ["wireguard-go"] and args[-1] == interface:
-                return int(proc.name)
-    if missing_ok:
-        return 0
-    raise RuntimeError(f"no wireguard-go for {interface}")
 
 
 def _measure_now(pid: int) -> dict[str, float]:

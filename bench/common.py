@@ -58,6 +58,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def wireguard_go_processes() -> dict[int, str]:
+    """Every running wireguard-go: PID → the interface it serves (its last argument).
+    It may outlive its namespace, so benchmarks stop theirs by PID."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            raw = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        cmd = [c.decode(errors="replace") for c in raw if c]
+        if len(cmd) > 1 and Path(cmd[0]).name == "wireguard-go":
+            found[int(proc.name)] = cmd[-1]
+    return found
+
+
 def rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:

@@ -63,7 +63,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import cpu_seconds, machine_facts
+from bench.common import cpu_seconds, machine_facts, wireguard_go_processes
 from cladnet.keys import generate_keypair
 from cladnet.mesh import DEFAULT_MTU
 from tests.components import Controller, Etcd, free_port
@@ -308,18 +308,6 @@ def _summary(result: dict[str, Any]) -> str:
     )
 
 
-def _processes() -> list[tuple[int, list[str]]]:
-    out = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmd = (proc / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            out.append((int(proc.name), [c.decode(errors="replace") for c in cmd if c]))
-    return out
-
-
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     proc.terminate()
     try:
@@ -452,8 +440,8 @@ def main() -> int:
         # The agents' wireguard-go runs in its own session (tunnels outlive agent
         # restarts) and may outlive its namespace: stop the ones this run started, by PID.
         devices = [x.interface for x in agents]
-        for pid, cmd in _processes():
-            if cmd[:1] == ["wireguard-go"] and cmd[-1] in devices:
+        for pid, interface in wireguard_go_processes().items():
+            if interface in devices:
                 subprocess.run(["kill", str(pid)], check=False)
         for name in [*devices, f"cl-{lab.tag}ha", f"cl-{lab.tag}hb"]:
             Path(f"/var/run/wireguard/{name}.sock").unlink(missing_ok=True)

@@ -70,7 +70,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.common import machine_facts, percentile
+from bench.common import machine_facts, percentile, wireguard_go_processes
 from cladnet.keys import generate_keypair
 from cladnet.models import DEFAULT_KEEPALIVE
 from controller.drivers.local import Driver
@@ -637,22 +637,7 @@ def _stop_wireguard(procs: list[subprocess.Popen[bytes]]) -> None:
 
 def _wireguard_go_pids(prefixes: tuple[str, ...]) -> list[int]:
     """wireguard-go processes serving an interface whose name starts with ``prefixes``."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            raw = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        cmd = [c.decode(errors="replace") for c in raw if c]
-        if (
-            cmd
-            and Path(cmd[0]).name == "wireguard-go"
-            and any(arg.startswith(prefixes) for arg in cmd[1:])
-        ):
-            pids.append(int(proc.name))
-    return pids
+    return [pid for pid, iface in wireguard_go_processes().items() if iface.startswith(prefixes)]
 
 
 def cleanup(run: Run) -> None:
