@@ -14,7 +14,7 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
@@ -82,7 +82,7 @@ class Netlink:
     (``/run/netns/<netns>``, as ``ip netns`` makes them). Use from a worker thread."""
 
     def __init__(self, netns: str | None = None, groups: int = 0) -> None:
-        self.sock = _in_netns(netns, groups) if netns else _open(groups)
+        self.sock = in_netns(netns, lambda: _open(groups)) if netns else _open(groups)
         self._seq = 0
 
     def __enter__(self) -> Netlink:
@@ -207,9 +207,10 @@ def _open(groups: int) -> socket.socket:
     return sock
 
 
-def _in_netns(netns: str, groups: int) -> socket.socket:
-    """A socket opened by a short-lived thread that entered ``netns``: a socket stays in
-    the namespace it was made in, and only that thread ever changes namespace."""
+def in_netns(netns: str, make: Callable[[], socket.socket]) -> socket.socket:
+    """The socket ``make()`` returns, made by a short-lived thread that entered the named
+    network namespace: a socket stays in the namespace it was made in, and only that
+    thread ever changes namespace."""
     made: list[socket.socket | BaseException] = []
 
     def enter() -> None:
@@ -221,7 +222,7 @@ def _in_netns(netns: str, groups: int) -> socket.socket:
                 if libc.setns(f.fileno(), CLONE_NEWNET) != 0:
                     err = ctypes.get_errno()
                     raise OSError(err, f"setns {netns}: {os.strerror(err)}")
-            made.append(_open(groups))
+            made.append(make())
         except BaseException as exc:
             made.append(exc)
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import json
 import math
 import os
@@ -70,6 +69,7 @@ from typing import Any
 import httpx
 import pytest
 
+from agent.netlink import in_netns
 from bench.common import machine_facts, percentile, wireguard_go_processes
 from cladnet.keys import generate_keypair
 from cladnet.models import DEFAULT_KEEPALIVE
@@ -94,32 +94,11 @@ def _log(message: str) -> None:
 
 # --- pings over every ordered pair, in parallel --------------------------------------------
 
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
 
 def _socket_in(namespace: str) -> socket.socket:
-    """A raw ICMP socket living in ``namespace`` (a socket keeps the namespace it was
-    made in), made from this thread and back, so one loop can ping from every VM."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        target = os.open(f"/var/run/netns/{namespace}", os.O_RDONLY)
-        try:
-            _setns(target)
-            try:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-            finally:
-                _setns(own)
-        finally:
-            os.close(target)
-    finally:
-        os.close(own)
+    """A raw ICMP socket living in ``namespace``, so one loop can ping from every VM."""
+    sock = in_netns(namespace, lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW,
+                                                     socket.IPPROTO_ICMP))  # fmt: skip
     sock.setblocking(False)
     return sock
 
