@@ -53,7 +53,12 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import machine_facts, runtime_only_env, wireguard_go_processes  # noqa: E402
+from bench.common import (  # noqa: E402
+    clean_up_on_sigterm,
+    machine_facts,
+    runtime_only_env,
+    wireguard_go_processes,
+)
 from tests.components import (  # noqa: E402
     MQTT_ADMIN_PASSWORD,
     Collector,
@@ -267,6 +272,7 @@ def _measure_now(pid: int) -> dict[str, float]:
 
 def main() -> None:
     """Measure every variant in turn; print the JSON report and the summary line."""
+    clean_up_on_sigterm()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="2 s only, 2 peers, 5 s (CI)")
     p.add_argument("--intervals", default="1,2", help="metrics intervals in seconds")

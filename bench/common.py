@@ -7,6 +7,7 @@ import math
 import os
 import platform
 import re
+import signal
 import subprocess
 from collections.abc import Sequence
 from importlib import metadata
@@ -14,6 +15,16 @@ from pathlib import Path
 from typing import Any
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _interrupt(signum: int, _: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def clean_up_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C, so a benchmark stopped by ``kill`` still runs its
+    ``finally`` blocks and stops the etcd, controllers and agents it started."""
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def dist_version(name: str) -> str | None:

@@ -63,7 +63,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import cpu_seconds, machine_facts, wireguard_go_processes
+from bench.common import (
+    clean_up_on_sigterm,
+    cpu_seconds,
+    machine_facts,
+    wireguard_go_processes,
+)
 from cladnet.keys import generate_keypair
 from cladnet.mesh import DEFAULT_MTU
 from tests.components import Controller, Etcd, free_port
@@ -318,6 +323,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def main() -> int:
+    clean_up_on_sigterm()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="3 agents, 2 rounds of 1 s runs (CI)")
     p.add_argument("--rounds", type=int, help="throughput rounds (default 5; smoke 2)")

@@ -450,6 +450,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print the JSON report and the summary line."""
+    common.clean_up_on_sigterm()
     args = parse_args(argv)
     # The agent's publisher keeps 32 publishes in flight; aiomqtt warns above 10.
     logging.getLogger("mqtt").setLevel(logging.ERROR)

@@ -496,6 +496,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    common.clean_up_on_sigterm()
     args = parse_args(argv)
     started = time.monotonic()
     report: dict[str, Any] = {

@@ -70,7 +70,12 @@ import httpx
 import pytest
 
 from agent.netlink import in_netns
-from bench.common import machine_facts, percentile, wireguard_go_processes
+from bench.common import (
+    clean_up_on_sigterm,
+    machine_facts,
+    percentile,
+    wireguard_go_processes,
+)
 from cladnet.keys import generate_keypair
 from cladnet.models import DEFAULT_KEEPALIVE
 from controller.drivers.local import Driver
@@ -763,10 +768,6 @@ def summary(result: dict[str, Any]) -> str:
     )
 
 
-def _interrupt(signum: int, _: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench.mesh", description=(__doc__ or "").splitlines()[0]
@@ -789,7 +790,7 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"bench.mesh: {tool} is not installed (run deploy/setup.sh)", file=sys.stderr)
             return 2
-    signal.signal(signal.SIGTERM, _interrupt)
+    clean_up_on_sigterm()
     run = Run(tmp=Path(tempfile.mkdtemp(prefix="cl-bench-mesh-")))
     began = time.monotonic()
     code, result = 1, None

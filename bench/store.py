@@ -46,6 +46,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import common
 from cladnet.metrics import Sample
 from collector.store import SqliteStore
 
@@ -314,6 +315,7 @@ def print_table(report: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    common.clean_up_on_sigterm()
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="cladnet-store-bench-", dir=args.dir) as tmp:
         report = asyncio.run(run(args, Path(tmp)))
