@@ -55,7 +55,9 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import (  # noqa: E402
     clean_up_on_sigterm,
+    cpu_seconds,
     machine_facts,
+    rss_bytes,
     runtime_only_env,
     wireguard_go_processes,
 )
@@ -111,15 +113,7 @@ asyncio.run(asyncio.sleep(3600))
 
 def _status(pid: int) -> tuple[float, float]:
     """(RSS in MiB, CPU seconds) of a process."""
-    rss_kb = next(
-        int(line.split()[1])
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-        if line.startswith("VmRSS:")
-    )
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    cpu = (int(fields[11]) + int(fields[12])) / ticks
-    return rss_kb / 1024, cpu
+    return rss_bytes(pid) / 2**20, cpu_seconds(pid)
 
 
 def _measure(
