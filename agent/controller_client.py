@@ -6,22 +6,53 @@ Plain JSON dicts, no pydantic: the agent stays small.
 
 from __future__ import annotations
 
+import asyncio
+import email.utils
 import json
+import logging
+import random
 import ssl
-from collections.abc import AsyncIterator
-from typing import Any
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import httpx
+
+log = logging.getLogger("cladnet.agent")
+
+T = TypeVar("T")
+
+# Answers that say "not now" rather than "no": the controller restarts, its etcd
+# is away, or it limits joins from this address.
+TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 
 
 class ControllerError(Exception):
     """The controller answered with an error (``code`` from its JSON body)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, retry_after: float | None = None
+    ) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after = retry_after  # the Retry-After header, in seconds, if any
+
+
+def retry_after(value: str | None, now: float | None = None) -> float | None:
+    """A ``Retry-After`` header (seconds or an HTTP date) in seconds from now; None if absent
+    or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 class WatchGone(ControllerError):
@@ -37,7 +68,72 @@ def _raise_for(response: httpx.Response) -> None:
     except ValueError:
         code, message = "http_error", response.text[:200]
     cls = WatchGone if response.status_code == 410 else ControllerError
-    raise cls(response.status_code, code, message)
+    raise cls(response.status_code, code, message, retry_after(response.headers.get("retry-after")))
+
+
+class GaveUp(Exception):
+    """Transient failures went on for longer than the caller was willing to wait."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: no answer at all (refused, reset, timed out) or a "not now"."""
+    if isinstance(exc, ControllerError):
+        return exc.status in TRANSIENT_STATUS
+    if not isinstance(exc, httpx.TransportError | OSError):
+        return False
+    # A certificate that does not verify will not verify on the next try either.
+    cause: BaseException | None = exc
+    for _ in range(8):  # a bounded walk: exception chains may loop
+        if cause is None:
+            break
+        if isinstance(cause, ssl.SSLError):
+            return False
+        cause = cause.__cause__ or cause.__context__
+    return True
+
+
+async def with_retries(
+    call: Callable[[], Awaitable[T]],
+    within: float,
+    what: str,
+    low: float = 1.0,
+    high: float = 30.0,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> T:
+    """``call()`` until it succeeds, retrying transient failures for ``within`` seconds.
+
+    Waits grow exponentially from ``low`` to ``high`` with ±20 % jitter (a fleet that
+    boots together must not retry in lockstep); a ``Retry-After`` from the controller
+    is waited at least. Anything else is raised at once; once time is up, GaveUp.
+    One log line when retries start; each retry only at debug level.
+    """
+    deadline = clock() + within
+    delay, attempt = low, 0
+    while True:
+        try:
+            return await call()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            reason = str(exc) or type(exc).__name__
+            hint = exc.retry_after if isinstance(exc, ControllerError) else None
+            left = deadline - clock()
+            wait = min(delay * random.uniform(0.8, 1.2), left)  # one last try at the deadline
+            if hint is not None:
+                wait = max(wait, hint)
+            if left <= 0 or wait > left:
+                raise GaveUp(
+                    f"{what}: the controller was not available for {within:g} s ({reason})"
+                ) from exc
+            attempt += 1
+            extra = {"call": what, "error": reason, "delay": round(wait, 2), "attempt": attempt}
+            if attempt == 1:
+                log.warning("controller not available, retrying", extra=extra)
+            else:
+                log.debug("retrying", extra=extra)
+            await sleep(wait)
+            delay = min(delay * 2, high)
 
 
 class TrustError(Exception):

@@ -17,6 +17,7 @@ from agent.controller_client import ControllerClient, ControllerError, WatchGone
 from agent.metrics.exposition import MetricsServer
 from agent.metrics.publisher import Broker
 from agent.metrics.reporter import MetricsReporter
+from agent.standing import OK, UNRECOGNISED, HostNotListed, Standing
 from agent.state import Membership, StateDir
 from agent.wireguard.backend import WireGuardBackend, WireGuardError
 from cladnet import mesh
@@ -92,7 +93,11 @@ class NetworkAgent:
         self._skipped: tuple[tuple[str, str], ...] = ()
         self.bad_input = 0  # malformed events and unusable peers, for the logs and metrics
         self.save_errors = 0
+        # Set only by this host's own DELETED event in its authenticated watch.
         self.removed = asyncio.Event()
+        self.standing = Standing(
+            self._standing_changed, membership.controller_state, membership.controller_state_since
+        )
 
     @property
     def iface(self) -> str:
@@ -154,6 +159,22 @@ class NetworkAgent:
 
     # --- controller sync -------------------------------------------------------------------
 
+    def _standing_changed(self, old: str, new: str, reason: str) -> None:
+        """One log line per change of standing (never per retry), kept for ``status``."""
+        extra = {"iface": self.iface, "from": old, "to": new, "reason": reason}
+        if new == OK:
+            log.info("controller answers again", extra=extra)
+        elif new == UNRECOGNISED:
+            log.warning(
+                "controller does not recognise this host; keeping tunnels, keys and state",
+                extra=extra,
+            )
+        else:
+            log.warning("controller not available; keeping tunnels", extra=extra)
+        self.m.controller_state = new
+        self.m.controller_state_since = self.standing.since
+        self._save()
+
     def _save(self) -> None:
         """Persist the view; a full or read-only disk is reported, never fatal: the
         device keeps following the controller from memory."""
@@ -206,9 +227,9 @@ class NetworkAgent:
     async def _list(self) -> None:
         peers, revision = await self.client.list_peers(self.m.network_id)
         me = next((p for p in peers if p["id"] == self.m.host_id), None)
-        if me is None:
-            self.removed.set()
-            return
+        if me is None:  # not a removal: it may be an empty or restored etcd
+            raise HostNotListed("this host is not in the network's peer list")
+        self.standing.ok("watch")
         self.m.me = me
         self.m.peers = {p["id"]: p for p in peers if p["id"] != self.m.host_id}
         self.m.revision = revision
@@ -222,7 +243,11 @@ class NetworkAgent:
         self._sync_task = asyncio.create_task(self.sync_loop(), name=f"sync-{self.iface}")
 
     async def sync_loop(self) -> None:
-        """List, then watch from the listed revision; resume on cuts, list again on 410."""
+        """List, then watch from the listed revision; resume on cuts, list again on 410.
+
+        No error ends it: only this host's own DELETED event does. After the controller
+        did not recognise this host it lists again (its etcd may have been restored).
+        """
         backoff = Backoff(self.timing.backoff_min, self.timing.backoff_max)
         need_list = True
         while not self.removed.is_set():
@@ -232,6 +257,7 @@ class NetworkAgent:
                     need_list = False
                 async for event in self.client.watch_peers(self.m.network_id, self.m.revision):
                     backoff.reset()
+                    self.standing.ok("watch")
                     if self._on_event(event):
                         self._save()
                         await self.reconcile()
@@ -241,14 +267,11 @@ class NetworkAgent:
                 log.info("watch revision compacted, listing again")
                 need_list = True
                 continue
-            except ControllerError as exc:
-                if exc.status in (401, 404):
-                    log.warning("controller no longer knows this host", extra={"error": str(exc)})
-                    self.removed.set()
-                    return
-                log.warning("controller error", extra={"error": str(exc)})
-            except NETWORK_ERRORS as exc:
-                log.warning("controller unreachable, keeping tunnels", extra={"error": repr(exc)})
+            except (ControllerError, HostNotListed, *NETWORK_ERRORS) as exc:
+                # Logged once per change of standing by _standing_changed.
+                log.debug("watch failed", extra={"error": repr(exc)})
+                if self.standing.failed("watch", exc) == UNRECOGNISED:
+                    need_list = True
             except WireGuardError as exc:
                 log.error("changing the device failed, retrying", extra={"error": str(exc)})
             except ValueError as exc:  # an unparsable line from the stream
@@ -294,6 +317,7 @@ class NetworkAgent:
             if time.monotonic() >= next_heartbeat:
                 try:
                     reply = await self.client.heartbeat(self.m.host_id, addresses=current)
+                    self.standing.ok("heartbeat")
                     next_heartbeat = time.monotonic() + self.timing.heartbeat
                     backoff.reset()
                     if reply["changed"] and not local_changed:
@@ -302,14 +326,9 @@ class NetworkAgent:
                             extra={"observed": reply["observed_address"]},
                         )
                         await self.reconcile(force_endpoints=True)
-                except ControllerError as exc:
-                    if exc.status in (401, 404):
-                        self.removed.set()
-                        return
-                    log.warning("heartbeat refused", extra={"error": str(exc)})
-                    next_heartbeat = time.monotonic() + backoff.next_delay()
-                except NETWORK_ERRORS as exc:
-                    log.warning("heartbeat failed", extra={"error": repr(exc)})
+                except (ControllerError, *NETWORK_ERRORS) as exc:
+                    log.debug("heartbeat failed", extra={"error": repr(exc)})
+                    self.standing.failed("heartbeat", exc)
                     next_heartbeat = time.monotonic() + backoff.next_delay()
             wake = min(self.timing.address_poll, max(0.0, next_heartbeat - time.monotonic()))
             await events.wait(wake)
@@ -326,11 +345,11 @@ class NetworkAgent:
             except ControllerError as exc:
                 if exc.status == 404 and exc.code == "metrics_disabled":
                     self.m.metrics = {}
-                else:
-                    log.warning("no metrics credentials yet", extra={"error": str(exc)})
+                else:  # the watch and heartbeat report the standing
+                    log.debug("no metrics credentials yet", extra={"error": str(exc)})
                     await backoff.wait()
             except NETWORK_ERRORS as exc:
-                log.warning("no metrics credentials yet", extra={"error": repr(exc)})
+                log.debug("no metrics credentials yet", extra={"error": repr(exc)})
                 await backoff.wait()
         return self.m.metrics
 
@@ -359,6 +378,7 @@ class NetworkAgent:
             ack_topic=settings.get("ack_topic"),
             status=self._report_status,
             server=self.metrics_server,
+            gauges=self.standing.gauges,
         )
         self.metrics = reporter
         await reporter.run()
@@ -378,7 +398,8 @@ class NetworkAgent:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Restore the last known mesh at once, then follow the controller until removed."""
+        """Restore the last known mesh at once, then follow the controller until this host's
+        own DELETED event arrives; nothing else tears the interface and state down."""
         try:
             await self.reconcile()  # from disk: tunnels come back even if the controller is down
         except Exception:

@@ -22,6 +22,7 @@ from cladnet.tasks import cancel_and_wait
 log = logging.getLogger("cladnet.agent")
 
 DEFAULT_STATE_DIR = "/var/lib/cladnet"
+TOKEN_ENV = "CLADNET_JOIN_TOKEN"
 
 
 class UsageError(Exception):
@@ -93,18 +94,44 @@ async def _run_networks(
     return 0
 
 
+def join_token(args: argparse.Namespace) -> str:
+    """The join token from ``--token-file`` or ``$CLADNET_JOIN_TOKEN``, never from argv
+    (anyone on the host can read a command line in ``ps``)."""
+    if args.legacy_token is not None:  # not echoed: it is a secret
+        raise UsageError(
+            f"--token is not accepted (it shows in ps): set {TOKEN_ENV} or use --token-file"
+        )
+    # Out of our environment either way: wireguard-go and remote commands inherit it.
+    from_env = os.environ.pop(TOKEN_ENV, "").strip()
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise UsageError(f"cannot read --token-file {args.token_file}: {exc.strerror}") from exc
+        if not token:
+            raise UsageError(f"--token-file {args.token_file} is empty")
+        return token
+    if not from_env:
+        raise UsageError(f"no join token: set {TOKEN_ENV} or use --token-file FILE")
+    return from_env
+
+
 async def cmd_join(args: argparse.Namespace) -> int:
     from agent import addresses
-    from agent.controller_client import ControllerClient, fetch_pinned_ca
+    from agent.controller_client import ControllerClient, fetch_pinned_ca, with_retries
     from cladnet.keys import generate_keypair
 
+    token = join_token(args)
     states = StateDir(Path(args.state_dir))
     private_key, public_key = generate_keypair()
     local = await addresses.underlay_addresses()
     ca_pem = None
     verify: bool | ssl.SSLContext = True
     if args.ca_hash:
-        ca_pem = await fetch_pinned_ca(args.controller.split(",")[0], args.ca_hash)
+        url = args.controller.split(",")[0]
+        ca_pem = await with_retries(
+            lambda: fetch_pinned_ca(url, args.ca_hash), args.join_timeout, "fetch CA"
+        )
         verify = ssl.create_default_context(cadata=ca_pem)
     client = ControllerClient(args.controller, verify=verify)
     try:
@@ -117,7 +144,8 @@ async def cmd_join(args: argparse.Namespace) -> int:
         }
         if args.listen_port:
             fields["listen_port"] = args.listen_port
-        result = await client.join(args.token, **fields)
+        # A controller that restarts, or limits joins, must not leave this VM out for good.
+        result = await with_retries(lambda: client.join(token, **fields), args.join_timeout, "join")
     finally:
         await client.close()
     net = result["network"]
@@ -222,6 +250,8 @@ async def cmd_status(args: argparse.Namespace) -> int:
                 "interface": m.interface,
                 "overlay_ip": m.me["overlay_ip"],
                 "revision": m.revision,
+                "controller": m.controller_state,
+                "controller_since": m.controller_state_since,
                 "peers": len(m.peers),
                 "device_peers": len(device.peers) if device is not None else None,
             }
@@ -265,7 +295,20 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument(
         "--controller", required=True, help="controller URL; several, comma-separated, for replicas"
     )
-    j.add_argument("--token", required=True)
+    j.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help=f"read the join token from FILE (mode 0600); default: env {TOKEN_ENV}",
+    )
+    j.add_argument("--token", dest="legacy_token", help=argparse.SUPPRESS)
+    j.add_argument(
+        "--join-timeout",
+        type=float,
+        default=os.environ.get("CLADNET_JOIN_TIMEOUT", "600"),  # argparse applies type
+        metavar="SECONDS",
+        help="keep retrying while the controller is down or busy (429/5xx) for this long "
+        "(default 600; env CLADNET_JOIN_TIMEOUT)",
+    )
     j.add_argument(
         "--ca-hash",
         help="sha256:… of the controller's CA (from the token's ca_cert_hash): pin it on join",

@@ -50,6 +50,9 @@ class Membership:
     ca_file: str | None = None
     # Run the group's remote commands (``join --allow-commands``); off unless asked.
     allow_commands: bool = False
+    # How the controller last treated this host (agent.standing), and since when.
+    controller_state: str = "ok"
+    controller_state_since: float | None = None
 
     @property
     def network_id(self) -> str:

@@ -33,7 +33,9 @@ filesystem_usage_ratio {mountpoint}, disk_read_bytes_total / disk_written_bytes_
 network_receive_drop_total {interface}, load1, load5, load15, processes,
 uptime_seconds, wireguard_peer_handshake_age_seconds / wireguard_peer_receive_bytes_total
 / wireguard_peer_transmit_bytes_total / wireguard_peer_latency_seconds {peer},
-agent_spool_batches, agent_spool_dropped_batches_total, agent_metric_errors_total.
+agent_spool_batches, agent_spool_dropped_batches_total, agent_metric_errors_total,
+agent_controller_unrecognised, agent_controller_unreachable (1 while the controller
+does not know this host / cannot be reached, agent.standing).
 
 ``seq`` increases by one per batch for the life of the host's state directory
 (it survives agent restarts), so the collector can de-duplicate by

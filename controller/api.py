@@ -71,9 +71,11 @@ ETCD_DOWN = (
 )
 
 
-def _error(status: int, code: str, message: str) -> JSONResponse:
+def _error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     API_ERRORS.labels(code).inc()
-    return JSONResponse({"error": code, "message": message}, status_code=status)
+    return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
 
 
 def _observed(request: Request) -> str:
@@ -85,7 +87,8 @@ def _observed(request: Request) -> str:
 
 
 def _rate_limited(seconds: float, what: str) -> ApiError:
-    return ApiError(429, "rate_limited", f"too many {what}; retry in {math.ceil(seconds)} s")
+    wait = math.ceil(seconds)
+    return ApiError(429, "rate_limited", f"too many {what}; retry in {wait} s", retry_after=wait)
 
 
 async def principal(request: Request) -> Principal:
@@ -281,7 +284,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.code, exc.message)
+        headers = None if exc.retry_after is None else {"Retry-After": str(exc.retry_after)}
+        return _error(exc.status, exc.code, exc.message, headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

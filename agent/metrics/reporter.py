@@ -28,7 +28,8 @@ class MetricsReporter:
 
     ``device`` reads the WireGuard device; ``peers`` returns the current peers
     (id → peer dict); ``status`` (optional) receives per-peer health for the
-    controller every ``status_every`` seconds.
+    controller every ``status_every`` seconds; ``gauges`` (optional) adds the
+    agent's own state (name → value) to every batch.
     """
 
     def __init__(
@@ -50,6 +51,7 @@ class MetricsReporter:
         probe_interval: float = 10.0,
         status_every: float = 15.0,
         spool_limits: SpoolLimits | None = None,
+        gauges: Callable[[], dict[str, float]] | None = None,
     ) -> None:
         self.network, self.host, self.host_id = network, host, host_id
         self.interval = max(1.0, interval)
@@ -72,6 +74,7 @@ class MetricsReporter:
             else None
         )
         self.errors = 0
+        self.gauges = gauges
 
     def build(self, now: float) -> metrics.Batch:
         """A batch of everything but the device (pure apart from psutil)."""
@@ -90,6 +93,8 @@ class MetricsReporter:
         batch.add("agent_spool_batches", len(self.spool))
         batch.add("agent_spool_dropped_batches_total", self.spool.dropped)
         batch.add("agent_metric_errors_total", self.errors)
+        for name, value in (self.gauges() if self.gauges else {}).items():
+            batch.add(name, value)
         return batch
 
     async def _probe_loop(self) -> None:
