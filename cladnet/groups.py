@@ -115,10 +115,11 @@ def user_data(
 
     It joins without running, then hands the agent to systemd when systemd runs the
     VM (a real VM) or execs it in the foreground (a ``local`` VM, which sets
-    ``CLADNET_NO_SYSTEMD``). It holds a one-use join token: it is written 0600.
+    ``CLADNET_NO_SYSTEMD``). It holds a one-use join token: it is written 0600, and
+    the token goes to the agent in its environment, never on a command line (``ps``).
     ``allow_commands``: the agent runs the group's remote commands (saved by join).
     """
-    args = ["join", "--no-run", "--controller", controller_url, "--token", token]
+    args = ["join", "--no-run", "--controller", controller_url]
     args += ["--hostname", hostname]
     if ca_hash:  # TLS: the agent pins the controller's CA on first contact
         args += ["--ca-hash", ca_hash]
@@ -133,7 +134,7 @@ def user_data(
         "# join token: keep it private.\n"
         "set -eu\n"
         'AGENT="${CLADNET_AGENT:-cladnet-agent}"\n'
-        f'"$AGENT" {join}\n'
+        f'CLADNET_JOIN_TOKEN={shlex.quote(token)} "$AGENT" {join}\n'
         'if [ -d /run/systemd/system ] && [ -z "${CLADNET_NO_SYSTEMD:-}" ]; then\n'
         "    exec systemctl enable --now cladnet-agent.service\n"
         "fi\n"

@@ -2,8 +2,8 @@
 # Install the CLADNet agent from a wheelhouse, without any package index (offline).
 #
 #   install-agent.sh --wheels DIR [--prefix /opt/cladnet] [--no-systemd]
-#                    [--join URL --token T [--ca-hash sha256:…] [--label k=v]… [--labels k=v,…]
-#                     [--hostname NAME]] [--state-dir /var/lib/cladnet]
+#                    [--join URL [--token-file F] [--ca-hash sha256:…] [--label k=v]…
+#                     [--labels k=v,…] [--hostname NAME]] [--state-dir /var/lib/cladnet]
 #
 # DIR comes from deploy/build-wheelhouse.sh (which also copies this script and the unit
 # into it). Steps, each skipped when already done, so running it again is safe and is
@@ -16,8 +16,10 @@
 #      were already used and that network is still joined), then
 #      systemctl enable --now cladnet-agent — only where systemd runs; otherwise it
 #      prints what to run.
-# The token may come from the environment instead (CLADNET_JOIN_TOKEN), which keeps
-# it out of `ps` for this script (cladnet-agent itself takes it as an argument).
+# The join token comes from the environment (CLADNET_JOIN_TOKEN) or a root-only file
+# (--token-file), never from a command line, which anyone on the host sees in `ps`;
+# it reaches cladnet-agent in its environment too. The join retries for up to
+# CLADNET_JOIN_TIMEOUT seconds (default 600) while the controller is down or busy.
 # The agent needs WireGuard: the kernel module or wireguard-go, and wireguard-tools.
 # PYTHON selects the interpreter for the venv (default python3, at least 3.11).
 set -euo pipefail
@@ -50,7 +52,12 @@ while [ $# -gt 0 ]; do
     --unit-dir) need "$@"; UNIT_DIR="$2"; shift 2 ;;
     --state-dir) need "$@"; STATE_DIR="$2"; shift 2 ;;
     --join) need "$@"; JOIN_URL="$2"; shift 2 ;;
-    --token) need "$@"; TOKEN="$2"; shift 2 ;;
+    --token-file)
+      need "$@"
+      [ -r "$2" ] || die "cannot read --token-file $2"
+      TOKEN="$(tr -d '[:space:]' < "$2")"
+      shift 2 ;;
+    --token) die "--token is not accepted (it shows in ps): set CLADNET_JOIN_TOKEN or use --token-file" ;;
     # An empty value is allowed for --ca-hash and --labels (templates fill them).
     --ca-hash) [ $# -ge 2 ] || die "--ca-hash needs a value"; CA_HASH="$2"; shift 2 ;;
     --hostname) need "$@"; AGENT_HOSTNAME="$2"; shift 2 ;;
@@ -77,7 +84,7 @@ for l in "${LABELS[@]+"${LABELS[@]}"}"; do
   [[ "$l" == ?*=* ]] || die "a label must be key=value, got '$l'"
 done
 if [ -n "$JOIN_URL" ] && [ -z "$TOKEN" ]; then
-  die "--join needs --token (or CLADNET_JOIN_TOKEN)"
+  die "--join needs a token: set CLADNET_JOIN_TOKEN or use --token-file"
 fi
 if [ "$SYSTEMD" = 1 ] && [ "$STATE_DIR" != /var/lib/cladnet ]; then
   die "the unit keeps its state in /var/lib/cladnet; --state-dir only with --no-systemd"
@@ -172,11 +179,12 @@ if [ -n "$JOIN_URL" ]; then
   if [ "$still_member" = 1 ]; then
     say "already joined network '$joined_net' with this controller and token; not joining again"
   else
-    args=(join --no-run --controller "$JOIN_URL" --token "$TOKEN" --state-dir "$STATE_DIR")
+    args=(join --no-run --controller "$JOIN_URL" --state-dir "$STATE_DIR")
     if [ -n "$CA_HASH" ]; then args+=(--ca-hash "$CA_HASH"); fi
     if [ -n "$AGENT_HOSTNAME" ]; then args+=(--hostname "$AGENT_HOSTNAME"); fi
     for l in "${LABELS[@]+"${LABELS[@]}"}"; do args+=(--label "$l"); done
-    out="$("$VENV/bin/cladnet-agent" "${args[@]}")" || die "cladnet-agent join failed"
+    out="$(CLADNET_JOIN_TOKEN="$TOKEN" "$VENV/bin/cladnet-agent" "${args[@]}")" \
+      || die "cladnet-agent join failed"
     net="$(printf '%s\n' "$out" | tail -n 1 | "$VENV/bin/python" -c 'import json, sys; print(json.load(sys.stdin)["network"])')" \
       || die "cladnet-agent join said something unexpected: $out"
     echo "$join_key $net" >> "$joined_file"
@@ -197,7 +205,7 @@ if [ -n "$JOIN_URL" ]; then
     say "start the agent with: $VENV/bin/cladnet-agent run --state-dir $STATE_DIR"
   fi
 elif [ "$SYSTEMD" = 1 ]; then
-  say "next: $VENV/bin/cladnet-agent join --no-run --controller URL --token TOKEN," \
+  say "next: CLADNET_JOIN_TOKEN=… $VENV/bin/cladnet-agent join --no-run --controller URL," \
       "then systemctl enable --now cladnet-agent"
 fi
 

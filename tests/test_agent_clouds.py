@@ -54,10 +54,11 @@ def world(tmp_path_factory) -> Iterator[tuple[MultiCloud, Controller, list[Agent
                               f"cl-{net.tag}{name}{i}")  # fmt: skip
                 # Distinct ports, each forwarded by the cloud's NAT to its host: the
                 # host is reached at <cloud public address>:<its port>.
-                agent.start("join", "--controller", ctl.url, "--token", token,
+                agent.start("join", "--controller", ctl.url,
                             "--hostname", f"{name}{i}", "--interface", agent.interface,
                             "--listen-port", str(port_no), "--label", f"cloud={name}",
-                            "--label", "region=r1", "--label", f"vpc={name}-vpc")  # fmt: skip
+                            "--label", "region=r1", "--label", f"vpc={name}-vpc",
+                            token=token)  # fmt: skip
                 port_no += 1
                 agents.append(agent)
         yield net, ctl, agents, tmp
@@ -158,7 +159,7 @@ def test_controller_outage_keeps_tunnels_and_agents_resync(world) -> None:
     net.forward("a", 51899, net.host_address("a", 3))
     late = Agent(net, len(agents) + 1, ns, tmp / "agent-a3", f"cl-{net.tag}a3")
     agents.append(late)
-    late.start("join", "--controller", ctl.url, "--token", token, "--hostname", "a3",
+    late.start("join", "--controller", ctl.url, "--hostname", "a3",
                "--interface", late.interface, "--listen-port", "51899", "--label", "cloud=a",
-               "--label", "region=r1", "--label", "vpc=a-vpc")  # fmt: skip
+               "--label", "region=r1", "--label", "vpc=a-vpc", token=token)  # fmt: skip
     _full_mesh(net, agents)

@@ -192,4 +192,4 @@ def test_allow_commands_is_opt_in(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not parser.parse_args(["run"]).allow_commands
     assert parser.parse_args(["run", "--allow-commands"]).allow_commands
     monkeypatch.setenv("CLADNET_ALLOW_COMMANDS", "1")
-    assert build_parser().parse_args(["join", "--controller", "c", "--token", "t"]).allow_commands
+    assert build_parser().parse_args(["join", "--controller", "c"]).allow_commands

@@ -55,7 +55,10 @@ def test_user_data_quotes_everything_and_runs(tmp_path) -> None:
     """A label value with shell syntax stays a value: run the script against a fake agent."""
     fake = tmp_path / "agent"
     out = tmp_path / "calls"
-    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" >> {out}\necho --- >> {out}\n')
+    fake.write_text(
+        f'#!/bin/sh\nprintf "%s\\n" "$@" "token=${{CLADNET_JOIN_TOKEN:-}}" >> {out}\n'
+        f"echo --- >> {out}\n"
+    )
     fake.chmod(0o755)
     script = g.user_data("http://10.9.0.1:8470", "tok'en", "vm-1", {"k": "$(touch x); 'y'"})
     env = {"CLADNET_AGENT": str(fake), "CLADNET_NO_SYSTEMD": "1", "PATH": "/usr/bin:/bin"}
@@ -63,9 +66,11 @@ def test_user_data_quotes_everything_and_runs(tmp_path) -> None:
     calls = out.read_text().split("---\n")
     join = calls[0].splitlines()
     assert join[:2] == ["join", "--no-run"]
-    assert join[join.index("--token") + 1] == "tok'en"
+    # The token reaches join through its environment only, never its command line.
+    assert join[-1] == "token=tok'en" and "--token" not in join
+    assert "tok'en" not in " ".join(join[:-1])
     assert "k=$(touch x); 'y'" in join
-    assert calls[1].splitlines() == ["run"]
+    assert calls[1].splitlines() == ["run", "token="]
     assert not (tmp_path / "x").exists()
     # Group VMs accept remote commands unless told otherwise; join saves the choice.
     assert "--allow-commands" in join

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import ssl
 import subprocess
 import sys
@@ -75,8 +76,6 @@ def test_agent_join_pins_the_ca_and_refuses_a_wrong_hash(
                 "join",
                 "--controller",
                 tls_controller.url,
-                "--token",
-                created["token"],
                 "--ca-hash",
                 ca,
                 "--state-dir",
@@ -86,6 +85,7 @@ def test_agent_join_pins_the_ca_and_refuses_a_wrong_hash(
                 "vm-cli",
             ],
             cwd=REPO,
+            env={**os.environ, "CLADNET_JOIN_TOKEN": created["token"]},
             capture_output=True,
             text=True,
             timeout=60,

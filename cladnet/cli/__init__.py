@@ -201,7 +201,9 @@ def token_create(
         return
     out.print(f"token (shown once): [bold]{tok['token']}[/]")
     extra = f" --ca-hash {tok['ca_cert_hash']}" if tok.get("ca_cert_hash") else ""
-    out.print(f"join with: cladnet-agent join --controller URL --token {tok['token']}{extra}")
+    out.print(
+        f"join with: CLADNET_JOIN_TOKEN={tok['token']} cladnet-agent join --controller URL{extra}"
+    )
 
 
 @token_app.command("list")
