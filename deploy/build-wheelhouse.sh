@@ -5,7 +5,7 @@
 # without package-index access needs:
 #
 #   deploy/build-wheelhouse.sh OUTDIR
-#   # on the target (root):  bash OUTDIR/install-agent.sh --wheels OUTDIR --join … --token …
+#   # on the target (root):  CLADNET_JOIN_TOKEN=… bash OUTDIR/install-agent.sh --wheels OUTDIR --join …
 #
 # Wheels with compiled parts (grpcio, cryptography, psutil, pydantic-core, …) are built
 # for this machine's Python version and architecture: build on the same Python minor
