@@ -129,8 +129,8 @@ class CommandRunner:
                 for command in pending:
                     await self.execute(command)
             except ControllerError as exc:
-                if exc.status in (401, 404):  # the host is gone: the daemon stops us
-                    log.warning("controller refused the command poll", extra={"error": str(exc)})
+                # The daemon's watch and heartbeat report the standing, once per change.
+                log.debug("controller refused the command poll", extra={"error": str(exc)})
                 delay = min(delay * 2, self.retry_max)
             except NETWORK_ERRORS as exc:
                 log.debug("command poll failed", extra={"error": repr(exc)})
