@@ -267,6 +267,17 @@ def _gauge(url: str) -> float | None:
     return None
 
 
+def _intact(agent: Agent) -> bool:
+    """Running, with its interface and state; fails the test at once otherwise."""
+    running = agent.proc is not None and agent.proc.poll() is None
+    has_state = agent.membership() is not None
+    link = agent.lab.run(agent.ns, "ip", "link", "show", agent.interface, check=False)
+    assert running and has_state and link.returncode == 0, (
+        f"vm{agent.index} tore itself down\n{agent.log_text()}"
+    )
+    return True
+
+
 def _log_count(agent: Agent, text: str) -> int:
     return sum(text in line for p in agent.logs for line in p.read_text().splitlines())
 
@@ -305,7 +316,7 @@ def test_controller_on_an_empty_etcd_tears_nothing_down(
         mesh_controller.start()
         for a in hosts:
             wait_until(
-                lambda a=a: _status(a)["controller"] == "unrecognised",
+                lambda a=a: _intact(a) and _status(a)["controller"] == "unrecognised",
                 RESUME_TIMEOUT,
                 what=f"vm{a.index} to report it is not recognised",
             )
