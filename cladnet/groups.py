@@ -109,14 +109,16 @@ def user_data(
     hostname: str,
     labels: dict[str, str],
     ca_hash: str | None = None,
-    allow_commands: bool = True,
+    allow_commands: bool = False,
 ) -> str:
     """The first-boot script that installs nothing and joins: the agent must be present.
 
     It joins without running, then hands the agent to systemd when systemd runs the
     VM (a real VM) or execs it in the foreground (a ``local`` VM, which sets
     ``CLADNET_NO_SYSTEMD``). It holds a one-use join token: it is written 0600.
-    ``allow_commands``: the agent runs the group's remote commands (saved by join).
+    ``allow_commands``: the group asked for remote commands. Join saves the opt-in;
+    under systemd they run in ``cladnet-agent-commands.service`` (outside the agent's
+    sandbox, so ``apt-get`` works), otherwise in the agent itself.
     """
     args = ["join", "--no-run", "--controller", controller_url, "--token", token]
     args += ["--hostname", hostname]
@@ -127,6 +129,9 @@ def user_data(
     for key, value in sorted(labels.items()):
         args += ["--label", f"{key}={value}"]
     join = " ".join(shlex.quote(a) for a in args)
+    units = "cladnet-agent.service"
+    if allow_commands:
+        units += " cladnet-agent-commands.service"
     return (
         "#!/bin/sh\n"
         f"# CLADNet enrolment of {hostname}, made by the controller. Holds a one-use\n"
@@ -135,7 +140,7 @@ def user_data(
         'AGENT="${CLADNET_AGENT:-cladnet-agent}"\n'
         f'"$AGENT" {join}\n'
         'if [ -d /run/systemd/system ] && [ -z "${CLADNET_NO_SYSTEMD:-}" ]; then\n'
-        "    exec systemctl enable --now cladnet-agent.service\n"
+        f"    exec systemctl enable --now {units}\n"
         "fi\n"
         'exec "$AGENT" run\n'
     )

@@ -50,7 +50,7 @@ from controller import auth, tls
 from controller import keyspace as ks
 from controller.audit import AuditLog, is_audited
 from controller.auth import Authenticator, Principal
-from controller.broker import BrokerAdmin, BrokerError
+from controller.broker import BrokerAdmin, BrokerError, BrokerJanitor
 from controller.commands import Commands, require_agent
 from controller.config import Settings
 from controller.errors import ApiError
@@ -236,6 +236,18 @@ def create_app(settings: Settings) -> FastAPI:
                     log.info("expired join tokens removed", extra={"count": removed})
                 await asyncio.sleep(settings.janitor_interval)
 
+        app.state.broker = None
+        broker_janitor = None
+        if settings.mqtt_url and settings.mqtt_admin_password:
+            app.state.broker = BrokerAdmin(
+                public_url=settings.mqtt_url,
+                admin_url=settings.mqtt_admin_url or settings.mqtt_url,
+                username=settings.mqtt_admin_user,
+                password=settings.mqtt_admin_password,
+            )
+            broker_janitor = BrokerJanitor(
+                app.state.broker, store.host_ids, settings.janitor_interval
+            )
         drivers = Drivers(settings.drivers)
         app.state.groups = GroupStore(etcd, store, drivers)
         app.state.commands = Commands(etcd, app.state.groups, store)
@@ -245,10 +257,14 @@ def create_app(settings: Settings) -> FastAPI:
             settings.controller_url,
             tls_files.ca_hash if tls_files else None,
             settings.driver_timeout,
+            hosts_removed=broker_janitor.wake if broker_janitor else None,
         )
 
         async def background_jobs() -> None:
-            await asyncio.gather(janitor(), reconciler.run())
+            jobs = [janitor(), reconciler.run()]
+            if broker_janitor is not None:  # gone hosts' broker users, fleet-wide
+                jobs.append(broker_janitor.run())
+            await asyncio.gather(*jobs)
 
         app.state.leadership = Leadership(
             etcd, "background", background_jobs, ttl=settings.leader_ttl
@@ -258,14 +274,6 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.auth_failures = RateLimiter(
             settings.auth_failure_rate, settings.auth_failure_burst
         )
-        app.state.broker = None
-        if settings.mqtt_url and settings.mqtt_admin_password:
-            app.state.broker = BrokerAdmin(
-                public_url=settings.mqtt_url,
-                admin_url=settings.mqtt_admin_url or settings.mqtt_url,
-                username=settings.mqtt_admin_user,
-                password=settings.mqtt_admin_password,
-            )
         log.info("controller ready", extra={"etcd": settings.etcd, "listen": settings.listen})
         try:
             yield
@@ -388,8 +396,17 @@ def create_app(settings: Settings) -> FastAPI:
         return net
 
     @app.delete("/v1/networks/{ref}")
-    async def delete_network(ref: str, _: Admin, db: Db, force: bool = False) -> Network:
-        return await db.delete_network(ref, force)
+    async def delete_network(
+        ref: str, request: Request, _: Admin, db: Db, force: bool = False
+    ) -> Network:
+        net = await db.delete_network(ref, force)
+        broker: BrokerAdmin | None = request.app.state.broker
+        if broker is not None:  # its hosts' broker users go with it
+            try:
+                await broker.prune(db.host_ids)
+            except BrokerError as exc:  # the leader's broker janitor retries
+                log.warning("broker cleanup failed", extra={"network": net.id, "error": str(exc)})
+        return net
 
     @app.get("/v1/address-spaces")
     async def address_spaces(
