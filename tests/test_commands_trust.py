@@ -23,7 +23,7 @@ from pathlib import Path
 import aiomqtt
 import httpx
 
-from agent.main import build_parser, cmd_commands, cmd_run
+from agent import main as agent_main
 from agent.state import Membership, StateDir
 from tests.components import (
     MQTT_ADMIN_PASSWORD,
@@ -189,10 +189,10 @@ def test_units_run_commands_outside_the_agents_sandbox() -> None:
     for name, unit in (("agent", agent), ("commands", commands)):
         argv = shlex.split(unit["ExecStart"])
         assert argv[0] == "/opt/cladnet/venv/bin/cladnet-agent"
-        parsed[name] = build_parser().parse_args(argv[1:])
+        parsed[name] = agent_main.build_parser().parse_args(argv[1:])
         assert parsed[name].state_dir == "/var/lib/cladnet"
-    assert parsed["agent"].func is cmd_run and parsed["agent"].no_commands
-    assert parsed["commands"].func is cmd_commands
+    assert parsed["agent"].func is agent_main.cmd_run and parsed["agent"].no_commands
+    assert parsed["commands"].func is agent_main.cmd_commands
     # Not opted in: exit 2, which the unit does not restart on.
     assert commands["RestartPreventExitStatus"] == "2"
 
