@@ -182,7 +182,7 @@ def test_units_run_commands_outside_the_agents_sandbox() -> None:
     assert agent["CapabilityBoundingSet"] == "CAP_NET_ADMIN" and agent["ProtectSystem"] == "strict"
     for key in ("CapabilityBoundingSet", "ProtectSystem", "NoNewPrivileges", "User", "PrivateTmp"):
         assert key not in commands, key
-    assert commands["WantedBy"] == "multi-user.target"  # enabled explicitly, by cloud-init
+    assert commands["WantedBy"] == "cladnet-agent.service"  # when enabled, with the agent
     assert "cladnet-agent.service" in commands["After"]
 
     parsed = {}
