@@ -129,9 +129,10 @@ def user_data(
     for key, value in sorted(labels.items()):
         args += ["--label", f"{key}={value}"]
     join = " ".join(shlex.quote(a) for a in args)
-    units = "cladnet-agent.service"
+    # The mesh first: an image without the commands unit still joins.
+    under_systemd = "    systemctl enable --now cladnet-agent.service\n"
     if allow_commands:
-        units += " cladnet-agent-commands.service"
+        under_systemd += "    systemctl enable --now cladnet-agent-commands.service\n"
     return (
         "#!/bin/sh\n"
         f"# CLADNet enrolment of {hostname}, made by the controller. Holds a one-use\n"
@@ -140,7 +141,8 @@ def user_data(
         'AGENT="${CLADNET_AGENT:-cladnet-agent}"\n'
         f'"$AGENT" {join}\n'
         'if [ -d /run/systemd/system ] && [ -z "${CLADNET_NO_SYSTEMD:-}" ]; then\n'
-        f"    exec systemctl enable --now {units}\n"
+        f"{under_systemd}"
+        "    exit 0\n"
         "fi\n"
         'exec "$AGENT" run\n'
     )

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import aiomqtt
 import httpx
+import pytest
 
 from agent import main as agent_main
 from agent.state import Membership, StateDir
@@ -58,10 +59,7 @@ def test_commands_are_off_unless_the_group_asks_for_them(make_controller, tmp_pa
     assert "--allow-commands" not in boot["web-1"]
     assert "cladnet-agent-commands" not in boot["web-1"]
     assert "--allow-commands" in boot["ops-1"]
-    assert (
-        "systemctl enable --now cladnet-agent.service cladnet-agent-commands.service"
-        in (boot["ops-1"])
-    )
+    assert "systemctl enable --now cladnet-agent-commands.service" in boot["ops-1"]
 
     # A VM of the plain group whose agent asks for commands anyway (a hand-started
     # --allow-commands agent) still gets none: the controller queues nothing.
@@ -76,6 +74,34 @@ def test_commands_are_off_unless_the_group_asks_for_them(make_controller, tmp_pa
             assert agent.get(f"/v1/hosts/{host['host_id']}/commands").json() == {"commands": []}
         r = admin.post("/v1/groups/ops/commands", json={"command": "id"})
         assert r.status_code == 202, r.text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a private mount namespace needs root")
+@pytest.mark.parametrize("allow", [False, True])
+def test_user_data_under_systemd_enables_the_commands_unit_only_when_asked(
+    tmp_path: Path, allow: bool
+) -> None:
+    """The VM's first-boot script, run where systemd runs (a private /run with
+    /run/systemd/system, fake systemctl and agent that log their arguments)."""
+    from cladnet import groups as lifecycle
+
+    calls = tmp_path / "calls"
+    for tool in ("systemctl", "cladnet-agent"):
+        fake = tmp_path / tool
+        fake.write_text(f'#!/bin/sh\necho "{tool} $*" >> {calls}\n')
+        fake.chmod(0o755)
+    script = tmp_path / "user-data"
+    script.write_text(lifecycle.user_data("http://c", "t", "vm-1", {}, allow_commands=allow))
+    boot = f"mount -t tmpfs cl-run /run && mkdir -p /run/systemd/system && sh {script}"
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "CLADNET_AGENT": str(tmp_path / "cladnet-agent")}
+    subprocess.run(["unshare", "-m", "sh", "-c", boot], env=env, check=True, timeout=30)
+    lines = calls.read_text().splitlines()
+    assert lines[0].startswith("cladnet-agent join --no-run")
+    assert ("--allow-commands" in lines[0]) is allow
+    expected = ["systemctl enable --now cladnet-agent.service"]  # the mesh first
+    if allow:
+        expected.append("systemctl enable --now cladnet-agent-commands.service")
+    assert lines[1:] == expected
 
 
 def test_the_cli_opts_a_group_in_only_when_told(
