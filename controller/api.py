@@ -236,18 +236,6 @@ def create_app(settings: Settings) -> FastAPI:
                     log.info("expired join tokens removed", extra={"count": removed})
                 await asyncio.sleep(settings.janitor_interval)
 
-        app.state.broker = None
-        broker_janitor = None
-        if settings.mqtt_url and settings.mqtt_admin_password:
-            app.state.broker = BrokerAdmin(
-                public_url=settings.mqtt_url,
-                admin_url=settings.mqtt_admin_url or settings.mqtt_url,
-                username=settings.mqtt_admin_user,
-                password=settings.mqtt_admin_password,
-            )
-            broker_janitor = BrokerJanitor(
-                app.state.broker, store.host_ids, settings.janitor_interval
-            )
         drivers = Drivers(settings.drivers)
         app.state.groups = GroupStore(etcd, store, drivers)
         app.state.commands = Commands(etcd, app.state.groups, store)
@@ -257,13 +245,12 @@ def create_app(settings: Settings) -> FastAPI:
             settings.controller_url,
             tls_files.ca_hash if tls_files else None,
             settings.driver_timeout,
-            hosts_removed=broker_janitor.wake if broker_janitor else None,
         )
 
         async def background_jobs() -> None:
             jobs = [janitor(), reconciler.run()]
-            if broker_janitor is not None:  # gone hosts' broker users, fleet-wide
-                jobs.append(broker_janitor.run())
+            if app.state.broker_janitor is not None:  # gone hosts' broker users, fleet-wide
+                jobs.append(app.state.broker_janitor.run())
             await asyncio.gather(*jobs)
 
         app.state.leadership = Leadership(
@@ -274,6 +261,21 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.auth_failures = RateLimiter(
             settings.auth_failure_rate, settings.auth_failure_burst
         )
+        app.state.broker = None
+        if settings.mqtt_url and settings.mqtt_admin_password:
+            app.state.broker = BrokerAdmin(
+                public_url=settings.mqtt_url,
+                admin_url=settings.mqtt_admin_url or settings.mqtt_url,
+                username=settings.mqtt_admin_user,
+                password=settings.mqtt_admin_password,
+            )
+        # Set before the leadership task gets to run background_jobs (it awaits etcd).
+        app.state.broker_janitor = None
+        if app.state.broker is not None:
+            app.state.broker_janitor = BrokerJanitor(
+                app.state.broker, store.host_ids, settings.janitor_interval
+            )
+            reconciler.hosts_removed = app.state.broker_janitor.wake
         log.info("controller ready", extra={"etcd": settings.etcd, "listen": settings.listen})
         try:
             yield

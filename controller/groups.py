@@ -248,10 +248,10 @@ class Reconciler:
         controller_url: str,
         ca_hash: str | None = None,
         timeout: float = 300,
-        hosts_removed: Callable[[], None] | None = None,
     ) -> None:
         self.groups, self.store = groups, store
-        self.hosts_removed = hosts_removed  # told when a group's hosts went with it
+        # Called when a group's hosts went with it (the broker janitor's wake-up).
+        self.hosts_removed: Callable[[], None] | None = None
         self.controller_url, self.ca_hash = controller_url, ca_hash
         self.timeout = timeout
         self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
