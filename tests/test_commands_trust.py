@@ -91,7 +91,8 @@ def test_user_data_under_systemd_enables_the_commands_unit_only_when_asked(
         fake.write_text(f'#!/bin/sh\necho "{tool} $*" >> {calls}\n')
         fake.chmod(0o755)
     script = tmp_path / "user-data"
-    script.write_text(lifecycle.user_data("http://c", "t", "vm-1", {}, allow_commands=allow))
+    opt_in = {"allow_commands": True} if allow else {}  # off by default
+    script.write_text(lifecycle.user_data("http://c", "t", "vm-1", {}, **opt_in))
     boot = f"mount -t tmpfs cl-run /run && mkdir -p /run/systemd/system && sh {script}"
     env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "CLADNET_AGENT": str(tmp_path / "cladnet-agent")}
     subprocess.run(["unshare", "-m", "sh", "-c", boot], env=env, check=True, timeout=30)
