@@ -1,10 +1,13 @@
 """Remote commands on this host: fetched from the controller, run with ``/bin/sh -c``.
 
-Only an agent started with ``--allow-commands`` runs this loop; one that does not
-never asks, and the controller reports its VM as refusing. One command runs at a
-time, in its own process group (killed whole at its timeout or when the agent
-stops), with output kept up to a bound in memory. Command text and output are
-never logged: they may hold secrets.
+Only a network joined with ``--allow-commands`` (a group created with
+``allow_commands``) runs this loop; one that did not never asks, and the controller
+reports its VM as refusing. Under systemd the loop runs in its own process,
+``cladnet-agent commands`` (``cladnet-agent-commands.service``): the agent's unit keeps
+only ``CAP_NET_ADMIN`` on a read-only system, where no package could be installed. One
+command runs at a time, in its own process group (killed whole at its timeout or when
+the runner stops), with output kept up to a bound in memory. Command text and output
+are never logged: they may hold secrets.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from typing import Any
 import httpx
 
 from agent.controller_client import ControllerClient, ControllerError
+from agent.state import Membership, StateDir
+from cladnet.tasks import cancel_and_wait
 
 log = logging.getLogger("cladnet.agent.commands")
 
@@ -103,6 +108,46 @@ async def run_shell(
         "stderr": err.text(),
         "truncated": out.truncated or err.truncated,
     }
+
+
+class NotOptedIn(Exception):
+    """No joined network of this host accepts remote commands."""
+
+
+def command_env(m: Membership) -> dict[str, str]:
+    """What a command is told about the host it runs on."""
+    return {
+        "CLADNET_HOST": str(m.me["name"]),
+        "CLADNET_OVERLAY_IP": str(m.me["overlay_ip"]),
+        "CLADNET_NETWORK": str(m.network["name"]),
+    }
+
+
+async def serve(states: StateDir, poll: float = 5.0) -> None:
+    """Run the commands of every joined network that opted in, until cancelled.
+
+    Raises ``NotOptedIn`` when none did: the admin's commands stay refused.
+    """
+    runners = []
+    for net_id in states.network_ids():
+        m, credential, _ = states.load(net_id)
+        if not m.allow_commands:
+            log.info("network does not accept commands", extra={"network": m.network["name"]})
+            continue
+        client = ControllerClient(m.controller, credential, verify=m.ca_file or True)
+        runners.append(CommandRunner(client, m.host_id, command_env(m), poll=poll))
+    if not runners:
+        raise NotOptedIn(
+            f"no network in {states.root} accepts remote commands "
+            "(join with --allow-commands; groups: allow_commands)"
+        )
+    tasks = [asyncio.create_task(r.run(), name=f"commands-{r.host_id}") for r in runners]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        await cancel_and_wait(tasks)
+        for runner in runners:
+            await runner.client.close()
 
 
 class CommandRunner:

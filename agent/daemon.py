@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 from agent import addresses
-from agent.commands import CommandRunner
+from agent.commands import CommandRunner, command_env
 from agent.controller_client import ControllerClient, ControllerError, WatchGone
 from agent.metrics.exposition import MetricsServer
 from agent.metrics.publisher import Broker
@@ -387,11 +387,7 @@ class NetworkAgent:
 
     async def commands_loop(self) -> None:
         """Run the group's remote commands, telling them which host they run on."""
-        env = {
-            "CLADNET_HOST": str(self.m.me["name"]),
-            "CLADNET_OVERLAY_IP": str(self.m.me["overlay_ip"]),
-            "CLADNET_NETWORK": str(self.m.network["name"]),
-        }
+        env = command_env(self.m)
         runner = CommandRunner(self.client, self.m.host_id, env, poll=self.timing.commands)
         await runner.run()
 

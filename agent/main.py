@@ -56,6 +56,7 @@ async def _run_networks(
     only: list[str] | None = None,
     metrics_listen: str | None = None,
     allow_commands: bool = False,
+    in_process_commands: bool = True,
 ) -> int:
     from agent.daemon import NetworkAgent
     from agent.metrics.exposition import MetricsServer
@@ -74,6 +75,8 @@ async def _run_networks(
     for net_id in ids:
         membership, credential, private_key = states.load(net_id)
         membership.allow_commands = membership.allow_commands or allow_commands
+        if not in_process_commands:  # cladnet-agent-commands.service runs them
+            membership.allow_commands = False
         backend = _backend(backend_name or membership.backend)
         agents.append(
             NetworkAgent(
@@ -203,7 +206,26 @@ async def cmd_run(args: argparse.Namespace) -> int:
         args.backend,
         metrics_listen=args.metrics_listen,
         allow_commands=args.allow_commands,
+        in_process_commands=not args.no_commands,
     )
+
+
+async def cmd_commands(args: argparse.Namespace) -> int:
+    """Run the remote commands of the networks that opted in (the commands unit)."""
+    from agent.commands import NotOptedIn, serve
+
+    states = StateDir(Path(args.state_dir))
+    task = asyncio.create_task(serve(states))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await task
+    except NotOptedIn as exc:
+        raise UsageError(str(exc)) from exc
+    except asyncio.CancelledError:  # a signal: the running command's group is killed
+        pass
+    return 0
 
 
 async def cmd_leave(args: argparse.Namespace) -> int:
@@ -330,7 +352,20 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run from the saved state (what the systemd unit does)")
     common(r)
     serve(r)
+    r.add_argument(
+        "--no-commands",
+        action="store_true",
+        help="leave remote commands to 'cladnet-agent commands' (the systemd units do)",
+    )
     r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser(
+        "commands",
+        help="run the remote commands of the networks joined with --allow-commands "
+        "(cladnet-agent-commands.service: outside the agent's sandbox)",
+    )
+    c.add_argument("--state-dir", default=os.environ.get("CLADNET_STATE_DIR", DEFAULT_STATE_DIR))
+    c.set_defaults(func=cmd_commands)
 
     lv = sub.add_parser("leave", help="leave the network(s), remove the interface, release the IP")
     lv.add_argument("--network", help="only this network (id or name)")

@@ -109,7 +109,7 @@ def user_data(
     hostname: str,
     labels: dict[str, str],
     ca_hash: str | None = None,
-    allow_commands: bool = True,
+    allow_commands: bool = False,
 ) -> str:
     """The first-boot script that installs nothing and joins: the agent must be present.
 
@@ -117,7 +117,9 @@ def user_data(
     VM (a real VM) or execs it in the foreground (a ``local`` VM, which sets
     ``CLADNET_NO_SYSTEMD``). It holds a one-use join token: it is written 0600, and
     the token goes to the agent in its environment, never on a command line (``ps``).
-    ``allow_commands``: the agent runs the group's remote commands (saved by join).
+    ``allow_commands``: the group asked for remote commands. Join saves the opt-in;
+    under systemd they run in ``cladnet-agent-commands.service`` (outside the agent's
+    sandbox, so ``apt-get`` works), otherwise in the agent itself.
     """
     args = ["join", "--no-run", "--controller", controller_url]
     args += ["--hostname", hostname]
@@ -128,6 +130,10 @@ def user_data(
     for key, value in sorted(labels.items()):
         args += ["--label", f"{key}={value}"]
     join = " ".join(shlex.quote(a) for a in args)
+    # The mesh first: an image without the commands unit still joins.
+    under_systemd = "    systemctl enable --now cladnet-agent.service\n"
+    if allow_commands:
+        under_systemd += "    systemctl enable --now cladnet-agent-commands.service\n"
     return (
         "#!/bin/sh\n"
         f"# CLADNet enrolment of {hostname}, made by the controller. Holds a one-use\n"
@@ -136,7 +142,8 @@ def user_data(
         'AGENT="${CLADNET_AGENT:-cladnet-agent}"\n'
         f'CLADNET_JOIN_TOKEN={shlex.quote(token)} "$AGENT" {join}\n'
         'if [ -d /run/systemd/system ] && [ -z "${CLADNET_NO_SYSTEMD:-}" ]; then\n'
-        "    exec systemctl enable --now cladnet-agent.service\n"
+        f"{under_systemd}"
+        "    exit 0\n"
         "fi\n"
         'exec "$AGENT" run\n'
     )

@@ -259,6 +259,8 @@ class GroupCreate(Strict):
     cidr: str | None = None  # the group's network; recommended space when absent
     keepalive: Annotated[int, Field(ge=0, le=600)] = DEFAULT_KEEPALIVE
     metrics_interval: Annotated[float, Field(ge=1, le=3600)] = DEFAULT_METRICS_INTERVAL
+    # The VMs' agents run the admin's remote commands (as root): only when asked for.
+    allow_commands: bool = False
 
 
 class GroupAction(Strict):
@@ -293,6 +295,7 @@ class Group(BaseModel):
     cidr: str | None = None
     keepalive: int = DEFAULT_KEEPALIVE
     metrics_interval: float = DEFAULT_METRICS_INTERVAL
+    allow_commands: bool = False
     created_at: float
     deleting: bool = False
     state: str = ""  # derived when read: see cladnet.groups.group_state

@@ -50,7 +50,7 @@ from controller import auth, tls
 from controller import keyspace as ks
 from controller.audit import AuditLog, is_audited
 from controller.auth import Authenticator, Principal
-from controller.broker import BrokerAdmin, BrokerError
+from controller.broker import BrokerAdmin, BrokerError, BrokerJanitor
 from controller.commands import Commands, require_agent
 from controller.config import Settings
 from controller.errors import ApiError
@@ -251,7 +251,10 @@ def create_app(settings: Settings) -> FastAPI:
         )
 
         async def background_jobs() -> None:
-            await asyncio.gather(janitor(), reconciler.run())
+            jobs = [janitor(), reconciler.run()]
+            if app.state.broker_janitor is not None:  # gone hosts' broker users, fleet-wide
+                jobs.append(app.state.broker_janitor.run())
+            await asyncio.gather(*jobs)
 
         app.state.leadership = Leadership(
             etcd, "background", background_jobs, ttl=settings.leader_ttl
@@ -269,6 +272,13 @@ def create_app(settings: Settings) -> FastAPI:
                 username=settings.mqtt_admin_user,
                 password=settings.mqtt_admin_password,
             )
+        # Set before the leadership task gets to run background_jobs (it awaits etcd).
+        app.state.broker_janitor = None
+        if app.state.broker is not None:
+            app.state.broker_janitor = BrokerJanitor(
+                app.state.broker, store.host_ids, settings.janitor_interval
+            )
+            reconciler.hosts_removed = app.state.broker_janitor.wake
         log.info("controller ready", extra={"etcd": settings.etcd, "listen": settings.listen})
         try:
             yield
@@ -392,8 +402,17 @@ def create_app(settings: Settings) -> FastAPI:
         return net
 
     @app.delete("/v1/networks/{ref}")
-    async def delete_network(ref: str, _: Admin, db: Db, force: bool = False) -> Network:
-        return await db.delete_network(ref, force)
+    async def delete_network(
+        ref: str, request: Request, _: Admin, db: Db, force: bool = False
+    ) -> Network:
+        net = await db.delete_network(ref, force)
+        broker: BrokerAdmin | None = request.app.state.broker
+        if broker is not None:  # its hosts' broker users go with it
+            try:
+                await broker.prune(db.host_ids)
+            except BrokerError as exc:  # the leader's broker janitor retries
+                log.warning("broker cleanup failed", extra={"network": net.id, "error": str(exc)})
+        return net
 
     @app.get("/v1/address-spaces")
     async def address_spaces(

@@ -7,8 +7,11 @@ checks the credential is that host's) and reports ``running``, then the outcome.
 Every state change is a compare-and-swap on the VM's record, so a report is taken
 once and only from the host the command was queued for.
 
-An agent opts in (``--allow-commands``): only such agents poll, and a poll records
-that the host accepts commands. A VM whose agent never polled is ``refused``.
+Two opt-ins, both needed: the group (``allow_commands`` at creation; without it the
+controller queues nothing, 409 ``commands_disabled``) and the VM's agent
+(``--allow-commands``, which such groups' VMs join with): only such agents poll, and a
+poll records that the host accepts commands. A VM whose agent never polled is
+``refused``.
 """
 
 from __future__ import annotations
@@ -63,6 +66,12 @@ class Commands:
     async def start(self, group_name: str, req: CommandRequest, by: str) -> CommandRun:
         """Queue ``req`` for every VM of the group whose agent accepts commands."""
         group = await self.groups.get(group_name)
+        if not group.allow_commands:
+            raise conflict(
+                "commands_disabled",
+                f"group {group_name!r} was not created with allow_commands: its VMs run no "
+                "remote commands",
+            )
         now = time.time()
         run = CommandRun(
             id=tokens.new_id("cmd-"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
@@ -95,6 +95,7 @@ class GroupStore:
             cidr=req.cidr,
             keepalive=req.keepalive,
             metrics_interval=req.metrics_interval,
+            allow_commands=req.allow_commands,
             created_at=now,
         )
         puts = [tx.Put(ks.group(req.name), _dump(group))]
@@ -249,6 +250,8 @@ class Reconciler:
         timeout: float = 300,
     ) -> None:
         self.groups, self.store = groups, store
+        # Called when a group's hosts went with it (the broker janitor's wake-up).
+        self.hosts_removed: Callable[[], None] | None = None
         self.controller_url, self.ca_hash = controller_url, ca_hash
         self.timeout = timeout
         self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
@@ -298,6 +301,8 @@ class Reconciler:
                 if e.status != 404:
                     raise
         await self.groups.remove(group.name)
+        if self.hosts_removed is not None:
+            self.hosts_removed()
         log.info("group removed", extra={"group": group.name})
 
     async def _drive(self, group: Group, name: str) -> None:
@@ -350,7 +355,12 @@ class Reconciler:
                 size=vm.size,
                 labels=labels,
                 user_data=lifecycle.user_data(
-                    self.controller_url, created.token, vm.name, labels, self.ca_hash
+                    self.controller_url,
+                    created.token,
+                    vm.name,
+                    labels,
+                    self.ca_hash,
+                    allow_commands=group.allow_commands,
                 ),
             )
             result = await driver.create(spec)

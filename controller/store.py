@@ -593,6 +593,11 @@ class Store:
         log.info("host left", extra={"host": host_id, "network_id": net_id})
         return peer
 
+    async def host_ids(self) -> set[str]:
+        """Every host of every network (what may keep a broker user)."""
+        res = await self.etcd.get_prefix(ks.prefix("hosts"), keys_only=True)
+        return {ks.last_segment(kv.key) for kv in res}
+
     async def list_peers(self, net_id: str) -> tuple[list[Peer], int]:
         res = await self.etcd.get_prefix(ks.prefix("peers", net_id))
         return [Peer.model_validate_json(kv.value) for kv in res], res.header.revision

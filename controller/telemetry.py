@@ -48,3 +48,13 @@ GROUP_OPERATIONS = Counter(
     ["operation", "outcome"],
     registry=REGISTRY,
 )
+BROKER_USERS_REMOVED = Counter(
+    "cladnet_controller_broker_users_removed_total",
+    "Broker users of hosts that no longer exist, removed by the cleanup.",
+    registry=REGISTRY,
+)
+BROKER_CLEANUP_FAILURES = Counter(
+    "cladnet_controller_broker_cleanup_failures_total",
+    "Broker user cleanups that failed (the broker away or refusing); retried later.",
+    registry=REGISTRY,
+)

@@ -45,5 +45,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # What the target needs besides the wheels.
 install -m 0755 "$HERE/install-agent.sh" "$OUT/install-agent.sh"
 install -m 0644 "$HERE/systemd/cladnet-agent.service" "$OUT/cladnet-agent.service"
+install -m 0644 "$HERE/systemd/cladnet-agent-commands.service" \
+  "$OUT/cladnet-agent-commands.service"
 (cd "$OUT" && ls ./*.whl | sed 's|^\./||' | sort > MANIFEST)
 echo "wheelhouse: $OUT ($(wc -l < "$OUT/MANIFEST") wheels)"

@@ -153,8 +153,21 @@ if [ "$SYSTEMD" = 1 ]; then
     say "installed $UNIT_DIR/cladnet-agent.service"
     if [ "$systemd_running" = 1 ]; then systemctl daemon-reload; fi
   fi
+  # The remote-commands unit goes next to it, never enabled here: only the VMs of a
+  # group created with allow_commands enable it.
+  commands_src="$(dirname "$src")/cladnet-agent-commands.service"
+  if [ -f "$commands_src" ]; then
+    sed "s|/opt/cladnet/venv/bin/cladnet-agent|$VENV/bin/cladnet-agent|g" "$commands_src" \
+      > "$tmp_unit"
+    if ! cmp -s "$tmp_unit" "$UNIT_DIR/cladnet-agent-commands.service"; then
+      install -m 0644 "$tmp_unit" "$UNIT_DIR/cladnet-agent-commands.service"
+      say "installed $UNIT_DIR/cladnet-agent-commands.service (not enabled)"
+      if [ "$systemd_running" = 1 ]; then systemctl daemon-reload; fi
+    fi
+  fi
   if [ "$systemd_running" = 1 ] && [ "$upgraded" = 1 ]; then
     systemctl try-restart cladnet-agent.service  # runs the new code; a no-op if stopped
+    systemctl try-restart cladnet-agent-commands.service
   fi
 fi
 

@@ -154,6 +154,8 @@ def test_offline_install(installed: Path, wheelhouse: Path) -> None:
     if shutil.which("systemd-analyze"):
         ok, text = verify_unit(unit)
         assert ok, text
+    commands = installed.parent / "units" / "cladnet-agent-commands.service"  # not enabled
+    assert f"ExecStart={venv}/bin/cladnet-agent commands " in commands.read_text()
     again = install("--wheels", str(wheelhouse), "--prefix", str(installed), "--no-systemd")
     assert again.returncode == 0 and "already installed" in again.stdout, output(again)
 

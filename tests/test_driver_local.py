@@ -129,7 +129,8 @@ def test_group_over_three_clouds_meshes_survives_suspend_and_leaves_nothing(loca
         {"driver": "local", "region": r, "count": 2} for r in ("a-west", "b-east", "c-north")
     ]
     with ctl.client() as admin:
-        r = admin.post("/v1/groups", json={"name": "demo", "members": members, "keepalive": 2})
+        body = {"name": "demo", "members": members, "keepalive": 2, "allow_commands": True}
+        r = admin.post("/v1/groups", json=body)
         assert r.status_code == 202, r.text
         group = _wait_state(admin, "demo", "Running", 60)
         # Clouds a and b hand out the same private addresses: that is the point.
@@ -140,7 +141,7 @@ def test_group_over_three_clouds_meshes_survives_suspend_and_leaves_nothing(loca
         assert len(publics) == 6
         group = _full_mesh(admin, "demo")
 
-        # A command on every VM through the real agents (group VMs accept commands).
+        # A command on every VM through the real agents (the group accepts commands).
         run = _exec(ctl, "demo", "ip -4 -o addr show dev eth0; exit 3")
         assert set(run["vms"]) == {vm["name"] for vm in group["vms"]}
         for vm in group["vms"]:

@@ -203,6 +203,7 @@ async def test_lifecycle_on_a_real_host(
     assert stat.S_IMODE(vm_dir.stat().st_mode) == 0o700
     assert stat.S_IMODE((vm_dir / "user-data").stat().st_mode) == 0o700
     assert (remote.tmp / "units" / "cladnet-agent.service").read_text().startswith("[Unit]")
+    assert (remote.tmp / "units" / "cladnet-agent-commands.service").exists()  # not enabled
     # The user-data ran on the "host": in its namespace, with the VM's environment.
     wait_until(marker.exists, what="the user-data's marker")
     addr = f"{remote.address}/24"
@@ -241,6 +242,7 @@ async def test_lifecycle_on_a_real_host(
     assert not alive(pid3)
     assert remote.event_lines()[-1] == "leave vm1"
     assert not vm_dir.exists() and not (remote.tmp / "units" / "cladnet-agent.service").exists()
+    assert not (remote.tmp / "units" / "cladnet-agent-commands.service").exists()
     assert json.loads(state.read_text()) == {}
     await driver.terminate("vm1")  # gone is fine
     with pytest.raises(NoSuchVm):

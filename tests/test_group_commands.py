@@ -83,7 +83,7 @@ async def _finished(admin: httpx.AsyncClient, group: str, cid: str) -> dict:
 def _group_with_hosts(ctl: Controller, count: int) -> list[dict]:
     """A running group ``web`` whose VMs joined its network under their names."""
     with ctl.client() as admin:
-        _group(admin, "web", count=count)
+        _group(admin, "web", count=count, allow_commands=True)
         _wait_state(admin, "web", "Running")
         token = make_token(admin, "web")
     hosts = []

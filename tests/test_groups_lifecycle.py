@@ -72,6 +72,6 @@ def test_user_data_quotes_everything_and_runs(tmp_path) -> None:
     assert "k=$(touch x); 'y'" in join
     assert calls[1].splitlines() == ["run", "token="]
     assert not (tmp_path / "x").exists()
-    # Group VMs accept remote commands unless told otherwise; join saves the choice.
-    assert "--allow-commands" in join
-    assert "--allow-commands" not in g.user_data("http://c", "t", "vm-1", {}, allow_commands=False)
+    # Group VMs accept remote commands only when their group asks; join saves the choice.
+    assert "--allow-commands" not in join
+    assert "--allow-commands" in g.user_data("http://c", "t", "vm-1", {}, allow_commands=True)

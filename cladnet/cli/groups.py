@@ -84,6 +84,13 @@ def create(
     cidr: Annotated[
         str | None, typer.Option(help="the group's network (default: recommended)")
     ] = None,
+    allow_commands: Annotated[
+        bool,
+        typer.Option(
+            "--allow-commands",
+            help="its VMs run 'cladnet group exec' commands as root (off unless given)",
+        ),
+    ] = False,
     wait: Wait = False,
     as_json: Json = False,
 ) -> None:
@@ -91,6 +98,8 @@ def create(
     body: dict[str, Any] = {"name": name, "members": [_member(m) for m in member]}
     if cidr:
         body["cidr"] = cidr
+    if allow_commands:
+        body["allow_commands"] = True
     group = _api().call("POST", "/v1/groups", json=body)
     _show(_settle(name) if wait else group, as_json)  # type: ignore[arg-type]
 

@@ -77,6 +77,7 @@ class Driver(base.Driver):
                 "private_ip": f"10.0.{n // 250}.{n % 250 + 2}",
                 "public_ip": f"198.51.100.{n % 250 + 2}",  # documentation range, never used
                 "boots": "1",
+                "user_data": spec.user_data,  # what the VM would boot with (tests read it)
             }
             self._save()
         await asyncio.sleep(self.delay)

@@ -35,6 +35,8 @@ log = logging.getLogger("cladnet.controller.drivers.ssh")
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 UNIT_NAME = "cladnet-agent.service"
+# Runs remote commands outside the agent's sandbox; enabled by groups with allow_commands.
+COMMANDS_UNIT_NAME = "cladnet-agent-commands.service"
 SYSTEMD_UNIT_DIR = "/etc/systemd/system"
 # Names become remote paths: nothing that could climb out of remote_dir.
 VM_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,62}")
@@ -87,6 +89,7 @@ chmod 0700 "$DIR"
 put "$DIR/env" 0600 "$ENV_B64"
 put "$DIR/user-data" 0700 "$USER_DATA_B64"
 put "$UNIT_DIR/cladnet-agent.service" 0644 "$UNIT_B64"
+put "$UNIT_DIR/cladnet-agent-commands.service" 0644 "$COMMANDS_UNIT_B64"
 if [ -n "$WHEELHOUSE" ]; then
   bash "$WHEELHOUSE/install-agent.sh" --wheels "$WHEELHOUSE" --no-systemd \
     >>"$DIR/install.log" 2>&1 || die "install-agent.sh failed; see $DIR/install.log on the host"
@@ -110,20 +113,26 @@ fi
 
 # What suspend / resume / reboot run, by mode.
 POWER = {
-    "suspend": ("systemctl stop cladnet-agent.service", "stop_detached"),
+    "suspend": (
+        "systemctl stop cladnet-agent.service cladnet-agent-commands.service",
+        "stop_detached",
+    ),
     "resume": ("systemctl start cladnet-agent.service", "load_env; start_agent"),
     "reboot": ("systemctl restart cladnet-agent.service", "stop_detached; load_env; start_agent"),
 }
 
 TERMINATE = r"""
-if systemd_here; then systemctl disable --now cladnet-agent.service >/dev/null 2>&1 || true; fi
+if systemd_here; then
+  systemctl disable --now cladnet-agent.service cladnet-agent-commands.service >/dev/null 2>&1 \
+    || true
+fi
 if [ -d "$DIR" ]; then
   stop_detached
   if [ -f "$DIR/env" ]; then load_env; fi
   timeout 60 sh -c "exec $AGENT leave" </dev/null >>"$DIR/agent.log" 2>&1 \
     || echo "cladnet-agent leave failed (ignored)" >&2
 fi
-rm -f "$UNIT_DIR/cladnet-agent.service"
+rm -f "$UNIT_DIR/cladnet-agent.service" "$UNIT_DIR/cladnet-agent-commands.service"
 if systemd_here; then systemctl daemon-reload; fi
 rm -rf "$DIR"
 """
@@ -370,13 +379,16 @@ class Driver(base.Driver):
         raise DriverError(f"ssh driver: all {len(in_region)} hosts of region {region!r} are in use")
 
     async def _install(self, spec: VmSpec, host: Host) -> str:
-        unit_file = DEPLOY / "systemd" / UNIT_NAME
-        try:
-            unit = unit_file.read_text()
-        except OSError as e:
-            raise DriverError(f"ssh driver: cannot read the agent unit {unit_file}: {e}") from e
-        if self.agent_command.startswith("/") and " " not in self.agent_command:
-            unit = unit.replace(VENV_AGENT, self.agent_command)
+        units = {}
+        for name in (UNIT_NAME, COMMANDS_UNIT_NAME):
+            unit_file = DEPLOY / "systemd" / name
+            try:
+                unit = unit_file.read_text()
+            except OSError as e:
+                raise DriverError(f"ssh driver: cannot read the unit {unit_file}: {e}") from e
+            if self.agent_command.startswith("/") and " " not in self.agent_command:
+                unit = unit.replace(VENV_AGENT, self.agent_command)
+            units[name] = base64.b64encode(unit.encode()).decode()
         wheelhouse = ""
         if self.wheelhouse is not None:
             wheelhouse = f"{self.remote_dir.rstrip('/')}/wheelhouse"
@@ -392,7 +404,8 @@ class Driver(base.Driver):
             CREATE,
             ENV_B64=base64.b64encode(env.encode()).decode(),
             USER_DATA_B64=base64.b64encode(spec.user_data.encode()).decode(),
-            UNIT_B64=base64.b64encode(unit.encode()).decode(),
+            UNIT_B64=units[UNIT_NAME],
+            COMMANDS_UNIT_B64=units[COMMANDS_UNIT_NAME],
             WHEELHOUSE=wheelhouse,
         )
         mode = out.splitlines()[-1] if out else ""
