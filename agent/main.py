@@ -104,7 +104,7 @@ async def cmd_join(args: argparse.Namespace) -> int:
     ca_pem = None
     verify: bool | ssl.SSLContext = True
     if args.ca_hash:
-        ca_pem = await fetch_pinned_ca(args.controller.split(",")[0], args.ca_hash)
+        ca_pem = await fetch_pinned_ca(args.controller, args.ca_hash)
         verify = ssl.create_default_context(cadata=ca_pem)
     client = ControllerClient(args.controller, verify=verify)
     try:
