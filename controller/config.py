@@ -42,6 +42,7 @@ class Settings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    issue_cert: Path | None = None  # issue a certificate for --tls-name into it, and exit
     leader_ttl: int = 10  # seconds for another replica to take over background jobs
     janitor_interval: float = 60.0
     join_rate: float = 100.0
@@ -188,6 +189,13 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--tls-key", type=Path, help="its private key (PEM)")
     p.add_argument("--tls-ca", type=Path, help="the CA that signed it (PEM), for agents to pin")
     p.add_argument(
+        "--issue-cert",
+        type=Path,
+        metavar="DIR",
+        help="issue a certificate for the --tls-name names from the cluster CA into DIR "
+        "(server.crt, server.key, ca.crt), e.g. for an mqtts:// broker, and exit",
+    )
+    p.add_argument(
         "--drivers",
         type=Path,
         default=env.get("CLADNET_DRIVERS"),
@@ -212,6 +220,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         p.error("--tls-cert, --tls-key and --tls-ca go together")
     if a.insecure_http and (a.tls or any(given)):
         p.error("--insecure-http contradicts --tls / --tls-cert")
+    if a.issue_cert and not a.tls_name:
+        p.error("--issue-cert needs at least one --tls-name")
     if bool(a.etcd_cert) != bool(a.etcd_key):
         p.error("--etcd-cert and --etcd-key go together")
     if a.etcd_cert and not a.etcd_ca:
@@ -251,6 +261,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         tls_cert=a.tls_cert,
         tls_key=a.tls_key,
         tls_ca=a.tls_ca,
+        issue_cert=a.issue_cert,
         leader_ttl=int(env.get("CLADNET_LEADER_TTL", defaults.leader_ttl)),
         janitor_interval=float(env.get("CLADNET_JANITOR_INTERVAL", defaults.janitor_interval)),
         join_rate=float(env.get("CLADNET_JOIN_RATE", defaults.join_rate)),

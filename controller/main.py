@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 
@@ -20,12 +21,16 @@ log = logging.getLogger("cladnet.controller")
 
 
 async def issue_serving_cert(settings: Settings) -> tls.TlsFiles | None:
-    """This replica's certificate from the cluster CA (made by the first replica)."""
-    if not settings.tls or settings.tls_cert:
+    """This replica's certificate from the cluster CA (made by the first replica), or
+    with ``--issue-cert`` one for another server of the cluster (e.g. the broker)."""
+    if not settings.issue_cert and (not settings.tls or settings.tls_cert):
         return tls.serving_files(settings)
     etcd = etcd_from_settings(settings)
     try:
         await etcd.connect()
+        if settings.issue_cert:
+            ca = await tls.cluster_ca(etcd)
+            return tls.issue(ca, list(settings.tls_names), settings.issue_cert)
         return await tls.prepare(settings, etcd)
     finally:
         await etcd.close()
@@ -40,6 +45,10 @@ def main(argv: list[str] | None = None) -> None:
     except (etcd_errors.ClientError, EtcdAuthError, OSError) as exc:
         log.error("cannot get the cluster CA from etcd", extra={"error": repr(exc)})
         sys.exit(1)
+    if settings.issue_cert and files is not None:
+        print(json.dumps({"cert": str(files.cert), "key": str(files.key), "ca": str(files.ca),
+                          "ca_hash": files.ca_hash}))  # fmt: skip
+        return
     app = create_app(settings)
     config = uvicorn.Config(
         app,

@@ -184,7 +184,8 @@ class Controller:
     def url(self) -> str:
         return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
-    def start(self) -> None:
+    def start(self, wait: bool = True) -> None:
+        """Start the process; with ``wait``, until /readyz says ready (etcd reachable)."""
         env = {**os.environ, **self.extra_env, "CLADNET_ETCD": self.etcd_url}
         env.pop("CLADNET_ADMIN_TOKEN", None)
         if self.admin_token:
@@ -207,7 +208,8 @@ class Controller:
             stdout=subprocess.DEVNULL,
             stderr=self.log.open("ab"),
         )
-        wait_until(self.ready, what=f"controller on port {self.port}")
+        if wait:
+            wait_until(self.ready, what=f"controller on port {self.port}")
 
     def ready(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
@@ -252,10 +254,17 @@ class Mosquitto:
     host: str = "127.0.0.1"
     proc: subprocess.Popen | None = None
     log: Path = field(default_factory=Path)
+    # A second listener on tls_port with (cert, key, ca) PEM files; same users.
+    tls_port: int | None = None
+    tls_files: tuple[Path, Path, Path] | None = None
 
     @property
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def tls_url(self) -> str:
+        return f"mqtts://{self.host}:{self.tls_port}"
 
     @property
     def env(self) -> dict[str, str]:
@@ -279,6 +288,10 @@ class Mosquitto:
         conf = conf.replace("listener 1883", f"listener {self.port} {self.host}")
         conf = conf.replace("/var/lib/mosquitto/dynamic-security.json", str(dynsec))
         conf = conf.replace("/var/lib/mosquitto/", f"{self.data_dir}/")
+        if self.tls_port is not None and self.tls_files is not None:
+            cert, key, ca = self.tls_files
+            conf += (f"\nlistener {self.tls_port} {self.host}\n"
+                     f"certfile {cert}\nkeyfile {key}\ncafile {ca}\n")  # fmt: skip
         conf_path = self.data_dir / "mosquitto.conf"
         conf_path.write_text(f"user {os.environ.get('USER', 'root')}\n{conf}")
         self.log = self.data_dir / "mosquitto.log"
