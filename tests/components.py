@@ -191,6 +191,9 @@ class Controller:
         if self.admin_token:
             env["CLADNET_ADMIN_TOKEN"] = self.admin_token
         self.log = self.state_dir.with_suffix(f".{self.port}.log")
+        # Off loopback the controller serves TLS by default; tests of other things on
+        # a bridge keep plain HTTP unless they ask for TLS (test_tls.py, the demo do).
+        insecure = [] if self.tls or self.host == "127.0.0.1" else ["--insecure-http"]
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -202,6 +205,7 @@ class Controller:
                 str(self.state_dir),
                 "--watch-keepalive",
                 env.get("CLADNET_WATCH_KEEPALIVE", "1"),
+                *insecure,
             ],
             cwd=REPO,
             env=env,
