@@ -178,10 +178,11 @@ def issue(
     return files
 
 
-async def cluster_ca(etcd: Etcd) -> ClusterCa:
-    """The cluster CA from etcd; the first replica to ask creates it."""
+async def cluster_ca(etcd: Etcd, candidate: ClusterCa | None = None) -> ClusterCa:
+    """The cluster CA from etcd; the first replica to ask stores ``candidate`` (by
+    default a new CA)."""
     key = keyspace.cluster_ca()
-    candidate = new_ca()
+    candidate = candidate or new_ca()
     value = json.dumps(
         {"cert": candidate.cert_pem.decode(), "key": candidate.key_pem.decode()}
     ).encode()
@@ -234,13 +235,32 @@ def serving_files(settings: Settings) -> TlsFiles | None:
     return TlsFiles(directory / "server.crt", directory / "server.key", directory / "ca.crt")
 
 
+def _legacy_ca(directory: Path) -> ClusterCa | None:
+    """The CA an older controller made on its own disk (``ca.crt`` + ``ca.key``)."""
+    cert, key = directory / "ca.crt", directory / "ca.key"
+    if cert.exists() and key.exists():
+        return ClusterCa(cert.read_bytes(), key.read_bytes())
+    return None
+
+
 async def prepare(settings: Settings, etcd: Etcd) -> TlsFiles | None:
     """Before serving: issue this replica's certificate from the cluster CA (unless
-    the operator gave certificate files, or TLS is off)."""
+    the operator gave certificate files, or TLS is off).
+
+    Upgrading from per-replica CAs, the first replica offers its own CA as the cluster
+    CA, so agents that pinned it keep trusting the controller; the key then leaves
+    the disk (it is in etcd)."""
     files = serving_files(settings)
     if files is None or settings.tls_cert:
         return files
-    ca = await cluster_ca(etcd)
+    directory = settings.state_dir / "tls"
+    legacy = _legacy_ca(directory)
+    ca = await cluster_ca(etcd, legacy)
+    if legacy is not None:
+        if ca != legacy:
+            log.warning("this replica's own CA is replaced by the cluster CA",
+                        extra={"old": legacy.hash, "ca_hash": ca.hash})  # fmt: skip
+        (directory / "ca.key").unlink()
     names = serving_names(settings)
     log.info("serving certificate issued", extra={"names": names, "ca_hash": ca.hash})
-    return issue(ca, names, settings.state_dir / "tls")
+    return issue(ca, names, directory)

@@ -97,6 +97,23 @@ def test_the_controller_serves_https_with_a_certificate_from_the_cluster_ca(
         httpx.get(tls_controller.url.replace("https", "http") + "/healthz")
 
 
+def test_an_upgraded_replica_offers_its_own_ca_as_the_cluster_ca(
+    make_controller, etcd: EtcdServer, tmp_path: Path
+) -> None:
+    """Agents that pinned a replica's own CA (before the cluster CA) keep trusting it."""
+    old = tls.new_ca("CLADNet controller CA")
+    legacy = tmp_path / "controller-0" / "tls"  # make_controller's first state dir
+    legacy.mkdir(parents=True)
+    (legacy / "ca.crt").write_bytes(old.cert_pem)
+    (legacy / "ca.key").write_bytes(old.key_pem)
+    ctl = make_controller(extra_env={"CLADNET_TLS": "1"})
+    assert ctl.state_dir == legacy.parent
+    assert _etcd_ca(etcd)["cert"].encode() == old.cert_pem
+    assert not (legacy / "ca.key").exists()  # the key now lives in etcd only
+    with ctl.client() as admin:  # verified with the old CA
+        assert admin.get("/v1/ca").json()["ca_hash"] == old.hash
+
+
 async def test_replicas_starting_at_once_agree_on_one_ca(etcd: EtcdServer) -> None:
     clients = [Etcd(parse_endpoints(etcd.url)) for _ in range(4)]
     try:
