@@ -142,11 +142,21 @@ class TrustError(Exception):
 
 async def fetch_pinned_ca(url: str, expected_hash: str) -> str:
     """The controller's CA (PEM), fetched unverified once and accepted only if its
-    public-key hash is ``expected_hash`` (given with the join token)."""
+    public-key hash is ``expected_hash`` (given with the join token).
+
+    ``url`` may list replicas (comma-separated): they share the cluster CA, so the
+    first that answers will do."""
     from cladnet.keys import ca_hash
 
+    urls = [u.strip().rstrip("/") for u in url.split(",") if u.strip()]
     async with httpx.AsyncClient(verify=False, timeout=10.0) as http:  # checked below
-        response = await http.get(f"{url.rstrip('/')}/v1/ca")
+        for i, replica in enumerate(urls):
+            try:
+                response = await http.get(f"{replica}/v1/ca")
+                break
+            except httpx.TransportError:
+                if i == len(urls) - 1:
+                    raise
         _raise_for(response)
         pem = str(response.json()["ca_pem"])
     actual = ca_hash(pem)

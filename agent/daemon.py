@@ -364,7 +364,13 @@ class NetworkAgent:
         settings = await self._metrics_settings()
         broker = None
         if settings.get("broker"):
-            broker = Broker(settings["broker"], settings.get("username"), settings.get("password"))
+            # An mqtts:// broker is verified with the pinned cluster CA, when there is one.
+            broker = Broker(
+                settings["broker"],
+                settings.get("username"),
+                settings.get("password"),
+                ca_file=self.m.ca_file,
+            )
         reporter = MetricsReporter(
             network=str(self.m.network["name"]),
             host=str(self.m.me["name"]),

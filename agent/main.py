@@ -131,9 +131,8 @@ async def cmd_join(args: argparse.Namespace) -> int:
     ca_pem = None
     verify: bool | ssl.SSLContext = True
     if args.ca_hash:
-        url = args.controller.split(",")[0]
         ca_pem = await with_retries(
-            lambda: fetch_pinned_ca(url, args.ca_hash), args.join_timeout, "fetch CA"
+            lambda: fetch_pinned_ca(args.controller, args.ca_hash), args.join_timeout, "fetch CA"
         )
         verify = ssl.create_default_context(cadata=ca_pem)
     client = ControllerClient(args.controller, verify=verify)

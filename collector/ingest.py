@@ -45,6 +45,7 @@ class BrokerSettings:
     group: str = "collectors"
     client_id: str = ""
     session_expiry: int = 7 * 86400
+    ca_file: str | None = None  # mqtts: the CA to verify the broker with (None: system's)
 
 
 class Ingest:
@@ -92,7 +93,7 @@ class Ingest:
             password=self.broker.password,
             identifier=self.broker.client_id or f"cladnet-collector-{random.getrandbits(32):08x}",
             protocol=aiomqtt.ProtocolVersion.V5,
-            tls_params=aiomqtt.TLSParameters() if tls else None,
+            tls_params=aiomqtt.TLSParameters(ca_certs=self.broker.ca_file) if tls else None,
             keepalive=30,
             clean_start=False,
             properties=session,

@@ -32,6 +32,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--mqtt-user", default=env.get("CLADNET_MQTT_USER"))
     p.add_argument(
+        "--mqtt-ca",
+        default=env.get("CLADNET_MQTT_CA"),
+        help="CA (PEM) of an mqtts:// broker's certificate, e.g. the cluster CA "
+        "(env CLADNET_MQTT_CA; default: the system's CAs)",
+    )
+    p.add_argument(
         "--group",
         default=env.get("CLADNET_COLLECTOR_GROUP", "collectors"),
         help="shared-subscription group: collectors in one group split the load",
@@ -98,6 +104,7 @@ async def serve(args: argparse.Namespace) -> None:
         password=os.environ.get("CLADNET_MQTT_PASSWORD") or None,
         group=args.group,
         client_id=collector_id(args.state_dir),
+        ca_file=args.mqtt_ca,
     )
     ingest = Ingest(broker, store, engine, notifier)
     host, _, port = args.listen.rpartition(":")

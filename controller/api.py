@@ -54,7 +54,7 @@ from controller.broker import BrokerAdmin, BrokerError, BrokerJanitor
 from controller.commands import Commands, require_agent
 from controller.config import Settings
 from controller.errors import ApiError
-from controller.etcd import Etcd, parse_endpoints
+from controller.etcd import from_settings as etcd_from_settings
 from controller.groups import Drivers, GroupStore, Reconciler
 from controller.leader import Leadership
 from controller.store import Store
@@ -195,30 +195,17 @@ class Observe:
         )
 
 
-def serving_tls(settings: Settings) -> tls.TlsFiles | None:
-    """The certificate files to serve with, generating them on first start."""
-    if not settings.tls:
-        return None
-    if settings.tls_cert and settings.tls_key and settings.tls_ca:
-        return tls.TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_ca)
-    return tls.ensure(settings.state_dir / "tls", list(settings.tls_names) or [settings.host])
-
-
 def create_app(settings: Settings) -> FastAPI:
     """Build the controller application; etcd is connected in the lifespan."""
 
     generated_token = None
     if not settings.admin_token:
         generated_token = auth.load_or_create_admin_token(settings.state_dir)
-    tls_files = serving_tls(settings)
+    tls_files = tls.serving_files(settings)  # issued by controller.main before serving
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        etcd = Etcd(
-            parse_endpoints(settings.etcd),
-            user=settings.etcd_user,
-            password=settings.etcd_password,
-        )
+        etcd = etcd_from_settings(settings)
         await etcd.connect()
         store = Store(etcd)
         configured = None
@@ -266,11 +253,14 @@ def create_app(settings: Settings) -> FastAPI:
         )
         app.state.broker = None
         if settings.mqtt_url and settings.mqtt_admin_password:
+            # An mqtts:// broker's certificate comes from the cluster CA unless told.
+            mqtt_ca = settings.mqtt_ca or (tls_files.ca if tls_files else None)
             app.state.broker = BrokerAdmin(
                 public_url=settings.mqtt_url,
                 admin_url=settings.mqtt_admin_url or settings.mqtt_url,
                 username=settings.mqtt_admin_user,
                 password=settings.mqtt_admin_password,
+                ca_file=str(mqtt_ca) if mqtt_ca else None,
             )
         # Set before the leadership task gets to run background_jobs (it awaits etcd).
         app.state.broker_janitor = None

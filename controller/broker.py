@@ -50,6 +50,7 @@ class BrokerAdmin:
     username: str
     password: str
     timeout: float = 10.0
+    ca_file: str | None = None  # mqtts: the CA to verify the broker with (None: system's)
 
     def _client(self) -> aiomqtt.Client:
         parts = urlsplit(self.admin_url)
@@ -60,7 +61,7 @@ class BrokerAdmin:
             username=self.username,
             password=self.password,
             identifier=f"cladnet-controller-{uuid.uuid4().hex[:8]}",
-            tls_params=aiomqtt.TLSParameters() if tls else None,
+            tls_params=aiomqtt.TLSParameters(ca_certs=self.ca_file) if tls else None,
             timeout=self.timeout,
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 from dataclasses import dataclass, field
@@ -15,6 +16,10 @@ class Settings:
     etcd: str = "http://127.0.0.1:2379"
     etcd_user: str | None = None  # etcd authentication; the password never from a flag
     etcd_password: str | None = None
+    # etcd over TLS: the CA of etcd's certificate; a client pair for mutual TLS.
+    etcd_ca: Path | None = None
+    etcd_cert: Path | None = None
+    etcd_key: Path | None = None
     listen: str = "127.0.0.1:8470"
     state_dir: Path = Path("/var/lib/cladnet-controller")
     admin_token: str | None = None
@@ -26,15 +31,18 @@ class Settings:
     mqtt_admin_url: str | None = None
     mqtt_admin_user: str = "admin"
     mqtt_admin_password: str | None = None
+    mqtt_ca: Path | None = None  # CA of an mqtts:// broker (default: the cluster CA)
     collector_url: str | None = None  # for the dashboard's charts and alarms
     # Per client address. Generous for joins (a fleet behind one NAT joins at once),
     # strict for failed authentications (token guessing).
-    # TLS: generated CA + serving cert in <state_dir>/tls (names: --tls-name), or given files.
+    # TLS (on unless listening on loopback only, or --insecure-http): a serving cert
+    # from the cluster CA in etcd, in <state_dir>/tls (names: --tls-name), or given files.
     tls: bool = False
     tls_names: tuple[str, ...] = ()
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    issue_cert: Path | None = None  # issue a certificate for --tls-name into it, and exit
     leader_ttl: int = 10  # seconds for another replica to take over background jobs
     janitor_interval: float = 60.0
     join_rate: float = 100.0
@@ -61,6 +69,21 @@ class Settings:
         return int(self.listen.rsplit(":", 1)[1])
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a listen host is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
 def parse_args(argv: list[str] | None = None) -> Settings:
     """Flags win over environment variables, which win over defaults."""
     env = os.environ
@@ -78,6 +101,24 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         "or --etcd-password-file",
     )
     p.add_argument("--etcd-password-file", type=Path, help="file holding the etcd password")
+    p.add_argument(
+        "--etcd-ca",
+        type=Path,
+        default=_env_path("CLADNET_ETCD_CA"),
+        help="CA (PEM) of etcd's certificate: talk to etcd over TLS (env CLADNET_ETCD_CA)",
+    )
+    p.add_argument(
+        "--etcd-cert",
+        type=Path,
+        default=_env_path("CLADNET_ETCD_CERT"),
+        help="client certificate (PEM) for etcd's --client-cert-auth (env CLADNET_ETCD_CERT)",
+    )
+    p.add_argument(
+        "--etcd-key",
+        type=Path,
+        default=_env_path("CLADNET_ETCD_KEY"),
+        help="its private key (PEM) (env CLADNET_ETCD_KEY)",
+    )
     p.add_argument(
         "--listen",
         default=env.get("CLADNET_LISTEN", defaults.listen),
@@ -113,6 +154,13 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         help="dynsec admin user; its password comes from CLADNET_MQTT_ADMIN_PASSWORD",
     )
     p.add_argument(
+        "--mqtt-ca",
+        type=Path,
+        default=_env_path("CLADNET_MQTT_CA"),
+        help="CA (PEM) of an mqtts:// broker's certificate (default: the cluster CA) "
+        "(env CLADNET_MQTT_CA)",
+    )
+    p.add_argument(
         "--collector-url",
         default=env.get("CLADNET_COLLECTOR_URL"),
         help="the collector's API, for the dashboard (env CLADNET_COLLECTOR_URL)",
@@ -121,17 +169,32 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         "--tls",
         action="store_true",
         default=env.get("CLADNET_TLS", "") in ("1", "true", "yes"),
-        help="serve HTTPS with a CA and certificate generated on first start (env CLADNET_TLS=1)",
+        help="serve HTTPS also on loopback (off loopback it is the default) (env CLADNET_TLS=1)",
+    )
+    p.add_argument(
+        "--insecure-http",
+        action="store_true",
+        default=env.get("CLADNET_INSECURE_HTTP", "") in ("1", "true", "yes"),
+        help="serve plain HTTP on a non-loopback address: tokens and credentials travel "
+        "in the clear (env CLADNET_INSECURE_HTTP=1)",
     )
     p.add_argument(
         "--tls-name",
         action="append",
         default=[n for n in env.get("CLADNET_TLS_NAMES", "").split(",") if n],
-        help="DNS name or IP for the generated certificate (repeatable; default: listen host)",
+        help="DNS name or IP for the serving certificate (repeatable; default: the "
+        "advertised and listen hosts)",
     )
     p.add_argument("--tls-cert", type=Path, help="serving certificate chain (PEM) to use instead")
     p.add_argument("--tls-key", type=Path, help="its private key (PEM)")
     p.add_argument("--tls-ca", type=Path, help="the CA that signed it (PEM), for agents to pin")
+    p.add_argument(
+        "--issue-cert",
+        type=Path,
+        metavar="DIR",
+        help="issue a certificate for the --tls-name names from the cluster CA into DIR "
+        "(server.crt, server.key, ca.crt), e.g. for an mqtts:// broker, and exit",
+    )
     p.add_argument(
         "--drivers",
         type=Path,
@@ -155,6 +218,14 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     given = [a.tls_cert, a.tls_key, a.tls_ca]
     if any(given) and not all(given):
         p.error("--tls-cert, --tls-key and --tls-ca go together")
+    if a.insecure_http and (a.tls or any(given)):
+        p.error("--insecure-http contradicts --tls / --tls-cert")
+    if a.issue_cert and not a.tls_name:
+        p.error("--issue-cert needs at least one --tls-name")
+    if bool(a.etcd_cert) != bool(a.etcd_key):
+        p.error("--etcd-cert and --etcd-key go together")
+    if a.etcd_cert and not a.etcd_ca:
+        p.error("--etcd-cert needs --etcd-ca (the CA of etcd's certificate)")
     etcd_password = env.get("CLADNET_ETCD_PASSWORD") or None
     if a.etcd_password_file:
         try:  # one line; a trailing newline is not part of the password
@@ -165,10 +236,15 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         p.error("an etcd user needs a password and a password a user")
     if ":" not in a.listen:
         p.error(f"--listen must be HOST:PORT, got {a.listen!r}")
+    listen_host = a.listen.rsplit(":", 1)[0].strip("[]")
+    tls = a.tls or all(given) or not (a.insecure_http or is_loopback(listen_host))
     return Settings(
         etcd=a.etcd,
         etcd_user=a.etcd_user or None,
         etcd_password=etcd_password,
+        etcd_ca=a.etcd_ca,
+        etcd_cert=a.etcd_cert,
+        etcd_key=a.etcd_key,
         listen=a.listen,
         state_dir=a.state_dir,
         admin_token=env.get("CLADNET_ADMIN_TOKEN") or None,
@@ -178,12 +254,14 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         mqtt_admin_url=a.mqtt_admin_url or a.mqtt_url,
         mqtt_admin_user=a.mqtt_admin_user,
         mqtt_admin_password=env.get("CLADNET_MQTT_ADMIN_PASSWORD") or None,
+        mqtt_ca=a.mqtt_ca,
         collector_url=a.collector_url,
-        tls=a.tls or all(given),
+        tls=tls,
         tls_names=tuple(a.tls_name),
         tls_cert=a.tls_cert,
         tls_key=a.tls_key,
         tls_ca=a.tls_ca,
+        issue_cert=a.issue_cert,
         leader_ttl=int(env.get("CLADNET_LEADER_TTL", defaults.leader_ttl)),
         janitor_interval=float(env.get("CLADNET_JANITOR_INTERVAL", defaults.janitor_interval)),
         join_rate=float(env.get("CLADNET_JOIN_RATE", defaults.join_rate)),

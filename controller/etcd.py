@@ -16,6 +16,9 @@ from urllib.parse import urlsplit
 import aetcd
 from aetcd import exceptions as etcd_errors
 
+from controller.config import Settings
+from controller.etcd_tls import EtcdTls, TlsClient
+
 log = logging.getLogger("cladnet.controller.etcd")
 
 T = TypeVar("T")
@@ -43,15 +46,18 @@ def prefix_end(prefix: bytes) -> bytes:
 
 
 def parse_endpoints(spec: str) -> list[tuple[str, int]]:
-    """``http://h1:2379,h2:2379`` → ``[("h1", 2379), ("h2", 2379)]``."""
+    """``http://h1:2379,h2:2379`` → ``[("h1", 2379), ("h2", 2379)]``.
+
+    ``https://`` is accepted too; ``from_settings`` decides about TLS.
+    """
     endpoints = []
     for item in spec.split(","):
         item = item.strip()
         if not item:
             continue
         parts = urlsplit(item if "://" in item else f"http://{item}")
-        if parts.scheme not in ("http", ""):
-            raise ValueError(f"unsupported etcd endpoint scheme in {item!r} (TLS comes later)")
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"unsupported etcd endpoint scheme in {item!r}")
         if not parts.hostname:
             raise ValueError(f"etcd endpoint without a host: {item!r}")
         endpoints.append((parts.hostname, parts.port or 2379))
@@ -69,8 +75,11 @@ class Etcd:
         timeout: float = 5.0,
         user: str | None = None,
         password: str | None = None,
+        tls: EtcdTls | None = None,
     ) -> None:
         self.endpoints = endpoints
+        # Read once: a missing or unreadable file fails the start, not a later failover.
+        self._credentials = tls.credentials() if tls else None
         self.timeout = timeout
         self.user = user
         self._password = password
@@ -81,14 +90,17 @@ class Etcd:
 
     def _new_client(self) -> aetcd.Client:
         host, port = self.endpoints[self._index]
-        return aetcd.Client(
-            host=host,
-            port=port,
-            username=self.user,
-            password=self._password,
-            timeout=self.timeout,
-            options=GRPC_OPTIONS,
-        )
+        kwargs: dict[str, Any] = {
+            "host": host,
+            "port": port,
+            "username": self.user,
+            "password": self._password,
+            "timeout": self.timeout,
+            "options": GRPC_OPTIONS,
+        }
+        if self._credentials is not None:
+            return TlsClient(credentials=self._credentials, **kwargs)
+        return aetcd.Client(**kwargs)
 
     async def connect(self) -> None:
         """Connect to the first endpoint that answers and, with a user, log in.
@@ -175,6 +187,21 @@ class Etcd:
 
     async def compact(self, revision: int) -> None:
         await self.call(lambda c: c.compact(revision, physical=True))
+
+
+def from_settings(settings: Settings) -> Etcd:
+    """The controller's etcd client as configured (endpoints, user, TLS).
+
+    TLS with ``--etcd-ca``, or with ``https://`` endpoints (then the system's CAs)."""
+    tls = None
+    if settings.etcd_ca or "https://" in settings.etcd:
+        tls = EtcdTls(settings.etcd_ca, settings.etcd_cert, settings.etcd_key)
+    return Etcd(
+        parse_endpoints(settings.etcd),
+        user=settings.etcd_user,
+        password=settings.etcd_password,
+        tls=tls,
+    )
 
 
 class DailyLease:

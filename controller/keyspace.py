@@ -19,6 +19,7 @@
                                            run (removed when it starts)
 /cladnet/commands/agents/<host_id>         last time the host's agent asked for commands
                                            (it accepts them; a daily lease)
+/cladnet/tls/ca                            the cluster CA: {"cert", "key"} PEM
 """
 
 from __future__ import annotations
@@ -114,3 +115,7 @@ def command_queue(host_id: str, command_id: str) -> bytes:
 
 def command_agent(host_id: str) -> bytes:
     return _k("commands", "agents", host_id)
+
+
+def cluster_ca() -> bytes:
+    return _k("tls", "ca")

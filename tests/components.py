@@ -46,6 +46,26 @@ def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
             proc.wait(timeout=5)
 
 
+@dataclass(frozen=True)
+class Pki:
+    """A test CA with an etcd/broker server pair (127.0.0.1, localhost) and a client pair."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    @classmethod
+    def create(cls, directory: Path, client_name: str = "cladnet-controller") -> Pki:
+        from controller import tls
+
+        ca = tls.new_ca("CLADNet test CA")
+        server = tls.issue(ca, ["127.0.0.1", "localhost"], directory, "server")
+        client = tls.issue(ca, [client_name], directory, "client", client=True)
+        return cls(server.ca, server.cert, server.key, client.cert, client.key)
+
+
 @dataclass
 class Etcd:
     url: str
@@ -54,12 +74,23 @@ class Etcd:
     peer_port: int
     proc: subprocess.Popen | None = None
     log: Path = field(default_factory=Path)
+    # Serve clients over TLS with these certificates; with client_cert_auth, only
+    # clients with a certificate from pki.ca get in (etcd --client-cert-auth).
+    pki: Pki | None = None
+    client_cert_auth: bool = False
 
     def start(self) -> None:
         binary = shutil.which("etcd")
         if binary is None:
             raise RuntimeError("etcd is missing (Debian etcd-server): run deploy/setup.sh")
         self.log = self.data_dir.with_suffix(".log")
+        tls: list[str] = []
+        if self.pki is not None:
+            assert self.url.startswith("https://"), "a TLS etcd needs an https:// url"
+            tls = ["--cert-file", str(self.pki.server_cert), "--key-file", str(self.pki.server_key),
+                   "--trusted-ca-file", str(self.pki.ca)]  # fmt: skip
+            if self.client_cert_auth:
+                tls.append("--client-cert-auth")
         self.proc = subprocess.Popen(
             [
                 binary,
@@ -81,15 +112,26 @@ class Etcd:
                 "warn",
                 "--logger",
                 "zap",
+                *tls,
             ],
             stdout=subprocess.DEVNULL,
             stderr=self.log.open("ab"),
         )
         wait_until(self.healthy, what="etcd to be healthy")
 
+    def _tls_kw(self) -> dict:
+        if self.pki is None:
+            return {}
+        ctx = ssl.create_default_context(cafile=str(self.pki.ca))
+        ctx.load_cert_chain(str(self.pki.client_cert), str(self.pki.client_key))
+        return {"verify": ctx}
+
     def healthy(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"etcd exited: {self.log.read_text()[-2000:]}")
         try:
-            return httpx.get(f"{self.url}/health", timeout=1).json().get("health") == "true"
+            r = httpx.get(f"{self.url}/health", timeout=1, **self._tls_kw())
+            return r.json().get("health") == "true"
         except (httpx.HTTPError, ValueError):
             return False
 
@@ -108,8 +150,12 @@ class Etcd:
 
     def ctl(self, *args: str) -> str:
         """Run etcdctl against this etcd (v3 API)."""
+        tls: list[str] = []
+        if self.pki is not None:
+            tls = [f"--cacert={self.pki.ca}", f"--cert={self.pki.client_cert}",
+                   f"--key={self.pki.client_key}"]  # fmt: skip
         out = subprocess.run(
-            ["etcdctl", "--endpoints", self.url, *args],
+            ["etcdctl", "--endpoints", self.url, *tls, *args],
             env={**os.environ, "ETCDCTL_API": "3"},
             capture_output=True,
             text=True,
@@ -138,12 +184,16 @@ class Controller:
     def url(self) -> str:
         return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
-    def start(self) -> None:
+    def start(self, wait: bool = True) -> None:
+        """Start the process; with ``wait``, until /readyz says ready (etcd reachable)."""
         env = {**os.environ, **self.extra_env, "CLADNET_ETCD": self.etcd_url}
         env.pop("CLADNET_ADMIN_TOKEN", None)
         if self.admin_token:
             env["CLADNET_ADMIN_TOKEN"] = self.admin_token
         self.log = self.state_dir.with_suffix(f".{self.port}.log")
+        # Off loopback the controller serves TLS by default; tests of other things on
+        # a bridge keep plain HTTP unless they ask for TLS (test_tls.py, the demo do).
+        insecure = [] if self.tls or self.host == "127.0.0.1" else ["--insecure-http"]
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -155,13 +205,15 @@ class Controller:
                 str(self.state_dir),
                 "--watch-keepalive",
                 env.get("CLADNET_WATCH_KEEPALIVE", "1"),
+                *insecure,
             ],
             cwd=REPO,
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=self.log.open("ab"),
         )
-        wait_until(self.ready, what=f"controller on port {self.port}")
+        if wait:
+            wait_until(self.ready, what=f"controller on port {self.port}")
 
     def ready(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
@@ -206,10 +258,17 @@ class Mosquitto:
     host: str = "127.0.0.1"
     proc: subprocess.Popen | None = None
     log: Path = field(default_factory=Path)
+    # A second listener on tls_port with (cert, key, ca) PEM files; same users.
+    tls_port: int | None = None
+    tls_files: tuple[Path, Path, Path] | None = None
 
     @property
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def tls_url(self) -> str:
+        return f"mqtts://{self.host}:{self.tls_port}"
 
     @property
     def env(self) -> dict[str, str]:
@@ -233,6 +292,10 @@ class Mosquitto:
         conf = conf.replace("listener 1883", f"listener {self.port} {self.host}")
         conf = conf.replace("/var/lib/mosquitto/dynamic-security.json", str(dynsec))
         conf = conf.replace("/var/lib/mosquitto/", f"{self.data_dir}/")
+        if self.tls_port is not None and self.tls_files is not None:
+            cert, key, ca = self.tls_files
+            conf += (f"\nlistener {self.tls_port} {self.host}\n"
+                     f"certfile {cert}\nkeyfile {key}\ncafile {ca}\n")  # fmt: skip
         conf_path = self.data_dir / "mosquitto.conf"
         conf_path.write_text(f"user {os.environ.get('USER', 'root')}\n{conf}")
         self.log = self.data_dir / "mosquitto.log"

@@ -45,7 +45,9 @@ def _gone(pid: int) -> bool:
 @pytest.fixture
 def demo_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     need_root()
-    for port in (demo.ETCD_PORT, demo.MQTT_PORT, demo.COLLECTOR_PORT, demo.CONTROLLER_PORT):
+    ports = (demo.ETCD_PORT, demo.MQTT_PORT, demo.MQTT_ADMIN_PORT, demo.COLLECTOR_PORT,
+             demo.CONTROLLER_PORT)  # fmt: skip
+    for port in ports:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 pytest.skip(f"port {port} is in use (a demo running?): the demo's ports are fixed")
@@ -62,6 +64,10 @@ def test_demo_up_status_suspend_resume_down(demo_env: dict[str, str], tmp_path: 
     assert "overlay ping" in r.stdout and "dashboard:" in r.stdout
     state = json.loads((tmp_path / "demo" / "demo.json").read_text())
     tag = demo.Demo(tmp_path / "demo").driver().tag
+    # The VMs reach the controller over TLS; the CLI context pins the cluster CA.
+    assert state["controller"].startswith("https://")
+    config = (tmp_path / "config" / "cladnet" / "config.toml").read_text()
+    assert "BEGIN CERTIFICATE" in config
 
     status = json.loads(_cli(demo_env, "demo", "status", "--json").stdout)
     assert status["group"]["state"] == "Running" and len(status["group"]["vms"]) == 6

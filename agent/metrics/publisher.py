@@ -32,6 +32,7 @@ class Broker:
     url: str  # mqtt://host:port or mqtts://host:port
     username: str | None = None
     password: str | None = None
+    ca_file: str | None = None  # mqtts: the CA to verify the broker with (None: system's)
 
     def client(self, identifier: str) -> aiomqtt.Client:
         parts = urlsplit(self.url)
@@ -47,7 +48,7 @@ class Broker:
             password=self.password,
             identifier=identifier,
             protocol=aiomqtt.ProtocolVersion.V5,
-            tls_params=aiomqtt.TLSParameters() if tls else None,
+            tls_params=aiomqtt.TLSParameters(ca_certs=self.ca_file) if tls else None,
             keepalive=30,
             timeout=10,
         )

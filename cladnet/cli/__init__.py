@@ -8,8 +8,10 @@ auth and API errors as one line on stderr.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -18,7 +20,7 @@ from rich.table import Table
 
 from cladnet import __version__
 from cladnet.cli import config
-from cladnet.cli.client import Api, CliError
+from cladnet.cli.client import Api, CliError, fetch_ca
 from cladnet.cli.status import summary
 
 app = typer.Typer(
@@ -47,7 +49,7 @@ def _global(
 
 def controller() -> Api:
     ctx = config.resolve(State["context"])
-    return Api(ctx.controller, ctx.token, "controller")
+    return Api(ctx.controller, ctx.token, "controller", ca_pem=ctx.ca_pem)
 
 
 def collector() -> Api:
@@ -83,17 +85,43 @@ def _age(seconds: float | None) -> str:
 @app.command()
 def login(
     url: str,
-    token: Annotated[str, typer.Option(help="an admin or viewer token")],
+    token_file: Annotated[
+        Path | None,
+        typer.Option(help="file holding an admin or viewer token (or env CLADNET_TOKEN)"),
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option(help="the token itself (visible in ps; prefer --token-file)")
+    ] = None,
+    ca_hash: Annotated[
+        str | None,
+        typer.Option(help="pin the controller's CA: sha256:… (as 'cladnet token create' prints)"),
+    ] = None,
     collector_url: Annotated[str | None, typer.Option("--collector")] = None,
     name: Annotated[str, typer.Option("--name", help="context name")] = "default",
 ) -> None:
-    """Check the token against the controller and save a context (0600)."""
-    Api(url, token).get("/v1/networks")
+    """Check the token against the controller and save a context (0600), pinning the
+    controller's CA when given its hash."""
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as exc:
+            raise CliError(f"--token-file: {exc}") from None
+    token = token or os.environ.get("CLADNET_TOKEN")
+    if not token:
+        raise CliError("no token: pass --token-file FILE (or set CLADNET_TOKEN)")
+    ca_pem = fetch_ca(url, ca_hash) if ca_hash else None
+    Api(url, token, ca_pem=ca_pem).get("/v1/networks")
     data = config.load()
-    data["contexts"][name] = {"controller": url, "collector": collector_url, "token": token}
+    data["contexts"][name] = {
+        "controller": url,
+        "collector": collector_url,
+        "token": token,
+        "ca_pem": ca_pem,
+    }
     data["current"] = name
     path = config.save(data)
-    out.print(f"logged in to {url} as context [bold]{name}[/] ({path})")
+    pinned = " (CA pinned)" if ca_pem else ""
+    out.print(f"logged in to {url}{pinned} as context [bold]{name}[/] ({path})")
 
 
 @app.command()

@@ -5,6 +5,7 @@
     controller = "https://ctl:8470"
     collector = "http://col:8471"
     token = "cla_…"
+    ca_pem = "-----BEGIN CERTIFICATE-----\n…"   # the pinned cluster CA (cladnet login --ca-hash)
 
 Environment variables win: CLADNET_CONTROLLER, CLADNET_COLLECTOR, CLADNET_TOKEN,
 CLADNET_CONTEXT (which context to use).
@@ -30,6 +31,7 @@ class Context:
     controller: str | None = None
     collector: str | None = None
     token: str | None = None
+    ca_pem: str | None = None  # the controller's CA; None: the system's CAs
 
 
 def load() -> dict:
@@ -56,7 +58,7 @@ def save(data: dict) -> Path:
         lines.append(f"current = {_toml_str(data['current'])}")
     for name, ctx in sorted(data["contexts"].items()):
         lines.append(f"\n[contexts.{_toml_str(name)}]")
-        for key in ("controller", "collector", "token"):
+        for key in ("controller", "collector", "token", "ca_pem"):
             if ctx.get(key):
                 lines.append(f"{key} = {_toml_str(ctx[key])}")
     tmp = path.with_suffix(".tmp")
@@ -73,9 +75,12 @@ def resolve(name: str | None = None) -> Context:
     name = name or os.environ.get("CLADNET_CONTEXT") or data.get("current") or "default"
     stored = data["contexts"].get(name, {})
     env = os.environ
+    controller = env.get("CLADNET_CONTROLLER") or stored.get("controller")
     return Context(
         name=name,
-        controller=env.get("CLADNET_CONTROLLER") or stored.get("controller"),
+        controller=controller,
         collector=env.get("CLADNET_COLLECTOR") or stored.get("collector"),
         token=env.get("CLADNET_TOKEN") or stored.get("token"),
+        # The pinned CA belongs to the controller it was pinned for.
+        ca_pem=stored.get("ca_pem") if controller == stored.get("controller") else None,
     )

@@ -36,6 +36,7 @@ GROUP = "demo"
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 TOOLS = ("etcd", "mosquitto", "mosquitto_ctrl", "wireguard-go", "wg", "ip", "nft", "ping")
 ETCD_PORT, MQTT_PORT, COLLECTOR_PORT, CONTROLLER_PORT = 23790, 18830, 8471, 8470
+MQTT_ADMIN_PORT = MQTT_PORT + 1  # loopback only: the controller's and collector's
 Dir = Annotated[
     Path, typer.Option("--dir", envvar="CLADNET_DEMO_DIR", help="where the demo keeps its state")
 ]
@@ -74,11 +75,16 @@ class Demo:
         self.file.write_text(json.dumps(data, indent=1))
         self.file.chmod(0o600)
 
+    def ca_pem(self) -> str | None:
+        """The cluster CA, as the controller wrote it (read locally: the demo's own)."""
+        ca = self.root / "controller" / "tls" / "ca.crt"
+        return ca.read_text() if ca.exists() else None
+
     def api(self) -> Api:
         data = self.load()
         if not data.get("controller"):
             raise CliError(f"the demo is not up (nothing in {self.root}); run: cladnet demo up")
-        return Api(data["controller"], data["token"], "controller")
+        return Api(data["controller"], data["token"], "controller", ca_pem=self.ca_pem())
 
     def driver(self) -> Any:
         from controller.drivers.local import Driver
@@ -135,7 +141,11 @@ def _port_open(host: str, port: int) -> bool:
 
 
 def _services(demo: Demo) -> None:
-    """etcd, Mosquitto (dynamic security), collector and controller, each once."""
+    """etcd, Mosquitto (dynamic security), collector and controller, each once.
+
+    What the VMs reach (the controller, the broker) listens on the bridge with TLS
+    from the cluster CA; what only this machine uses (etcd, the broker's admin
+    listener, the collector) stays on loopback."""
     data = demo.load()
     gw = data["gateway"]
     secret = data["secrets"]
@@ -159,22 +169,31 @@ def _services(demo: Demo) -> None:
         subprocess.run(
             ["bash", init, "init", str(dynsec)], env={**os.environ, **mq_env}, check=True
         )
+    # The broker's certificate from the cluster CA (the first call creates the CA).
+    _wait(lambda: _port_open("127.0.0.1", ETCD_PORT), 15, "etcd")
+    subprocess.run([_venv_bin("cladnet-controller"), "--etcd", etcd_url, "--state-dir",
+                    str(demo.root / "controller"), "--issue-cert", str(mq / "tls"),
+                    "--tls-name", gw], check=True, capture_output=True, timeout=60)  # fmt: skip
     conf = (DEPLOY / "mosquitto" / "cladnet.conf").read_text()
-    conf = conf.replace("listener 1883", f"listener {MQTT_PORT} {gw}")
+    conf = conf.replace(
+        "listener 1883",
+        f"listener {MQTT_ADMIN_PORT} 127.0.0.1\nlistener {MQTT_PORT} {gw}\n"
+        f"certfile {mq}/tls/server.crt\nkeyfile {mq}/tls/server.key\ncafile {mq}/tls/ca.crt",
+    )
     conf = conf.replace("/var/lib/mosquitto/dynamic-security.json", str(dynsec))
     conf = conf.replace("/var/lib/mosquitto/", f"{mq}/")
     (mq / "mosquitto.conf").write_text("user root\n" + conf)
     mosquitto = shutil.which("mosquitto") or "mosquitto"
     _start(demo, "mosquitto", [mosquitto, "-c", str(mq / "mosquitto.conf")])
-    _wait(lambda: _port_open(gw, MQTT_PORT), 15, "Mosquitto")
+    _wait(lambda: _port_open("127.0.0.1", MQTT_ADMIN_PORT), 15, "Mosquitto")
     if not (mq / ".collector").exists():
-        subprocess.run(["bash", init, "collector", gw, str(MQTT_PORT)],
+        subprocess.run(["bash", init, "collector", "127.0.0.1", str(MQTT_ADMIN_PORT)],
                        env={**os.environ, **mq_env}, check=True, capture_output=True)  # fmt: skip
         (mq / ".collector").touch()
 
     collector_url = f"http://127.0.0.1:{COLLECTOR_PORT}"
     _start(demo, "collector", [_venv_bin("cladnet-collector"), "--mqtt-url",
-           f"mqtt://{gw}:{MQTT_PORT}", "--mqtt-user", "cladnet-collector", "--listen",
+           f"mqtt://127.0.0.1:{MQTT_ADMIN_PORT}", "--mqtt-user", "cladnet-collector", "--listen",
            f"127.0.0.1:{COLLECTOR_PORT}", "--state-dir", str(demo.root / "collector")],
            {"CLADNET_MQTT_PASSWORD": secret["mqtt_collector"],
             "CLADNET_COLLECTOR_TOKEN": secret["admin"]})  # fmt: skip
@@ -185,10 +204,13 @@ def _services(demo: Demo) -> None:
     _start(demo, "controller", [_venv_bin("cladnet-controller"), "--etcd", etcd_url,
            "--listen", f"{gw}:{CONTROLLER_PORT}", "--state-dir", str(demo.root / "controller"),
            "--drivers", str(drivers), "--advertise-url", url,
-           "--mqtt-url", f"mqtt://{gw}:{MQTT_PORT}", "--collector-url", collector_url],
+           "--mqtt-url", f"mqtts://{gw}:{MQTT_PORT}",
+           "--mqtt-admin-url", f"mqtt://127.0.0.1:{MQTT_ADMIN_PORT}",
+           "--collector-url", collector_url],
            {"CLADNET_ADMIN_TOKEN": secret["admin"], "CLADNET_LEADER_TTL": "3",
             "CLADNET_MQTT_ADMIN_PASSWORD": secret["mqtt_admin"]})  # fmt: skip
-    _wait(lambda: Api(url, secret["admin"]).get("/readyz"), 30, "the controller")
+    # Until the controller has written the CA, the check fails verification: retried.
+    _wait(lambda: demo.api().get("/readyz"), 30, "the controller")
 
 
 @demo_app.command("up")
@@ -213,7 +235,7 @@ def up(
         prefix = ".".join(internet.split(".")[:2])
         data = {
             "gateway": gateway,
-            "controller": f"http://{gateway}:{CONTROLLER_PORT}",
+            "controller": f"https://{gateway}:{CONTROLLER_PORT}",
             "collector": f"http://127.0.0.1:{COLLECTOR_PORT}",
             "secrets": {
                 k: secrets.token_urlsafe(24) for k in ("admin", "mqtt_admin", "mqtt_collector")
@@ -278,6 +300,7 @@ def _write_context(demo: Demo) -> None:
         "controller": data["controller"],
         "collector": data["collector"],
         "token": data["token"],
+        "ca_pem": demo.ca_pem(),
     }
     conf["current"] = "demo"
     config.save(conf)
