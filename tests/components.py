@@ -206,6 +206,7 @@ class Mosquitto:
     host: str = "127.0.0.1"
     proc: subprocess.Popen | None = None
     log: Path = field(default_factory=Path)
+    persistence: bool = True  # False: a restart forgets every session and queued batch
 
     @property
     def url(self) -> str:
@@ -233,6 +234,8 @@ class Mosquitto:
         conf = conf.replace("listener 1883", f"listener {self.port} {self.host}")
         conf = conf.replace("/var/lib/mosquitto/dynamic-security.json", str(dynsec))
         conf = conf.replace("/var/lib/mosquitto/", f"{self.data_dir}/")
+        if not self.persistence:
+            conf = conf.replace("persistence true", "persistence false")
         conf_path = self.data_dir / "mosquitto.conf"
         conf_path.write_text(f"user {os.environ.get('USER', 'root')}\n{conf}")
         self.log = self.data_dir / "mosquitto.log"
@@ -262,6 +265,13 @@ class Mosquitto:
     def stop(self) -> None:
         if self.proc is not None:
             _stop(self.proc)
+            self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL by PID: no clean shutdown, no final persistence save."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
             self.proc = None
 
 
