@@ -200,8 +200,9 @@ class Ingest:
             if delay > self.flush_interval:
                 await asyncio.sleep(delay)
             else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._full.wait(), self.flush_interval)
+                with contextlib.suppress(TimeoutError):  # not wait_for: see Publisher.run
+                    async with asyncio.timeout(self.flush_interval):
+                        await self._full.wait()
             errors = self.counters["store_errors"]
             await self.flush(client)
             failed = self.counters["store_errors"] > errors

@@ -81,7 +81,7 @@ class Publisher:
         self.sent = 0
         self.resent = 0
         self.failures = 0
-        self.acked = 0  # batches a collector said it stored
+        self.acked = 0  # batches freed by a collector's ack (re-acks not counted)
         # True while a collector's ack is what frees a batch; False when the broker
         # refused the ack subscription and its PUBACK has to do.
         self.end_to_end = True
@@ -169,8 +169,7 @@ class Publisher:
         for seq in seqs:
             path = self.spool.path_of(seq)
             self._sent_at.pop(path, None)
-            self.spool.done(path)
-        self.acked += len(seqs)
+            self.acked += self.spool.done(path)
 
     async def _acks(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
@@ -193,8 +192,11 @@ class Publisher:
                     while True:
                         await self._drain(client)
                         self._check_stalled(time.monotonic())
+                        # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a
+                        # cancellation that lands as the event is set, and the task never ends.
                         with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(self.wake.wait(), self.resend_after / 2)
+                            async with asyncio.timeout(self.resend_after / 2):
+                                await self.wake.wait()
                         self.wake.clear()
             except aiomqtt.MqttError as exc:
                 self.failures += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ class Spool:
         # A counter for the life of the state directory, like the sequence: an agent
         # restarted with a full spool still reports what the bound cost.
         self.dropped = _read_int(self.dir / DROPPED_FILE, 0)
+        self._warned = -math.inf
         self._seq_file = self.dir / SEQ_FILE
         last = int(self._files[-1].stem) if self._files else -1
         self._next_seq = max(last, _read_int(self._seq_file, -1)) + 1
@@ -90,11 +92,14 @@ class Spool:
                 self._files.remove(path)
         return out
 
-    def done(self, path: Path) -> None:
-        """The batch is delivered (stored by a collector, or accepted by the broker): forget it."""
-        if path in self._files:
-            self._files.remove(path)
-            self._remove(path)
+    def done(self, path: Path) -> bool:
+        """The batch is delivered (stored by a collector, or accepted by the broker): forget
+        it. False if it was gone already (acknowledged twice, or dropped at the bound)."""
+        if path not in self._files:
+            return False
+        self._files.remove(path)
+        self._remove(path)
+        return True
 
     def save_delivery(self, state: dict[str, Any]) -> None:
         """Record how batches are acknowledged, for ``cladnet-agent status``."""
@@ -112,10 +117,13 @@ class Spool:
             self.dropped += 1
         if self.dropped > dropped:
             self._write(self.dir / DROPPED_FILE, str(self.dropped).encode())
-            log.warning(
-                "metrics spool full, dropped the oldest batches",
-                extra={"now_dropped": self.dropped - dropped, "dropped": self.dropped},
-            )
+            # Once a minute at most: a full spool drops one batch per interval.
+            if time.monotonic() - self._warned > 60:
+                self._warned = time.monotonic()
+                log.warning(
+                    "metrics spool full, dropping the oldest batches",
+                    extra={"dropped": self.dropped, "limits": str(lim)},
+                )
 
     def _remove(self, path: Path) -> None:
         try:
