@@ -62,7 +62,8 @@ class Publisher:
     collectors re-subscribe: Mosquitto 2.0 does not restore shared subscriptions).
     Unacknowledged batches are sent again after ``resend_after`` seconds; the
     collector drops the duplicates. Only when the broker refuses the subscription to
-    ``ack_topic`` does the PUBACK count, and the agent says so (log, status, metric).
+    ``ack_topic`` (or there is none: benchmarks) does the PUBACK count, and the agent
+    says so (log, status, metric).
     """
 
     def __init__(
@@ -71,7 +72,7 @@ class Publisher:
         identifier: str,
         topic: str,
         spool: Spool,
-        ack_topic: str,
+        ack_topic: str | None,
         resend_after: float = 30.0,
     ) -> None:
         self.broker, self.identifier, self.topic, self.spool = broker, identifier, topic, spool
@@ -184,7 +185,9 @@ class Publisher:
                 async with self.broker.client(self.identifier) as client:
                     self.connected, delay = True, RECONNECT_FIRST
                     log.info("connected to the metrics broker", extra={"broker": self.broker.url})
-                    refused = _refused(await client.subscribe(self.ack_topic, qos=1))
+                    refused = "no ack topic configured"
+                    if self.ack_topic is not None:
+                        refused = _refused(await client.subscribe(self.ack_topic, qos=1))
                     self._set_delivery(not refused, refused or None)
                     if not refused:
                         self._last_ack = time.monotonic()  # a fresh session: a fresh wait
