@@ -17,6 +17,7 @@ from agent.controller_client import ControllerClient, ControllerError, WatchGone
 from agent.metrics.exposition import MetricsServer
 from agent.metrics.publisher import Broker
 from agent.metrics.reporter import MetricsReporter
+from agent.metrics.spool import spool_dir
 from agent.standing import OK, UNRECOGNISED, HostNotListed, Standing
 from agent.state import Membership, StateDir
 from agent.wireguard.backend import WireGuardBackend, WireGuardError
@@ -376,7 +377,7 @@ class NetworkAgent:
             host=str(self.m.me["name"]),
             host_id=self.m.host_id,
             overlay_ip=str(self.m.me["overlay_ip"]),
-            spool_dir=self.states.root / "networks" / self.m.network_id / "spool",
+            spool_dir=spool_dir(self.states.root, self.m.network_id),
             interval=float(settings.get("interval", self.m.network.get("metrics_interval", 2.0))),
             device=lambda: self.backend.get(self.iface),
             peers=lambda: self.m.peers,

@@ -15,6 +15,7 @@ import ssl
 import sys
 from pathlib import Path
 
+from agent.metrics.spool import spool_dir, spool_status
 from agent.state import Membership, StateDir
 from agent.wireguard.backend import WireGuardBackend
 from cladnet.tasks import cancel_and_wait
@@ -275,6 +276,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
                 "controller_since": m.controller_state_since,
                 "peers": len(m.peers),
                 "device_peers": len(device.peers) if device is not None else None,
+                "metrics_spool": spool_status(spool_dir(states.root, net_id)),
             }
         )
     print(json.dumps(out, indent=2))

@@ -194,10 +194,20 @@ class Ingest:
     async def _flusher(self, client: aiomqtt.Client) -> None:
         # Every flush_interval, or as soon as a write's worth is pending. The reader
         # never waits for a write, so decoding the next batches overlaps storing these.
+        # A store that is down is retried with capped backoff, not five times a second;
+        # meanwhile nothing is acknowledged, so the broker and the agents keep it all.
+        delay = self.flush_interval
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._full.wait(), self.flush_interval)
+            if delay > self.flush_interval:
+                await asyncio.sleep(delay)
+            else:
+                with contextlib.suppress(TimeoutError):  # not wait_for: see Publisher.run
+                    async with asyncio.timeout(self.flush_interval):
+                        await self._full.wait()
+            errors = self.counters["store_errors"]
             await self.flush(client)
+            failed = self.counters["store_errors"] > errors
+            delay = min(delay * 2, RECONNECT_CAP) if failed else self.flush_interval
 
     async def _notify(self, events: list[Event]) -> None:
         if events and self.notifier is not None:

@@ -550,6 +550,9 @@ def create_app(settings: Settings) -> FastAPI:
                 "username": None,
                 "password": None,
                 "topic": metrics.topic(net.name, host.name),
+                # End-to-end acknowledgement needs no broker users: a restart of an open
+                # broker must not lose batches either.
+                "ack_topic": metrics.ack_topic(net.name, host.name),
             }
         try:
             return {**answer, **await broker.register(host_id, net.name, host.name)}

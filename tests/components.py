@@ -261,6 +261,7 @@ class Mosquitto:
     # A second listener on tls_port with (cert, key, ca) PEM files; same users.
     tls_port: int | None = None
     tls_files: tuple[Path, Path, Path] | None = None
+    persistence: bool = True  # False: a restart forgets every session and queued batch
 
     @property
     def url(self) -> str:
@@ -296,6 +297,8 @@ class Mosquitto:
             cert, key, ca = self.tls_files
             conf += (f"\nlistener {self.tls_port} {self.host}\n"
                      f"certfile {cert}\nkeyfile {key}\ncafile {ca}\n")  # fmt: skip
+        if not self.persistence:
+            conf = conf.replace("persistence true", "persistence false")
         conf_path = self.data_dir / "mosquitto.conf"
         conf_path.write_text(f"user {os.environ.get('USER', 'root')}\n{conf}")
         self.log = self.data_dir / "mosquitto.log"
@@ -325,6 +328,13 @@ class Mosquitto:
     def stop(self) -> None:
         if self.proc is not None:
             _stop(self.proc)
+            self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL by PID: no clean shutdown, no final persistence save."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
             self.proc = None
 
 

@@ -67,7 +67,9 @@ class MetricsReporter:
                 f"cladnet-{host_id}",
                 metrics.topic(network, host),
                 self.spool,
-                ack_topic=ack_topic,
+                # The agent knows its ack topic: a controller that does not name it (an
+                # open broker, or an older one) still gets end-to-end acknowledgement.
+                ack_topic=ack_topic or metrics.ack_topic(network, host),
                 resend_after=resend_after,
             )
             if broker is not None
@@ -91,7 +93,11 @@ class MetricsReporter:
             if rtt is not None:
                 batch.add("wireguard_peer_latency_seconds", rtt / 1000, peer=name)
         batch.add("agent_spool_batches", len(self.spool))
+        batch.add("agent_spool_bytes", self.spool.size_bytes)
         batch.add("agent_spool_dropped_batches_total", self.spool.dropped)
+        if self.publisher is not None:
+            # 1: a batch leaves the spool when a collector stored it; 0: on the broker's PUBACK.
+            batch.add("agent_metrics_collector_ack", int(self.publisher.end_to_end))
         batch.add("agent_metric_errors_total", self.errors)
         for name, value in (self.gauges() if self.gauges else {}).items():
             batch.add(name, value)
