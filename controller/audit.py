@@ -18,9 +18,18 @@ log = logging.getLogger("cladnet.audit")
 QUIET_SUFFIXES = ("/heartbeat", "/status", "/endpoints", "/metrics-credentials")
 
 
-def is_audited(method: str, path: str) -> bool:
-    """Mutating calls, except the hosts' own high-frequency reports."""
-    return method in ("POST", "PUT", "PATCH", "DELETE") and not path.endswith(QUIET_SUFFIXES)
+def is_audited(method: str, path: str, route_matched: bool, who: str | None, status: int) -> bool:
+    """Mutating calls by an authenticated caller to a known route, except the hosts'
+    own high-frequency reports. Anonymous calls are never stored: anyone could fill
+    etcd with them (a 401 is anonymous even when the route named a caller, as a join
+    with a made-up token does)."""
+    return (
+        who is not None
+        and route_matched
+        and status != 401
+        and method in ("POST", "PUT", "PATCH", "DELETE")
+        and not path.endswith(QUIET_SUFFIXES)
+    )
 
 
 class AuditLog:
