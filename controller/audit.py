@@ -9,13 +9,20 @@ import secrets
 import time
 from typing import Any
 
+from cladnet.ratelimit import RateLimiter
 from controller import keyspace as ks
 from controller.etcd import DailyLease, Etcd
+from controller.telemetry import AUDIT_NOT_STORED
 
 log = logging.getLogger("cladnet.audit")
 
 # Host telemetry that is not an operator action and would flood the log.
 QUIET_SUFFIXES = ("/heartbeat", "/status", "/endpoints", "/metrics-credentials")
+
+# Entries one host credential may add to etcd: a stolen VM that loops on refused calls
+# must not fill etcd (30 days of entries) either. Past it, the log line is the record.
+HOST_ENTRIES_PER_SECOND = 1.0
+HOST_ENTRIES_BURST = 60.0
 
 
 def is_audited(method: str, path: str, route_matched: bool, who: str | None, status: int) -> bool:
@@ -36,6 +43,7 @@ class AuditLog:
     def __init__(self, etcd: Etcd, retention: float = 30 * 86400) -> None:
         self.etcd, self.retention = etcd, retention
         self._lease = DailyLease(etcd, retention)
+        self._per_host = RateLimiter(HOST_ENTRIES_PER_SECOND, HOST_ENTRIES_BURST)
 
     async def record(
         self,
@@ -58,6 +66,10 @@ class AuditLog:
         }
         if detail:
             entry["detail"] = detail
+        if who.startswith("host:") and self._per_host.hit(who, time.monotonic()) > 0:
+            AUDIT_NOT_STORED.inc()
+            log.info("audit", extra={**entry, "stored": False})
+            return
         log.info("audit", extra=entry)
         key = ks.audit(f"{int(now * 1e6):020d}-{secrets.token_hex(3)}")
         try:

@@ -35,6 +35,11 @@ API_ERRORS = Counter(
     ["code"],
     registry=REGISTRY,
 )
+AUDIT_NOT_STORED = Counter(
+    "cladnet_controller_audit_not_stored_total",
+    "Audit entries of a host over its rate kept in the log only, not in etcd.",
+    registry=REGISTRY,
+)
 JOINS = Counter("cladnet_controller_joins_total", "Successful joins.", registry=REGISTRY)
 TXN_RETRIES = Counter(
     "cladnet_controller_txn_retries_total",

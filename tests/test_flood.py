@@ -301,3 +301,20 @@ async def test_invented_admin_tokens_are_not_cached() -> None:
         with pytest.raises(ApiError):
             await authenticator.authenticate(f"Bearer cla_guess{i}.secret")
     assert etcd.reads == 3000 and len(authenticator._admin_cache) == 0
+
+
+def test_a_host_cannot_fill_the_audit_log(controller: Controller) -> None:
+    with controller.client() as admin:
+        make_network(admin, "noisy", cidr="10.237.0.0/24")
+        token = make_token(admin, "noisy")
+    rogue = join(controller, token, "rogue").json()
+    victim = join(controller, token, "victim").json()
+    with controller.client(token=rogue["credential"]) as c:
+        codes = {c.delete(f"/v1/hosts/{victim['host_id']}").status_code for _ in range(100)}
+        assert codes == {403}
+        metrics = c.get("/metrics").text
+    with controller.client() as admin:
+        entries = admin.get("/v1/audit", params={"limit": 1000}).json()["entries"]
+    mine = [e for e in entries if e["who"] == f"host:{rogue['host_id']}"]
+    assert 60 <= len(mine) < 100  # a burst of 60, then one a second
+    assert re.search(r"^cladnet_controller_audit_not_stored_total [1-9]", metrics, re.MULTILINE)
