@@ -260,10 +260,12 @@ def test_anonymous_failures_are_limited_per_source(make_controller) -> None:
 
 
 def test_the_limiter_stays_bounded_under_many_sources() -> None:
-    limiter = RateLimiter(rate=1, burst=5, max_keys=1000)
+    limiter = RateLimiter(rate=1, burst=5)  # the controller's default table size
     for i in range(20_000):
         limiter.hit(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", float(i))
-    assert len(limiter) == 1000
+    assert len(limiter) == 10_000
+    # The least recently seen sources are the ones dropped.
+    assert "10.0.78.31" in limiter._buckets and "10.0.0.0" not in limiter._buckets
 
 
 def test_ipv6_sources_share_a_bucket_per_64() -> None:
