@@ -2,22 +2,45 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections import OrderedDict
+
+IPV6_BUCKET_PREFIX = 64  # one IPv6 customer usually holds a whole /64
+
+
+def source_key(address: str) -> str:
+    """The limiter key of a client address: IPv4 as is, IPv6 by its /64.
+
+    Anyone with one IPv6 host can pick from 2**64 addresses of its /64; keyed per address,
+    a guesser would get a fresh burst from each and flush everyone else out of the table.
+    """
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, IPV6_BUCKET_PREFIX), strict=False))
+    return address
 
 
 class RateLimiter:
     """``rate`` events per second per key, bursts up to ``burst``.
 
     Time is passed in, so the limiter is pure and testable. The table keeps at most
-    ``max_keys`` keys (least recently seen dropped first): a flood of source
-    addresses cannot grow memory without bound.
+    ``max_keys`` keys (least recently seen dropped first; about 230 bytes each): a
+    flood of source addresses cannot grow memory without bound.
     """
 
-    def __init__(self, rate: float, burst: float, max_keys: int = 100_000) -> None:
-        if rate <= 0 or burst < 1:
-            raise ValueError("rate must be > 0 and burst >= 1")
+    def __init__(self, rate: float, burst: float, max_keys: int = 10_000) -> None:
+        if rate <= 0 or burst < 1 or max_keys < 1:
+            raise ValueError("rate must be > 0, burst >= 1 and max_keys >= 1")
         self.rate, self.burst, self.max_keys = rate, burst, max_keys
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
     def _level(self, key: str, now: float) -> float:
         tokens, stamp = self._buckets.get(key, (self.burst, now))

@@ -44,12 +44,13 @@ from cladnet.models import (
     PeerList,
     TokenCreate,
 )
-from cladnet.ratelimit import RateLimiter
+from cladnet.ratelimit import RateLimiter, source_key
 from cladnet.tasks import cancel_and_wait
 from controller import auth, tls
 from controller import keyspace as ks
 from controller.audit import AuditLog, is_audited
 from controller.auth import Authenticator, Principal
+from controller.bodylimit import BodyLimit
 from controller.broker import BrokerAdmin, BrokerError, BrokerJanitor
 from controller.commands import Commands, require_agent
 from controller.config import Settings
@@ -58,7 +59,15 @@ from controller.etcd import from_settings as etcd_from_settings
 from controller.groups import Drivers, GroupStore, Reconciler
 from controller.leader import Leadership
 from controller.store import Store
-from controller.telemetry import API_ERRORS, HTTP_LATENCY, HTTP_REQUESTS, JOINS, REGISTRY
+from controller.telemetry import (
+    API_ERRORS,
+    HTTP_LATENCY,
+    HTTP_REQUESTS,
+    JOINS,
+    REGISTRY,
+    UNMATCHED_ROUTE,
+    method_label,
+)
 from controller.ui import mount_ui
 from controller.watch import WatchGone, WatchHubs
 
@@ -92,24 +101,14 @@ def _rate_limited(seconds: float, what: str) -> ApiError:
 
 
 async def principal(request: Request) -> Principal:
-    """The caller; an address with too many failed attempts is refused for a while."""
-    limiter: RateLimiter = request.app.state.auth_failures
-    source, now = _observed(request), time.monotonic()
-    wait = limiter.blocked_for(source, now)
-    if wait > 0:
-        raise _rate_limited(wait, "failed authentications")
-    try:
-        who = await request.app.state.auth.authenticate(request.headers.get("authorization"))
-    except ApiError as exc:
-        if exc.status == 401:
-            limiter.hit(source, now)
-        raise
+    """The caller (a source with too many failures was already refused by ``Observe``)."""
+    who = await request.app.state.auth.authenticate(request.headers.get("authorization"))
     request.state.principal = who  # for the audit log
     return who
 
 
 async def join_allowed(request: Request) -> None:
-    wait = request.app.state.join_limit.hit(_observed(request), time.monotonic())
+    wait = request.app.state.join_limit.hit(source_key(_observed(request)), time.monotonic())
     if wait > 0:
         raise _rate_limited(wait, "joins from this address")
 
@@ -149,10 +148,13 @@ Cmds = Annotated[Commands, Depends(commands_of)]
 
 
 class Observe:
-    """Request metrics and the audit log, as plain ASGI (no per-request task or copy).
+    """Request metrics, the audit log and the per-source limit on failures, as plain ASGI
+    (no per-request task or copy).
 
     An audited call is recorded before its last response byte is sent, so a client
-    that got an answer finds the call in the log.
+    that got an answer finds the call in the log. A source whose anonymous requests
+    keep failing (401s, unknown routes, bad bodies) is refused with 429 before any
+    routing or body reading, whatever token it then shows.
     """
 
     def __init__(self, app: Any) -> None:
@@ -163,36 +165,70 @@ class Observe:
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         method, path = scope["method"], scope["path"]
-        audited = is_audited(method, path)
+        client = scope.get("client")
+        source = source_key(client[0] if client else "")
+        failures: RateLimiter = scope["app"].state.auth_failures
         status = 500
 
         async def sending(message: Any) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-            elif audited and not message.get("more_body", False):
-                await self._audit(scope, method, path, status)
+            elif not message.get("more_body", False):
+                who = scope.get("state", {}).get("principal")
+                matched = scope.get("route") is not None
+                if is_audited(method, path, matched, who and who.name, status):
+                    await self._audit(scope, method, path, status)
             await send(message)
 
         try:
-            await self.app(scope, receive, sending)
+            wait = failures.blocked_for(source, time.monotonic())
+            if wait > 0:
+                status = 429
+                await _refuse(send, _rate_limited(wait, FAILURES))
+            else:
+                await self.app(scope, receive, sending)
         finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            HTTP_REQUESTS.labels(method, route, str(status)).inc()
+            if _anonymous_failure(scope, status):
+                failures.hit(source, time.monotonic())
+            route = getattr(scope.get("route"), "path", UNMATCHED_ROUTE)
+            HTTP_REQUESTS.labels(method_label(method), route, str(status)).inc()
             HTTP_LATENCY.labels(route).observe(time.perf_counter() - started)
 
     @staticmethod
     async def _audit(scope: Any, method: str, path: str, status: int) -> None:
         state = scope.get("state", {})
-        who, client = state.get("principal"), scope.get("client")
+        client = scope.get("client")
         await scope["app"].state.audit.record(
-            who.name if who else "anonymous",
+            state["principal"].name,
             method,
             path,
             status,
             client[0] if client else "",
             state.get("audit_detail"),
         )
+
+
+FAILURES = "failed authentications or refused anonymous requests from this address"
+
+
+def _anonymous_failure(scope: Any, status: int) -> bool:
+    """A refused request that proved no identity: counts against its source's limit."""
+    anonymous = scope.get("state", {}).get("principal") is None
+    return status == 401 or (anonymous and 400 <= status < 500 and status != 429)
+
+
+async def _refuse(send: Any, exc: ApiError) -> None:
+    """``exc`` as a JSON error response, from outside the application."""
+    API_ERRORS.labels(exc.code).inc()
+    body = json.dumps({"error": exc.code, "message": exc.message}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(body)),
+        (b"retry-after", b"%d" % (exc.retry_after or 1)),
+    ]
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -247,9 +283,11 @@ def create_app(settings: Settings) -> FastAPI:
             etcd, "background", background_jobs, ttl=settings.leader_ttl
         )
         background = asyncio.create_task(app.state.leadership.run(), name="leadership")
-        app.state.join_limit = RateLimiter(settings.join_rate, settings.join_burst)
+        app.state.join_limit = RateLimiter(
+            settings.join_rate, settings.join_burst, settings.rate_limit_sources
+        )
         app.state.auth_failures = RateLimiter(
-            settings.auth_failure_rate, settings.auth_failure_burst
+            settings.auth_failure_rate, settings.auth_failure_burst, settings.rate_limit_sources
         )
         app.state.broker = None
         if settings.mqtt_url and settings.mqtt_admin_password:
@@ -313,7 +351,10 @@ def create_app(settings: Settings) -> FastAPI:
             log.error("etcd unavailable", extra={"error": repr(exc)})
             return _error(503, "etcd_unavailable", "the controller cannot reach etcd")
 
-    app.add_middleware(Observe)
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.max_body_bytes, per_path={"/v1/join": settings.max_join_body}
+    )
+    app.add_middleware(Observe)  # outermost: it sees the 413s and 429s too
     mount_ui(app, settings.collector_url)
 
     # --- health ------------------------------------------------------------------------

@@ -9,24 +9,41 @@ import secrets
 import time
 from typing import Any
 
+from cladnet.ratelimit import RateLimiter
 from controller import keyspace as ks
 from controller.etcd import DailyLease, Etcd
+from controller.telemetry import AUDIT_NOT_STORED
 
 log = logging.getLogger("cladnet.audit")
 
 # Host telemetry that is not an operator action and would flood the log.
 QUIET_SUFFIXES = ("/heartbeat", "/status", "/endpoints", "/metrics-credentials")
 
+# Entries one host credential may add to etcd: a stolen VM that loops on refused calls
+# must not fill etcd (30 days of entries) either. Past it, the log line is the record.
+HOST_ENTRIES_PER_SECOND = 1.0
+HOST_ENTRIES_BURST = 60.0
 
-def is_audited(method: str, path: str) -> bool:
-    """Mutating calls, except the hosts' own high-frequency reports."""
-    return method in ("POST", "PUT", "PATCH", "DELETE") and not path.endswith(QUIET_SUFFIXES)
+
+def is_audited(method: str, path: str, route_matched: bool, who: str | None, status: int) -> bool:
+    """Mutating calls by an authenticated caller to a known route, except the hosts'
+    own high-frequency reports. Anonymous calls are never stored: anyone could fill
+    etcd with them (a 401 is anonymous even when the route named a caller, as a join
+    with a made-up token does)."""
+    return (
+        who is not None
+        and route_matched
+        and status != 401
+        and method in ("POST", "PUT", "PATCH", "DELETE")
+        and not path.endswith(QUIET_SUFFIXES)
+    )
 
 
 class AuditLog:
     def __init__(self, etcd: Etcd, retention: float = 30 * 86400) -> None:
         self.etcd, self.retention = etcd, retention
         self._lease = DailyLease(etcd, retention)
+        self._per_host = RateLimiter(HOST_ENTRIES_PER_SECOND, HOST_ENTRIES_BURST)
 
     async def record(
         self,
@@ -49,6 +66,10 @@ class AuditLog:
         }
         if detail:
             entry["detail"] = detail
+        if who.startswith("host:") and self._per_host.hit(who, time.monotonic()) > 0:
+            AUDIT_NOT_STORED.inc()
+            log.info("audit", extra={**entry, "stored": False})
+            return
         log.info("audit", extra=entry)
         key = ks.audit(f"{int(now * 1e6):020d}-{secrets.token_hex(3)}")
         try:

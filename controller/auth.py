@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cladnet import tokens
+from cladnet.ttlcache import TtlCache
 from controller import keyspace as ks
 from controller.errors import ApiError
 from controller.etcd import Etcd
@@ -20,6 +21,7 @@ log = logging.getLogger("cladnet.controller.auth")
 
 ADMIN_TOKEN_FILE = "admin-token"
 CACHE_SECONDS = 5.0
+CACHE_ENTRIES = 1024  # more than any fleet has operator tokens
 
 
 ROLES = ("admin", "viewer")
@@ -83,21 +85,25 @@ async def bootstrap_admin_token(etcd: Etcd, token: str) -> None:
 
 
 class Authenticator:
-    """Resolves bearer tokens to principals. Admin token lookups are cached briefly."""
+    """Resolves bearer tokens to principals. Admin token records found are cached briefly;
+    misses are not, so made-up token ids cost an etcd read (rate limited per source), not
+    memory."""
 
     def __init__(self, etcd: Etcd, store: Store, configured_hash: str | None) -> None:
         self.etcd = etcd
         self.store = store
         self.configured_hash = configured_hash
-        self._admin_cache: dict[str, tuple[dict[str, Any] | None, float]] = {}
+        self._admin_cache: TtlCache[str, dict[str, Any]] = TtlCache(CACHE_ENTRIES, CACHE_SECONDS)
 
     async def _admin_record(self, token_id: str) -> dict[str, Any] | None:
-        cached = self._admin_cache.get(token_id)
-        if cached and cached[1] > time.monotonic():
-            return cached[0]
+        cached = self._admin_cache.get(token_id, time.monotonic())
+        if cached is not None:
+            return cached
         kv = await self.etcd.get(ks.admin_token(token_id))
-        record = json.loads(kv.value) if kv is not None else None
-        self._admin_cache[token_id] = (record, time.monotonic() + CACHE_SECONDS)
+        if kv is None:
+            return None
+        record: dict[str, Any] = json.loads(kv.value)
+        self._admin_cache.put(token_id, record, time.monotonic())
         return record
 
     async def authenticate(self, authorization: str | None) -> Principal:

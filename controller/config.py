@@ -49,6 +49,10 @@ class Settings:
     join_burst: float = 1000.0
     auth_failure_rate: float = 1.0
     auth_failure_burst: float = 100.0
+    rate_limit_sources: int = 10_000  # addresses each limiter remembers (~230 bytes each)
+    # Request bodies: a status report of 10,000 peers is ~1.3 MB; a join is < 8 KiB.
+    max_body_bytes: int = 2 * 1024 * 1024
+    max_join_body: int = 64 * 1024
     # Provisioning: driver name → its options (from a JSON file), and the URL new VMs
     # join at (default: this controller's own listen address).
     drivers: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -270,6 +274,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         auth_failure_burst=float(
             env.get("CLADNET_AUTH_FAILURE_BURST", defaults.auth_failure_burst)
         ),
+        rate_limit_sources=int(env.get("CLADNET_RATE_LIMIT_SOURCES", defaults.rate_limit_sources)),
+        max_body_bytes=int(env.get("CLADNET_MAX_BODY_BYTES", defaults.max_body_bytes)),
+        max_join_body=int(env.get("CLADNET_MAX_JOIN_BODY_BYTES", defaults.max_join_body)),
         drivers=drivers,
         advertise_url=a.advertise_url,
         driver_timeout=float(env.get("CLADNET_DRIVER_TIMEOUT", defaults.driver_timeout)),

@@ -6,9 +6,20 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry()
 
+# Label values come from this fixed set, never from the request: a client inventing
+# methods (or paths: routes are labelled by template) must not create series.
+METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
+UNMATCHED_ROUTE = "unmatched"
+
+
+def method_label(method: str) -> str:
+    """``method`` if it is a standard one, else ``"other"``."""
+    return method if method in METHODS else "other"
+
+
 HTTP_REQUESTS = Counter(
     "cladnet_controller_http_requests_total",
-    "HTTP requests by route template and status code.",
+    "HTTP requests by method (or other), route template (or unmatched) and status code.",
     ["method", "route", "status"],
     registry=REGISTRY,
 )
@@ -22,6 +33,11 @@ API_ERRORS = Counter(
     "cladnet_controller_api_errors_total",
     "Requests refused with an API error, by error code.",
     ["code"],
+    registry=REGISTRY,
+)
+AUDIT_NOT_STORED = Counter(
+    "cladnet_controller_audit_not_stored_total",
+    "Audit entries of a host over its rate kept in the log only, not in etcd.",
     registry=REGISTRY,
 )
 JOINS = Counter("cladnet_controller_joins_total", "Successful joins.", registry=REGISTRY)
