@@ -638,6 +638,30 @@ class Store:
             TXN_RETRIES.labels("rejoin").inc()
         raise ApiError(503, "contention", "host changed concurrently, try again")
 
+    async def index_public_keys(self) -> int:
+        """Index the keys of hosts that joined before keys were unique (idempotent, run at
+        start); returns how many were added. Of two hosts that share a key, the first
+        indexed keeps it and the other is logged (it must re-key through its agent)."""
+        indexed = {
+            kv.key for kv in await self.etcd.get_prefix(ks.prefix("public-keys"), keys_only=True)
+        }
+        added = 0
+        for kv in await self.etcd.get_prefix(ks.prefix("peers")):
+            peer = Peer.model_validate_json(kv.value)
+            index = ks.public_key(peer.network_id, keys.key_to_hex(peer.public_key))
+            if index in indexed:
+                continue
+            ok, _ = await self.etcd.txn(
+                compare=[tx.Create(index) == 0, tx.Mod(kv.key) == kv.mod_revision],
+                success=[tx.Put(index, peer.id.encode())],
+            )
+            if ok:
+                indexed.add(index)
+                added += 1
+            else:
+                log.warning("public key not indexed: shared or changed", extra={"host": peer.id})
+        return added
+
     async def _release_key(self, net_id: str, host_id: str, public_key: str) -> list[Any]:
         """The operations that free a host's old key for others (if it holds the index)."""
         index = ks.public_key(net_id, keys.key_to_hex(public_key))

@@ -148,7 +148,7 @@ def test_a_host_credential_is_only_its_own(admin: httpx.Client, controller: Cont
     viewer = admin.post("/v1/admin-tokens", json={"role": "viewer"}).json()["token"]
     with controller.client(viewer) as c:
         r = c.post("/v1/join", json={**body, "host_id": victim["host_id"]})
-    assert_error(r, 403, "forbidden")
+    assert_error(r, 403, "proof_required")
     assert heartbeat(controller, victim).status_code == 200
 
 
@@ -215,6 +215,9 @@ def test_rejoin_with_the_current_credential_or_as_admin(
     assert r.status_code == 200, r.text
     assert r.json()["overlay_ip"] == first["overlay_ip"]
     assert peers(admin, "prod")["db"]["public_key"] == lost
+    # Without host_id an admin's join is a plain new host.
+    r = admin.post("/v1/join", json={**body, "hostname": "new", "public_key": new_key})
+    assert r.status_code == 200 and r.json()["host_id"] != first["host_id"], r.text
 
 
 # --- finding 2: unique keys -----------------------------------------------------------------
@@ -326,3 +329,17 @@ def test_agent_rejoins_with_its_key_and_clones_get_a_suffix(
     )  # fmt: skip
     assert out.returncode == 1
     assert "hostname_taken" in out.stderr and machine in out.stderr
+
+
+def test_keys_of_hosts_from_before_are_indexed_at_start(make_controller, etcd: Etcd) -> None:
+    first = make_controller()
+    with first.client() as admin:
+        make_network(admin, "prod", cidr="10.67.0.0/24")
+        token = make_token(admin, "prod")
+    _, key = generate_keypair()
+    host = join(first, token, "old", key).json()
+    # As written by a controller from before keys were unique: no index.
+    assert etcd.ctl("del", "--prefix", "/cladnet/public-keys/").strip() == "1"
+    second = make_controller()
+    assert_error(join(second, token, "new", key), 409, "key_in_use")
+    assert challenge(second, token, key).json()["host_id"] == host["host_id"]
