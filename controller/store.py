@@ -357,8 +357,11 @@ class Store:
         res = await self.etcd.get_prefix(ks.prefix("token-uses", token_id), keys_only=True)
         return len(res.kvs)
 
-    async def _check_join_token(self, token: str) -> tuple[dict[str, Any], int]:
-        """The token record and its mod revision, or 401/403 with a reason."""
+    async def _check_join_token(
+        self, token: str, new_host: bool = True
+    ) -> tuple[dict[str, Any], int]:
+        """The token record and its mod revision, or 401/403 with a reason. Only a new
+        host uses up a limited token: a proven host re-joins with a used-up one."""
         parsed = tokens.parse(token)
         if parsed is None or parsed.kind != "clj":
             raise ApiError(401, "invalid_token", "not a join token")
@@ -369,7 +372,7 @@ class Store:
         if record["expires_at"] < time.time():
             raise ApiError(401, "token_expired", "the join token has expired")
         max_uses = record["max_uses"]
-        if max_uses is not None and await self._token_uses(parsed.id) >= max_uses:
+        if new_host and max_uses is not None and await self._token_uses(parsed.id) >= max_uses:
             raise ApiError(
                 403, "token_exhausted", f"the join token was used {max_uses} time(s) already"
             )
@@ -527,7 +530,7 @@ class Store:
         One open challenge per host (a new one replaces it), written only for a key
         that is registered and with a valid join token: nothing grows with requests.
         """
-        token, _ = await self._check_join_token(req.token)
+        token, _ = await self._check_join_token(req.token, new_host=False)
         net_id = token["network_id"]
         index = ks.public_key(net_id, keys.key_to_hex(req.public_key))
         owner = await self.etcd.get(index)
@@ -566,7 +569,7 @@ class Store:
             raise ApiError(403, "forbidden", "the credential belongs to another host")
         host_id = req.host_id or vouched_host
         assert host_id is not None
-        token, _ = await self._check_join_token(req.token)
+        token, _ = await self._check_join_token(req.token, new_host=False)
         net = await self.get_network(token["network_id"])
         new_hex = keys.key_to_hex(req.public_key)
         for _ in range(MAX_TXN_ATTEMPTS):

@@ -5,6 +5,7 @@ Against a real etcd and controller; the agent's join in a subprocess."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -343,3 +344,27 @@ def test_keys_of_hosts_from_before_are_indexed_at_start(make_controller, etcd: E
     second = make_controller()
     assert_error(join(second, token, "new", key), 409, "key_in_use")
     assert challenge(second, token, key).json()["host_id"] == host["host_id"]
+
+
+async def test_a_proof_is_spent_once_even_concurrently_and_a_used_up_token_still_rejoins(
+    admin: httpx.Client, controller: Controller
+) -> None:
+    make_network(admin, "prod", cidr="10.68.0.0/24")
+    token = make_token(admin, "prod", max_uses=1)  # one-use, as a group gives each VM
+    private, public = generate_keypair()
+    first = join(controller, token, "vm", public).json()
+    ch = challenge(controller, token, public).json()  # the token is used up: still answered
+    proof = answer_challenge(
+        private, ch["ephemeral_public_key"], ch["nonce"], ch["host_id"], ch["network_id"]
+    )
+    body = {"token": token, "hostname": "vm", "public_key": public, "host_id": ch["host_id"],
+            "proof": proof}  # fmt: skip
+    async with controller.aclient(token=None) as c:
+        results = await asyncio.gather(*(c.post("/v1/join", json=body) for _ in range(8)))
+    codes = sorted(r.status_code for r in results)
+    assert codes == [200] + [403] * 7, [r.text for r in results]
+    assert all(r.json()["error"] == "invalid_proof" for r in results if r.status_code == 403)
+    winner = next(r.json() for r in results if r.status_code == 200)
+    assert (winner["host_id"], winner["overlay_ip"]) == (first["host_id"], first["overlay_ip"])
+    # The used-up token still creates no new host.
+    assert_error(join(controller, token, "other"), 403, "token_exhausted")
