@@ -98,13 +98,15 @@ async def _run_networks(
 
 
 async def _join_or_rejoin(
-    client: ControllerClient, token: str, states: StateDir, fields: dict[str, Any]
+    client: ControllerClient, token: str, states: StateDir, fields: dict[str, Any], new_key: str
 ) -> tuple[dict[str, Any], str]:
     """Join, and the private key joined with. A host that already has state for the
     token's network re-joins as itself with a proof of its saved key (same key, IP and
-    name); otherwise a new key joins as a new host."""
+    name); otherwise ``new_key`` joins as a new host. Safe to retry with the same
+    ``new_key``: a join that went through but whose answer was lost is proven, not
+    repeated."""
     from agent.controller_client import ControllerError
-    from cladnet.keys import generate_keypair
+    from cladnet.keys import public_key_of
 
     urls = set(client.urls)
     for net_id in states.network_ids():
@@ -114,23 +116,22 @@ async def _join_or_rejoin(
             result = await client.rejoin(token, saved, **fields)
             if result is not None:
                 return result, saved
-    private_key, public_key = generate_keypair()
     try:
-        return await client.join(token, public_key=public_key, **fields), private_key
+        return await client.join(token, public_key=public_key_of(new_key), **fields), new_key
     except ControllerError as exc:
         if exc.code != "key_in_use":
             raise
         # A retried join whose first answer was lost: the host exists, with this very key.
-        result = await client.rejoin(token, private_key, **fields)
+        result = await client.rejoin(token, new_key, **fields)
         if result is None:
             raise
-        return result, private_key
+        return result, new_key
 
 
 async def cmd_join(args: argparse.Namespace) -> int:
     from agent import addresses
     from agent.controller_client import ControllerClient, fetch_pinned_ca
-    from cladnet.keys import public_key_of
+    from cladnet.keys import generate_keypair, public_key_of
 
     states = StateDir(Path(args.state_dir))
     local = await addresses.underlay_addresses()
@@ -150,7 +151,8 @@ async def cmd_join(args: argparse.Namespace) -> int:
         }
         if args.listen_port:
             fields["listen_port"] = args.listen_port
-        result, private_key = await _join_or_rejoin(client, args.token, states, fields)
+        new_key = generate_keypair()[0]  # once: retries of the join reuse it
+        result, private_key = await _join_or_rejoin(client, args.token, states, fields, new_key)
     finally:
         await client.close()
     public_key = public_key_of(private_key)

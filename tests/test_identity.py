@@ -368,3 +368,30 @@ async def test_a_proof_is_spent_once_even_concurrently_and_a_used_up_token_still
     assert (winner["host_id"], winner["overlay_ip"]) == (first["host_id"], first["overlay_ip"])
     # The used-up token still creates no new host.
     assert_error(join(controller, token, "other"), 403, "token_exhausted")
+
+
+async def test_an_agent_join_retried_after_a_lost_answer_is_the_same_host(
+    admin: httpx.Client, controller: Controller, tmp_path: Path
+) -> None:
+    from agent.controller_client import ControllerClient
+    from agent.main import _join_or_rejoin
+    from agent.state import StateDir
+
+    make_network(admin, "prod", cidr="10.69.0.0/24")
+    token = make_token(admin, "prod", max_uses=1)
+    new_key = generate_keypair()[0]
+    fields = {"hostname": "vm", "explicit_hostname": False}
+    client = ControllerClient(controller.url)
+    try:
+        states = StateDir(tmp_path)  # nothing saved: the first answer never arrived
+        first, key1 = await _join_or_rejoin(client, token, states, fields, new_key)
+        again, key2 = await _join_or_rejoin(client, token, states, fields, new_key)
+    finally:
+        await client.close()
+    assert key1 == key2 == new_key
+    assert (again["host_id"], again["overlay_ip"], again["hostname"]) == (
+        first["host_id"],
+        first["overlay_ip"],
+        "vm",
+    )
+    assert list(peers(admin, "prod")) == ["vm"]
