@@ -234,6 +234,32 @@ class ControllerClient:
         self.credential = result["credential"]
         return result
 
+    async def rejoin(self, token: str, private_key: str, **fields: Any) -> dict[str, Any] | None:
+        """Re-join as the host registered with ``private_key``'s public key, proving it
+        holds the key by answering an X25519 challenge (the key itself is never sent).
+        None when no host of the token's network has that key."""
+        from cladnet.keys import answer_challenge, public_key_of
+
+        public_key = public_key_of(private_key)
+        try:
+            challenge = await self._call(
+                "POST", "/v1/join/challenge", {"token": token, "public_key": public_key}
+            )
+        except ControllerError as exc:
+            if exc.code == "host_not_found":
+                return None
+            raise
+        proof = answer_challenge(
+            private_key,
+            challenge["ephemeral_public_key"],
+            challenge["nonce"],
+            challenge["host_id"],
+            challenge["network_id"],
+        )
+        return await self.join(
+            token, public_key=public_key, host_id=challenge["host_id"], proof=proof, **fields
+        )
+
     async def heartbeat(self, host_id: str, **fields: Any) -> dict[str, Any]:
         return await self._call("POST", f"/v1/hosts/{host_id}/heartbeat", fields)
 

@@ -14,11 +14,15 @@ import socket
 import ssl
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from agent.metrics.spool import spool_dir, spool_status
 from agent.state import Membership, StateDir
 from agent.wireguard.backend import WireGuardBackend
 from cladnet.tasks import cancel_and_wait
+
+if TYPE_CHECKING:
+    from agent.controller_client import ControllerClient
 
 log = logging.getLogger("cladnet.agent")
 
@@ -120,14 +124,44 @@ def join_token(args: argparse.Namespace) -> str:
     return from_env
 
 
+async def _join_or_rejoin(
+    client: ControllerClient, token: str, states: StateDir, fields: dict[str, Any], new_key: str
+) -> tuple[dict[str, Any], str]:
+    """Join, and the private key joined with. A host that already has state for the
+    token's network re-joins as itself with a proof of its saved key (same key, IP and
+    name); otherwise ``new_key`` joins as a new host. Safe to retry with the same
+    ``new_key``: a join that went through but whose answer was lost is proven, not
+    repeated."""
+    from agent.controller_client import ControllerError
+    from cladnet.keys import public_key_of
+
+    urls = set(client.urls)
+    for net_id in states.network_ids():
+        membership, _, saved = states.load(net_id)
+        # Only the controller that key belongs to is asked to challenge it.
+        if urls & {u.strip().rstrip("/") for u in membership.controller.split(",")}:
+            result = await client.rejoin(token, saved, **fields)
+            if result is not None:
+                return result, saved
+    try:
+        return await client.join(token, public_key=public_key_of(new_key), **fields), new_key
+    except ControllerError as exc:
+        if exc.code != "key_in_use":
+            raise
+        # A retried join whose first answer was lost: the host exists, with this very key.
+        result = await client.rejoin(token, new_key, **fields)
+        if result is None:
+            raise
+        return result, new_key
+
+
 async def cmd_join(args: argparse.Namespace) -> int:
     from agent import addresses
     from agent.controller_client import ControllerClient, fetch_pinned_ca, with_retries
-    from cladnet.keys import generate_keypair
+    from cladnet.keys import generate_keypair, public_key_of
 
     token = join_token(args)
     states = StateDir(Path(args.state_dir))
-    private_key, public_key = generate_keypair()
     local = await addresses.underlay_addresses()
     ca_pem = None
     verify: bool | ssl.SSLContext = True
@@ -138,23 +172,34 @@ async def cmd_join(args: argparse.Namespace) -> int:
         verify = ssl.create_default_context(cadata=ca_pem)
     client = ControllerClient(args.controller, verify=verify)
     try:
-        fields = {
-            "hostname": args.hostname,
-            "public_key": public_key,
+        fields: dict[str, Any] = {
+            "hostname": args.hostname or socket.gethostname(),
+            # The machine's own name (clones share it) may be given a -N suffix.
+            "explicit_hostname": args.hostname is not None,
             "addresses": local,
             "labels": _labels(args.label),
-            "replace": args.replace,
         }
         if args.listen_port:
             fields["listen_port"] = args.listen_port
+        new_key = generate_keypair()[0]  # once: retries of the join reuse it
         # A controller that restarts, or limits joins, must not leave this VM out for good.
-        result = await with_retries(lambda: client.join(token, **fields), args.join_timeout, "join")
+        result, private_key = await with_retries(
+            lambda: _join_or_rejoin(client, token, states, fields, new_key),
+            args.join_timeout,
+            "join",
+        )
     finally:
         await client.close()
+    public_key = public_key_of(private_key)
     net = result["network"]
+    if result.get("renamed_from"):
+        log.warning(
+            "hostname taken, joined under another",
+            extra={"requested": result["renamed_from"], "hostname": result["hostname"]},
+        )
     me = {
         "id": result["host_id"],
-        "name": args.hostname,
+        "name": result["hostname"],
         "network_id": net["id"],
         "public_key": public_key,
         "overlay_ip": result["overlay_ip"],
@@ -187,6 +232,7 @@ async def cmd_join(args: argparse.Namespace) -> int:
             {
                 "network": net["name"],
                 "host_id": result["host_id"],
+                "hostname": result["hostname"],
                 "overlay_ip": result["overlay_ip"],
                 "interface": membership.interface,
             }
@@ -336,7 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--ca-hash",
         help="sha256:… of the controller's CA (from the token's ca_cert_hash): pin it on join",
     )
-    j.add_argument("--hostname", default=socket.gethostname())
+    j.add_argument(
+        "--hostname", help="name in the network (default: this machine's, with -N if taken)"
+    )
     j.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     j.add_argument(
         "--interface",
@@ -344,7 +392,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="WireGuard interface name (default cl-<network>; env CLADNET_INTERFACE)",
     )
     j.add_argument("--listen-port", type=int)
-    j.add_argument("--replace", action="store_true", help="take over this hostname with a new key")
     j.add_argument("--no-run", action="store_true", help="join and exit (then use 'run')")
     common(j)
     serve(j)

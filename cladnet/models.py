@@ -150,13 +150,41 @@ class JoinTokenCreated(JoinToken):
 
 
 class JoinRequest(Strict):
+    """A join token creates a new host. Becoming an existing host (``host_id``) needs
+    ``proof`` (the answer to ``POST /v1/join/challenge``), or its current credential or
+    an admin token as the bearer."""
+
     token: Annotated[str, Field(min_length=1, max_length=512)]
     hostname: Hostname
+    # False: the machine's own name (cloned VMs share it), so a taken one gets a suffix
+    # (web-2). True: the caller chose it, and a taken one is an error.
+    explicit_hostname: bool = True
     public_key: PublicKey
     listen_port: Port | None = None
     addresses: Annotated[list[IfaceAddress], Field(max_length=64)] = []
     labels: Labels = {}
+    host_id: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    proof: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    # Old clients' "take over this name": now refused without proof of the host.
     replace: bool = False
+
+
+class ChallengeRequest(Strict):
+    """Ask for a challenge to prove possession of ``public_key``'s private key."""
+
+    token: Annotated[str, Field(min_length=1, max_length=512)]
+    public_key: PublicKey
+
+
+class ChallengeResponse(BaseModel):
+    """Answer with ``cladnet.keys.answer_challenge`` in ``JoinRequest.proof``, once,
+    before ``expires_at``."""
+
+    host_id: str
+    network_id: str
+    ephemeral_public_key: str
+    nonce: str
+    expires_at: float
 
 
 class Peer(BaseModel):
@@ -186,6 +214,9 @@ class Host(Peer):
 
 class JoinResponse(BaseModel):
     host_id: str
+    hostname: str  # the host's name in the network
+    # The requested hostname when it was taken and the host got another (web → web-2).
+    renamed_from: str | None = None
     credential: str
     overlay_ip: str
     prefix_len: int

@@ -23,6 +23,8 @@ from cladnet import __version__, metrics, tokens
 from cladnet.models import (
     AddressSpaces,
     AdminTokenCreate,
+    ChallengeRequest,
+    ChallengeResponse,
     CommandReport,
     CommandRequest,
     CommandRun,
@@ -90,6 +92,13 @@ def _error(
 def _observed(request: Request) -> str:
     """The caller's address as this controller sees it (its public address behind NAT)."""
     return request.client.host if request.client else "0.0.0.0"
+
+
+def _audit_join_token(request: Request, token: str) -> None:
+    """For the audit log: which join token a join or challenge used."""
+    parsed = tokens.parse(token)
+    if parsed is not None:
+        request.state.principal = Principal("join-token", token_id=parsed.id)
 
 
 # --- dependencies -------------------------------------------------------------------------
@@ -244,6 +253,8 @@ def create_app(settings: Settings) -> FastAPI:
         etcd = etcd_from_settings(settings)
         await etcd.connect()
         store = Store(etcd)
+        if await store.index_public_keys():
+            log.info("indexed the public keys of hosts that joined before keys were unique")
         configured = None
         if settings.admin_token:  # configured: accepted as is, never written anywhere
             configured = tokens.hash_secret(settings.admin_token)
@@ -521,18 +532,31 @@ def create_app(settings: Settings) -> FastAPI:
 
     # --- hosts (agents) ----------------------------------------------------------------
 
+    @app.post("/v1/join/challenge", dependencies=[Depends(join_allowed)])
+    async def join_challenge(req: ChallengeRequest, request: Request, db: Db) -> ChallengeResponse:
+        """A challenge for the holder of a registered key, to re-join as its host."""
+        _audit_join_token(request, req.token)
+        return await db.challenge(req)
+
     @app.post("/v1/join", dependencies=[Depends(join_allowed)])
     async def join(req: JoinRequest, request: Request, db: Db) -> JoinResponse:
-        parsed = tokens.parse(req.token)
-        if parsed is not None:  # for the audit log: which join token was used
-            request.state.principal = Principal("join-token", token_id=parsed.id)
+        vouched = None
+        if request.headers.get("authorization"):
+            # A host's credential re-joins as that host; an admin may name any host.
+            who = await principal(request)
+            vouched = who.host_id if who.kind == "host" else req.host_id if who.is_admin else None
+        if vouched is None:
+            _audit_join_token(request, req.token)
         observed = _observed(request)
-        peer, credential, net = await db.join(req, observed, "")
+        joined = await db.join(req, observed, vouched)
         JOINS.inc()
+        net = joined.network
         return JoinResponse(
-            host_id=peer.id,
-            credential=credential,
-            overlay_ip=peer.overlay_ip,
+            host_id=joined.peer.id,
+            hostname=joined.peer.name,
+            renamed_from=joined.renamed_from,
+            credential=joined.credential,
+            overlay_ip=joined.peer.overlay_ip,
             prefix_len=int(net.cidr.split("/")[1]),
             network=net,
             observed_address=observed,

@@ -7,6 +7,9 @@
 /cladnet/hosts/<host_id>                   host record (network, credential hash)
 /cladnet/hostnames/<net_id>/<hostname>     host_id           (unique name in a network)
 /cladnet/ips/<net_id>/<ip>                 host_id           (unique overlay IP)
+/cladnet/public-keys/<net_id>/<key hex>    host_id           (unique WireGuard key)
+/cladnet/challenges/<net_id>/<host_id>     the host's open key challenge (one per host,
+                                           a new one replaces it, used once)
 /cladnet/peers/<net_id>/<host_id>          Peer JSON — the watched prefix
 /cladnet/liveness/<net_id>/<host_id>       last seen + status report (changes often,
                                            kept apart so heartbeats do not wake watchers)
@@ -67,6 +70,15 @@ def hostname(net_id: str, name: str) -> bytes:
 
 def ip(net_id: str, address: str) -> bytes:
     return _k("ips", net_id, address)
+
+
+def public_key(net_id: str, key_hex: str) -> bytes:
+    """The owner of a WireGuard public key (hex: base64 has '/') in a network."""
+    return _k("public-keys", net_id, key_hex)
+
+
+def challenge(net_id: str, host_id: str) -> bytes:
+    return _k("challenges", net_id, host_id)
 
 
 def peer(net_id: str, host_id: str) -> bytes:

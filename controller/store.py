@@ -18,10 +18,12 @@ from typing import Any
 
 from aetcd import transactions as tx
 
-from cladnet import addrspace, ipam, tokens
+from cladnet import addrspace, ipam, keys, tokens
 from cladnet.models import (
     AddressSpaceBlock,
     AddressSpaces,
+    ChallengeRequest,
+    ChallengeResponse,
     EndpointsUpdate,
     Heartbeat,
     Host,
@@ -45,6 +47,8 @@ MAX_TXN_ATTEMPTS = 64
 IP_HINT_SECONDS = 10.0  # how stale the address hint may be (freed addresses reused after)
 # etcd rejects transactions with more operations than --max-txn-ops (default 128).
 TXN_CHUNK = 100
+CHALLENGE_SECONDS = 60.0  # how long a key challenge may be answered
+MAX_SUFFIXED_NAME = 240  # longer names are not given a -N suffix (hostnames stop at 253)
 
 
 def _dump(model: Any) -> bytes:
@@ -63,6 +67,45 @@ class Credential:
 
     host_id: str
     network_id: str
+
+
+@dataclass
+class Joined:
+    """A join's outcome: the host's peer record, its fresh credential, its network, and
+    the hostname it asked for when it got another (``web`` → ``web-2``)."""
+
+    peer: Peer
+    credential: str
+    network: Network
+    renamed_from: str | None
+
+
+def _key_in_use(net: Network) -> ApiError:
+    return conflict(
+        "key_in_use",
+        f"another host of network {net.name} has this public key; "
+        "a host that holds its private key re-joins with a proof (POST /v1/join/challenge)",
+    )
+
+
+def _check_proof(proof: str | None, challenge_kv: list[Any], peer: Peer) -> None:
+    """Raise 403 unless ``proof`` answers the host's open challenge for its current key."""
+    if proof is None:
+        raise ApiError(
+            403,
+            "proof_required",
+            f"becoming host {peer.id} needs its current credential, a proof of its "
+            "WireGuard key (POST /v1/join/challenge) or an admin",
+        )
+    if not challenge_kv:
+        raise ApiError(403, "invalid_proof", "no open challenge for this host; ask for one")
+    record = json.loads(challenge_kv[0][0])
+    if record["expires_at"] < time.time():
+        raise ApiError(403, "invalid_proof", "the challenge expired; ask for a new one")
+    if record["public_key"] != peer.public_key or not keys.check_proof(
+        proof, record["proof_digest"]
+    ):
+        raise ApiError(403, "invalid_proof", "the proof does not answer the host's challenge")
 
 
 class Store:
@@ -226,7 +269,7 @@ class Store:
             for i in range(0, len(ops), TXN_CHUNK):
                 await self.etcd.txn(compare=[], success=ops[i : i + TXN_CHUNK])
             last: list[Any] = []
-            for kind in ("ips", "hostnames", "liveness", "peers"):
+            for kind in ("ips", "hostnames", "public-keys", "challenges", "liveness", "peers"):
                 p = ks.prefix(kind, net.id)
                 last.append(tx.Delete(p, prefix_end(p)))
             last += [tx.Delete(ks.network(net.id)), tx.Delete(ks.network_name(net.name))]
@@ -314,8 +357,11 @@ class Store:
         res = await self.etcd.get_prefix(ks.prefix("token-uses", token_id), keys_only=True)
         return len(res.kvs)
 
-    async def _check_join_token(self, token: str) -> tuple[dict[str, Any], int]:
-        """The token record and its mod revision, or 401/403 with a reason."""
+    async def _check_join_token(
+        self, token: str, new_host: bool = True
+    ) -> tuple[dict[str, Any], int]:
+        """The token record and its mod revision, or 401/403 with a reason. Only a new
+        host uses up a limited token: a proven host re-joins with a used-up one."""
         parsed = tokens.parse(token)
         if parsed is None or parsed.kind != "clj":
             raise ApiError(401, "invalid_token", "not a join token")
@@ -326,7 +372,7 @@ class Store:
         if record["expires_at"] < time.time():
             raise ApiError(401, "token_expired", "the join token has expired")
         max_uses = record["max_uses"]
-        if max_uses is not None and await self._token_uses(parsed.id) >= max_uses:
+        if new_host and max_uses is not None and await self._token_uses(parsed.id) >= max_uses:
             raise ApiError(
                 403, "token_exhausted", f"the join token was used {max_uses} time(s) already"
             )
@@ -335,22 +381,36 @@ class Store:
     # --- hosts --------------------------------------------------------------------------
 
     async def join(
-        self, req: JoinRequest, observed: str, peers_url: str
-    ) -> tuple[Peer, str, Network]:
-        """Register a host (or re-register it with the same name) and return its credential."""
+        self, req: JoinRequest, observed: str, vouched_host: str | None = None
+    ) -> Joined:
+        """Register a new host; or, with ``req.host_id`` or ``vouched_host`` (the host the
+        caller's bearer credential proved, or the one an admin names), re-join an existing
+        one. A join token alone never becomes an existing host."""
+        if req.host_id is not None or vouched_host is not None:
+            return await self._rejoin(req, observed, vouched_host)
         fresh = False
+        key_hex = keys.key_to_hex(req.public_key)
         for _ in range(MAX_TXN_ATTEMPTS):
             token, _ = await self._check_join_token(req.token)
-            # The network and the hostname's record in one round trip.
+            # The network, the hostname's and the key's owners in one round trip.
             net_id = token["network_id"]
-            _, (net_kv, name_kv) = await self.etcd.txn(
-                [], [tx.Get(ks.network(net_id)), tx.Get(ks.hostname(net_id, req.hostname))]
+            _, (net_kv, name_kv, key_kv) = await self.etcd.txn(
+                [],
+                [
+                    tx.Get(ks.network(net_id)),
+                    tx.Get(ks.hostname(net_id, req.hostname)),
+                    tx.Get(ks.public_key(net_id, key_hex)),
+                ],
             )
             if not net_kv:
                 raise not_found("network", net_id)
             net = Network.model_validate_json(net_kv[0][0])
+            if key_kv:
+                raise _key_in_use(net)
+            name, renamed_from = req.hostname, None
             if name_kv:
-                return await self._rejoin(req, net, name_kv[0][0].decode(), token, observed)
+                name = await self._name_for_taken(req, net)
+                renamed_from = req.hostname
             cidr = ipaddress.IPv4Network(net.cidr)
             used_ips = await self._addresses_in_use(net.id, fresh)
             address = ipam.pick_address(cidr, used_ips)
@@ -369,7 +429,7 @@ class Store:
             now = time.time()
             peer = Peer(
                 id=host_id,
-                name=req.hostname,
+                name=name,
                 network_id=net.id,
                 public_key=req.public_key,
                 overlay_ip=str(address),
@@ -389,7 +449,8 @@ class Store:
             }
             compare = [
                 tx.Create(ks.ip(net.id, str(address))) == 0,
-                tx.Create(ks.hostname(net.id, req.hostname)) == 0,
+                tx.Create(ks.hostname(net.id, name)) == 0,
+                tx.Create(ks.public_key(net.id, key_hex)) == 0,
                 tx.Create(ks.network(net.id)) > 0,  # not deleted meanwhile
             ]
             slot = None
@@ -400,7 +461,8 @@ class Store:
                 compare.append(tx.Create(ks.token_slot(token["id"], slot)) == 0)
             success = [
                 tx.Put(ks.ip(net.id, str(address)), host_id.encode()),
-                tx.Put(ks.hostname(net.id, req.hostname), host_id.encode()),
+                tx.Put(ks.hostname(net.id, name), host_id.encode()),
+                tx.Put(ks.public_key(net.id, key_hex), host_id.encode()),
                 tx.Put(ks.host(host_id), _dump(host)),
                 tx.Put(ks.peer(net.id, host_id), _dump(peer)),
                 tx.Put(ks.liveness(net.id, host_id), _dump({"last_seen": now})),
@@ -417,17 +479,40 @@ class Store:
                     "host joined",
                     extra={
                         "host": host_id,
-                        "hostname": req.hostname,
+                        "hostname": name,
                         "network": net.name,
                         "ip": str(address),
                     },
                 )
-                return peer, credential, net
+                return Joined(peer, credential, net, renamed_from)
             TXN_RETRIES.labels("join").inc()
             # Most likely another controller took this address (it stays marked); if
-            # not, something else changed: read the addresses again.
+            # not, something else changed (a name, the key): read everything again.
             fresh = await self.etcd.get(ks.ip(net.id, str(address))) is None
         raise ApiError(503, "contention", "too many concurrent joins, try again")
+
+    async def _name_for_taken(self, req: JoinRequest, net: Network) -> str:
+        """The name a new host gets when its requested one is taken: ``web-2``, ``web-3``…
+        for a machine's own name; an error for a name the caller chose."""
+        if req.replace:
+            raise ApiError(
+                403,
+                "proof_required",
+                f"host {req.hostname!r} exists in network {net.name}: becoming it needs its "
+                "current credential or a proof of its WireGuard key (POST /v1/join/challenge)",
+            )
+        if req.explicit_hostname or len(req.hostname) > MAX_SUFFIXED_NAME:
+            raise conflict(
+                "hostname_taken",
+                f"a host named {req.hostname!r} is already in network {net.name}; choose "
+                "another hostname (a machine's own hostname would get a -N suffix)",
+            )
+        res = await self.etcd.get_prefix(ks.hostname(net.id, req.hostname + "-"), keys_only=True)
+        taken = {ks.last_segment(kv.key)[len(req.hostname) + 1 :] for kv in res}
+        n = 2
+        while str(n) in taken:
+            n += 1
+        return f"{req.hostname}-{n}"
 
     async def _addresses_in_use(self, net_id: str, fresh: bool) -> set[int]:
         """The overlay addresses in use in a network, read at most IP_HINT_SECONDS ago
@@ -439,37 +524,98 @@ class Store:
             self._used_ips[net_id] = cached = (time.monotonic(), used)
         return cached[1]
 
-    async def _rejoin(
-        self, req: JoinRequest, net: Network, host_id: str, token: dict[str, Any], observed: str
-    ) -> tuple[Peer, str, Network]:
-        """A known hostname joins again: same overlay IP, fresh credential."""
-        peer_kv = await self.etcd.get(ks.peer(net.id, host_id))
-        host_kv = await self.etcd.get(ks.host(host_id))
-        if peer_kv is None or host_kv is None:
-            raise ApiError(503, "contention", "host is being removed, try again")
-        peer = Peer.model_validate_json(peer_kv.value)
-        if peer.public_key != req.public_key and not req.replace:
-            raise conflict(
-                "host_exists",
-                f"host {req.hostname!r} is already in network {net.name} with another key; "
-                "leave first or join with replace=true",
-            )
-        host = json.loads(host_kv.value)
-        credential, host["credential_hash"] = tokens.mint("clh", host_id)
-        now = time.time()
-        peer = peer.model_copy(
-            update={
-                "public_key": req.public_key,
-                "listen_port": req.listen_port or peer.listen_port,
-                "addresses": req.addresses,
-                "labels": req.labels,
-                "public_address": observed,
-                "updated_at": now,
-            }
-        )
+    async def challenge(self, req: ChallengeRequest) -> ChallengeResponse:
+        """A challenge for the holder of a registered key in the token's network.
+
+        One open challenge per host (a new one replaces it), written only for a key
+        that is registered and with a valid join token: nothing grows with requests.
+        """
+        token, _ = await self._check_join_token(req.token, new_host=False)
+        net_id = token["network_id"]
+        index = ks.public_key(net_id, keys.key_to_hex(req.public_key))
+        owner = await self.etcd.get(index)
+        if owner is None:
+            raise ApiError(404, "host_not_found", "no host of this network has this public key")
+        host_id = owner.value.decode()
+        try:
+            made = keys.make_challenge(req.public_key, host_id, net_id)
+        except ValueError as exc:
+            raise bad_request("weak_key", "this public key cannot prove possession") from exc
+        expires_at = time.time() + CHALLENGE_SECONDS
+        record = {
+            "public_key": req.public_key,
+            "proof_digest": made.proof_digest,
+            "expires_at": expires_at,
+        }
         ok, _ = await self.etcd.txn(
-            compare=[tx.Mod(ks.peer(net.id, host_id)) == peer_kv.mod_revision],
-            success=[
+            # Still this host's key: a host that left meanwhile gets no orphaned challenge.
+            compare=[tx.Value(index) == host_id.encode()],
+            success=[tx.Put(ks.challenge(net_id, host_id), _dump(record))],
+        )
+        if not ok:
+            raise ApiError(404, "host_not_found", "no host of this network has this public key")
+        return ChallengeResponse(
+            host_id=host_id,
+            network_id=net_id,
+            ephemeral_public_key=made.ephemeral_public,
+            nonce=made.nonce,
+            expires_at=expires_at,
+        )
+
+    async def _rejoin(self, req: JoinRequest, observed: str, vouched_host: str | None) -> Joined:
+        """An existing host joins again (same overlay IP and name, fresh credential),
+        proven by ``vouched_host`` or by ``req.proof``; it may change its key."""
+        if vouched_host is not None and req.host_id not in (None, vouched_host):
+            raise ApiError(403, "forbidden", "the credential belongs to another host")
+        host_id = req.host_id or vouched_host
+        assert host_id is not None
+        token, _ = await self._check_join_token(req.token, new_host=False)
+        net = await self.get_network(token["network_id"])
+        new_hex = keys.key_to_hex(req.public_key)
+        for _ in range(MAX_TXN_ATTEMPTS):
+            _, (peer_kv, host_kv, challenge_kv, owner_kv) = await self.etcd.txn(
+                [],
+                [
+                    tx.Get(ks.peer(net.id, host_id)),
+                    tx.Get(ks.host(host_id)),
+                    tx.Get(ks.challenge(net.id, host_id)),
+                    tx.Get(ks.public_key(net.id, new_hex)),
+                ],
+            )
+            if not peer_kv or not host_kv:  # also: a host of another network
+                raise not_found("host", host_id)
+            peer_value, peer_meta = peer_kv[0]
+            peer = Peer.model_validate_json(peer_value)
+            compare = [tx.Mod(ks.peer(net.id, host_id)) == peer_meta.mod_revision]
+            success: list[Any] = []
+            if vouched_host is None:
+                _check_proof(req.proof, challenge_kv, peer)
+                # Used once: consumed by this very transaction.
+                compare.append(
+                    tx.Mod(ks.challenge(net.id, host_id)) == challenge_kv[0][1].mod_revision
+                )
+                success.append(tx.Delete(ks.challenge(net.id, host_id)))
+            if owner_kv and owner_kv[0][0].decode() != host_id:
+                raise _key_in_use(net)
+            if not owner_kv:
+                compare.append(tx.Create(ks.public_key(net.id, new_hex)) == 0)
+                success.append(tx.Put(ks.public_key(net.id, new_hex), host_id.encode()))
+            if req.public_key != peer.public_key:
+                success += await self._release_key(net.id, host_id, peer.public_key)
+            host = json.loads(host_kv[0][0])
+            credential, host["credential_hash"] = tokens.mint("clh", host_id)
+            now = time.time()
+            peer = peer.model_copy(
+                update={
+                    "public_key": req.public_key,
+                    "listen_port": req.listen_port or peer.listen_port,
+                    "addresses": req.addresses,
+                    "labels": req.labels,
+                    "public_address": observed,
+                    "updated_at": now,
+                }
+            )
+            success += [
                 tx.Put(ks.host(host_id), _dump(host)),
                 tx.Put(ks.peer(net.id, host_id), _dump(peer)),
                 tx.Put(ks.liveness(net.id, host_id), _dump({"last_seen": now})),
@@ -480,12 +626,52 @@ class Store:
                     if token["max_uses"] is None
                     else []
                 ),
-            ],
-        )
-        if not ok:
-            raise ApiError(503, "contention", "host changed concurrently, try again")
-        log.info("host re-joined", extra={"host": host_id, "network": net.name})
-        return peer, credential, net
+            ]
+            ok, _ = await self.etcd.txn(compare, success)
+            if ok:
+                log.info(
+                    "host re-joined",
+                    extra={
+                        "host": host_id,
+                        "network": net.name,
+                        "by": "credential" if vouched_host else "key proof",
+                    },
+                )
+                return Joined(peer, credential, net, None)
+            TXN_RETRIES.labels("rejoin").inc()
+        raise ApiError(503, "contention", "host changed concurrently, try again")
+
+    async def index_public_keys(self) -> int:
+        """Index the keys of hosts that joined before keys were unique (idempotent, run at
+        start); returns how many were added. Of two hosts that share a key, the first
+        indexed keeps it and the other is logged (it must re-key through its agent)."""
+        indexed = {
+            kv.key for kv in await self.etcd.get_prefix(ks.prefix("public-keys"), keys_only=True)
+        }
+        added = 0
+        for kv in await self.etcd.get_prefix(ks.prefix("peers")):
+            peer = Peer.model_validate_json(kv.value)
+            index = ks.public_key(peer.network_id, keys.key_to_hex(peer.public_key))
+            if index in indexed:
+                continue
+            ok, _ = await self.etcd.txn(
+                compare=[tx.Create(index) == 0, tx.Mod(kv.key) == kv.mod_revision],
+                success=[tx.Put(index, peer.id.encode())],
+            )
+            if ok:
+                indexed.add(index)
+                added += 1
+            else:
+                log.warning("public key not indexed: shared or changed", extra={"host": peer.id})
+        return added
+
+    async def _release_key(self, net_id: str, host_id: str, public_key: str) -> list[Any]:
+        """The operations that free a host's old key for others (if it holds the index)."""
+        index = ks.public_key(net_id, keys.key_to_hex(public_key))
+        owner = await self.etcd.get(index)
+        if owner is None or owner.value.decode() != host_id:
+            return []
+        return [tx.Delete(index)]
 
     async def authenticate_host(self, token: str) -> Credential | None:
         """The host a ``clh_`` credential belongs to, or None."""
@@ -522,11 +708,19 @@ class Store:
                 return peer, False
             if "public_address" in changed:
                 await self._touch_liveness(peer, {"public_address_changed_at": time.time()})
-            peer = peer.model_copy(update={**changed, "updated_at": time.time()})
-            ok, _ = await self.etcd.txn(
-                compare=[tx.Mod(ks.peer(host["network_id"], host_id)) == peer_kv.mod_revision],
-                success=[tx.Put(ks.peer(host["network_id"], host_id), _dump(peer))],
-            )
+            net_id = host["network_id"]
+            updated = peer.model_copy(update={**changed, "updated_at": time.time()})
+            compare = [tx.Mod(ks.peer(net_id, host_id)) == peer_kv.mod_revision]
+            success = [tx.Put(ks.peer(net_id, host_id), _dump(updated))]
+            if "public_key" in changed:  # the new key must be no other host's
+                index = ks.public_key(net_id, keys.key_to_hex(updated.public_key))
+                if await self.etcd.get(index) is not None:
+                    raise _key_in_use(await self.get_network(net_id))
+                compare.append(tx.Create(index) == 0)
+                success.append(tx.Put(index, host_id.encode()))
+                success += await self._release_key(net_id, host_id, peer.public_key)
+            peer = updated
+            ok, _ = await self.etcd.txn(compare, success)
             if ok:
                 log.info("peer updated", extra={"host": host_id, "fields": sorted(changed)})
                 return peer, True
@@ -574,13 +768,15 @@ class Store:
         await self._touch_liveness(peer, {"status": status.model_dump(), "last_seen": time.time()})
 
     async def leave(self, host_id: str) -> Peer:
-        """Remove a host and release its overlay IP and hostname."""
+        """Remove a host and release its overlay IP, hostname and key."""
         host, peer_kv = await self._load_host(host_id)
         peer = Peer.model_validate_json(peer_kv.value)
         net_id = host["network_id"]
         await self.etcd.txn(
             compare=[],
             success=[
+                *await self._release_key(net_id, host_id, peer.public_key),
+                tx.Delete(ks.challenge(net_id, host_id)),
                 tx.Delete(ks.peer(net_id, host_id)),
                 tx.Delete(ks.liveness(net_id, host_id)),
                 tx.Delete(ks.ip(net_id, peer.overlay_ip)),

@@ -10,7 +10,7 @@ from tests.test_controller_api import join, make_network, make_token
 
 PUBLIC = {
     ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"), ("GET", "/v1/ca"),
-    ("POST", "/v1/join"),
+    ("POST", "/v1/join"), ("POST", "/v1/join/challenge"),
 }  # fmt: skip
 
 # (method, path template) → who may call it: admin, viewer, self (the host itself),

@@ -172,22 +172,23 @@ def test_join_allocates_ip_and_rejoin_keeps_it(admin: httpx.Client, controller: 
     assert body["credential"].startswith("clh_")
     assert priv not in r.text
 
-    again = join(controller, token, "vm1", pub)
-    assert again.status_code == 200
+    # The same name and key again, with only the token: not the host (its key is public).
+    assert_error(join(controller, token, "vm1", pub), 409, "key_in_use")
+    # Proven by its credential, it re-joins: same IP, and the old credential is replaced.
+    with controller.client(body["credential"]) as c:
+        again = c.post("/v1/join", json={"token": token, "hostname": "vm1", "public_key": pub})
+    assert again.status_code == 200, again.text
     assert again.json()["overlay_ip"] == body["overlay_ip"]
     assert again.json()["host_id"] == body["host_id"]
-    # The old credential is replaced by the new one.
     with controller.client(body["credential"]) as old:
         assert_error(old.post(f"/v1/hosts/{body['host_id']}/heartbeat"), 401, "unauthorized")
 
-    # Same name, other key: refused unless replace=true, which keeps the IP.
+    # Same name, other key: a new host needs another name; replace=true needs a proof.
     other = generate_keypair()[1]
-    assert_error(join(controller, token, "vm1", other), 409, "host_exists")
-    replaced = join(controller, token, "vm1", other, replace=True)
-    assert replaced.status_code == 200
-    assert replaced.json()["overlay_ip"] == body["overlay_ip"]
+    assert_error(join(controller, token, "vm1", other), 409, "hostname_taken")
+    assert_error(join(controller, token, "vm1", other, replace=True), 403, "proof_required")
     peers = admin.get("/v1/networks/prod/peers").json()["peers"]
-    assert [p["public_key"] for p in peers] == [other]
+    assert [p["public_key"] for p in peers] == [pub]
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from agent.controller_client import ControllerClient, ControllerError
 from cladnet.keys import generate_keypair
 from tests.components import Controller, EtcdCluster, free_port
 from tests.test_controller_api import make_network, make_token
@@ -31,10 +32,25 @@ def cluster(tmp_path: Path):
 
 async def _join(client: httpx.AsyncClient, token: str, name: str, outcomes: Counter) -> dict:
     """Join like an agent: retry what failed cleanly (5xx, broken connection)."""
-    body = {"token": token, "hostname": name, "public_key": generate_keypair()[1]}
+    private, public = generate_keypair()
+    body = {"token": token, "hostname": name, "public_key": public}
     for _ in range(40):
         try:
             r = await client.post("/v1/join", json=body)
+            if r.status_code == 409 and r.json()["error"] == "key_in_use":
+                # An earlier try joined but its answer was lost (etcd applied the txn
+                # as the leader died): prove the key and re-join, as the agent does.
+                outcomes["rejoined_with_key_proof"] += 1
+                agent = ControllerClient(str(client.base_url))
+                try:
+                    joined = await agent.rejoin(token, private, hostname=name)
+                    assert joined is not None, "key_in_use, yet no host has the key"
+                    return joined
+                except ControllerError as exc:
+                    assert exc.status >= 500, exc
+                    r = httpx.Response(exc.status, json={"error": exc.code})
+                finally:
+                    await agent.close()
         except httpx.TransportError:
             outcomes["transport_error"] += 1
         else:
