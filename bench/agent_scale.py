@@ -173,9 +173,9 @@ async def make_agent(state: Path, held: int, timing: Timing) -> tuple[NetworkAge
     return agent, feed
 
 
-async def until(predicate: Any, backend: MemoryBackend, timeout: float) -> float:
+async def until(predicate: Any, backend: MemoryBackend, limit: float) -> float:
     """Wait until ``predicate()`` holds (checked on every device change); when it did."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + limit
     while not predicate():
         backend.changed.clear()
         left = deadline - time.monotonic()
@@ -235,7 +235,9 @@ async def measure(variant: str, held: int, burst: int, single: int) -> dict[str,
                 want = f"203.0.113.{i % 250 + 1}:51820"
                 sent = time.monotonic()
                 feed.send("MODIFIED", moved)
-                seen = await until(lambda: backend.peers[key].endpoint == want, backend, 60)
+                seen = await until(
+                    lambda k=key, w=want: backend.peers[k].endpoint == w, backend, 60
+                )
                 latencies.append(seen - sent)
             per_event = (time.process_time() - cpu1) / max(1, single)
             await asyncio.sleep(agent.timing.save_every)  # let the trailing save run
