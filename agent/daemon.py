@@ -456,14 +456,9 @@ class NetworkAgent:
                 await backoff.wait()
         return self.m.metrics
 
-    async def _report_status(self, peers: list[dict[str, Any]]) -> None:
-        try:
-            await self.client.report_status(self.m.host_id, peers)
-        except (ControllerError, *NETWORK_ERRORS) as exc:
-            log.debug("status report failed", extra={"error": repr(exc)})
-
     async def metrics_loop(self) -> None:
-        """Host + overlay metrics: to the broker (if any), the pull server and the controller."""
+        """Host + overlay metrics (per-peer health too): to the broker (if any) and the pull
+        server; the controller only gets heartbeats."""
         settings = await self._metrics_settings()
         broker = None
         if settings.get("broker"):
@@ -479,7 +474,6 @@ class NetworkAgent:
             peers=lambda: self.m.peers,
             broker=broker,
             ack_topic=settings.get("ack_topic"),
-            status=self._report_status,
             server=self.metrics_server,
         )
         self.metrics = reporter

@@ -25,7 +25,6 @@ from cladnet.models import (
     EndpointsUpdate,
     Heartbeat,
     Host,
-    HostStatus,
     JoinRequest,
     JoinToken,
     JoinTokenCreated,
@@ -43,6 +42,9 @@ log = logging.getLogger("cladnet.controller.store")
 
 MAX_TXN_ATTEMPTS = 64
 IP_HINT_SECONDS = 10.0  # how stale the address hint may be (freed addresses reused after)
+# The agents' heartbeat is 10 s; liveness is written at most this often per host.
+LIVENESS_EVERY = 5.0
+LIVENESS_FIELDS = ("last_seen", "public_address_changed_at")
 # etcd rejects transactions with more operations than --max-txn-ops (default 128).
 TXN_CHUNK = 100
 
@@ -82,6 +84,8 @@ class Store:
         # network creation brings it up to date with what changed since.
         self._underlay: dict[bytes, list[ipaddress.IPv4Network]] = {}
         self._underlay_rev = 0
+        # host id → when this controller last wrote its last_seen (monotonic).
+        self._seen_written: dict[str, float] = {}
 
     # --- networks -----------------------------------------------------------------------
 
@@ -569,14 +573,21 @@ class Store:
         raise ApiError(503, "contention", "host changed concurrently, try again")
 
     async def _touch_liveness(self, peer: Peer, fields: dict[str, Any]) -> None:
+        """Merge ``fields`` into the host's liveness record: when it was last seen and when
+        its public address last moved — nothing else (telemetry goes to the collector)."""
         key = ks.liveness(peer.network_id, peer.id)
         kv = await self.etcd.get(key)
         record = json.loads(kv.value) if kv is not None else {}
         record.update(fields)
-        await self.etcd.put(key, _dump(record))
+        kept = {k: v for k, v in record.items() if k in LIVENESS_FIELDS}
+        await self.etcd.put(key, _dump(kept))
 
     async def heartbeat(self, host_id: str, req: Heartbeat, observed: str) -> tuple[Peer, bool]:
-        """Record liveness; update the peer (and so wake watchers) only when an address moved."""
+        """Record liveness; update the peer (and so wake watchers) only when an address moved.
+
+        ``last_seen`` is written at most once per ``LIVENESS_EVERY`` per host (by this
+        controller): a host that heartbeats faster costs no more etcd writes.
+        """
         peer, changed = await self._update_peer(
             host_id,
             {
@@ -585,7 +596,10 @@ class Store:
                 "public_address": observed,
             },
         )
-        await self._touch_liveness(peer, {"last_seen": time.time()})
+        now = time.monotonic()
+        if changed or now - self._seen_written.get(host_id, -LIVENESS_EVERY) >= LIVENESS_EVERY:
+            self._seen_written[host_id] = now
+            await self._touch_liveness(peer, {"last_seen": time.time()})
         return peer, changed
 
     async def update_endpoints(self, host_id: str, req: EndpointsUpdate, observed: str) -> Peer:
@@ -600,13 +614,6 @@ class Store:
             },
         )
         return peer
-
-    async def report_status(self, host_id: str, status: HostStatus) -> None:
-        _, peer_kv = await self._load_host(host_id)
-        peer = Peer.model_validate_json(peer_kv.value)
-        if status.reported_at is None:
-            status = status.model_copy(update={"reported_at": time.time()})
-        await self._touch_liveness(peer, {"status": status.model_dump(), "last_seen": time.time()})
 
     async def leave(self, host_id: str) -> Peer:
         """Remove a host and release its overlay IP and hostname."""
@@ -623,6 +630,7 @@ class Store:
                 tx.Delete(ks.host(host_id)),
             ],
         )
+        self._seen_written.pop(host_id, None)
         if net_id in self._used_ips:  # free for the next join through this controller
             self._used_ips[net_id][1].discard(int(ipaddress.IPv4Address(peer.overlay_ip)))
         log.info("host left", extra={"host": host_id, "network_id": net_id})

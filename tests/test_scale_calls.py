@@ -11,10 +11,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 from aetcd import transactions as tx
 
 from cladnet import tokens
+from cladnet.metrics import Batch
 from cladnet.models import Group, GroupMember, JoinRequest, NetworkCreate, TokenCreate, Vm
 from controller import keyspace as ks
 from controller.audit import AuditLog
@@ -22,7 +24,10 @@ from controller.errors import ApiError
 from controller.etcd import Etcd
 from controller.groups import Drivers, GroupStore, Reconciler
 from controller.store import Store
+from tests.components import Controller, Mosquitto, wait_until
 from tests.components import Etcd as EtcdServer
+from tests.test_controller_api import join, make_network, make_token
+from tests.test_monitoring import _publish
 
 
 class CountingEtcd(Etcd):
@@ -223,3 +228,79 @@ async def test_the_group_reconciler_follows_a_watch_instead_of_rescanning(db) ->
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     assert json.loads((await etcd.get(ks.group("idle"))).value)["name"] == "idle"
+
+
+# --- telemetry out of etcd ---------------------------------------------------------------
+
+
+def publish_health(
+    ctl: Controller, broker: Mosquitto, network: str, host: dict, name: str, peers: dict
+) -> None:
+    """What an agent publishes about its peers (peer name → handshake_age_s, latency_ms):
+    the per-peer series of one metrics batch, over MQTT to the collector."""
+    with ctl.client(token=host["credential"]) as c:
+        r = c.post(f"/v1/hosts/{host['host_id']}/metrics-credentials")
+    r.raise_for_status()
+    creds = r.json()
+    batch = Batch(network=network, host=name, seq=0, ts=time.time(), interval=2.0)
+    for peer, figures in peers.items():
+        if figures.get("handshake_age_s") is not None:
+            batch.add("wireguard_peer_handshake_age_seconds", figures["handshake_age_s"], peer=peer)
+        batch.add("wireguard_peer_receive_bytes_total", 10.0, peer=peer)
+        batch.add("wireguard_peer_transmit_bytes_total", 10.0, peer=peer)
+        if figures.get("latency_ms") is not None:
+            batch.add("wireguard_peer_latency_seconds", figures["latency_ms"] / 1000, peer=peer)
+    asyncio.run(_publish(broker, creds, creds["topic"], batch.encode()))
+
+
+def etcd_revision(server: EtcdServer) -> int:
+    """etcd's revision: it grows by one with every write (put, delete, transaction)."""
+    r = httpx.post(f"{server.url}/v3/kv/range", json={"key": "Lw=="}, timeout=10)
+    return int(r.json()["header"]["revision"])
+
+
+def test_status_traffic_writes_nothing_to_etcd_beyond_liveness(
+    etcd: EtcdServer, metrics_controller: Controller, mosquitto: Mosquitto, make_collector
+) -> None:
+    collector = make_collector()
+    hosts = 12
+    with metrics_controller.client() as admin:
+        make_network(admin, "tele", cidr="10.76.0.0/24")
+        token = make_token(admin, "tele")
+    joined = {f"vm{n}": join(metrics_controller, token, f"vm{n}").json() for n in range(hosts)}
+    for name, host in joined.items():  # credentials first: they are etcd writes of their own
+        publish_health(metrics_controller, mosquitto, "tele", host, name, {})
+    before = etcd_revision(etcd)
+    for name, host in joined.items():
+        with metrics_controller.client(token=host["credential"]) as c:
+            for _ in range(3):  # a host heartbeating faster than it should
+                assert c.post(f"/v1/hosts/{host['host_id']}/heartbeat", json={}).status_code == 200
+            # An agent of the old kind still posting its per-peer status: refused, not stored.
+            r = c.post(f"/v1/hosts/{host['host_id']}/status", json={"peers": []})
+            assert r.status_code == 410 and r.json()["error"] == "gone"
+        ok = {"handshake_age_s": 3.0, "latency_ms": 1.0}
+        publish_health(
+            metrics_controller,
+            mosquitto,
+            "tele",
+            host,
+            name,
+            dict.fromkeys(set(joined) - {name}, ok),
+        )
+    # One liveness write per host, however often it reported (the old path: one per
+    # heartbeat and one per status report).
+    assert etcd_revision(etcd) - before == hosts
+
+    def complete() -> dict | None:
+        with collector.client() as c:
+            seen = c.get("/v1/networks/tele/pairs").json()["hosts"]
+        return (
+            seen
+            if len(seen) == hosts and all(len(h["peers"]) == hosts - 1 for h in seen.values())
+            else None
+        )
+
+    pairs = wait_until(complete, 20, what="every host's pair health at the collector")
+    assert all(
+        p["latency_ms"] == pytest.approx(1.0) for h in pairs.values() for p in h["peers"].values()
+    )
