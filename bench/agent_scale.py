@@ -12,7 +12,8 @@ in-memory WireGuard device (``MemoryBackend``, which records what it is asked to
 So the figures are the agent's own: no controller, no wireguard-go.
 
 Per variant, in this process: the agent lists ``--peers`` peers and brings its device up
-to them; then ``--burst`` ADDED events are fed at once. Measured from the first event:
+to them; then ``--burst`` ADDED events are fed at ``--rate`` per second (500: what two
+controllers sustain, see the joins bench). Measured from the first event:
 CPU seconds (this process, ``time.process_time``), bytes written (``wchar`` of
 /proc/self/io: the state saves; logging is off meanwhile), and when the device holds every
 peer, from the last join. Then ``--single`` endpoint changes one at a time: event-to-
@@ -194,8 +195,9 @@ def wchar() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("wchar:"))
 
 
-async def measure(variant: str, held: int, burst: int, single: int) -> dict[str, Any]:
-    """One agent: list ``held`` peers, absorb ``burst`` joins, then ``single`` changes."""
+async def measure(variant: str, held: int, burst: int, single: int, rate: int) -> dict[str, Any]:
+    """One agent: list ``held`` peers, absorb ``burst`` joins (``rate`` per second, 0: all
+    at once), then ``single`` changes."""
     coalesce = None if variant == "per-event" else Timing().coalesce
     with tempfile.TemporaryDirectory(prefix="cl-agent-scale-") as tmp:
         agent, feed = await make_agent(Path(tmp), held, Timing(coalesce=coalesce))
@@ -207,8 +209,10 @@ async def measure(variant: str, held: int, burst: int, single: int) -> dict[str,
             gets0, applies0 = backend.gets, backend.applies
             cpu0, written0, started = time.process_time(), wchar(), time.monotonic()
             first = held + 2
-            for n in range(first, first + burst):
+            for i, n in enumerate(range(first, first + burst)):
                 feed.send("ADDED", peer(n))
+                if rate and i % max(1, rate // 100) == 0:  # paced in 10-ms ticks
+                    await asyncio.sleep(0.01)
             last_join = time.monotonic()
             done = await until(lambda: len(backend.peers) == held + burst, backend, 600)
             # Everything the burst causes: deferred keepalives, the trailing save.
@@ -246,6 +250,7 @@ async def measure(variant: str, held: int, burst: int, single: int) -> dict[str,
                 "variant": variant,
                 "peers_held": held,
                 "burst_joins": burst,
+                "joins_per_second": rate or None,
                 "burst": burst_row,
                 "single_events": single,
                 "event_to_device_ms": {
@@ -270,6 +275,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="small sizes, for CI")
     p.add_argument("--peers", type=int, default=2000)
     p.add_argument("--burst", type=int, default=500)
+    p.add_argument("--rate", type=int, default=500, help="joins/s in the burst; 0: at once")
     p.add_argument("--single", type=int, default=20)
     p.add_argument("--large", type=int, default=5000, help="0: skip the large size")
     args = p.parse_args(argv)
@@ -279,11 +285,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    rows = [
-        await measure(v, args.peers, args.burst, args.single) for v in ("coalesced", "per-event")
-    ]
+    variants = ("coalesced", "per-event")
+    rows = [await measure(v, args.peers, args.burst, args.single, args.rate) for v in variants]
     if args.large:
-        rows.append(await measure("coalesced", args.large, args.burst, args.single))
+        rows.append(await measure("coalesced", args.large, args.burst, args.single, args.rate))
     new, old = rows[0]["burst"], rows[1]["burst"]
     ratios = {
         k: round(old[k] / new[k], 1) if new[k] else None
@@ -294,6 +299,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "inputs": {
             "peers": args.peers,
             "burst": args.burst,
+            "rate": args.rate,
             "single": args.single,
             "large": args.large,
             "smoke": args.smoke,
