@@ -149,7 +149,7 @@ class NetworkAgent:
         self._full_due = False
         self._last_full = time.monotonic()
         desired = mesh.plan(self.m.network, self.m.me, list(self.m.peers.values()))
-        self._note_skipped(dict(desired.skipped), self.m.peers.keys())
+        self._note_skipped(dict(desired.skipped), set(self.m.peers) | set(self._skipped))
         self._conflicts.rebuild(self.m.peers)
         self._applied = {pid: desired.peers[key] for pid, key in desired.ids.items()}
         try:
@@ -157,7 +157,7 @@ class NetworkAgent:
             changes = mesh.diff(desired, actual, own_key=self.m.me.get("public_key"))
             if force_endpoints:
                 changes = mesh.with_endpoint_refresh(changes, desired)
-            await self._apply(changes)
+            await self._apply(changes, self._applied)
         except BaseException:
             self._full_due = True  # the device is not what we believe: read it next time
             raise
@@ -181,14 +181,16 @@ class NetworkAgent:
             self._applied.update(planned.configs)
             try:
                 await self._apply(
-                    mesh.diff_plans(before, planned.configs, own_key=self.m.me.get("public_key"))
+                    mesh.diff_plans(before, planned.configs, own_key=self.m.me.get("public_key")),
+                    planned.configs,
                 )
             except BaseException:
                 self._full_due = True
                 raise
 
-    async def _apply(self, changes: mesh.DeviceChanges) -> None:
-        """Apply ``changes``; note held-back keepalives (as applied) and add them later."""
+    async def _apply(self, changes: mesh.DeviceChanges, planned: dict[str, Any]) -> None:
+        """Apply ``changes``; note held-back keepalives (as applied) and add them later.
+        ``planned``: the peer ids the changes were planned for (where deferrals are)."""
         if changes:
             await self.backend.apply(self.iface, changes)
             log.info(
@@ -196,7 +198,8 @@ class NetworkAgent:
             )
         if changes.keepalive_deferred:
             deferred = set(changes.keepalive_deferred)
-            for pid, config in self._applied.items():
+            for pid in list(planned):
+                config = self._applied[pid]
                 if config.public_key in deferred:
                     self._applied[pid] = replace(config, keepalive=0)
                     self._changed.add(pid)  # the next incremental pass adds the keepalive
@@ -306,6 +309,8 @@ class NetworkAgent:
             if event["id"] == self.m.host_id:
                 self.removed.set()
                 return False
+            if not isinstance(event["id"], str):
+                raise TypeError("peer id is not a string")
             if self.m.peers.pop(event["id"], None) is None:
                 return False
             self._changed.add(event["id"])
@@ -318,6 +323,8 @@ class NetworkAgent:
             self.m.me = peer
             self._full_due = True  # every endpoint and keepalive may depend on it
             return True
+        if not isinstance(peer["id"], str):
+            raise TypeError("peer id is not a string")
         self.m.peers[peer["id"]] = peer
         self._changed.add(peer["id"])
         return True
