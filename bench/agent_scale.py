@@ -120,18 +120,23 @@ class FeedClient:
 
     def __init__(self, peers: list[dict[str, Any]], revision: int) -> None:
         self.listed, self.revision = peers, revision
-        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        # (when the controller sends it, event): the schedule does not wait for the agent.
+        self.queue: asyncio.Queue[tuple[float, dict[str, Any]]] = asyncio.Queue()
 
     async def list_peers(self, network_id: str) -> tuple[list[dict[str, Any]], int]:
         return self.listed, self.revision
 
     async def watch_peers(self, network_id: str, since: int) -> AsyncIterator[dict[str, Any]]:
         while True:
-            yield await self.queue.get()
+            at, event = await self.queue.get()
+            if (wait := at - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
+            yield event
 
-    def send(self, kind: str, peer: dict[str, Any]) -> None:
+    def send(self, kind: str, peer: dict[str, Any], at: float = 0.0) -> None:
+        """Stream an event, not before ``at`` (monotonic)."""
         self.revision += 1
-        self.queue.put_nowait({"type": kind, "revision": self.revision, "peer": peer})
+        self.queue.put_nowait((at, {"type": kind, "revision": self.revision, "peer": peer}))
 
     async def reconnect(self) -> None:
         return None
@@ -210,10 +215,8 @@ async def measure(variant: str, held: int, burst: int, single: int, rate: int) -
             cpu0, written0, started = time.process_time(), wchar(), time.monotonic()
             first = held + 2
             for i, n in enumerate(range(first, first + burst)):
-                feed.send("ADDED", peer(n))
-                if rate and i % max(1, rate // 100) == 0:  # paced in 10-ms ticks
-                    await asyncio.sleep(0.01)
-            last_join = time.monotonic()
+                feed.send("ADDED", peer(n), at=started + i / rate if rate else 0.0)
+            last_join = started + (burst - 1) / rate if rate else started
             done = await until(lambda: len(backend.peers) == held + burst, backend, 600)
             # Everything the burst causes: deferred keepalives, the trailing save.
             await asyncio.sleep(agent.timing.keepalive_delay + 0.1)
