@@ -266,9 +266,6 @@ class ControllerClient:
     async def update_endpoints(self, host_id: str, **fields: Any) -> dict[str, Any]:
         return await self._call("PUT", f"/v1/hosts/{host_id}/endpoints", fields)
 
-    async def report_status(self, host_id: str, peers: list[dict[str, Any]]) -> None:
-        await self._call("POST", f"/v1/hosts/{host_id}/status", {"peers": peers})
-
     async def metrics_credentials(self, host_id: str) -> dict[str, Any]:
         """Where and as whom to publish metrics (a fresh broker password each call)."""
         return await self._call("POST", f"/v1/hosts/{host_id}/metrics-credentials")

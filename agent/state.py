@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -99,9 +99,13 @@ class StateDir:
         )
 
     def save(self, membership: Membership) -> None:
-        write_private(
-            self._net(membership.network_id) / "membership.json", json.dumps(asdict(membership))
-        )
+        """Write the whole membership atomically (one snapshot: peers and their revision).
+
+        Serialised straight from the live objects, without ``asdict``'s deep copy (at
+        thousands of peers that copy cost more than the JSON).
+        """
+        record = {f.name: getattr(membership, f.name) for f in fields(membership)}
+        write_private(self._net(membership.network_id) / "membership.json", json.dumps(record))
 
     def save_ca(self, network_id: str, pem: str) -> str:
         """Pin the controller's CA for this network; returns the file's path."""

@@ -209,7 +209,6 @@ class Host(Peer):
     created_at: float
     last_seen: float | None = None
     public_address_changed_at: float | None = None
-    status: HostStatus | None = None
 
 
 class JoinResponse(BaseModel):
@@ -242,19 +241,6 @@ class EndpointsUpdate(Strict):
     listen_port: Port | None = None
     public_key: PublicKey | None = None
     endpoints: Annotated[list[str], Field(max_length=16)] | None = None
-
-
-class PeerStatus(Strict):
-    peer_id: Annotated[str, Field(max_length=64)]
-    handshake_age_s: Annotated[float, Field(ge=0)] | None = None
-    rx_bytes: Annotated[int, Field(ge=0)] = 0
-    tx_bytes: Annotated[int, Field(ge=0)] = 0
-    latency_ms: Annotated[float, Field(ge=0)] | None = None
-
-
-class HostStatus(Strict):
-    peers: Annotated[list[PeerStatus], Field(max_length=10_000)] = []
-    reported_at: float | None = None
 
 
 class PeerList(BaseModel):

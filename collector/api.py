@@ -22,6 +22,13 @@ from cladnet.alarms import AlarmEngine, Rule, RuleError
 from collector.ingest import Ingest
 
 DOWN_AFTER_INTERVALS = 3
+# The agents' per-peer series (label ``peer``) → the field of a pair's health.
+PAIR_FIELDS = {
+    "wireguard_peer_handshake_age_seconds": "handshake_age_s",
+    "wireguard_peer_latency_seconds": "latency_ms",
+    "wireguard_peer_receive_bytes_total": "rx_bytes",
+    "wireguard_peer_transmit_bytes_total": "tx_bytes",
+}
 
 
 class ApiError(Exception):
@@ -209,6 +216,30 @@ def create_app(
             if s.name == "wireguard_peer_latency_seconds":
                 matrix.setdefault(s.host, {})[dict(s.labels).get("peer", "?")] = s.value
         return {"network": network, "unit": "seconds", "matrix": matrix}
+
+    @app.get("/v1/networks/{network}/pairs")
+    async def pairs(network: str, _: Auth) -> Any:
+        """Per-pair health as each host last reported it (reporter → peer name → figures),
+        from one read of the network's newest samples: the CLI's and dashboard's status."""
+        now = time.time()
+        hosts: dict[str, dict[str, Any]] = {}
+        for s in await store.latest(network=network):
+            field = PAIR_FIELDS.get(s.name)
+            peer = dict(s.labels).get("peer")
+            if field is None or peer is None:
+                continue
+            entry = hosts.setdefault(
+                s.host, {"up": _up(network, s.host, now), "ts": s.ts, "peers": {}}
+            )
+            entry["ts"] = max(entry["ts"], s.ts)
+            row = entry["peers"].setdefault(peer, dict.fromkeys(PAIR_FIELDS.values()))
+            if field == "handshake_age_s":  # as of now, not as of the sample
+                row[field] = s.value + max(0.0, now - s.ts)
+            elif field == "latency_ms":
+                row[field] = s.value * 1000
+            else:
+                row[field] = s.value
+        return {"network": network, "hosts": hosts}
 
     @app.get("/v1/ingest")
     async def ingest_stats(_: Auth) -> Any:

@@ -35,7 +35,6 @@ from cladnet.models import (
     Heartbeat,
     HeartbeatResponse,
     Host,
-    HostStatus,
     JoinRequest,
     JoinResponse,
     JoinToken,
@@ -592,11 +591,11 @@ def create_app(settings: Settings) -> FastAPI:
         auth.require_self(p, host_id)
         return await db.update_endpoints(host_id, req, _observed(request))
 
-    @app.post("/v1/hosts/{host_id}/status", status_code=204)
-    async def report_status(host_id: str, req: HostStatus, p: Caller, db: Db) -> Response:
+    @app.post("/v1/hosts/{host_id}/status", status_code=410)
+    async def report_status(host_id: str, p: Caller) -> Response:
+        """Gone: per-peer health travels with the metrics (MQTT → collector), not etcd."""
         auth.require_self(p, host_id)
-        await db.report_status(host_id, req)
-        return Response(status_code=204)
+        raise ApiError(410, "gone", "peer status goes to the collector with the metrics")
 
     @app.post("/v1/hosts/{host_id}/metrics-credentials")
     async def metrics_credentials(host_id: str, request: Request, p: Caller, db: Db) -> Any:

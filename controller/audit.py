@@ -79,7 +79,6 @@ class AuditLog:
             log.warning("audit entry not stored in etcd", extra={"error": repr(exc)})
 
     async def recent(self, limit: int) -> list[dict[str, Any]]:
-        res = await self.etcd.call(
-            lambda c: c.get_prefix(ks.prefix("audit"), sort_order="descend", sort_target="key")
-        )
-        return [json.loads(kv.value) for kv in list(res)[:limit]]
+        """The newest ``limit`` entries, newest first (etcd sends no more than those)."""
+        res = await self.etcd.range(ks.prefix("audit"), limit=limit, descend=True)
+        return [json.loads(kv.value) for kv in res.kvs]

@@ -14,9 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 from cladnet.cli import app
-from cladnet.cli.status import pairs, summary
+from cladnet.cli.status import pairs, summary, with_health
 from cladnet.keys import generate_keypair
-from tests.components import ADMIN_TOKEN, REPO, Controller, free_port
+from tests.components import ADMIN_TOKEN, REPO, Controller, Mosquitto, free_port, wait_until
+from tests.test_scale_calls import publish_health
 
 
 @pytest.fixture
@@ -92,24 +93,27 @@ def _fake_host(ctl: Controller, token: str, name: str) -> dict:
         return r.json()
 
 
-def _report(ctl: Controller, host: dict, peers: list[dict]) -> None:
+def _report(ctl: Controller, broker: Mosquitto, host: dict, name: str, peers: dict) -> None:
+    """A heartbeat to the controller, per-peer health to the collector (as an agent)."""
     with ctl.client(token=host["credential"]) as c:
         assert c.post(f"/v1/hosts/{host['host_id']}/heartbeat", json={}).status_code == 200
-        r = c.post(f"/v1/hosts/{host['host_id']}/status", json={"peers": peers})
-        assert r.status_code == 204, r.text
+    publish_health(ctl, broker, "mesh", host, name, peers)
 
 
-def test_status_shows_a_healthy_and_a_broken_pair(cli, controller: Controller) -> None:
-    _login(cli, controller)
+def test_status_shows_a_healthy_and_a_broken_pair(
+    cli, metrics_controller: Controller, mosquitto: Mosquitto, make_collector
+) -> None:
+    controller, collector = metrics_controller, make_collector()
+    _login(cli, controller, collector=collector.url)
     cli("net", "create", "mesh", "--cidr", "10.61.0.0/24")
     token = json.loads(cli("token", "create", "mesh", "--json")[1])["token"]
     a, b, c = (_fake_host(controller, token, n) for n in ("vm1", "vm2", "vm3"))
-    ok = {"handshake_age_s": 5, "rx_bytes": 1, "tx_bytes": 1, "latency_ms": 0.8}
-    _report(controller, a, [{"peer_id": b["host_id"], **ok},
-                            {"peer_id": c["host_id"], "handshake_age_s": 400}])  # fmt: skip
-    _report(controller, b, [{"peer_id": a["host_id"], **ok}, {"peer_id": c["host_id"], **ok}])
-    _report(controller, c, [{"peer_id": a["host_id"], "handshake_age_s": 600},
-                            {"peer_id": b["host_id"], **ok}])  # fmt: skip
+    ok = {"handshake_age_s": 5, "latency_ms": 0.8}
+    _report(controller, mosquitto, a, "vm1", {"vm2": ok, "vm3": {"handshake_age_s": 400}})
+    _report(controller, mosquitto, b, "vm2", {"vm1": ok, "vm3": ok})
+    _report(controller, mosquitto, c, "vm3", {"vm1": {"handshake_age_s": 600}, "vm2": ok})
+    with collector.client() as col:
+        wait_until(lambda: len(col.get("/v1/networks/mesh/pairs").json()["hosts"]) == 3)
 
     code, out, _ = cli("status", "mesh", "--json")
     assert code == 3  # unhealthy is its own exit code
@@ -197,4 +201,10 @@ def test_status_logic_without_io() -> None:
     view = summary({"name": "n", "cidr": "10.0.0.0/24"}, hosts, now)
     assert view["hosts_down"] == ["c"] and view["endpoint_changed"] == ["c"]
     assert view["pairs"][0]["state"] == "broken" and not view["healthy"]
+    # The collector's pair health (by host name) becomes each host's status, by id;
+    # a peer the controller does not know (it left) is dropped.
+    health = {"a": {"peers": {"b": {"handshake_age_s": 200}, "gone": {"handshake_age_s": 1}}}}
+    merged = with_health([{"id": "a", "name": "a"}, {"id": "b", "name": "b"}], health)
+    assert merged[0]["status"] == {"peers": [{"peer_id": "b", "handshake_age_s": 200}]}
+    assert merged[1]["status"] == {"peers": []}
     assert time.time() > 0

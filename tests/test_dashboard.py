@@ -27,6 +27,7 @@ from tests.components import (
 )
 from tests.test_controller_api import make_network, make_token
 from tests.test_monitoring import _publish
+from tests.test_scale_calls import publish_health
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -87,7 +88,7 @@ def _publish_metrics(ctl: Controller, broker: Mosquitto, host: dict) -> None:
         asyncio.run(_publish(broker, creds, creds["topic"], b.encode()))
 
 
-def _seed(ctl: Controller) -> dict[str, dict]:
+def _seed(ctl: Controller, broker: Mosquitto) -> dict[str, dict]:
     with ctl.client() as admin:
         make_network(admin, "web", cidr="10.70.0.0/24")
         token = make_token(admin, "web")
@@ -97,17 +98,16 @@ def _seed(ctl: Controller) -> dict[str, dict]:
             hosts[name] = c.post("/v1/join", json={
                 "token": token, "hostname": name, "public_key": generate_keypair()[1],
                 "labels": {"cloud": cloud, "region": "r1"}}).json()  # fmt: skip
-    ok = {"handshake_age_s": 4, "rx_bytes": 10, "tx_bytes": 10, "latency_ms": 1.5}
-    ids = {n: h["host_id"] for n, h in hosts.items()}
+    ok = {"handshake_age_s": 4, "latency_ms": 1.5}
     reports = {
-        "vm1": [{"peer_id": ids["vm2"], **ok}, {"peer_id": ids["vm3"], "handshake_age_s": 400}],
-        "vm2": [{"peer_id": ids["vm1"], **ok}, {"peer_id": ids["vm3"], **ok}],
-        "vm3": [{"peer_id": ids["vm1"], "handshake_age_s": 400}, {"peer_id": ids["vm2"], **ok}],
+        "vm1": {"vm2": ok, "vm3": {"handshake_age_s": 400}},
+        "vm2": {"vm1": ok, "vm3": ok},
+        "vm3": {"vm1": {"handshake_age_s": 400}, "vm2": ok},
     }
     for name, peers in reports.items():
         with ctl.client(token=hosts[name]["credential"]) as c:
-            c.post(f"/v1/hosts/{ids[name]}/heartbeat", json={}).raise_for_status()
-            c.post(f"/v1/hosts/{ids[name]}/status", json={"peers": peers}).raise_for_status()
+            c.post(f"/v1/hosts/{hosts[name]['host_id']}/heartbeat", json={}).raise_for_status()
+        publish_health(ctl, broker, "web", hosts[name], name, peers)
     return hosts
 
 
@@ -119,7 +119,7 @@ def test_the_dashboard_draws_the_mesh_a_broken_pair_and_charts(
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     controller, broker = dashboard
-    hosts = _seed(controller)
+    hosts = _seed(controller, broker)
     _publish_metrics(controller, broker, hosts["vm3"])
     wait = WebDriverWait(browser, 20)
     browser.get(f"{controller.url}/ui/")

@@ -21,7 +21,7 @@ from rich.table import Table
 from cladnet import __version__
 from cladnet.cli import config
 from cladnet.cli.client import Api, CliError, fetch_ca
-from cladnet.cli.status import summary
+from cladnet.cli.status import summary, with_health
 
 app = typer.Typer(
     help="CLADNet: one encrypted private network across clouds.", no_args_is_help=True
@@ -288,13 +288,21 @@ def hosts_show(host_id: str, as_json: Json = False) -> None:
         out.print(f"{key:15} {host.get(key)}")
 
 
+def _hosts_with_health(net: dict[str, Any]) -> list[dict[str, Any]]:
+    """A network's hosts (controller: liveness) with their pair health (collector)."""
+    hosts = controller().get(f"/v1/networks/{net['id']}/hosts")
+    health = collector().get(f"/v1/networks/{net['name']}/pairs")["hosts"]
+    return with_health(hosts, health)
+
+
 @app.command()
 def peers(host_id: str, as_json: Json = False) -> None:
-    """A host's peers: handshake age and latency as that host reports them."""
+    """A host's peers: handshake age and latency as that host reports them (collector)."""
     api = controller()
     host = api.get(f"/v1/hosts/{host_id}")
-    others = {h["id"]: h for h in api.get(f"/v1/networks/{host['network_id']}/hosts")}
-    reported = (host.get("status") or {}).get("peers") or []
+    hosts = _hosts_with_health(api.get(f"/v1/networks/{host['network_id']}"))
+    others = {h["id"]: h for h in hosts}
+    reported = others[host_id]["status"]["peers"] if host_id in others else []
     data = [
         {**p, "name": others.get(p["peer_id"], {}).get("name"),
          "endpoint": others.get(p["peer_id"], {}).get("public_address")}
@@ -309,7 +317,7 @@ def _status_views(network: str | None) -> list[dict[str, Any]]:
     api = controller()
     nets = [api.get(f"/v1/networks/{network}")] if network else api.get("/v1/networks")
     now = time.time()
-    return [summary(n, api.get(f"/v1/networks/{n['id']}/hosts"), now) for n in nets]
+    return [summary(n, _hosts_with_health(n), now) for n in nets]
 
 
 def _render_status(views: list[dict[str, Any]]) -> Table:

@@ -262,7 +262,7 @@ def up(
             api.call("POST", "/v1/groups", json={"name": GROUP, "members": MEMBERS, "keepalive": 5})
         _wait(lambda: api.get(f"/v1/groups/{GROUP}")["state"] == "Running", timeout, "6 VMs")
         _wait(lambda: _matrix(demo)["complete"], timeout, "the full mesh")
-        # Agents report their peers' handshakes every 15 s: wait for the first round.
+        # Agents publish their peers' handshakes with their metrics: wait for them.
         _wait(lambda: _healthy(demo), timeout, "every agent to report its peers")
     except (CliError, subprocess.CalledProcessError, OSError) as e:
         out.print(f"[red]demo up failed: {e}; cleaning up[/]")
@@ -279,11 +279,13 @@ def up(
 
 
 def _views(demo: Demo) -> list[dict[str, Any]]:
-    from cladnet.cli.status import summary
+    from cladnet.cli.status import summary, with_health
 
-    api = demo.api()
+    api, data = demo.api(), demo.load()
     net = api.get(f"/v1/networks/{GROUP}")
-    return [summary(net, api.get(f"/v1/networks/{net['id']}/hosts"), time.time())]
+    health = Api(data["collector"], data["token"], "collector").get(f"/v1/networks/{GROUP}/pairs")
+    hosts = with_health(api.get(f"/v1/networks/{net['id']}/hosts"), health["hosts"])
+    return [summary(net, hosts, time.time())]
 
 
 def _healthy(demo: Demo) -> bool:

@@ -1,4 +1,5 @@
-"""Is my overlay healthy? Pure functions over the controller's host list (no I/O)."""
+"""Is my overlay healthy? Pure functions over the controller's host list (liveness) and
+the collector's pair health (no I/O)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,18 @@ MOVED_WITHIN = 600.0
 
 def host_up(host: dict[str, Any], now: float) -> bool:
     return bool(host.get("last_seen")) and now - float(host["last_seen"]) <= DOWN_AFTER
+
+
+def with_health(hosts: list[dict[str, Any]], health: dict[str, Any]) -> list[dict[str, Any]]:
+    """The controller's hosts, each with ``status.peers`` from the collector's pair health
+    (``GET /v1/networks/{name}/pairs``: reporter name → peer name → figures)."""
+    ids = {h["name"]: h["id"] for h in hosts}
+    out = []
+    for h in hosts:
+        reported = (health.get(h["name"]) or {}).get("peers") or {}
+        peers = [{"peer_id": ids[name], **fig} for name, fig in reported.items() if name in ids]
+        out.append({**h, "status": {"peers": peers}})
+    return out
 
 
 def _joined(a: dict[str, Any], b: dict[str, Any]) -> float:

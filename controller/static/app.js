@@ -195,6 +195,21 @@ async function showGroups() {
   } catch (e) { ul.replaceChildren(`groups: ${e.message}`); }
 }
 
+// Pair health is the collector's (one query per refresh, as for `cladnet status`); the
+// controller only knows who is alive. Without a collector every pair is "unknown".
+async function pairHealth(network) {
+  if (!state.collector) { return {}; }
+  try {
+    return (await api(`/v1/networks/${encodeURIComponent(network)}/pairs`, state.collector)).hosts;
+  } catch (e) { return {}; }
+}
+
+function withHealth(hosts, health) {
+  const ids = Object.fromEntries(hosts.map((h) => [h.name, h.id]));
+  return hosts.map((h) => ({ ...h, status: { peers: Object.entries((health[h.name] || {}).peers || {})
+    .filter(([name]) => name in ids).map(([name, p]) => ({ peer_id: ids[name], ...p })) } }));
+}
+
 async function refresh() {
   showGroups();
   if (!state.network) { return; }
@@ -202,7 +217,8 @@ async function refresh() {
     li.classList.toggle("active", li.dataset.network === state.network);
   }
   try {
-    const hosts = await api(`/v1/networks/${encodeURIComponent(state.network)}/hosts`);
+    const hosts = withHealth(await api(`/v1/networks/${encodeURIComponent(state.network)}/hosts`),
+                             await pairHealth(state.network));
     $("mesh-title").textContent = `${state.network}: ${hosts.length} hosts`;
     drawMesh(hosts);
     if (state.host) { const h = hosts.find((x) => x.id === state.host.id); if (h) { showHost(h); } }
