@@ -334,6 +334,31 @@ def _matrix(demo: Demo) -> dict[str, Any]:
     return {"group": group, "pairs": pairs, "complete": complete}
 
 
+@demo_app.command("env")
+def env(root: Dir = Path("/var/lib/cladnet-demo")) -> None:
+    """Print ``export`` lines for the running demo's controller, collector, token and CA.
+
+    ``eval "$(cladnet demo env)"`` and the README's walk-through works as written:
+    curl with ``--cacert "$CLADNET_CACERT"``, the CLI through the same variables.
+    """
+    import shlex
+
+    demo = Demo(root)
+    data = demo.load()
+    if not data.get("controller"):
+        raise CliError(f"the demo is not up (nothing in {root}); run: cladnet demo up")
+    ca = root / "controller" / "tls" / "ca.crt"
+    values = {
+        "CLADNET_CONTROLLER": data["controller"],
+        "CLADNET_COLLECTOR": data["collector"],
+        "CLADNET_TOKEN": data["token"],
+        "CLADNET_CACERT": str(ca),
+        "CLADNET_CONTEXT": "demo",
+    }
+    for name, value in values.items():
+        print(f"export {name}={shlex.quote(value)}")
+
+
 @demo_app.command("status")
 def status(root: Dir = Path("/var/lib/cladnet-demo"), as_json: Json = False) -> None:
     """Every VM (cloud, region, state, addresses) and every pair's connectivity."""
