@@ -251,8 +251,10 @@ async def prepare(settings: Settings, etcd: Etcd) -> TlsFiles | None:
     ca = await cluster_ca(etcd, legacy)
     if legacy is not None:
         if ca != legacy:
-            log.warning("this replica's own CA is replaced by the cluster CA",
-                        extra={"old": legacy.hash, "ca_hash": ca.hash})  # fmt: skip
+            log.warning(
+                "this replica's own CA is replaced by the cluster CA",
+                extra={"old": legacy.hash, "ca_hash": ca.hash},
+            )
         (directory / "ca.key").unlink()
     names = serving_names(settings)
     log.info("serving certificate issued", extra={"names": names, "ca_hash": ca.hash})
