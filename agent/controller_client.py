@@ -25,6 +25,8 @@ T = TypeVar("T")
 # Answers that say "not now" rather than "no": the controller restarts, its etcd
 # is away, or it limits joins from this address.
 TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
+# What talking to the controller raises when the network or the controller is away.
+NETWORK_ERRORS = (httpx.HTTPError, OSError)
 
 
 class ControllerError(Exception):

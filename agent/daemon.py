@@ -9,11 +9,9 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-import httpx
-
 from agent import addresses
 from agent.commands import CommandRunner, command_env
-from agent.controller_client import ControllerClient, ControllerError, WatchGone
+from agent.controller_client import NETWORK_ERRORS, ControllerClient, ControllerError, WatchGone
 from agent.metrics.exposition import MetricsServer
 from agent.metrics.publisher import Broker
 from agent.metrics.reporter import MetricsReporter
@@ -25,8 +23,6 @@ from cladnet import mesh
 from cladnet.tasks import cancel_and_wait
 
 log = logging.getLogger("cladnet.agent")
-
-NETWORK_ERRORS = (httpx.HTTPError, OSError)
 
 
 @dataclass

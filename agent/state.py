@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from cladnet.files import write_atomic
 
 log = logging.getLogger("cladnet.agent")
 
@@ -22,13 +23,7 @@ log = logging.getLogger("cladnet.agent")
 def write_private(path: Path, text: str) -> None:
     """Write a secret atomically with mode 0600 (created so, never widened)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    write_atomic(path, text)
 
 
 @dataclass

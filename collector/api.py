@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cladnet import tokens
 from cladnet.alarms import AlarmEngine, Rule, RuleError
+from cladnet.api_errors import ApiError
 from collector.ingest import Ingest
 
 DOWN_AFTER_INTERVALS = 3
@@ -29,12 +30,6 @@ PAIR_FIELDS = {
     "wireguard_peer_receive_bytes_total": "rx_bytes",
     "wireguard_peer_transmit_bytes_total": "tx_bytes",
 }
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
 
 
 class RuleCreate(BaseModel):

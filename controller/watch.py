@@ -23,6 +23,7 @@ from aetcd import rpc
 from cladnet.tasks import cancel_and_wait
 from controller import keyspace as ks
 from controller.etcd import Etcd, prefix_end
+from controller.etcd_revision import range_at_revision
 from controller.telemetry import ETCD_WATCH_RESTARTS, WATCH_EVENTS, WATCHERS
 
 log = logging.getLogger("cladnet.controller.watch")
@@ -73,11 +74,8 @@ async def _ensure_available(client: Any, prefix: bytes, since: int) -> None:
     etcd accepts a watch on a compacted revision and only cancels it afterwards, which
     would be too late for an HTTP 410; a range read at that revision fails at once.
     """
-    request = rpc.RangeRequest(
-        key=prefix, range_end=prefix_end(prefix), revision=since + 1, limit=1, keys_only=True
-    )
     try:
-        await client.kvstub.Range(request, timeout=client._timeout, metadata=client.metadata)
+        await range_at_revision(client, prefix, prefix_end(prefix), since + 1)
     except rpc.AioRpcError as exc:
         details = exc.details() or ""
         if "compacted" in details:

@@ -36,6 +36,7 @@ class Agent:
     proc: subprocess.Popen | None = None
     logs: list[Path] = field(default_factory=list)
     log_level: str = "debug"  # the benchmarks run at the default, info
+    python: str = sys.executable  # the footprint bench: a runtime-only venv
 
     def start(self, *args: str, token: str | None = None) -> None:
         """Run ``python -m agent.main ARGS``; a join token goes in its environment."""
@@ -45,7 +46,7 @@ class Agent:
         self.proc = self.lab.popen(
             self.ns,
             [
-                sys.executable,
+                self.python,
                 "-m",
                 "agent.main",
                 "--log-level",
