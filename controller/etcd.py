@@ -19,6 +19,7 @@ from aetcd import exceptions as etcd_errors
 from aetcd import rpc
 
 from controller.config import Settings
+from controller.etcd_revision import raw_call
 from controller.etcd_tls import EtcdTls, TlsClient
 
 log = logging.getLogger("cladnet.controller.etcd")
@@ -200,7 +201,7 @@ class Etcd:
             count_only=count_only,
             min_mod_revision=min_mod_revision,
         )
-        return await self.call(partial(_raw, method="Range", request=request))
+        return await self.call(partial(raw_call, method="Range", request=request))
 
     async def ranges(self, requests: list[Any]) -> tuple[list[Any], int]:
         """Several range reads (``rpc.RangeRequest``) in transactions of 100: one round
@@ -211,7 +212,7 @@ class Etcd:
         for i in range(0, len(requests), 100):
             ops = [rpc.RequestOp(request_range=r) for r in requests[i : i + 100]]
             txn = rpc.TxnRequest(compare=[], success=ops, failure=[])
-            response = await self.call(partial(_raw, method="Txn", request=txn))
+            response = await self.call(partial(raw_call, method="Txn", request=txn))
             out += [r.response_range for r in response.responses]
             revision = response.header.revision
         return out, revision
@@ -254,17 +255,6 @@ def from_settings(settings: Settings) -> Etcd:
         password=settings.etcd_password,
         tls=tls,
     )
-
-
-async def _raw(client: aetcd.Client, method: str, request: Any) -> Any:
-    """One raw KV gRPC call on ``client``, its errors mapped to aetcd's (for ``call``)."""
-    await client.connect()
-    try:
-        stub = getattr(client.kvstub, method)
-        return await stub(request, timeout=client._timeout, metadata=client.metadata)
-    except rpc.AioRpcError as exc:
-        etcd_errors._handle_exception(exc)
-        raise
 
 
 class DailyLease:

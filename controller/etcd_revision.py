@@ -1,4 +1,7 @@
-"""A range read at a given revision, through aetcd's private request attributes.
+"""Raw KV requests through aetcd's private request attributes.
+
+Two uses: a range read at a given revision, and range/txn requests with options
+aetcd's public API lacks (a limit, a count, min_mod_revision, batched reads).
 
 aetcd 1.0.0's public ``get``/``get_prefix``/``get_range`` always read the latest
 revision. The watch needs to know, before it answers an HTTP watcher, whether an old
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from aetcd import exceptions as etcd_errors
 from aetcd import rpc
 
 PINNED_AETCD = "1.0.0"
@@ -31,3 +35,15 @@ async def range_at_revision(
     )
     timeout = client._timeout  # private: aetcd has no public per-request timeout
     return await client.kvstub.Range(request, timeout=timeout, metadata=client.metadata)
+
+
+async def raw_call(client: Any, method: str, request: Any) -> Any:
+    """One raw KV gRPC call (``Range``, ``Txn``) on ``client``, its errors mapped to
+    aetcd's exceptions, as its public calls map them (so ``Etcd.call`` retries alike)."""
+    await client.connect()
+    try:
+        stub = getattr(client.kvstub, method)
+        return await stub(request, timeout=client._timeout, metadata=client.metadata)
+    except rpc.AioRpcError as exc:
+        etcd_errors._handle_exception(exc)  # private: aetcd's own error mapping
+        raise

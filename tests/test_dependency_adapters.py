@@ -41,3 +41,11 @@ def test_aetcd_is_the_pinned_version_and_reads_the_way_the_adapter_does() -> Non
     assert "metadata=self.metadata" in get_range
     fields = rpc.RangeRequest.DESCRIPTOR.fields_by_name
     assert {"key", "range_end", "revision", "limit", "keys_only"} <= set(fields)
+
+
+def test_aetcd_maps_grpc_errors_the_way_raw_call_relies_on() -> None:
+    # raw_call maps errors with aetcd's private _handle_exception, as its public calls do.
+    assert callable(getattr(aetcd.exceptions, "_handle_exception", None))
+    assert "exceptions._handle_exception(e)" in inspect.getsource(aetcd.client._handle_errors)
+    fields = rpc.RangeRequest.DESCRIPTOR.fields_by_name
+    assert {"count_only", "min_mod_revision", "sort_order"} <= set(fields)
