@@ -104,7 +104,7 @@ async def _network_with_hosts(
             public_key=_key(hash((name, n)) % 2**200),
             addresses=[underlay.format(n=n)],
         )
-        await store.join(req, "198.51.100.1", "")
+        await store.join(req, "198.51.100.1")
     return net.id, token.token
 
 
@@ -146,7 +146,7 @@ async def test_network_creation_reads_only_the_hosts_changed_since_last_time(db)
     req = JoinRequest(
         token=token, hostname="late", public_key=_key(999), addresses=["172.20.9.5/24"]
     )
-    late, _, _ = await store.join(req, "198.51.100.1", "")
+    late = (await store.join(req, "198.51.100.1")).peer
     with pytest.raises(ApiError) as clash:
         await store.create_network(NetworkCreate(name="g", cidr="172.20.9.0/24"))
     assert clash.value.code == "cidr_overlaps_underlay"
