@@ -14,9 +14,15 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
-import typer
-from rich.console import Console
-from rich.table import Table
+try:
+    import typer
+    from rich.console import Console
+    from rich.table import Table
+except ModuleNotFoundError as missing:  # an agent-only install: one line, not a traceback
+    raise SystemExit(
+        f"cladnet: the CLI needs its extra ({missing.name} is not installed): "
+        "pip install 'cladnet[cli]'"
+    ) from None
 
 from cladnet import __version__
 from cladnet.cli import config
