@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from agent import addresses
+from agent import addresses, firewall
 from agent.commands import CommandRunner, command_env
 from agent.controller_client import ControllerClient, ControllerError, WatchGone
 from agent.metrics.exposition import MetricsServer
@@ -22,6 +22,7 @@ from agent.standing import OK, UNRECOGNISED, HostNotListed, Standing
 from agent.state import Membership, StateDir
 from agent.wireguard.backend import WireGuardBackend, WireGuardError
 from cladnet import mesh
+from cladnet import policy as acl
 from cladnet.tasks import cancel_and_wait
 
 log = logging.getLogger("cladnet.agent")
@@ -94,6 +95,8 @@ class NetworkAgent:
         self._skipped: tuple[tuple[str, str], ...] = ()
         self.bad_input = 0  # malformed events and unusable peers, for the logs and metrics
         self.save_errors = 0
+        self.firewall_errors = 0
+        self._ruleset: str | None = None  # the nft text last loaded
         # Set only by this host's own DELETED event in its authenticated watch.
         self.removed = asyncio.Event()
         self.standing = Standing(
@@ -128,7 +131,10 @@ class NetworkAgent:
         """
         async with self._lock:
             await self._ensure_device()
-            desired = mesh.plan(self.m.network, self.m.me, list(self.m.peers.values()))
+            policy = self._policy()
+            desired = mesh.plan(
+                self.m.network, self.m.me, list(self.m.peers.values()), policy=policy
+            )
             if desired.skipped != self._skipped:
                 self._skipped = desired.skipped
                 for peer_id, reason in desired.skipped:
@@ -143,10 +149,44 @@ class NetworkAgent:
                 log.info(
                     "device updated", extra={"iface": self.iface, "changes": mesh.summary(changes)}
                 )
+            await self._enforce(policy, desired)
             if changes.keepalive_deferred:
                 self._keepalives_due = True
                 if self._deferred is None or self._deferred.done():
                     self._deferred = asyncio.create_task(self._add_deferred_keepalives())
+
+    def _policy(self) -> acl.Policy | None:
+        """The policy to enforce; None (no filter) until a controller sent one."""
+        if self.m.policy is None:
+            return None
+        try:
+            return acl.parse(self.m.policy["document"])
+        except (acl.PolicyError, KeyError, TypeError) as exc:
+            # Only a damaged state file gets here (events are checked): fail closed.
+            self.bad_input += 1
+            log.warning("unusable saved policy, denying all", extra={"error": str(exc)})
+            return acl.Policy(groups={}, rules=())
+
+    async def _enforce(self, policy: acl.Policy | None, desired: mesh.DesiredDevice) -> None:
+        """Load the packet filter for ``policy`` if it changed (peers as planned only)."""
+        if policy is None:
+            return
+        peers = [p for p in self.m.peers.values() if p.get("public_key") in desired.peers]
+        ruleset = acl.nft_ruleset(policy, self.m.me, peers, self.iface)
+        if ruleset == self._ruleset:
+            return
+        try:
+            await firewall.apply(ruleset)
+        except firewall.FirewallError as exc:
+            self.firewall_errors += 1
+            self._ruleset = None  # the next reconcile tries again
+            log.error("loading the packet filter failed", extra={"error": str(exc)})
+            return
+        self._ruleset = ruleset
+        log.info(
+            "packet filter loaded",
+            extra={"iface": self.iface, "policy_version": self.m.policy_version},
+        )
 
     async def _add_deferred_keepalives(self) -> None:
         """The keepalives ``diff`` held back, a moment after their peers were added."""
@@ -200,8 +240,10 @@ class NetworkAgent:
 
     def _apply_event(self, event: dict[str, Any]) -> bool:
         kind = event["type"]
-        if kind not in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK"):
+        if kind not in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK", "POLICY"):
             raise ValueError(f"unknown event type {kind!r}")
+        if kind == "POLICY":
+            return self._take_policy(event["policy"], event["revision"])
         if kind != "BOOKMARK" and not isinstance(event.get("peer", {}), dict):
             raise TypeError("peer is not an object")
         revision = event["revision"]
@@ -225,8 +267,22 @@ class NetworkAgent:
         self.m.peers[peer["id"]] = peer
         return True
 
+    def _take_policy(self, policy: Any, revision: Any) -> bool:
+        """Keep a policy from the controller if it parses (else raise: skipped, counted)."""
+        if not isinstance(policy, dict) or not isinstance(policy.get("version"), int):
+            raise TypeError("policy is not an object with a version")
+        acl.parse(policy.get("document"))  # PolicyError (a ValueError) if unusable
+        if isinstance(revision, int) and not isinstance(revision, bool):
+            self.m.revision = max(self.m.revision, revision)
+        if policy == self.m.policy:
+            return False
+        self.m.policy = policy
+        return True
+
     async def _list(self) -> None:
-        peers, revision = await self.client.list_peers(self.m.network_id)
+        peers, revision, policy = await self.client.list_peers_and_policy(self.m.network_id)
+        if policy is not None:
+            self._take_policy(policy, revision)
         me = next((p for p in peers if p["id"] == self.m.host_id), None)
         if me is None:  # not a removal: it may be an empty or restored etcd
             raise HostNotListed("this host is not in the network's peer list")
@@ -417,6 +473,10 @@ class NetworkAgent:
             await self.removed.wait()
             log.warning("this host was removed from the network; tearing the interface down")
             await self.backend.destroy(self.iface)
+            try:
+                await firewall.remove(self.iface)
+            except firewall.FirewallError as exc:
+                log.error("removing the packet filter failed", extra={"error": str(exc)})
             self.states.remove(self.m.network_id)
         finally:
             await cancel_and_wait([*tasks, self._sync_task, self._deferred], Exception)

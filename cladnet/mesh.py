@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from cladnet import policy as acl
 from cladnet.keys import validate_public_key
 
 DEFAULT_PORT = 51820
@@ -212,6 +213,7 @@ def plan(
     me: Host,
     peers: Iterable[Host],
     keepalive_override: int | None = None,
+    policy: acl.Policy | None = None,
 ) -> DesiredDevice:
     """The device this host should have for ``network``.
 
@@ -220,7 +222,8 @@ def plan(
     allowed only its own overlay IP (/32 or /128). Keepalive: a peer on another site may
     be behind NAT (or I may be), so it gets the network's keepalive to hold the NAT
     mapping open; same-site peers get 0 (off). ``keepalive_override``, when given, is
-    used for every peer instead.
+    used for every peer instead. With a ``policy``, a peer with no allowed flow in
+    either direction is left out (not "skipped": nothing is wrong with it).
     """
     cidr = ipaddress.ip_network(network["cidr"], strict=False)
     keepalive = int(network.get("keepalive") or 0)
@@ -238,6 +241,10 @@ def plan(
             reason = "public key claimed twice"
         if reason is not None:
             skipped.append((_peer_id(peer) or "?", reason))
+            continue
+        if policy is not None and not (
+            acl.has_flow(policy, me, peer) or acl.has_flow(policy, peer, me)
+        ):
             continue
         overlay = ipaddress.ip_address(peer["overlay_ip"])
         taken.add(str(overlay))

@@ -143,6 +143,8 @@ class Store:
         used = [ipaddress.IPv4Network(n.cidr) for n in networks]
         peers = await self.etcd.get_prefix(ks.prefix("peers"))
         for kv in peers:
+            if ks.is_policy(kv.key):
+                continue
             used.extend(_underlay_networks(json.loads(kv.value)["addresses"]))
         return networks, used, revision
 
@@ -253,7 +255,7 @@ class Store:
         peers_prefix = ks.prefix("peers", net.id)
         for _ in range(MAX_TXN_ATTEMPTS):
             peers = await self.etcd.get_prefix(peers_prefix, keys_only=True)
-            host_ids = [ks.last_segment(kv.key) for kv in peers]
+            host_ids = [ks.last_segment(kv.key) for kv in peers if not ks.is_policy(kv.key)]
             if host_ids and not force:
                 raise conflict(
                     "network_has_hosts",
@@ -650,6 +652,8 @@ class Store:
         }
         added = 0
         for kv in await self.etcd.get_prefix(ks.prefix("peers")):
+            if ks.is_policy(kv.key):
+                continue
             peer = Peer.model_validate_json(kv.value)
             index = ks.public_key(peer.network_id, keys.key_to_hex(peer.public_key))
             if index in indexed:
@@ -795,8 +799,20 @@ class Store:
         return {ks.last_segment(kv.key) for kv in res}
 
     async def list_peers(self, net_id: str) -> tuple[list[Peer], int]:
+        peers, _, revision = await self.list_peers_and_policy(net_id)
+        return peers, revision
+
+    async def list_peers_and_policy(self, net_id: str) -> tuple[list[Peer], Any, int]:
+        """The peers, the policy's KV (None if never written) and the revision: one read."""
         res = await self.etcd.get_prefix(ks.prefix("peers", net_id))
-        return [Peer.model_validate_json(kv.value) for kv in res], res.header.revision
+        peers = [Peer.model_validate_json(kv.value) for kv in res if not ks.is_policy(kv.key)]
+        policy = next((kv for kv in res if ks.is_policy(kv.key)), None)
+        return peers, policy, res.header.revision
+
+    async def set_tags(self, host_id: str, tags: list[str]) -> Peer:
+        """Replace a host's tags (an admin's call: policies trust them)."""
+        peer, _ = await self._update_peer(host_id, {"tags": tags})
+        return peer
 
     async def list_hosts(self, net_id: str) -> list[Host]:
         peers, _ = await self.list_peers(net_id)
