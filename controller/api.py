@@ -687,9 +687,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/v1/networks/{ref}/policy/test")
     async def test_policy(
-        ref: str, document: dict[str, Any], _: Admin, db: Db, policies: Policies
+        ref: str, document: dict[str, Any], _: Reader, db: Db, policies: Policies
     ) -> dict[str, Any]:
-        """A dry run: validate and run the tests, write nothing."""
+        """A dry run: validate and run the tests, write nothing (viewers may too)."""
         net = await db.get_network(ref)
         parsed, failures = await policies.check(net.id, document)
         return {"passed": not failures, "failures": failures, "allows_all": parsed.allows_all}
