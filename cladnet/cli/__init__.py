@@ -446,9 +446,12 @@ def alarms_delete(rule_id: str) -> None:
 
 from cladnet.cli.demo import demo_app  # noqa: E402 - they use the helpers above
 from cladnet.cli.groups import group_app  # noqa: E402
+from cladnet.cli.policy import policy_app, tag  # noqa: E402
 
 app.add_typer(demo_app, name="demo")
 app.add_typer(group_app, name="group")
+app.add_typer(policy_app, name="policy")
+app.command("tag")(tag)
 
 
 def main() -> None:
