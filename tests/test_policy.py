@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.daemon import NetworkAgent
+from agent.state import Membership, StateDir
 from cladnet import mesh
 from cladnet import policy as acl
 from tests.test_mesh import NETWORK, host
@@ -202,3 +205,19 @@ def test_properties(
                 p["overlay_ip"] for p in others
             }
     assert acl.parse(acl.to_doc(policy)) == policy
+
+
+def test_the_agent_keeps_only_usable_policies(tmp_path: Path) -> None:
+    m = Membership(controller="http://127.0.0.1:9", host_id="h-2", interface="cl-p",
+                   network=NETWORK, me=DB, peers={"h-1": WEB})  # fmt: skip
+    agent = NetworkAgent(StateDir(tmp_path), m, "c", "k", None)  # type: ignore[arg-type]
+    good = {"version": 3, "document": acl.to_doc(acl.parse(DOC), with_tests=False)}
+    assert agent._on_event({"type": "POLICY", "revision": 9, "policy": good})
+    assert m.policy == good and m.revision == 9
+    assert not agent._on_event({"type": "POLICY", "revision": 10, "policy": good})  # no change
+    bad = {"version": 4, "document": {"rules": [{"src": "nope", "dst": "*"}]}}
+    assert not agent._on_event({"type": "POLICY", "revision": 11, "policy": bad})
+    assert m.policy == good and agent.bad_input == 1
+    # A damaged saved policy fails closed: nothing allowed, not everything.
+    m.policy = bad
+    assert agent._policy() == acl.Policy(groups={}, rules=())
