@@ -230,6 +230,10 @@ def plan(
     desired: dict[str, PeerConfig] = {}
     skipped: list[tuple[str, str]] = []
     taken = {str(me.get("overlay_ip"))}
+    # Selectors of the hosts with a flow to or from me (see cladnet.policy).
+    others = (
+        acl.counterparts(policy, acl.memberships(policy, me)) if policy is not None else frozenset()
+    )
     # Sorted, so that when two peers claim one address the same one wins everywhere.
     for peer in sorted(peers, key=_peer_id):
         if isinstance(peer, Mapping) and (
@@ -242,9 +246,7 @@ def plan(
         if reason is not None:
             skipped.append((_peer_id(peer) or "?", reason))
             continue
-        if policy is not None and not (
-            acl.has_flow(policy, me, peer) or acl.has_flow(policy, peer, me)
-        ):
+        if policy is not None and others.isdisjoint(acl.memberships(policy, peer)):
             continue
         overlay = ipaddress.ip_address(peer["overlay_ip"])
         taken.add(str(overlay))

@@ -309,57 +309,69 @@ def _tags(host: Host) -> list[str]:
     return [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []
 
 
-def _matches_one(selector: str, host: Host) -> bool:
-    if selector == "*":
-        return True
-    kind, _, rest = selector.partition(":")
-    if kind == "tag":
-        return rest in _tags(host)
-    if kind == "host":
-        return host.get("name") == rest
-    if kind == "label":
-        key, _, value = rest.partition("=")
-        labels = host.get("labels")
-        return isinstance(labels, Mapping) and labels.get(key) == value
-    return False
+def memberships(policy: Policy, host: Host) -> frozenset[str]:
+    """Every selector that names ``host`` (``*``, its ``host:``, ``tag:``, ``label:``
+    and ``group:`` selectors): a rule's side names the host iff they intersect.
+
+    Computed once per host, so checking many rules is set work, not string matching.
+    """
+    atoms = {"*"}
+    name = host.get("name")
+    if isinstance(name, str):
+        atoms.add(f"host:{name}")
+    atoms.update(f"tag:{t}" for t in _tags(host))
+    labels = host.get("labels")
+    if isinstance(labels, Mapping):
+        atoms.update(
+            f"label:{k}={v}" for k, v in labels.items() if isinstance(k, str) and isinstance(v, str)
+        )
+    groups = {f"group:{g}" for g, members in policy.groups.items() if not atoms.isdisjoint(members)}
+    return frozenset(atoms | groups)
 
 
 def matches(policy: Policy, selector: str, host: Host) -> bool:
     """Whether ``host`` is one of the hosts ``selector`` names."""
-    if selector.startswith("group:"):
-        return any(_matches_one(s, host) for s in policy.groups.get(selector[6:], ()))
-    return _matches_one(selector, host)
-
-
-def _any_match(policy: Policy, selectors: Iterable[str], host: Host) -> bool:
-    return any(matches(policy, s, host) for s in selectors)
+    return selector in memberships(policy, host)
 
 
 def evaluate(policy: Policy, src: Host, dst: Host, proto: str, port: int | None) -> Decision:
     """May ``src`` open a ``proto`` connection to ``port`` of ``dst``? And which rule says so."""
+    of_src, of_dst = memberships(policy, src), memberships(policy, dst)
     for index, rule in enumerate(policy.rules):
         if rule.proto not in ("any", proto):
             continue
         if rule.ports and (port is None or not any(p.low <= port <= p.high for p in rule.ports)):
             continue
-        if _any_match(policy, rule.src, src) and _any_match(policy, rule.dst, dst):
+        if not of_src.isdisjoint(rule.src) and not of_dst.isdisjoint(rule.dst):
             return Decision(True, index, f"allowed by rule {index} ({rule.describe()})")
     return Decision(False, None, "denied: no rule allows it")
 
 
+def counterparts(policy: Policy, mine: frozenset[str]) -> frozenset[str]:
+    """Selectors naming every host with an allowed flow, either way, with the host of
+    memberships ``mine``: a peer is one iff its memberships intersect them."""
+    sides: set[str] = set()
+    for rule in policy.rules:
+        if not mine.isdisjoint(rule.src):
+            sides.update(rule.dst)
+        if not mine.isdisjoint(rule.dst):
+            sides.update(rule.src)
+    return frozenset(sides)
+
+
 def has_flow(policy: Policy, src: Host, dst: Host) -> bool:
     """Whether some rule lets ``src`` open any connection at all to ``dst``."""
-    return any(
-        _any_match(policy, r.src, src) and _any_match(policy, r.dst, dst) for r in policy.rules
-    )
+    of_src, of_dst = memberships(policy, src), memberships(policy, dst)
+    return any(not of_src.isdisjoint(r.src) and not of_dst.isdisjoint(r.dst) for r in policy.rules)
 
 
 def peers_visible(policy: Policy, me: Host, peers: Iterable[Host]) -> set[str]:
     """Ids of the peers with an allowed flow in either direction with ``me``."""
+    others = counterparts(policy, memberships(policy, me))
     return {
         str(p.get("id"))
         for p in peers
-        if p.get("id") != me.get("id") and (has_flow(policy, me, p) or has_flow(policy, p, me))
+        if p.get("id") != me.get("id") and not others.isdisjoint(memberships(policy, p))
     }
 
 
@@ -442,7 +454,12 @@ def nft_ruleset(policy: Policy, me: Host, peers: Iterable[Host], iface: str) -> 
     """
     if not _IFACE_RE.match(iface):
         raise PolicyError(f"invalid interface name {iface!r}")
-    peers = [p for p in peers if p.get("id") != me.get("id")]
+    mine = memberships(policy, me)
+    sources_of = [
+        (address, memberships(policy, p))
+        for p in peers
+        if p.get("id") != me.get("id") and (address := _address(p)) is not None
+    ]
     table = table_name(iface)
     lines = [
         f"table inet {table}",  # so that the delete below never fails
@@ -455,7 +472,7 @@ def nft_ruleset(policy: Policy, me: Host, peers: Iterable[Host], iface: str) -> 
         "    ct state invalid drop",
     ]
     for index, rule in enumerate(policy.rules):
-        if not _any_match(policy, rule.dst, me):
+        if mine.isdisjoint(rule.dst):
             continue
         comment = f' comment "rule {index}"'
         if _names_everyone(policy, rule.src):
@@ -465,9 +482,8 @@ def nft_ruleset(policy: Policy, me: Host, peers: Iterable[Host], iface: str) -> 
                 lines.append(f"   {_match_proto(rule, 'ip')} accept{comment}")
             continue
         sources: dict[str, list[str]] = {"ip": [], "ip6": []}
-        for peer in peers:
-            address = _address(peer)
-            if address is not None and _any_match(policy, rule.src, peer):
+        for address, of_peer in sources_of:
+            if not of_peer.isdisjoint(rule.src):
                 sources["ip" if address.version == 4 else "ip6"].append(str(address))
         for family, addresses in sources.items():
             if addresses:

@@ -188,6 +188,12 @@ def test_properties(
     policy = acl.parse({"groups": {"g": ["tag:c", "label:role=y"]}, "rules": rules})
     me, *others = hosts
     visible = acl.peers_visible(policy, me, others)
+    # Visible exactly when some rule allows a flow one way or the other (brute force).
+    assert visible == {
+        p["id"] for p in others if acl.has_flow(policy, me, p) or acl.has_flow(policy, p, me)
+    }
+    planned = mesh.plan(NETWORK, me, others, policy=policy)
+    assert set(planned.peers) == {p["public_key"] for p in others if p["id"] in visible}
     for peer in others:
         decision = acl.evaluate(policy, peer, me, proto, None if proto == "icmp" else port)
         # Any allowed flow makes the peer visible; a decision names a rule iff it allows.
