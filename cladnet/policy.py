@@ -359,10 +359,22 @@ def counterparts(policy: Policy, mine: frozenset[str]) -> frozenset[str]:
     return frozenset(sides)
 
 
+def first_rule(policy: Policy, src: Host, dst: Host) -> int | None:
+    """The first rule that lets ``src`` open any connection at all to ``dst``, if any."""
+    of_src, of_dst = memberships(policy, src), memberships(policy, dst)
+    return next(
+        (
+            i
+            for i, r in enumerate(policy.rules)
+            if not of_src.isdisjoint(r.src) and not of_dst.isdisjoint(r.dst)
+        ),
+        None,
+    )
+
+
 def has_flow(policy: Policy, src: Host, dst: Host) -> bool:
     """Whether some rule lets ``src`` open any connection at all to ``dst``."""
-    of_src, of_dst = memberships(policy, src), memberships(policy, dst)
-    return any(not of_src.isdisjoint(r.src) and not of_dst.isdisjoint(r.dst) for r in policy.rules)
+    return first_rule(policy, src, dst) is not None
 
 
 def peers_visible(policy: Policy, me: Host, peers: Iterable[Host]) -> set[str]:

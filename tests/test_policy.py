@@ -15,6 +15,7 @@ from agent.daemon import NetworkAgent
 from agent.state import Membership, StateDir
 from cladnet import mesh
 from cladnet import policy as acl
+from cladnet.cli.status import summary
 from tests.test_mesh import NETWORK, host
 
 DOC: dict[str, Any] = {
@@ -227,3 +228,19 @@ def test_the_agent_keeps_only_usable_policies(tmp_path: Path) -> None:
     # A damaged saved policy fails closed: nothing allowed, not everything.
     m.policy = bad
     assert agent._policy() == acl.Policy(groups={}, rules=())
+
+
+def test_status_names_the_rule_and_blocked_pairs_are_not_broken() -> None:
+    now = 1_700_000_100.0
+    up = {"last_seen": now, "created_at": 0.0, "status": {"peers": []}}
+    hosts = [WEB | up, DB | up, OTHER | up]
+    hosts[0]["status"] = {"peers": [{"peer_id": "h-2", "handshake_age_s": 5.0}]}
+    hosts[1]["status"] = {"peers": [{"peer_id": "h-1", "handshake_age_s": 5.0}]}
+    view = summary({"name": "n", "cidr": NETWORK["cidr"]}, hosts, now, acl.parse(DOC))
+    said = {(p["from"], p["to"]): (p["state"], p["policy"]) for p in view["pairs"]}
+    assert said[("vm1", "vm2")] == ("ok", "rule 0")
+    assert said[("vm2", "vm1")] == ("ok", "reverse only")  # in the list, filtered
+    assert said[("vm1", "vm4")] == ("blocked", "blocked")
+    assert view["healthy"] and view["broken_pairs"] == 0
+    # Without a policy the same hosts are unhealthy: vm4 never reports its pairs.
+    assert not summary({"name": "n", "cidr": NETWORK["cidr"]}, hosts, now)["healthy"]

@@ -309,7 +309,20 @@ def _status_views(network: str | None) -> list[dict[str, Any]]:
     api = controller()
     nets = [api.get(f"/v1/networks/{network}")] if network else api.get("/v1/networks")
     now = time.time()
-    return [summary(n, api.get(f"/v1/networks/{n['id']}/hosts"), now) for n in nets]
+    return [
+        summary(n, api.get(f"/v1/networks/{n['id']}/hosts"), now, _policy_of(api, n["id"]))
+        for n in nets
+    ]
+
+
+def _policy_of(api: Api, network_id: str) -> Any:
+    """The network's policy, or None from a controller without policies."""
+    from cladnet import policy as acl
+
+    try:
+        return acl.parse(api.get(f"/v1/networks/{network_id}/policy")["policy"])
+    except CliError:
+        return None
 
 
 def _render_status(views: list[dict[str, Any]]) -> Table:
