@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
+from cladnet.keys import generate_keypair
 from tests.components import Controller
 from tests.test_controller_api import assert_error, join, make_network, make_token
 from tests.test_controller_watch import Watcher
@@ -118,6 +119,12 @@ def test_only_an_admin_tags_a_host(admin: httpx.Client, controller: Controller, 
     assert_error(
         admin.put(f"/v1/hosts/{hid}/tags", json={"tags": ["no spaces"]}), 422, "invalid_request"
     )
+    assert admin.get(f"/v1/hosts/{hid}").json()["tags"] == ["db", "web"]
+    # A re-join (new key, same host) neither drops nor sets tags: they are the admin's.
+    body = {"token": make_token(admin, net), "hostname": "vm1", "public_key": generate_keypair()[1]}
+    with controller.client(host["credential"]) as agent:
+        assert agent.post("/v1/join", json=body).status_code == 200
+        assert agent.post("/v1/join", json={**body, "tags": ["admin"]}).status_code == 422
     assert admin.get(f"/v1/hosts/{hid}").json()["tags"] == ["db", "web"]
 
 
