@@ -132,7 +132,11 @@ def test_policy_is_enforced_by_peer_lists_and_packet_filters(
     assert _connects(db, ips[1])
     assert [a.proc.pid for a in hosts if a.proc is not None] == pids
 
-    # Leaving removes the filter with the interface.
+    # Leaving removes the filter with the interface: removed by an admin (the agent
+    # tears down on its own DELETED event) …
+    assert admin.delete(f"/v1/hosts/{by_name['vm3']['id']}").status_code == 200
+    wait_until(lambda: _table(other) is None, 15, what="vm3's filter to go with its removal")
+    # … or leaving itself.
     web.stop()
     r = lab.run(
         web.ns, sys.executable, "-m", "agent.main", "leave",
