@@ -3,6 +3,7 @@ nftables filter follow the policy, without restarts; the filter goes on leave.""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -101,6 +102,12 @@ def test_policy_is_enforced_by_peer_lists_and_packet_filters(
     wait_until(lambda: _keys(other) == set(), 10, what="vm3 to lose every peer")
     wait_until(lambda: "tcp dport 5432" in (_table(db) or ""), 10, what="db's filter")
     print(f"policy change enforced on every host {time.monotonic() - changed:.2f}s after the write")
+
+    # The agent says what it enforces.
+    r = lab.run(
+        db.ns, sys.executable, "-m", "agent.main", "status", "--state-dir", str(db.state_dir)
+    )
+    assert json.loads(r.stdout)[0]["policy"] == {"version": 1, "allows_all": False}
 
     # (2) Filters: the reachability matrix is the one the policy computes.
     policy = acl.parse(WEB_TO_DB)
