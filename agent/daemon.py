@@ -242,13 +242,15 @@ class NetworkAgent:
         kind = event["type"]
         if kind not in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK", "POLICY"):
             raise ValueError(f"unknown event type {kind!r}")
-        if kind == "POLICY":
-            return self._take_policy(event["policy"], event["revision"])
         if kind != "BOOKMARK" and not isinstance(event.get("peer", {}), dict):
             raise TypeError("peer is not an object")
         revision = event["revision"]
         if not isinstance(revision, int) or isinstance(revision, bool) or revision < 0:
             raise ValueError(f"bad revision {revision!r}")
+        if kind == "POLICY":
+            changed = self._take_policy(event["policy"])  # raises first if unusable
+            self.m.revision = max(self.m.revision, revision)
+            return changed
         self.m.revision = max(self.m.revision, revision)
         if kind == "BOOKMARK":
             return False
@@ -267,13 +269,12 @@ class NetworkAgent:
         self.m.peers[peer["id"]] = peer
         return True
 
-    def _take_policy(self, policy: Any, revision: Any) -> bool:
-        """Keep a policy from the controller if it parses (else raise: skipped, counted)."""
+    def _take_policy(self, policy: Any) -> bool:
+        """Keep a policy from the controller if it parses (else raise: skipped, counted);
+        True if it changed."""
         if not isinstance(policy, dict) or not isinstance(policy.get("version"), int):
             raise TypeError("policy is not an object with a version")
         acl.parse(policy.get("document"))  # PolicyError (a ValueError) if unusable
-        if isinstance(revision, int) and not isinstance(revision, bool):
-            self.m.revision = max(self.m.revision, revision)
         if policy == self.m.policy:
             return False
         self.m.policy = policy
@@ -282,7 +283,7 @@ class NetworkAgent:
     async def _list(self) -> None:
         peers, revision, policy = await self.client.list_peers_and_policy(self.m.network_id)
         if policy is not None:
-            self._take_policy(policy, revision)
+            self._take_policy(policy)
         me = next((p for p in peers if p["id"] == self.m.host_id), None)
         if me is None:  # not a removal: it may be an empty or restored etcd
             raise HostNotListed("this host is not in the network's peer list")
