@@ -292,6 +292,14 @@ class ControllerClient:
         result = await self._call("GET", f"/v1/networks/{network_id}/peers")
         return result["peers"], result["revision"]
 
+    async def list_peers_and_policy(
+        self, network_id: str
+    ) -> tuple[list[dict[str, Any]], int, dict[str, Any] | None]:
+        """The network's peers, the revision to watch from and the policy (None from a
+        controller without policies)."""
+        result = await self._call("GET", f"/v1/networks/{network_id}/peers")
+        return result["peers"], result["revision"], result.get("policy")
+
     async def watch_peers(self, network_id: str, since: int) -> AsyncIterator[dict[str, Any]]:
         """Peer events after ``since``; raises WatchGone (list again) or httpx errors (resume)."""
         params = {"watch": "true", "since": str(since)}

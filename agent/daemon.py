@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from agent import addresses
+from agent import addresses, firewall
 from agent.commands import CommandRunner, command_env
 from agent.controller_client import NETWORK_ERRORS, ControllerClient, ControllerError, WatchGone
 from agent.metrics.exposition import MetricsServer
@@ -20,6 +20,7 @@ from agent.standing import OK, UNRECOGNISED, HostNotListed, Standing
 from agent.state import Membership, StateDir
 from agent.wireguard.backend import WireGuardBackend, WireGuardError
 from cladnet import mesh
+from cladnet import policy as acl
 from cladnet.tasks import cancel_and_wait
 
 log = logging.getLogger("cladnet.agent")
@@ -107,6 +108,9 @@ class NetworkAgent:
         self._save_task: asyncio.Task[None] | None = None
         self.bad_input = 0  # malformed events and unusable peers, for the logs and metrics
         self.save_errors = 0
+        self.firewall_errors = 0
+        self._ruleset: str | None = None  # the nft text last loaded
+        self._parsed: tuple[dict[str, Any], acl.Policy] | None = None  # policy, parsed
         # Set only by this host's own DELETED event in its authenticated watch.
         self.removed = asyncio.Event()
         self.standing = Standing(
@@ -150,7 +154,8 @@ class NetworkAgent:
         self._changed.clear()
         self._full_due = False
         self._last_full = time.monotonic()
-        desired = mesh.plan(self.m.network, self.m.me, list(self.m.peers.values()))
+        policy = self._policy()
+        desired = mesh.plan(self.m.network, self.m.me, list(self.m.peers.values()), policy=policy)
         self._note_skipped(dict(desired.skipped), set(self.m.peers) | set(self._skipped))
         self._conflicts.rebuild(self.m.peers)
         self._applied = {pid: desired.peers[key] for pid, key in desired.ids.items()}
@@ -163,6 +168,7 @@ class NetworkAgent:
         except BaseException:
             self._full_due = True  # the device is not what we believe: read it next time
             raise
+        await self._enforce(policy)
 
     async def _apply_changed(self) -> None:
         """Bring the device up to date with the peers changed since the last apply:
@@ -175,8 +181,12 @@ class NetworkAgent:
             if not changed:
                 return
             affected = self._conflicts.update(self.m.peers, changed)
+            policy = self._policy()
             planned = mesh.plan_peers(
-                self.m.network, self.m.me, [self.m.peers[p] for p in affected if p in self.m.peers]
+                self.m.network,
+                self.m.me,
+                [self.m.peers[p] for p in affected if p in self.m.peers],
+                policy=policy,
             )
             self._note_skipped(dict(planned.skipped), affected)
             before = {p: self._applied.pop(p) for p in affected if p in self._applied}
@@ -189,6 +199,7 @@ class NetworkAgent:
             except BaseException:
                 self._full_due = True
                 raise
+            await self._enforce(policy)
 
     async def _apply(self, changes: mesh.DeviceChanges, planned: dict[str, Any]) -> None:
         """Apply ``changes``; note held-back keepalives (as applied) and add them later.
@@ -219,6 +230,44 @@ class NetworkAgent:
                 self._skipped[peer_id] = reason
                 self.bad_input += 1
                 log.warning("ignoring a peer", extra={"peer": peer_id, "reason": reason})
+
+    def _policy(self) -> acl.Policy | None:
+        """The policy to enforce; None (no filter) until a controller sent one. Parsed
+        once per policy received, not once per apply."""
+        if self.m.policy is None:
+            return None
+        if self._parsed is not None and self._parsed[0] is self.m.policy:
+            return self._parsed[1]
+        try:
+            policy = acl.parse(self.m.policy["document"])
+        except (acl.PolicyError, KeyError, TypeError) as exc:
+            # Only a damaged state file gets here (events are checked): fail closed.
+            self.bad_input += 1
+            log.warning("unusable saved policy, denying all", extra={"error": str(exc)})
+            policy = acl.Policy(groups={}, rules=())
+        self._parsed = (self.m.policy, policy)
+        return policy
+
+    async def _enforce(self, policy: acl.Policy | None) -> None:
+        """Load the packet filter for ``policy`` if it changed (the peers in the device)."""
+        if policy is None:
+            return
+        peers = [self.m.peers[pid] for pid in self._applied if pid in self.m.peers]
+        ruleset = acl.nft_ruleset(policy, self.m.me, peers, self.iface)
+        if ruleset == self._ruleset:
+            return
+        try:
+            await firewall.apply(ruleset)
+        except firewall.FirewallError as exc:
+            self.firewall_errors += 1
+            self._ruleset = None  # the next reconcile tries again
+            log.error("loading the packet filter failed", extra={"error": str(exc)})
+            return
+        self._ruleset = ruleset
+        log.info(
+            "packet filter loaded",
+            extra={"iface": self.iface, "policy_version": self.m.policy_version},
+        )
 
     async def _add_deferred_keepalives(self) -> None:
         """The keepalives ``diff`` held back, a moment after their peers were added."""
@@ -313,13 +362,17 @@ class NetworkAgent:
 
     def _apply_event(self, event: dict[str, Any]) -> bool:
         kind = event["type"]
-        if kind not in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK"):
+        if kind not in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK", "POLICY"):
             raise ValueError(f"unknown event type {kind!r}")
         if kind != "BOOKMARK" and not isinstance(event.get("peer", {}), dict):
             raise TypeError("peer is not an object")
         revision = event["revision"]
         if not isinstance(revision, int) or isinstance(revision, bool) or revision < 0:
             raise ValueError(f"bad revision {revision!r}")
+        if kind == "POLICY":
+            changed = self._take_policy(event["policy"])  # raises first if unusable
+            self.m.revision = max(self.m.revision, revision)
+            return changed
         self.m.revision = max(self.m.revision, revision)
         if kind == "BOOKMARK":
             return False
@@ -347,8 +400,22 @@ class NetworkAgent:
         self._changed.add(peer["id"])
         return True
 
+    def _take_policy(self, policy: Any) -> bool:
+        """Keep a policy from the controller if it parses (else raise: skipped, counted);
+        True if it changed."""
+        if not isinstance(policy, dict) or not isinstance(policy.get("version"), int):
+            raise TypeError("policy is not an object with a version")
+        acl.parse(policy.get("document"))  # PolicyError (a ValueError) if unusable
+        if policy == self.m.policy:
+            return False
+        self.m.policy = policy
+        self._full_due = True  # which peers the device holds may change for any of them
+        return True
+
     async def _list(self) -> None:
-        peers, revision = await self.client.list_peers(self.m.network_id)
+        peers, revision, policy = await self.client.list_peers_and_policy(self.m.network_id)
+        if policy is not None:
+            self._take_policy(policy)
         me = next((p for p in peers if p["id"] == self.m.host_id), None)
         if me is None:  # not a removal: it may be an empty or restored etcd
             raise HostNotListed("this host is not in the network's peer list")
@@ -536,6 +603,10 @@ class NetworkAgent:
             await self.removed.wait()
             log.warning("this host was removed from the network; tearing the interface down")
             await self.backend.destroy(self.iface)
+            try:
+                await firewall.remove(self.iface)
+            except firewall.FirewallError as exc:
+                log.error("removing the packet filter failed", extra={"error": str(exc)})
             self.states.remove(self.m.network_id)
         finally:
             await cancel_and_wait(

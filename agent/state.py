@@ -48,6 +48,13 @@ class Membership:
     # How the controller last treated this host (agent.standing), and since when.
     controller_state: str = "ok"
     controller_state_since: float | None = None
+    # The network's access policy as the controller sent it ({"version", "document"});
+    # None until one arrives (a controller without policies): then no packet filter.
+    policy: dict[str, Any] | None = None
+
+    @property
+    def policy_version(self) -> int | None:
+        return None if self.policy is None else self.policy.get("version")
 
     @property
     def network_id(self) -> str:

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from cladnet import policy as acl
 from cladnet.keys import validate_public_key
 
 DEFAULT_PORT = 51820
@@ -225,6 +226,7 @@ def plan_peers(
     me: Host,
     peers: Iterable[Host],
     keepalive_override: int | None = None,
+    policy: acl.Policy | None = None,
 ) -> PeerPlan:
     """The peer configs of :func:`plan`, by peer id, for ``peers`` only.
 
@@ -238,6 +240,10 @@ def plan_peers(
     keys: set[str] = set()
     skipped: list[tuple[str, str]] = []
     taken = {str(me.get("overlay_ip"))}
+    # Selectors of the hosts with a flow to or from me (see cladnet.policy).
+    others = (
+        acl.counterparts(policy, acl.memberships(policy, me)) if policy is not None else frozenset()
+    )
     # Sorted, so that when two peers claim one address the same one wins everywhere.
     for peer in sorted(peers, key=_peer_id):
         if isinstance(peer, Mapping) and (
@@ -253,6 +259,10 @@ def plan_peers(
         overlay = ipaddress.ip_address(peer["overlay_ip"])
         taken.add(str(overlay))
         keys.add(peer["public_key"])
+        # After the claims above: a peer the policy hides still wins its address and
+        # key, so which peer wins does not depend on the policy (nor on the subset).
+        if policy is not None and others.isdisjoint(acl.memberships(policy, peer)):
+            continue
         if keepalive_override is not None:
             peer_keepalive = keepalive_override
         else:
@@ -271,6 +281,7 @@ def plan(
     me: Host,
     peers: Iterable[Host],
     keepalive_override: int | None = None,
+    policy: acl.Policy | None = None,
 ) -> DesiredDevice:
     """The device this host should have for ``network``.
 
@@ -279,10 +290,11 @@ def plan(
     allowed only its own overlay IP (/32 or /128). Keepalive: a peer on another site may
     be behind NAT (or I may be), so it gets the network's keepalive to hold the NAT
     mapping open; same-site peers get 0 (off). ``keepalive_override``, when given, is
-    used for every peer instead.
+    used for every peer instead. With a ``policy``, a peer with no allowed flow in
+    either direction is left out (not "skipped": nothing is wrong with it).
     """
     cidr = ipaddress.ip_network(network["cidr"], strict=False)
-    planned = plan_peers(network, me, peers, keepalive_override)
+    planned = plan_peers(network, me, peers, keepalive_override, policy)
     return DesiredDevice(
         address=f"{me['overlay_ip']}/{cidr.prefixlen}",
         mtu=int(network.get("mtu") or DEFAULT_MTU),

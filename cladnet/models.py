@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -17,6 +17,7 @@ from cladnet.keys import validate_public_key
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 LABEL_KEY_RE = re.compile(r"^[a-z0-9]([a-z0-9._/-]{0,61}[a-z0-9])?$")
+TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # as cladnet.policy names
 
 DEFAULT_MTU = 1420
 DEFAULT_LISTEN_PORT = 51820
@@ -201,6 +202,8 @@ class Peer(BaseModel):
     endpoints: list[str]
     labels: dict[str, str]
     updated_at: float
+    # Set by an admin only (PUT /v1/hosts/{id}/tags); policy groups trust them.
+    tags: list[str] = []
 
 
 class Host(Peer):
@@ -247,13 +250,30 @@ class PeerList(BaseModel):
     network_id: str
     revision: int
     peers: list[Peer]
+    # The access policy's enforced part (controller.policy.public_view), None from
+    # controllers without policies.
+    policy: dict[str, Any] | None = None
 
 
 class PeerEvent(BaseModel):
-    type: Literal["ADDED", "MODIFIED", "DELETED", "BOOKMARK"]
+    type: Literal["ADDED", "MODIFIED", "DELETED", "BOOKMARK", "POLICY"]
     revision: int
     peer: Peer | None = None
     id: str | None = None
+    policy: dict[str, Any] | None = None
+
+
+def _tags(value: list[str]) -> list[str]:
+    for tag in value:
+        if not TAG_RE.match(tag):
+            raise ValueError(f"invalid tag {tag!r}")
+    return sorted(set(value))
+
+
+class TagsUpdate(Strict):
+    """A host's complete set of tags (replaces the old one)."""
+
+    tags: Annotated[list[str], Field(max_length=32), AfterValidator(_tags)]
 
 
 # --- groups of VMs -------------------------------------------------------------------------

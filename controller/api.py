@@ -43,6 +43,7 @@ from cladnet.models import (
     NetworkCreate,
     Peer,
     PeerList,
+    TagsUpdate,
     TokenCreate,
 )
 from cladnet.ratelimit import RateLimiter, source_key
@@ -59,6 +60,7 @@ from controller.errors import ApiError
 from controller.etcd import from_settings as etcd_from_settings
 from controller.groups import Drivers, GroupStore, Reconciler
 from controller.leader import Leadership
+from controller.policy import PolicyStore, admin_view, public_view, record_of
 from controller.store import Store
 from controller.telemetry import (
     API_ERRORS,
@@ -139,6 +141,13 @@ Caller = Annotated[Principal, Depends(principal)]
 Admin = Annotated[Principal, Depends(admin)]
 Reader = Annotated[Principal, Depends(reader)]
 Db = Annotated[Store, Depends(store_of)]
+
+
+def policies_of(request: Request) -> PolicyStore:
+    return request.app.state.policies
+
+
+Policies = Annotated[PolicyStore, Depends(policies_of)]
 
 
 def groups_of(request: Request) -> GroupStore:
@@ -261,6 +270,7 @@ def create_app(settings: Settings) -> FastAPI:
             await auth.bootstrap_admin_token(etcd, generated_token)
         app.state.etcd = etcd
         app.state.store = store
+        app.state.policies = PolicyStore(etcd, store)
         app.state.auth = Authenticator(etcd, store, configured)
         app.state.hubs = WatchHubs(etcd, settings.watch_keepalive)
         app.state.audit = AuditLog(etcd)
@@ -650,6 +660,44 @@ def create_app(settings: Settings) -> FastAPI:
                 log.warning("broker cleanup failed", extra={"host": host_id, "error": str(exc)})
         return peer
 
+    # --- access policy -------------------------------------------------------------------
+
+    @app.get("/v1/networks/{ref}/policy")
+    async def get_policy(ref: str, p: Caller, db: Db, policies: Policies) -> dict[str, Any]:
+        """Operators see the whole policy; a member host the groups and rules it enforces."""
+        net = await db.get_network(ref)
+        auth.require_member(p, net.id)
+        view = admin_view(net.id, await policies.get(net.id))
+        if not p.can_read_all:
+            view["policy"] = public_view({**view, "document": view["policy"]})["document"]
+        return view
+
+    @app.put("/v1/networks/{ref}/policy")
+    async def put_policy(
+        ref: str,
+        document: dict[str, Any],
+        _: Admin,
+        db: Db,
+        policies: Policies,
+        if_version: Annotated[int | None, Query(ge=0)] = None,
+    ) -> dict[str, Any]:
+        net = await db.get_network(ref)
+        return admin_view(net.id, await policies.put(net.id, document, if_version))
+
+    @app.post("/v1/networks/{ref}/policy/test")
+    async def test_policy(
+        ref: str, document: dict[str, Any], _: Reader, db: Db, policies: Policies
+    ) -> dict[str, Any]:
+        """A dry run: validate and run the tests, write nothing (viewers may too)."""
+        net = await db.get_network(ref)
+        parsed, failures = await policies.check(net.id, document)
+        return {"passed": not failures, "failures": failures, "allows_all": parsed.allows_all}
+
+    @app.put("/v1/hosts/{host_id}/tags")
+    async def set_tags(host_id: str, req: TagsUpdate, _: Admin, db: Db) -> Peer:
+        """Tags are the admin's word about a host: the host itself cannot set them."""
+        return await db.set_tags(host_id, req.tags)
+
     # --- peers: list + watch -----------------------------------------------------------
 
     @app.get("/v1/networks/{ref}/peers", response_model=None)
@@ -664,15 +712,23 @@ def create_app(settings: Settings) -> FastAPI:
         net = await db.get_network(ref)
         auth.require_member(p, net.id)
         if not watch:
-            items, revision = await db.list_peers(net.id)
-            return PeerList(network_id=net.id, revision=revision, peers=items)
+            items, policy_kv, revision = await db.list_peers_and_policy(net.id)
+            policy = public_view(record_of(policy_kv))
+            return PeerList(network_id=net.id, revision=revision, peers=items, policy=policy)
         initial: list[bytes] = []
-        if since is None:  # a plain watch starts with the current peers, as ADDED events
-            items, since = await db.list_peers(net.id)
+        if since is None:  # a plain watch starts with the policy and the current peers
+            items, policy_kv, since = await db.list_peers_and_policy(net.id)
+            head = {
+                "type": "POLICY",
+                "revision": since,
+                "policy": public_view(record_of(policy_kv)),
+            }
             initial = [
-                json.dumps({"type": "ADDED", "revision": since, "peer": i.model_dump()}).encode()
-                + b"\n"
-                for i in items
+                json.dumps(event).encode() + b"\n"
+                for event in [
+                    head,
+                    *({"type": "ADDED", "revision": since, "peer": i.model_dump()} for i in items),
+                ]
             ]
         try:
             stream = await request.app.state.hubs.open(net.id, since)

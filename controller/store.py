@@ -59,6 +59,14 @@ def _dump(model: Any) -> bytes:
     return model.model_dump_json().encode()
 
 
+def _subnets_of(kv: Any) -> list[ipaddress.IPv4Network]:
+    """The underlay subnets of a key under the peers prefix (a policy key has none: it
+    is kept, empty, so the key count still matches)."""
+    if ks.is_policy(kv.key):
+        return []
+    return _underlay_networks(json.loads(kv.value)["addresses"])
+
+
 def _underlay_networks(addresses: list[str]) -> list[ipaddress.IPv4Network]:
     return [ipaddress.ip_interface(a).network for a in addresses]  # type: ignore[misc]
 
@@ -178,13 +186,11 @@ class Store:
             added = sum(1 for kv in changed.kvs if kv.key not in self._underlay)
             if total.count == len(self._underlay) + added:
                 for kv in changed.kvs:
-                    self._underlay[kv.key] = _underlay_networks(json.loads(kv.value)["addresses"])
+                    self._underlay[kv.key] = _subnets_of(kv)
                 self._underlay_rev = revision
                 return self._underlay
         res = await self.etcd.get_prefix(prefix)
-        self._underlay = {
-            kv.key: _underlay_networks(json.loads(kv.value)["addresses"]) for kv in res
-        }
+        self._underlay = {kv.key: _subnets_of(kv) for kv in res}
         self._underlay_rev = res.header.revision
         return self._underlay
 
@@ -295,7 +301,7 @@ class Store:
         peers_prefix = ks.prefix("peers", net.id)
         for _ in range(MAX_TXN_ATTEMPTS):
             peers = await self.etcd.get_prefix(peers_prefix, keys_only=True)
-            host_ids = [ks.last_segment(kv.key) for kv in peers]
+            host_ids = [ks.last_segment(kv.key) for kv in peers if not ks.is_policy(kv.key)]
             if host_ids and not force:
                 raise conflict(
                     "network_has_hosts",
@@ -689,6 +695,8 @@ class Store:
         }
         added = 0
         for kv in await self.etcd.get_prefix(ks.prefix("peers")):
+            if ks.is_policy(kv.key):
+                continue
             peer = Peer.model_validate_json(kv.value)
             index = ks.public_key(peer.network_id, keys.key_to_hex(peer.public_key))
             if index in indexed:
@@ -838,8 +846,20 @@ class Store:
         return {ks.last_segment(kv.key) for kv in res}
 
     async def list_peers(self, net_id: str) -> tuple[list[Peer], int]:
+        peers, _, revision = await self.list_peers_and_policy(net_id)
+        return peers, revision
+
+    async def list_peers_and_policy(self, net_id: str) -> tuple[list[Peer], Any, int]:
+        """The peers, the policy's KV (None if never written) and the revision: one read."""
         res = await self.etcd.get_prefix(ks.prefix("peers", net_id))
-        return [Peer.model_validate_json(kv.value) for kv in res], res.header.revision
+        peers = [Peer.model_validate_json(kv.value) for kv in res if not ks.is_policy(kv.key)]
+        policy = next((kv for kv in res if ks.is_policy(kv.key)), None)
+        return peers, policy, res.header.revision
+
+    async def set_tags(self, host_id: str, tags: list[str]) -> Peer:
+        """Replace a host's tags (an admin's call: policies trust them)."""
+        peer, _ = await self._update_peer(host_id, {"tags": tags})
+        return peer
 
     async def list_hosts(self, net_id: str) -> list[Host]:
         """The network's hosts: peers with liveness and creation time (two range reads;

@@ -24,6 +24,7 @@ from cladnet.tasks import cancel_and_wait
 from controller import keyspace as ks
 from controller.etcd import Etcd, prefix_end
 from controller.etcd_revision import range_at_revision
+from controller.policy import public_view, record_of
 from controller.telemetry import ETCD_WATCH_RESTARTS, WATCH_EVENTS, WATCHERS
 
 log = logging.getLogger("cladnet.controller.watch")
@@ -45,11 +46,19 @@ class WatchGone(Exception):
 
 
 def encode_event(event: Any) -> Line:
-    """An etcd peer event as one NDJSON line (ADDED / MODIFIED / DELETED)."""
+    """An etcd peer event as one NDJSON line (ADDED / MODIFIED / DELETED), or the
+    network's policy as a POLICY line."""
     kv = event.kv
     revision = kv.mod_revision
-    if event.kind == "DELETE":
+    if ks.is_policy(kv.key):  # deleted only with its network: allow-all until then
+        record = record_of(None if event.kind == "DELETE" else kv)
         body: dict[str, Any] = {
+            "type": "POLICY",
+            "revision": revision,
+            "policy": public_view(record),
+        }
+    elif event.kind == "DELETE":
+        body = {
             "type": "DELETED",
             "revision": revision,
             "id": ks.last_segment(kv.key),

@@ -26,6 +26,11 @@ ALLOWED: dict[tuple[str, str], set[str]] = {
     ("DELETE", "/v1/networks/{ref}/tokens/{token_id}"): {"admin"},
     ("GET", "/v1/networks/{ref}/hosts"): {"admin", "viewer"},
     ("GET", "/v1/networks/{ref}/peers"): {"admin", "viewer", "member"},
+    # Members read the enforced part (groups, rules); hosts never write it or their tags.
+    ("GET", "/v1/networks/{ref}/policy"): {"admin", "viewer", "member"},
+    ("PUT", "/v1/networks/{ref}/policy"): {"admin"},
+    ("POST", "/v1/networks/{ref}/policy/test"): {"admin", "viewer"},
+    ("PUT", "/v1/hosts/{host_id}/tags"): {"admin"},
     ("GET", "/v1/hosts/{host_id}"): {"admin", "viewer", "self"},
     ("POST", "/v1/hosts/{host_id}/heartbeat"): {"admin", "self"},
     ("PUT", "/v1/hosts/{host_id}/endpoints"): {"admin", "self"},
@@ -52,6 +57,9 @@ ALLOWED: dict[tuple[str, str], set[str]] = {
 BODIES = {
     ("POST", "/v1/networks"): {"name": "made-by-matrix"},
     ("PUT", "/v1/hosts/{host_id}/endpoints"): {"endpoints": []},
+    ("PUT", "/v1/networks/{ref}/policy"): {"rules": []},
+    ("POST", "/v1/networks/{ref}/policy/test"): {"rules": []},
+    ("PUT", "/v1/hosts/{host_id}/tags"): {"tags": ["t"]},
     ("POST", "/v1/hosts/{host_id}/status"): {"peers": []},
     ("POST", "/v1/admin-tokens"): {"role": "viewer"},
     ("POST", "/v1/groups"): {"name": "g", "members": [{"driver": "none", "region": "r"}]},

@@ -323,7 +323,17 @@ def _status_views(network: str | None) -> list[dict[str, Any]]:
     api = controller()
     nets = [api.get(f"/v1/networks/{network}")] if network else api.get("/v1/networks")
     now = time.time()
-    return [summary(n, _hosts_with_health(n), now) for n in nets]
+    return [summary(n, _hosts_with_health(n), now, _policy_of(api, n["id"])) for n in nets]
+
+
+def _policy_of(api: Api, network_id: str) -> Any:
+    """The network's policy, or None from a controller without policies."""
+    from cladnet import policy as acl
+
+    try:
+        return acl.parse(api.get(f"/v1/networks/{network_id}/policy")["policy"])
+    except CliError:
+        return None
 
 
 def _render_status(views: list[dict[str, Any]]) -> Table:
@@ -460,9 +470,12 @@ def alarms_delete(rule_id: str) -> None:
 
 from cladnet.cli.demo import demo_app  # noqa: E402 - they use the helpers above
 from cladnet.cli.groups import group_app  # noqa: E402
+from cladnet.cli.policy import policy_app, tag  # noqa: E402
 
 app.add_typer(demo_app, name="demo")
 app.add_typer(group_app, name="group")
+app.add_typer(policy_app, name="policy")
+app.command("tag")(tag)
 
 
 def main() -> None:
