@@ -123,8 +123,10 @@ class FeedClient:
         # (when the controller sends it, event): the schedule does not wait for the agent.
         self.queue: asyncio.Queue[tuple[float, dict[str, Any]]] = asyncio.Queue()
 
-    async def list_peers(self, network_id: str) -> tuple[list[dict[str, Any]], int]:
-        return self.listed, self.revision
+    async def list_peers_and_policy(
+        self, network_id: str
+    ) -> tuple[list[dict[str, Any]], int, dict[str, Any] | None]:
+        return self.listed, self.revision, None  # no policy: every peer in the device
 
     async def watch_peers(self, network_id: str, since: int) -> AsyncIterator[dict[str, Any]]:
         while True:
