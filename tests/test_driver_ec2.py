@@ -186,6 +186,25 @@ async def test_create_adopts_after_a_crash_and_never_duplicates(moto_url: str) -
     assert new.details["instance_id"] != vm.details["instance_id"]
 
 
+async def test_a_twin_launched_in_a_crash_window_is_terminated(moto_url: str) -> None:
+    """Two live instances with one VM name (a launch that EC2 did not show yet when the
+    next controller looked): create keeps the oldest and terminates the other."""
+    driver = load("ec2", options(moto_url))
+    vm = await driver.create(spec())
+    [first] = instances(moto_url, "web-1")
+    twin = aws(moto_url).run_instances(
+        ImageId=an_ami(moto_url),
+        MinCount=1,
+        MaxCount=1,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": first["Tags"]}],
+    )["Instances"][0]["InstanceId"]
+    again = await load("ec2", options(moto_url)).create(spec())
+    assert again.details["instance_id"] == vm.details["instance_id"]
+    states = {i["InstanceId"]: i["State"]["Name"] for i in instances(moto_url, "web-1")}
+    assert states[vm.details["instance_id"]] == "running"
+    assert states[twin] in ("shutting-down", "terminated")
+
+
 async def test_foreign_instances_are_never_touched(moto_url: str) -> None:
     client = aws(moto_url)
     # Someone else's instance with the same Name tag, and another cluster's VM.

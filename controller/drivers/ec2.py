@@ -152,8 +152,8 @@ class Driver(base.Driver):
         result: list[dict[str, Any]] = await self._run(region, "DescribeInstances", pages)
         return result
 
-    async def _find(self, name: str) -> tuple[str, dict[str, Any]] | None:
-        """The live instance named ``name`` (the oldest, should there ever be two)."""
+    async def _named(self, name: str) -> list[tuple[str, dict[str, Any]]]:
+        """Every live instance named ``name``, in every region, oldest first."""
         found: list[tuple[str, dict[str, Any]]] = []
         for region in self.region_names:
             named = [
@@ -161,9 +161,12 @@ class Driver(base.Driver):
                 {"Name": "instance-state-name", "Values": LIVE_STATES},
             ]
             found += [(region, i) for i in await self._instances(region, named)]
-        if len(found) > 1:
-            log.warning("ec2: several instances named %s; using the oldest", name)
         found.sort(key=lambda ri: ri[1]["LaunchTime"])
+        return found
+
+    async def _find(self, name: str) -> tuple[str, dict[str, Any]] | None:
+        """The live instance named ``name`` (the oldest, should there ever be two)."""
+        found = await self._named(name)
         return found[0] if found else None
 
     async def _describe(self, region: str, instance_id: str) -> dict[str, Any] | None:
@@ -389,10 +392,17 @@ class Driver(base.Driver):
         if spec.region not in self.region_names:
             raise base.DriverError(f"ec2: region {spec.region!r} is not configured")
         async with self._name_locks.setdefault(spec.name, asyncio.Lock()):
-            found = await self._find(spec.name)
-            if found is not None:  # made before (a crash, a retry): adopt it
-                region, instance = found
+            found = await self._named(spec.name)
+            if found:  # made before (a crash, a retry): adopt it
+                region, instance = found[0]
                 log.info("ec2: %s exists as %s; adopting it", spec.name, instance["InstanceId"])
+                # A launch not yet visible when a crashed controller's successor looked
+                # (EC2 is eventually consistent) leaves a twin: it is ours, so it goes.
+                for twin_region, twin in found[1:]:
+                    log.warning("ec2: terminating %s, a twin of %s", twin["InstanceId"], spec.name)
+                    await self._call(
+                        twin_region, "terminate_instances", InstanceIds=[twin["InstanceId"]]
+                    )
             else:
                 region = spec.region
                 image, size = self._image(spec.image, region), self._size(spec.size)
@@ -477,12 +487,6 @@ class Driver(base.Driver):
 
     async def terminate(self, name: str) -> None:
         # Every live instance of that name (there should be one), in every region.
-        for region in self.region_names:
-            named = [
-                {"Name": f"tag:{TAG_VM}", "Values": [name]},
-                {"Name": "instance-state-name", "Values": LIVE_STATES},
-            ]
-            ids = [i["InstanceId"] for i in await self._instances(region, named)]
-            if ids:
-                await self._call(region, "terminate_instances", InstanceIds=ids)
-                log.info("ec2: terminated %s (%s)", name, ", ".join(ids))
+        for region, instance in await self._named(name):
+            await self._call(region, "terminate_instances", InstanceIds=[instance["InstanceId"]])
+            log.info("ec2: terminated %s (%s)", name, instance["InstanceId"])
