@@ -209,6 +209,23 @@ def test_the_ui_needs_no_token_to_load_but_the_api_does(controller: Controller) 
     assert Path(REPO / "controller" / "static" / "index.html").exists()
 
 
+def _click(wait, css: str) -> None:
+    """Click what ``css`` finds, again if the list was redrawn under the click."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    def clicked(d) -> bool:
+        try:
+            found = d.find_elements(By.CSS_SELECTOR, css)
+            if found:
+                found[0].click()
+            return bool(found)
+        except StaleElementReferenceException:
+            return False
+
+    wait.until(clicked)
+
+
 def test_the_dashboard_lists_groups_with_their_partial_state(
     browser, make_controller, tmp_path: Path
 ) -> None:
@@ -231,8 +248,25 @@ def test_the_dashboard_lists_groups_with_their_partial_state(
     item = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#groups li[data-group='shop']"))
     assert item[0].get_attribute("data-state") == "Partial-Suspended"
     assert "shop-2 Suspended" in item[0].get_attribute("title")
-    item[0].click()  # shows the group's network
+    item[0].find_element(By.CSS_SELECTOR, "span").click()  # shows the group's network
     wait.until(lambda d: d.find_element(By.ID, "mesh-title").text.startswith("shop:"))
+    # An admin resumes the suspended VM from the page.
+    _click(wait, "#groups li[data-group='shop'] button[data-action='resume']")
+    wait.until(lambda d: "shop: resume asked" in d.find_element(By.ID, "group-message").text)
+    with ctl.client() as admin:
+        _wait_state(admin, "shop", "Running")
+        # A viewer sees the groups, and the API's refusal when it clicks.
+        r = admin.post("/v1/admin-tokens", json={"role": "viewer", "description": "v"})
+    browser.find_element(By.ID, "logout").click()
+    box = wait.until(ec.visibility_of_element_located((By.ID, "token")))
+    box.clear()
+    box.send_keys(r.json()["token"])
+    browser.find_element(By.CSS_SELECTOR, "#login-form button").click()
+    wait.until(ec.visibility_of_element_located((By.ID, "main")))
+    _click(wait, "#groups li[data-group='shop'] button[data-action='suspend']")
+    wait.until(lambda d: "admin token" in d.find_element(By.ID, "group-message").text)
+    with ctl.client() as admin:
+        assert admin.get("/v1/groups/shop").json()["state"] == "Running"
 
 
 def test_the_monitoring_proxy_reads_for_readers_only_and_only_queries(

@@ -16,6 +16,16 @@ async function api(path) {
   return body;
 }
 
+// A group action (admin only: a viewer's click gets the API's "forbidden" message).
+async function groupAction(group, action) {
+  const r = await fetch(`/v1/groups/${encodeURIComponent(group)}/actions`, { method: "POST",
+    headers: { Authorization: "Bearer " + state.token, "Content-Type": "application/json" },
+    body: JSON.stringify({ action }) });
+  const body = await r.json();
+  $("group-message").textContent = r.ok ? `${group}: ${action} asked` : `${group}: ${body.message}`;
+  showGroups();
+}
+
 // A collector query, proxied by the controller under its own origin and login.
 const monitoring = (path) => api("/v1/monitoring" + path);
 
@@ -232,11 +242,23 @@ async function showGroups() {
   try {
     const groups = await api("/v1/groups");
     ul.replaceChildren(...groups.map((g) => {
-      const li = Object.assign(document.createElement("li"), { textContent: `${g.name}: ${g.state}` });
+      const li = document.createElement("li");
+      const label = Object.assign(document.createElement("span"), { textContent: `${g.name}: ${g.state}` });
+      li.append(label);
       li.dataset.group = g.name; li.dataset.state = g.state;
       li.title = g.vms.map((vm) => `${vm.name} ${vm.state} ${vm.public_ip || ""}`).join("\n");
       li.classList.toggle("bad", g.state !== "Running");
-      li.onclick = () => { state.network = g.network; state.host = null; refresh(); };
+      label.onclick = () => { state.network = g.network; state.host = null; refresh(); };
+      for (const action of ["suspend", "resume", "terminate"]) {
+        const b = Object.assign(document.createElement("button"), { textContent: action });
+        b.dataset.action = action;
+        b.onclick = () => {
+          if (action !== "terminate" || confirm(`Terminate every VM of ${g.name}?`)) {
+            groupAction(g.name, action);
+          }
+        };
+        li.append(" ", b);
+      }
       return li;
     }));
     if (!groups.length) { ul.replaceChildren("no groups"); }
