@@ -2,7 +2,7 @@
 broken pair as broken, shows a host's fields as a table, and charts its metrics and
 the firing alarms from a real collector that the browser never talks to (the
 controller proxies it under /v1/monitoring; the collector allows no other origin).
-A screenshot goes to artifacts/dashboard.png."""
+Screenshots go to artifacts/dashboard*.png (the page, and each panel)."""
 
 from __future__ import annotations
 
@@ -198,6 +198,10 @@ def test_the_dashboard_draws_the_mesh_a_broken_pair_and_charts(
     artifacts.mkdir(exist_ok=True)
     browser.save_screenshot(str(artifacts / "dashboard.png"))
     assert (artifacts / "dashboard.png").stat().st_size > 10_000
+    for panel in ("mesh-section", "host-panel", "alarms"):  # one picture per panel
+        shot = artifacts / f"dashboard-{panel}.png"
+        browser.find_element(By.ID, panel).screenshot(str(shot))
+        assert shot.stat().st_size > 1_000
 
 
 def test_the_ui_needs_no_token_to_load_but_the_api_does(controller: Controller) -> None:
