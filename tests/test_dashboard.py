@@ -300,7 +300,19 @@ def test_the_monitoring_proxy_reads_for_readers_only_and_only_queries(
         assert r.status_code == 502 and r.json()["error"] == "collector_unreachable"
 
 
-def test_the_monitoring_proxy_without_a_collector(controller: Controller) -> None:
+def test_the_monitoring_proxy_without_a_collector_or_its_token(
+    controller: Controller, make_controller, make_collector
+) -> None:
     with controller.client() as admin:
         r = admin.get("/v1/monitoring/alarms")
     assert r.status_code == 503 and r.json()["error"] == "no_collector"
+    collector = make_collector()
+    url = {"CLADNET_COLLECTOR_URL": collector.url}
+    for env, status, error in (
+        (url, 503, "no_collector_token"),
+        ({**url, "CLADNET_COLLECTOR_TOKEN": "wrong"}, 502, "collector_refused"),
+    ):
+        with make_controller(extra_env=env).client() as admin:
+            r = admin.get("/v1/monitoring/alarms")
+        # Not a 401: the caller's token is fine, the controller's own is missing/wrong.
+        assert (r.status_code, r.json()["error"]) == (status, error)
