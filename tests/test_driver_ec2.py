@@ -37,6 +37,7 @@ def moto_url(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": REGION,
+        "AWS_EC2_METADATA_DISABLED": "true",  # never ask 169.254.169.254
     }.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
@@ -273,8 +274,19 @@ async def test_unreachable_api_and_bad_options(
     # Credentials come from boto3's chain only: there is no option for them.
     with pytest.raises(DriverError, match="bad options"):
         load("ec2", {"aws_secret_access_key": "x"})
-    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    # No credentials anywhere in the chain (and no instance metadata lookup: that
+    # would leave loopback): one readable DriverError, before any request.
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.delenv("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", raising=False)
+    monkeypatch.delenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", raising=False)
+    anonymous = load("ec2", {"endpoint_url": moto_url})
+    with pytest.raises(DriverError, match="Unable to locate credentials"):
+        await anonymous.list()
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
     with pytest.raises(DriverError, match="no region"):
         load("ec2", {})
 
