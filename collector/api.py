@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cladnet import tokens
-from cladnet.alarms import AlarmEngine, Rule, RuleError
+from cladnet.alarms import AGENT_METRICS, AlarmEngine, Rule, RuleError, check_metric
 from cladnet.api_errors import ApiError
 from collector.ingest import Ingest
 
@@ -262,12 +262,26 @@ def create_app(
             "recent": recent,
         }
 
+    async def metric_names(network: str | None = None) -> set[str]:
+        """What agents publish, and every name this collector holds (of ``network``)."""
+        seen = {s.name for s in await store.latest(network=network)}
+        return set(AGENT_METRICS) | seen
+
+    @app.get("/v1/metrics/names")
+    async def names(_: Auth, network: str | None = None) -> Any:
+        """The metric names alarm rules may use."""
+        return {"names": sorted(await metric_names(network))}
+
     @app.post("/v1/alarms", status_code=201)
     async def create_rule(req: RuleCreate, _: Auth) -> Any:
         try:
             rule = Rule(id=f"r-{uuid.uuid4().hex[:12]}", **req.model_dump())
         except RuleError as exc:
             raise ApiError(400, "invalid_rule", str(exc)) from exc
+        try:
+            check_metric(rule.metric, await metric_names(rule.network))
+        except RuleError as exc:
+            raise ApiError(400, "unknown_metric", str(exc)) from exc
         rules.engine.set_rule(rule)
         rules.save()
         return rule.to_dict()

@@ -48,7 +48,7 @@ from cladnet.models import (
 )
 from cladnet.ratelimit import RateLimiter, source_key
 from cladnet.tasks import cancel_and_wait
-from controller import auth, tls
+from controller import auth, collector_proxy, tls
 from controller import keyspace as ks
 from controller.audit import AuditLog, is_audited
 from controller.auth import Authenticator, Principal
@@ -375,7 +375,10 @@ def create_app(settings: Settings) -> FastAPI:
         BodyLimit, max_bytes=settings.max_body_bytes, per_path={"/v1/join": settings.max_join_body}
     )
     app.add_middleware(Observe)  # outermost: it sees the 413s and 429s too
-    mount_ui(app, settings.collector_url)
+    mount_ui(app, settings.collector_url is not None)
+    app.include_router(
+        collector_proxy.router(settings.collector_url, settings.collector_token, reader)
+    )
 
     # --- health ------------------------------------------------------------------------
 

@@ -52,6 +52,8 @@ ALLOWED: dict[tuple[str, str], set[str]] = {
     ("GET", "/v1/groups/{name}/commands/{command_id}"): {"admin"},
     # A host's commands: its own agent only, not even the admin (no forged results).
     ("GET", "/v1/hosts/{host_id}/commands"): {"self"},
+    # The collector's queries, proxied for the dashboard: readers, not hosts.
+    ("GET", "/v1/monitoring/{path}"): {"admin", "viewer"},
     ("POST", "/v1/hosts/{host_id}/commands/{command_id}"): {"self"},
 }
 BODIES = {
@@ -94,6 +96,7 @@ def test_every_route_has_the_right_callers(controller: Controller, admin: httpx.
     }
     ids = {"ref": "m", "host_id": target["host_id"], "token_id": "t-none", "name": "g", "vm": "g-1"}
     ids["command_id"] = "cmd-none"
+    ids["path"] = "alarms"
     # Leaving comes last (it ends the target host); the admin's network delete aims at
     # a network that does not exist (404 still proves it passed the auth check).
     leave = ("DELETE", "/v1/hosts/{host_id}")

@@ -208,7 +208,9 @@ def _services(demo: Demo) -> None:
            "--mqtt-admin-url", f"mqtt://127.0.0.1:{MQTT_ADMIN_PORT}",
            "--collector-url", collector_url],
            {"CLADNET_ADMIN_TOKEN": secret["admin"], "CLADNET_LEADER_TTL": "3",
-            "CLADNET_MQTT_ADMIN_PASSWORD": secret["mqtt_admin"]})  # fmt: skip
+            "CLADNET_MQTT_ADMIN_PASSWORD": secret["mqtt_admin"],
+            # The dashboard's monitoring goes through the controller's proxy.
+            "CLADNET_COLLECTOR_TOKEN": secret["admin"]})  # fmt: skip
     # Until the controller has written the CA, the check fails verification: retried.
     _wait(lambda: demo.api().get("/readyz"), 30, "the controller")
 
