@@ -93,11 +93,13 @@ def _fake_host(ctl: Controller, token: str, name: str) -> dict:
         return r.json()
 
 
-def _report(ctl: Controller, broker: Mosquitto, host: dict, name: str, peers: dict) -> None:
+def _report(
+    ctl: Controller, broker: Mosquitto, host: dict, name: str, peers: dict, network: str = "mesh"
+) -> None:
     """A heartbeat to the controller, per-peer health to the collector (as an agent)."""
     with ctl.client(token=host["credential"]) as c:
         assert c.post(f"/v1/hosts/{host['host_id']}/heartbeat", json={}).status_code == 200
-    publish_health(ctl, broker, "mesh", host, name, peers)
+    publish_health(ctl, broker, network, host, name, peers)
 
 
 def test_status_shows_a_healthy_and_a_broken_pair(
@@ -219,9 +221,10 @@ def _run_cli(tmp_path: Path, ctl: Controller, *args: str, **extra: str):
 
 
 def test_hosts_by_name_with_rounded_rtts_and_clear_errors(
-    cli, controller: Controller, tmp_path: Path
+    cli, metrics_controller: Controller, mosquitto: Mosquitto, make_collector, tmp_path: Path
 ) -> None:
-    _login(cli, controller)
+    controller, collector = metrics_controller, make_collector()
+    _login(cli, controller, collector=collector.url)
     tokens = {}
     for net, cidr in (("east", "10.64.0.0/24"), ("west", "10.65.0.0/24")):
         cli("net", "create", net, "--cidr", cidr)
@@ -229,14 +232,17 @@ def test_hosts_by_name_with_rounded_rtts_and_clear_errors(
     a, b = (_fake_host(controller, tokens["east"], n) for n in ("demo-1", "demo-2"))
     _fake_host(controller, tokens["west"], "demo-2")  # the same name in another network
     latency = 0.812345678901234
-    _report(controller, a, [{"peer_id": b["host_id"], "handshake_age_s": 5, "latency_ms": latency}])
+    health = {"demo-2": {"handshake_age_s": 5, "latency_ms": latency}}
+    _report(controller, mosquitto, a, "demo-1", health, network="east")
+    with collector.client() as col:
+        wait_until(lambda: "demo-1" in col.get("/v1/networks/east/pairs").json()["hosts"])
 
     code, out, _ = cli("peers", "demo-1")  # a name, not only an id
     assert code == 0, out
     row = next(line for line in out.splitlines() if "demo-2" in line)
     assert "0.8" in row and "0.81" not in row
     code, out, _ = cli("peers", "demo-1", "--json")  # exact for machines
-    assert json.loads(out)[0]["latency_ms"] == latency
+    assert json.loads(out)[0]["latency_ms"] == pytest.approx(latency, rel=1e-9)
     assert json.loads(cli("peers", a["host_id"], "--json")[1])[0]["name"] == "demo-2"
     code, out, _ = cli("hosts", "show", "demo-2", "--network", "east", "--json")
     assert code == 0 and json.loads(out)["id"] == b["host_id"]
