@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from cladnet import paths
 from cladnet.keys import validate_public_key
 
 DEFAULT_PORT = 51820
@@ -32,6 +33,9 @@ class PeerConfig:
     allowed_ips: tuple[str, ...]
     endpoint: str | None
     keepalive: int
+    # How the peer is reached: "private", "direct" or "relayed via <relay ip:port>".
+    # Data only: ``diff`` compares the endpoint, never this.
+    path: str = "direct"
 
 
 @dataclass(frozen=True)
@@ -185,11 +189,23 @@ def same_site(me: Host, peer: Host) -> bool:
 
 
 def choose_endpoint(me: Host, peer: Host) -> str | None:
-    """Where to send the peer's packets: ``ip:port``, or ``None`` when nothing is known.
+    """Where to send the peer's packets: ``ip:port``, or ``None`` when nothing is known
+    (see :func:`choose_path`)."""
+    return choose_path(me, peer)[0]
 
-    Same site: the peer's private address (the one in a subnet shared with me, else its
-    first address) with its listen port. Otherwise the first explicit endpoint the peer
-    announced, else its public address (as the controller saw it) with its listen port.
+
+def choose_path(me: Host, peer: Host) -> tuple[str | None, str]:
+    """``(endpoint, path)`` for the peer, best path first.
+
+    1. Same site: the peer's private address (the one in a subnet shared with me, else
+       its first address) with its listen port — path ``private``.
+    2. An explicit endpoint the peer announced — ``direct``.
+    3. Direct when one side is public or both have a stable reflexive address
+       (:func:`cladnet.paths.direct_possible`): the peer's public or reflexive address;
+       ``None`` when only I am public (the peer opens its NAT by sending first).
+    4. A relay port the controller assigned this pair — ``relayed via <ip:port>``.
+    5. Else the public address the controller saw with the peer's listen port: right
+       for 1:1 NAT and port-forwards, a guess for the rest.
     """
     port = int(peer.get("listen_port") or DEFAULT_PORT)
     addresses = peer.get("addresses") or []
@@ -197,14 +213,20 @@ def choose_endpoint(me: Host, peer: Host) -> str | None:
         private = _shared_subnet_address(me, peer)
         if private is None:
             private = str(ipaddress.ip_interface(addresses[0]).ip)
-        return format_endpoint(private, port)
+        return format_endpoint(private, port), "private"
     explicit = peer.get("endpoints") or []
     if explicit:
-        return normalize_endpoint(explicit[0])
+        return normalize_endpoint(explicit[0]), "direct"
+    if paths.direct_possible(me, peer):
+        direct = paths.direct_endpoint(peer)
+        return (normalize_endpoint(direct) if direct else None), "direct"
+    relayed = paths.relayed_endpoint(me, peer)
+    if relayed is not None:
+        return normalize_endpoint(relayed), f"relayed via {normalize_endpoint(relayed)}"
     public = peer.get("public_address")
     if public:
-        return format_endpoint(public, port)
-    return None
+        return format_endpoint(public, port), "direct"
+    return None, "direct"
 
 
 def plan(
@@ -245,11 +267,13 @@ def plan(
             peer_keepalive = keepalive_override
         else:
             peer_keepalive = 0 if same_site(me, peer) else keepalive
+        endpoint, path = choose_path(me, peer)
         desired[peer["public_key"]] = PeerConfig(
             public_key=peer["public_key"],
             allowed_ips=(f"{overlay}/{overlay.max_prefixlen}",),
-            endpoint=choose_endpoint(me, peer),
+            endpoint=endpoint,
             keepalive=peer_keepalive,
+            path=path,
         )
     return DesiredDevice(
         address=f"{me['overlay_ip']}/{cidr.prefixlen}",

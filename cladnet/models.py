@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -201,6 +201,12 @@ class Peer(BaseModel):
     endpoints: list[str]
     labels: dict[str, str]
     updated_at: float
+    # Written by relays (cladnet-relay), only when they change: where this host's
+    # WireGuard socket is seen from ({endpoint, observer, observed_at}), whether two
+    # observers saw different mappings, and peer id → relay ip:port this host sends to.
+    reflexive: list[dict[str, Any]] = []
+    mapping_varies: bool = False
+    relays: dict[str, str] = {}
 
 
 class Host(Peer):
