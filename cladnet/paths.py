@@ -21,7 +21,8 @@ from typing import Any
 Host = Mapping[str, Any]
 
 # WireGuard message sizes (whitepaper §5.4): initiation, response, cookie reply; transport
-# data is a 16-byte header + ciphertext padded to 16 + a 16-byte tag.
+# data is a 16-byte header + ciphertext + a 16-byte tag (padded to 16 bytes, but never
+# past the MTU, so a full 1420-byte packet is 1452: no multiple-of-16 check).
 _FIXED_SIZES = {1: 148, 2: 92, 3: 64}
 _MAX_DATA = 65535
 
@@ -41,7 +42,7 @@ def is_wireguard_packet(data: bytes) -> bool:
     kind = data[0]
     if kind in _FIXED_SIZES:
         return len(data) == _FIXED_SIZES[kind]
-    return kind == 4 and len(data) % 16 == 0 and len(data) <= _MAX_DATA
+    return kind == 4 and len(data) <= _MAX_DATA
 
 
 # --- reflexive candidates ------------------------------------------------------------------
@@ -69,23 +70,26 @@ def _candidates(host: Host) -> list[dict[str, Any]]:
 
 
 def observe(
-    host: Host, observer: str, endpoint: str, now: float, observers: Iterable[str] | None = None
+    host: Host, observer: str, endpoint: str, now: float, live: Iterable[str] | None = None
 ) -> tuple[list[dict[str, Any]], bool] | None:
     """The host's new ``(reflexive, mapping_varies)`` after ``observer`` saw ``endpoint``.
 
-    ``None`` when nothing changes (same observer, same endpoint): the record is desired
-    state and is written only when the mapping changes, never to refresh an age.
-    ``observers``, when given, are the observers still alive: other candidates are dropped.
-    ``mapping_varies`` is set when two observers see different ports (or addresses): the
-    host's NAT maps per destination ("symmetric") and nobody can reach it directly.
+    ``observer`` is ``<relay id>:<relay port>``: each relay port is a distinct
+    destination for the host's NAT. ``None`` when nothing changes: the record is desired
+    state, written only when a mapping changes, never to refresh an age. With ``live``
+    (the relay ids alive), other dead relays' candidates are dropped. ``mapping_varies``
+    is set when two observers see different addresses: the host's NAT maps per
+    destination ("symmetric") and nobody can reach it directly.
     """
-    alive = set(observers) if observers is not None else None
+    alive = set(live) if live is not None else None
+    old = _candidates(host)
     kept = [
         c
-        for c in _candidates(host)
-        if c["observer"] != observer and (alive is None or c["observer"] in alive)
+        for c in old
+        if c["observer"] != observer
+        and (alive is None or c["observer"].rpartition(":")[0] in alive)
     ]
-    before = {c["observer"]: c["endpoint"] for c in _candidates(host)}
+    before = {c["observer"]: c["endpoint"] for c in old}
     after = {**{c["observer"]: c["endpoint"] for c in kept}, observer: endpoint}
     varies = len(set(after.values())) > 1
     if before == after and bool(host.get("mapping_varies")) == varies:
