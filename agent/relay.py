@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -105,10 +106,11 @@ class PairForwarder:
         BYTES.inc(len(data))
 
     async def open(self, bind: str, ports: tuple[int, int]) -> None:
+        """Bind both ports (``ports[i]`` is where side ``i`` sends)."""
         loop = asyncio.get_running_loop()
         for index, port in enumerate(ports):
             transport, _ = await loop.create_datagram_endpoint(
-                lambda index=index: _Port(self, index), local_addr=(bind, port)
+                functools.partial(_Port, self, index), local_addr=(bind, port)
             )
             self.sides[index].transport = transport
 

@@ -32,7 +32,7 @@ MIN_AGREEING_OBSERVERS = 2
 
 
 def is_wireguard_packet(data: bytes) -> bool:
-    """Whether ``data`` has the shape of a WireGuard message (type 1–4, 3 zero bytes, size).
+    """Whether ``data`` has the shape of a WireGuard message (type 1 to 4, 3 zero bytes, size).
 
     Shape only: a relay forwards ciphertext it cannot read; this keeps it from being an
     open UDP reflector for arbitrary payloads.

@@ -38,8 +38,12 @@ async def register(etcd: Etcd, relay: Relay, ttl: int) -> Any:
     """Put the relay's record on a new lease of ``ttl`` seconds; returns the lease."""
     lease = await etcd.call(lambda c: c.lease(ttl))
     record = json.dumps(
-        {"id": relay.id, "address": relay.address, "port_min": relay.port_min,
-         "port_max": relay.port_max}  # fmt: skip
+        {
+            "id": relay.id,
+            "address": relay.address,
+            "port_min": relay.port_min,
+            "port_max": relay.port_max,
+        }
     ).encode()
     await etcd.call(lambda c: c.put(relay_key(relay.id), record, lease=lease))
     return lease
