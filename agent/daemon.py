@@ -92,6 +92,7 @@ class NetworkAgent:
         self._keepalives_due = False
         self.metrics: MetricsReporter | None = None
         self._skipped: tuple[tuple[str, str], ...] = ()
+        self._paths: dict[str, str] = {}  # public key → planned path, to log changes
         self.bad_input = 0  # malformed events and unusable peers, for the logs and metrics
         self.save_errors = 0
         # Set only by this host's own DELETED event in its authenticated watch.
@@ -134,6 +135,7 @@ class NetworkAgent:
                 for peer_id, reason in desired.skipped:
                     self.bad_input += 1
                     log.warning("ignoring a peer", extra={"peer": peer_id, "reason": reason})
+            self._log_paths(desired)
             actual = await self.backend.get(self.iface)
             changes = mesh.diff(desired, actual, own_key=self.m.me.get("public_key"))
             if force_endpoints:
@@ -147,6 +149,20 @@ class NetworkAgent:
                 self._keepalives_due = True
                 if self._deferred is None or self._deferred.done():
                     self._deferred = asyncio.create_task(self._add_deferred_keepalives())
+
+    def _log_paths(self, desired: mesh.DesiredDevice) -> None:
+        """One log line per peer whose path (private, direct, relayed via R) changed."""
+        paths = {k: p.path for k, p in desired.peers.items()}
+        if paths == self._paths:
+            return
+        names = {p.get("public_key"): p.get("name") for p in self.m.peers.values()}
+        for key, path in paths.items():
+            if self._paths.get(key) != path:
+                log.info(
+                    "peer path",
+                    extra={"peer": names.get(key), "path": path, "was": self._paths.get(key)},
+                )
+        self._paths = paths
 
     async def _add_deferred_keepalives(self) -> None:
         """The keepalives ``diff`` held back, a moment after their peers were added."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from cladnet import mesh, paths
+from cladnet.cli.status import summary
 from cladnet.paths import Relay
 from tests.test_mesh import NETWORK, host, key
 
@@ -178,3 +179,15 @@ def test_assignments_stop_at_the_end_of_the_port_range() -> None:
     out = paths.relay_assignments([natted(1), natted(2), natted(3)], small, [small],
                                   mesh.same_site)  # fmt: skip
     assert sum(len(v) for v in out.values()) == 2
+
+
+def test_status_shows_each_pairs_path() -> None:
+    a = natted(1, mapping_varies=True, relays={"h-2": "203.0.113.50:40000"})
+    b = natted(2, mapping_varies=True, relays={"h-1": "203.0.113.50:40001"})
+    p = host(3, addresses=["203.0.113.3/24"], public_address="203.0.113.3")
+    view = summary({"name": "n", "cidr": "10.77.0.0/24"}, [a, b, p], now=1.0)
+    paths_of = {(r["from"], r["to"]): r["path"] for r in view["pairs"]}
+    assert paths_of[("vm1", "vm2")] == "relayed via 203.0.113.50:40000"
+    assert paths_of[("vm2", "vm1")] == "relayed via 203.0.113.50:40001"
+    assert paths_of[("vm1", "vm3")] == paths_of[("vm3", "vm1")] == "direct"
+    assert view["relayed_pairs"] == 2

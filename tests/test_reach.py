@@ -6,6 +6,7 @@ sockets' reflexive addresses and records ``mapping_varies``."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -167,8 +168,15 @@ def test_full_mesh_pings_and_symmetric_pairs_are_relayed(world) -> None:
             else:  # across two symmetric NATs: through the relay
                 assert host == relay_ip and RELAY_PORTS[0] <= int(port) <= RELAY_PORTS[1], (
                     name, other, peer)  # fmt: skip
-    with ctl.client() as admin:
-        hosts = {h["name"]: h for h in admin.get("/v1/networks/reach/hosts").json()}
+
+    def hosts_now() -> dict[str, dict]:
+        with ctl.client() as admin:
+            return {h["name"]: h for h in admin.get("/v1/networks/reach/hosts").json()}
+
+    # Observations are written on the relay's next pass after the latch (1 s).
+    wait_until(lambda: all(hosts_now()[n]["mapping_varies"] for n in ("a1", "a2", "b1", "b2")),
+               10, what="mapping_varies")  # fmt: skip
+    hosts = hosts_now()
     for name in ("a1", "a2", "b1", "b2"):
         h = hosts[name]
         # Two relayed pairs each: two relay ports saw two different NAT ports.
@@ -179,6 +187,13 @@ def test_full_mesh_pings_and_symmetric_pairs_are_relayed(world) -> None:
         assert len(h["relays"]) == 2 and all(v.startswith(relay_ip + ":") for v in
                                               h["relays"].values())  # fmt: skip
     assert hosts["p"]["relays"] == {} and not hosts["p"]["mapping_varies"]
+    # The agent says so itself: `cladnet-agent status` and its log.
+    shown = net.run(agents["a1"].ns, sys.executable, "-m", "agent.main", "status",
+                    "--state-dir", str(agents["a1"].state_dir)).stdout  # fmt: skip
+    planned = json.loads(shown)[0]["paths"]
+    assert planned["a2"] == "private" and planned["p"] == "direct", planned
+    assert planned["b1"].startswith(f"relayed via {relay_ip}:"), planned
+    assert "relayed via" in "".join(p.read_text() for p in agents["a1"].logs)  # "peer path"
 
 
 def test_relay_forwards_only_wireguard_packets(world) -> None:

@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cladnet import __version__
+from cladnet import __version__, mesh
 from cladnet.cli import config
 from cladnet.cli.client import Api, CliError, fetch_ca
 from cladnet.cli.status import summary
@@ -297,12 +297,15 @@ def peers(host_id: str, as_json: Json = False) -> None:
     reported = (host.get("status") or {}).get("peers") or []
     data = [
         {**p, "name": others.get(p["peer_id"], {}).get("name"),
-         "endpoint": others.get(p["peer_id"], {}).get("public_address")}
+         "endpoint": others.get(p["peer_id"], {}).get("public_address"),
+         "path": mesh.choose_path(host, others[p["peer_id"]])[1]
+         if p["peer_id"] in others else None}
         for p in reported
     ]  # fmt: skip
-    rows = [[d["name"], d["endpoint"], _age(d["handshake_age_s"]), d["latency_ms"]] for d in data]
-    emit(data, as_json, _table(f"peers of {host['name']}", ["PEER", "PUBLIC", "HANDSHAKE",
-                                                            "RTT MS"], rows))  # fmt: skip
+    rows = [[d["name"], d["endpoint"], d["path"], _age(d["handshake_age_s"]), d["latency_ms"]]
+            for d in data]  # fmt: skip
+    columns = ["PEER", "PUBLIC", "PATH", "HANDSHAKE", "RTT MS"]
+    emit(data, as_json, _table(f"peers of {host['name']}", columns, rows))
 
 
 def _status_views(network: str | None) -> list[dict[str, Any]]:
@@ -318,7 +321,7 @@ def _render_status(views: list[dict[str, Any]]) -> Table:
         t.add_column(c)
     for v in views:
         worst = [
-            f"{p['from']}→{p['to']} {p['state']}"
+            f"{p['from']}→{p['to']} {p['state']} {p['path']}"
             + (f" {p['latency_ms']:.1f}ms" if p["latency_ms"] is not None else "")
             for p in v["pairs"][:3]
         ]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from cladnet import mesh
+
 DOWN_AFTER = 30.0  # 3 heartbeats
 BROKEN_AFTER = 180.0  # a WireGuard session rekeys every 2 min: 3 min without = broken
 MOVED_WITHIN = 600.0
@@ -24,6 +26,8 @@ def pairs(hosts: list[dict[str, Any]], now: float) -> list[dict[str, Any]]:
     ``state``: ``ok``, ``broken`` (no handshake within 3 min, or none at all while
     both are up), ``connecting`` (no handshake yet, but one of the two joined less
     than 3 min ago), ``down`` (one of the two is down), ``unknown`` (no report yet).
+    ``path``: ``private``, ``direct`` or ``relayed via <ip:port>``, as the reporter's
+    agent plans it from the same data (:func:`cladnet.mesh.choose_path`).
     """
     by_id = {h["id"]: h for h in hosts}
     rows = []
@@ -52,6 +56,7 @@ def pairs(hosts: list[dict[str, Any]], now: float) -> list[dict[str, Any]]:
                     "state": state,
                     "handshake_age_s": age,
                     "latency_ms": p.get("latency_ms") if p else None,
+                    "path": mesh.choose_path(h, other)[1],
                 }
             )
     rank = {"broken": 0, "down": 1, "connecting": 2, "unknown": 3, "ok": 4}
@@ -76,5 +81,6 @@ def summary(network: dict[str, Any], hosts: list[dict[str, Any]], now: float) ->
         ),
         "pairs": rows,
         "broken_pairs": sum(r["state"] == "broken" for r in rows),
+        "relayed_pairs": sum(r["path"].startswith("relayed") for r in rows),
         "healthy": all(r["state"] == "ok" for r in rows) and all(host_up(h, now) for h in hosts),
     }
