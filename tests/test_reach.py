@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,12 +52,15 @@ PROBE_CLIENT = textwrap.dedent("""
 class Relay:
     """``python -m agent.relay`` in a namespace, stopped by the fixture."""
 
-    def __init__(self, net: MultiCloud, ns: str, etcd_url: str, log: Path) -> None:
-        self.log = log
-        self.address = f"{net.inet}.{PUBLIC_HOST}"
+    def __init__(
+        self, net: MultiCloud, ns: str, relay_id: str, host_no: int, etcd_url: str, log: Path
+    ) -> None:
+        self.log, self.id = log, relay_id
+        self.address = f"{net.inet}.{host_no}"
+        # A short lease: a killed relay's pairs move within ~3 s.
         self.proc = net.popen(ns, [
-            sys.executable, "-m", "agent.relay", "--id", "r1", "--address", self.address,
-            "--ports", f"{RELAY_PORTS[0]}-{RELAY_PORTS[1]}", "--etcd", etcd_url,
+            sys.executable, "-m", "agent.relay", "--id", relay_id, "--address", self.address,
+            "--ports", f"{RELAY_PORTS[0]}-{RELAY_PORTS[1]}", "--etcd", etcd_url, "--ttl", "3",
             "--metrics-port", str(METRICS_PORT), "--log-level", "debug",
         ], stdout=subprocess.DEVNULL, stderr=log.open("ab"))  # fmt: skip
 
@@ -82,7 +86,9 @@ class Relay:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Iterator[tuple[MultiCloud, Controller, dict[str, Agent], Relay]]:
+def world(
+    tmp_path_factory,
+) -> Iterator[tuple[MultiCloud, Controller, dict[str, Agent], Relay, Relay]]:
     need_root()
     tmp = tmp_path_factory.mktemp("reach")
     net = MultiCloud()
@@ -93,7 +99,7 @@ def world(tmp_path_factory) -> Iterator[tuple[MultiCloud, Controller, dict[str, 
     ctl = Controller(etcd_url=etcd.url, state_dir=tmp / "controller", port=free_port(),
                      host=net.gateway)  # fmt: skip
     agents: dict[str, Agent] = {}
-    relay: Relay | None = None
+    relays: list[Relay] = []
     try:
         etcd.start()
         ctl.start()
@@ -103,7 +109,10 @@ def world(tmp_path_factory) -> Iterator[tuple[MultiCloud, Controller, dict[str, 
         for name, (subnet, public) in CLOUDS.items():
             net.add_cloud(name, subnet, public, nat=NAT)
         public_ns = net.add_public_host("p", PUBLIC_HOST)
-        relay = Relay(net, public_ns, etcd.url, tmp / "relay.log")
+        relays.append(Relay(net, public_ns, "r1", PUBLIC_HOST, etcd.url, tmp / "r1.log"))
+        # A second relay on an internet host of its own (no agent there).
+        second = net.add_public_host("q", PUBLIC_HOST + 1)
+        relays.append(Relay(net, second, "r2", PUBLIC_HOST + 1, etcd.url, tmp / "r2.log"))
         hosts = [("p", public_ns)] + [
             (f"{c}{i}", net.add_host(c, i)) for c in CLOUDS for i in (1, 2)
         ]
@@ -114,11 +123,11 @@ def world(tmp_path_factory) -> Iterator[tuple[MultiCloud, Controller, dict[str, 
                         "--interface", agent.interface, "--listen-port", "51820", *site,
                         token=token)  # fmt: skip
             agents[name] = agent
-        yield net, ctl, agents, relay
+        yield net, ctl, agents, relays[0], relays[1]
     finally:
         for a in agents.values():
             a.stop(signal.SIGKILL)
-        if relay is not None:
+        for relay in relays:
             relay.stop()
         ctl.stop()
         etcd.stop()
@@ -129,7 +138,7 @@ def world(tmp_path_factory) -> Iterator[tuple[MultiCloud, Controller, dict[str, 
 
 def test_the_lab_nats_really_map_per_destination(world) -> None:
     """Two-observer probe: one socket behind each NAT, two destinations → two ports."""
-    net, _, agents, _ = world
+    net, _, agents, _, _ = world
     for cloud in CLOUDS:
         server = net.popen(agents["p"].ns, [sys.executable, "-c", PROBE_SERVER, "47000"],
                            stdout=subprocess.PIPE, text=True)  # fmt: skip
@@ -147,16 +156,17 @@ def test_the_lab_nats_really_map_per_destination(world) -> None:
 
 
 def test_full_mesh_pings_and_symmetric_pairs_are_relayed(world) -> None:
-    net, ctl, agents, relay = world
+    net, ctl, agents, relay, relay2 = world
     ips = {name: a.overlay_ip(30) for name, a in agents.items()}
     for src, a in agents.items():
         for dst in agents:
             if src != dst:
                 ok = wait_until(lambda a=a, dst=dst: net.ping(a.ns, ips[dst]), 60,
                                 what=f"{src} -> {dst}")  # fmt: skip
-                assert ok, a.log_text() + relay.log.read_text()[-3000:]
+                assert ok, a.log_text() + relay.log.read_text()[-2000:]
     keys = {(a.membership() or {})["me"]["public_key"]: name for name, a in agents.items()}
     relay_ip = f"{net.inet}.{PUBLIC_HOST}"
+    relay_ips = {relay.address, relay2.address}
     for name in ("a1", "a2", "b1", "b2"):
         for key, peer in agents[name].wg_peers().items():
             other = keys[key]
@@ -166,7 +176,7 @@ def test_full_mesh_pings_and_symmetric_pairs_are_relayed(world) -> None:
             elif other[0] == name[0]:
                 assert host.startswith(CLOUDS[name[0]][0] + "."), (name, other, peer)
             else:  # across two symmetric NATs: through the relay
-                assert host == relay_ip and RELAY_PORTS[0] <= int(port) <= RELAY_PORTS[1], (
+                assert host in relay_ips and RELAY_PORTS[0] <= int(port) <= RELAY_PORTS[1], (
                     name, other, peer)  # fmt: skip
 
     def hosts_now() -> dict[str, dict]:
@@ -181,26 +191,27 @@ def test_full_mesh_pings_and_symmetric_pairs_are_relayed(world) -> None:
         h = hosts[name]
         # Two relayed pairs each: two relay ports saw two different NAT ports.
         assert h["mapping_varies"] is True, h
-        assert {c["observer"].split(":")[0] for c in h["reflexive"]} == {"r1"}
+        assert {c["observer"].split(":")[0] for c in h["reflexive"]} <= {"r1", "r2"}
         nat_ip = net.clouds[name[0]].public
         assert all(c["endpoint"].startswith(nat_ip + ":") for c in h["reflexive"]), h
-        assert len(h["relays"]) == 2 and all(v.startswith(relay_ip + ":") for v in
-                                              h["relays"].values())  # fmt: skip
+        assert len(h["relays"]) == 2, h
+        assert {v.rsplit(":", 1)[0] for v in h["relays"].values()} <= relay_ips, h
     assert hosts["p"]["relays"] == {} and not hosts["p"]["mapping_varies"]
     # The agent says so itself: `cladnet-agent status` and its log.
     shown = net.run(agents["a1"].ns, sys.executable, "-m", "agent.main", "status",
                     "--state-dir", str(agents["a1"].state_dir)).stdout  # fmt: skip
     planned = json.loads(shown)[0]["paths"]
     assert planned["a2"] == "private" and planned["p"] == "direct", planned
-    assert planned["b1"].startswith(f"relayed via {relay_ip}:"), planned
+    assert planned["b1"].startswith("relayed via "), planned
     assert "relayed via" in "".join(p.read_text() for p in agents["a1"].logs)  # "peer path"
 
 
 def test_relay_forwards_only_wireguard_packets(world) -> None:
-    net, ctl, agents, relay = world
+    net, ctl, agents, *relays = world
     with ctl.client() as admin:
         a1 = next(h for h in admin.get("/v1/networks/reach/hosts").json() if h["name"] == "a1")
-    port = int(next(iter(a1["relays"].values())).rsplit(":", 1)[1])
+    address, _, port_text = next(iter(a1["relays"].values())).rpartition(":")
+    relay, port = next(r for r in relays if r.address == address), int(port_text)
     before = relay.counts()
     junk = textwrap.dedent(f"""
         import socket
@@ -212,6 +223,29 @@ def test_relay_forwards_only_wireguard_packets(world) -> None:
     assert wait_until(lambda: relay.counts().get("junk", 0) >= before.get("junk", 0) + 4, 10,
                       what="junk counted")  # fmt: skip
     # And the relayed pairs still work: it forwarded WireGuard, nothing else.
-    assert net.ping(agents["a1"].ns, agents["b1"].overlay_ip(), count=2)
-    after = relay.counts()
-    assert after["forwarded"] > before.get("forwarded", 0)
+    for peer in ("b1", "b2"):
+        assert net.ping(agents["a1"].ns, agents[peer].overlay_ip(), count=2)
+    assert relay.counts()["forwarded"] > before.get("forwarded", 0)
+
+
+def test_killed_relay_pairs_move_to_the_other_relay(world) -> None:
+    net, ctl, agents, *relays = world
+
+    def relays_of(name: str) -> dict[str, str]:
+        with ctl.client() as admin:
+            hosts = admin.get("/v1/networks/reach/hosts").json()
+        return next(h for h in hosts if h["name"] == name)["relays"]
+
+    victim = next(r for r in relays if any(v.startswith(r.address + ":")
+                                           for v in relays_of("a1").values()))  # fmt: skip
+    survivor = next(r for r in relays if r is not victim)
+    started = time.monotonic()
+    victim.proc.kill()  # no lease revoke: the lease has to expire
+    victim.proc.wait(5)
+    for src, dst in (("a1", "b1"), ("a1", "b2"), ("b2", "a2"), ("b1", "a2")):
+        ok = wait_until(lambda src=src, dst=dst: net.ping(agents[src].ns,
+                        agents[dst].overlay_ip()), 60, what=f"{src} -> {dst}")  # fmt: skip
+        assert ok, agents[src].log_text() + survivor.log.read_text()[-2000:]
+    print(f"relayed pairs back {time.monotonic() - started:.1f}s after a relay was killed")
+    for name in ("a1", "a2", "b1", "b2"):
+        assert all(v.startswith(survivor.address + ":") for v in relays_of(name).values())
