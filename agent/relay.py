@@ -48,6 +48,9 @@ PAIRS = Gauge("cladnet_relay_pairs", "Pairs this relay serves.", registry=REGIST
 
 # A latched source silent this long may be replaced (its NAT mapping was rebound).
 RELATCH_AFTER = 10.0
+# A freed port is given to another pair only after this long, if the range allows: the
+# old pair's hosts send there until their agents hear of the change.
+REUSE_AFTER = 60.0
 
 
 @dataclass
@@ -131,6 +134,7 @@ class RelayService:
         # (host id, peer id) → forwarder, its key: the two ports
         self.pairs: dict[tuple[int, int], PairForwarder] = {}
         self.seen: dict[str, dict[str, str]] = {}  # host id → observer → endpoint
+        self.freed: dict[int, float] = {}  # port → when its pair was closed (monotonic)
 
     def _latched(self, side: Side, addr: tuple[str, int]) -> None:
         port = side.transport.get_extra_info("sockname")[1] if side.transport else 0
@@ -141,6 +145,8 @@ class RelayService:
     def _mine(self, endpoint: str, live: list[paths.Relay]) -> tuple[bool, bool]:
         """(served by this relay, served by no live relay) for a relay endpoint."""
         ip, _, port = endpoint.rpartition(":")
+        if not port.isdigit():
+            return False, True
         owners = [r for r in live if r.address == ip and r.port_min <= int(port) <= r.port_max]
         return any(r.id == self.relay.id for r in owners), not owners
 
@@ -152,7 +158,9 @@ class RelayService:
             await store.register(self.etcd, self.relay, self.ttl)
         hosts = await store.all_peers(self.etcd)
         by_id = {str(h["id"]): h for h in hosts}
-        wanted = paths.relay_assignments(hosts, self.relay, live, mesh.same_site)
+        now = time.monotonic()
+        self.freed = {p: t for p, t in self.freed.items() if now - t < REUSE_AFTER}
+        wanted = paths.relay_assignments(hosts, self.relay, live, mesh.same_site, avoid=self.freed)
         await self._open_pairs(wanted, by_id)
         live_ids = {r.id for r in live}
         for host_id, host in by_id.items():
@@ -186,6 +194,7 @@ class RelayService:
                 log.info("pair opened", extra={"hosts": [a_id, b_id], "ports": ports})
         for ports in set(self.pairs) - keep:
             self.pairs.pop(ports).close()
+            self.freed.update(dict.fromkeys(ports, time.monotonic()))
             log.info("pair closed", extra={"ports": ports})
         PAIRS.set(len(self.pairs))
 
@@ -196,25 +205,28 @@ class RelayService:
         live: list[paths.Relay],
         live_ids: set[str],
     ) -> None:
-        relays = {
-            peer: ep
-            for peer, ep in (host.get("relays") or {}).items()
-            if isinstance(ep, str) and peer not in assigned and not any(self._mine(ep, live))
-        }
-        relays.update(assigned)
-        fields: dict[str, Any] = {"relays": relays}
-        current: dict[str, Any] = dict(host)
-        for observer, endpoint in self.seen.get(str(host["id"]), {}).items():
-            seen = paths.observe(current, observer, endpoint, time.time(), live_ids)
-            if seen is not None:
-                current["reflexive"], current["mapping_varies"] = seen
-                fields["reflexive"], fields["mapping_varies"] = seen
-        if all(host.get(k) == v for k, v in fields.items()):
-            return
+        """Set this relay's entries and observations in one peer record, if they changed."""
 
         def change(record: dict[str, Any]) -> dict[str, Any]:
+            # From the record as read in the compare-and-swap, never from an older
+            # snapshot: another relay may have written its own entries meanwhile.
+            relays = {
+                peer: ep
+                for peer, ep in (record.get("relays") or {}).items()
+                if isinstance(ep, str) and peer not in assigned and not any(self._mine(ep, live))
+            }
+            relays.update(assigned)
+            fields: dict[str, Any] = {"relays": relays}
+            current = dict(record)
+            for observer, endpoint in self.seen.get(str(record["id"]), {}).items():
+                seen = paths.observe(current, observer, endpoint, time.time(), live_ids)
+                if seen is not None:
+                    current["reflexive"], current["mapping_varies"] = seen
+                    fields["reflexive"], fields["mapping_varies"] = seen
             return fields
 
+        if all(host.get(k) == v for k, v in change(host).items()):
+            return
         await store.update_peer(self.etcd, str(host["network_id"]), str(host["id"]), change)
 
     async def run(self, stop: asyncio.Event) -> None:

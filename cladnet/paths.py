@@ -183,13 +183,15 @@ def relay_assignments(
     relay: Relay,
     relays: Sequence[Relay],
     same_site: Any,
+    avoid: Iterable[int] = (),
 ) -> dict[str, dict[str, str]]:
     """Per host id, the peers this relay serves for it and the ``ip:port`` to send to.
 
     A pair is served when it is on different sites, cannot go direct, and ``relay`` is
     its rendezvous choice. Ports already assigned by this relay (found in the hosts'
-    ``relays`` fields) are kept; new pairs take the lowest free two ports. Pairs beyond
-    the port range are left out (they keep whatever path they had).
+    ``relays`` fields) are kept; new pairs take the lowest free two ports, those in
+    ``avoid`` (freed a moment ago: the old pair's hosts may still send there) last.
+    Pairs beyond the port range are left out (they keep whatever path they had).
     """
     mine = f"{relay.address}:"
     used: set[int] = set()
@@ -220,7 +222,12 @@ def relay_assignments(
                 out[a["id"]][b["id"]], out[b["id"]][a["id"]] = f"{mine}{pa}", f"{mine}{pb}"
                 continue
         pending.append((a, b))
-    free = (p for p in range(relay.port_min, relay.port_max + 1) if p not in used)
+    later = set(avoid)
+    ports = range(relay.port_min, relay.port_max + 1)
+    free = iter(
+        [p for p in ports if p not in used and p not in later]
+        + [p for p in ports if p not in used and p in later]
+    )
     for a, b in pending:
         pa, pb = next(free, None), next(free, None)
         if pa is None or pb is None:

@@ -191,3 +191,14 @@ def test_status_shows_each_pairs_path() -> None:
     assert paths_of[("vm2", "vm1")] == "relayed via 203.0.113.50:40001"
     assert paths_of[("vm1", "vm3")] == paths_of[("vm3", "vm1")] == "direct"
     assert view["relayed_pairs"] == 2
+
+
+def test_freed_ports_are_reused_last() -> None:
+    out = paths.relay_assignments([natted(1), natted(2)], R1, [R1], mesh.same_site,
+                                  avoid={40000, 40001})  # fmt: skip
+    assert sorted(ep for peers in out.values() for ep in peers.values()) == [
+        "203.0.113.50:40002", "203.0.113.50:40003"]  # fmt: skip
+    full = Relay("r1", "203.0.113.50", 40000, 40001)
+    out = paths.relay_assignments([natted(1), natted(2)], full, [full], mesh.same_site,
+                                  avoid={40000, 40001})  # fmt: skip
+    assert out["h-1"] == {"h-2": "203.0.113.50:40000"}  # the range is full: reuse
