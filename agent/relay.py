@@ -78,11 +78,24 @@ class PairForwarder:
 
     sides: tuple[Side, Side]
     on_latch: Any
+    # Counted here per packet (cheap) and added to the Prometheus counters by ``flush``:
+    # a labelled counter's lock per packet costs a relay forwarding in Python dearly.
     counts: dict[str, int] = field(default_factory=dict)
+    forwarded_bytes: int = 0
+    _flushed: dict[str, int] = field(default_factory=dict)
+    _flushed_bytes: int = 0
 
     def _count(self, result: str) -> None:
-        PACKETS.labels(result).inc()
         self.counts[result] = self.counts.get(result, 0) + 1
+
+    def flush(self) -> None:
+        """Add what was counted since the last flush to the Prometheus counters."""
+        for result, n in self.counts.items():
+            if n != self._flushed.get(result, 0):
+                PACKETS.labels(result).inc(n - self._flushed.get(result, 0))
+                self._flushed[result] = n
+        BYTES.inc(self.forwarded_bytes - self._flushed_bytes)
+        self._flushed_bytes = self.forwarded_bytes
 
     def received(self, index: int, data: bytes, addr: tuple[str, int]) -> None:
         """One datagram from ``addr`` on side ``index``'s port: latch, filter, forward."""
@@ -106,7 +119,7 @@ class PairForwarder:
             return
         other.transport.sendto(data, other.latched)
         self._count("forwarded")
-        BYTES.inc(len(data))
+        self.forwarded_bytes += len(data)
 
     async def open(self, bind: str, ports: tuple[int, int]) -> None:
         """Bind both ports (``ports[i]`` is where side ``i`` sends)."""
@@ -118,6 +131,7 @@ class PairForwarder:
             self.sides[index].transport = transport
 
     def close(self) -> None:
+        self.flush()
         for side in self.sides:
             if side.transport is not None:
                 side.transport.close()
@@ -162,6 +176,8 @@ class RelayService:
         self.freed = {p: t for p, t in self.freed.items() if now - t < REUSE_AFTER}
         wanted = paths.relay_assignments(hosts, self.relay, live, mesh.same_site, avoid=self.freed)
         await self._open_pairs(wanted, by_id)
+        for pair in self.pairs.values():
+            pair.flush()
         live_ids = {r.id for r in live}
         for host_id, host in by_id.items():
             await self._write(host, wanted.get(host_id, {}), live, live_ids)
