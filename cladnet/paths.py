@@ -50,8 +50,9 @@ def is_wireguard_packet(data: bytes) -> bool:
 
 def _candidates(host: Host) -> list[dict[str, Any]]:
     """The host's well-formed reflexive candidates (hostile or broken entries dropped)."""
-    out = []
-    for c in host.get("reflexive") or ():
+    out: list[dict[str, Any]] = []
+    given = host.get("reflexive")
+    for c in given if isinstance(given, list) else ():
         if (
             isinstance(c, Mapping)
             and isinstance(c.get("endpoint"), str)
@@ -197,10 +198,10 @@ def relay_assignments(
     used: set[int] = set()
     current: dict[tuple[str, str], int] = {}
     for h in hosts:
-        for peer_id, ep in (h.get("relays") or {}).items():
-            if isinstance(ep, str) and ep.startswith(mine):
-                port = int(ep.rsplit(":", 1)[1])
-                current[(str(h["id"]), str(peer_id))] = port
+        for peer_id, ep in _relays_of(h).items():
+            port = ep.rsplit(":", 1)[1] if isinstance(ep, str) and ep.startswith(mine) else ""
+            if port.isdigit():
+                current[(str(h["id"]), str(peer_id))] = int(port)
     wanted: list[tuple[Host, Host]] = []
     ordered = sorted(hosts, key=lambda h: str(h["id"]))
     for i, a in enumerate(ordered):
@@ -236,9 +237,14 @@ def relay_assignments(
     return out
 
 
+def _relays_of(host: Host) -> Mapping[str, Any]:
+    given = host.get("relays")
+    return given if isinstance(given, Mapping) else {}
+
+
 def relayed_endpoint(me: Host, peer: Host) -> str | None:
     """The relay port this host sends the peer's packets to, if a relay serves the pair."""
-    ep = (me.get("relays") or {}).get(peer.get("id"))
+    ep = _relays_of(me).get(str(peer.get("id")))
     if not isinstance(ep, str):
         return None
     try:

@@ -135,8 +135,9 @@ def test_without_relay_or_observation_the_old_guess_remains() -> None:
 
 
 def test_hostile_relay_entry_is_ignored() -> None:
-    a = natted(1, relays={"h-2": "not an endpoint"})
-    assert mesh.choose_path(a, natted(2)) == ("198.51.100.2:51820", "direct")
+    for relays in ({"h-2": "not an endpoint"}, {"h-2": 5}, ["h-2"], "h-2"):
+        a = natted(1, relays=relays, reflexive="junk")
+        assert mesh.choose_path(a, natted(2, reflexive=7)) == ("198.51.100.2:51820", "direct")
 
 
 def test_plan_carries_the_path_per_peer() -> None:
