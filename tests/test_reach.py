@@ -236,6 +236,23 @@ def test_full_mesh_pings_and_symmetric_pairs_are_relayed(world) -> None:
     assert "relayed via" in "".join(p.read_text() for p in agents["a1"].logs)  # "peer path"
 
 
+def test_path_data_is_written_on_change_only(world) -> None:
+    """Relayed pairs keep flowing (keepalives every 2 s), yet no peer record is rewritten:
+    the relays write observations and ports only when they change, never on a timer."""
+    net, ctl, agents, *_ = world
+
+    def stamps() -> dict[str, float]:
+        with ctl.client() as admin:
+            return {
+                h["name"]: h["updated_at"] for h in admin.get("/v1/networks/reach/hosts").json()
+            }
+
+    before = stamps()
+    time.sleep(5)
+    assert net.ping(agents["a1"].ns, agents["b2"].overlay_ip())
+    assert stamps() == before
+
+
 def test_relay_forwards_only_wireguard_packets(world) -> None:
     net, ctl, agents, *relays = world
     with ctl.client() as admin:
