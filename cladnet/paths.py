@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,7 +183,7 @@ def relay_assignments(
     hosts: Sequence[Host],
     relay: Relay,
     relays: Sequence[Relay],
-    same_site: Any,
+    same_site: Callable[[Host, Host], bool],
     avoid: Iterable[int] = (),
 ) -> dict[str, dict[str, str]]:
     """Per host id, the peers this relay serves for it and the ``ip:port`` to send to.
