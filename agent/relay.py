@@ -89,11 +89,18 @@ class PairForwarder:
         self.counts[result] = self.counts.get(result, 0) + 1
 
     def flush(self) -> None:
-        """Add what was counted since the last flush to the Prometheus counters."""
+        """Add what was counted since the last flush to the Prometheus counters; one log
+        line per flush for dropped junk or strangers (never one per packet)."""
+        dropped = {}
         for result, n in self.counts.items():
             if n != self._flushed.get(result, 0):
                 PACKETS.labels(result).inc(n - self._flushed.get(result, 0))
+                if result in ("junk", "stranger"):
+                    dropped[result] = n - self._flushed.get(result, 0)
                 self._flushed[result] = n
+        if dropped:
+            hosts = [side.host_id for side in self.sides]
+            log.warning("dropped packets", extra={"hosts": hosts, "dropped": dropped})
         BYTES.inc(self.forwarded_bytes - self._flushed_bytes)
         self._flushed_bytes = self.forwarded_bytes
 
