@@ -21,7 +21,7 @@ from agent.metrics.spool import spool_dir
 from agent.standing import OK, UNRECOGNISED, HostNotListed, Standing
 from agent.state import Membership, StateDir
 from agent.wireguard.backend import WireGuardBackend, WireGuardError
-from cladnet import mesh
+from cladnet import mesh, paths
 from cladnet.tasks import cancel_and_wait
 
 log = logging.getLogger("cladnet.agent")
@@ -42,6 +42,11 @@ class Timing:
     commands: float = 5.0
     # After adding a peer whose keepalive waits for the peer's handshake (mesh.diff).
     keepalive_delay: float = 1.0
+    # A direct path over reflexive addresses with nothing received for this long (at
+    # least two keepalives) falls back to the pair's relay; direct is tried again later.
+    path_check: float = 2.0
+    direct_timeout: float = 6.0
+    direct_retry: float = 60.0
 
 
 class Backoff:
@@ -93,6 +98,10 @@ class NetworkAgent:
         self.metrics: MetricsReporter | None = None
         self._skipped: tuple[tuple[str, str], ...] = ()
         self._paths: dict[str, str] = {}  # public key → planned path, to log changes
+        # Peer id → monotonic time until which its direct path is not tried (it failed).
+        self._direct_failed: dict[str, float] = {}
+        # Public key → (rx bytes, monotonic time rx last grew or direct was planned).
+        self._rx_seen: dict[str, tuple[int, float]] = {}
         self.bad_input = 0  # malformed events and unusable peers, for the logs and metrics
         self.save_errors = 0
         # Set only by this host's own DELETED event in its authenticated watch.
@@ -129,7 +138,14 @@ class NetworkAgent:
         """
         async with self._lock:
             await self._ensure_device()
-            desired = mesh.plan(self.m.network, self.m.me, list(self.m.peers.values()))
+            now = time.monotonic()
+            self._direct_failed = {p: t for p, t in self._direct_failed.items() if t > now}
+            desired = mesh.plan(
+                self.m.network,
+                self.m.me,
+                list(self.m.peers.values()),
+                direct_failed=set(self._direct_failed),
+            )
             if desired.skipped != self._skipped:
                 self._skipped = desired.skipped
                 for peer_id, reason in desired.skipped:
@@ -152,17 +168,64 @@ class NetworkAgent:
 
     def _log_paths(self, desired: mesh.DesiredDevice) -> None:
         """One log line per peer whose path (private, direct, relayed via R) changed."""
-        paths = {k: p.path for k, p in desired.peers.items()}
-        if paths == self._paths:
+        planned = {k: p.path for k, p in desired.peers.items()}
+        if planned == self._paths:
             return
         names = {p.get("public_key"): p.get("name") for p in self.m.peers.values()}
-        for key, path in paths.items():
+        for key, path in planned.items():
             if self._paths.get(key) != path:
                 log.info(
                     "peer path",
                     extra={"peer": names.get(key), "path": path, "was": self._paths.get(key)},
                 )
-        self._paths = paths
+        self._paths = planned
+
+    async def path_loop(self) -> None:
+        """Fall back to the relay when a direct path over reflexive addresses stops.
+
+        Only peers planned ``direct`` that also have a relay (so neither side is public)
+        are watched: nothing received from one for ``direct_timeout`` seconds (the
+        network's keepalives would have arrived) sends it to its relay for
+        ``direct_retry`` seconds, then direct is tried again.
+        """
+        while not self.removed.is_set():
+            await asyncio.sleep(self.timing.path_check)
+            try:
+                if await self._check_direct_paths():
+                    await self.reconcile()
+            except (WireGuardError, OSError) as exc:
+                log.debug("path check failed", extra={"error": repr(exc)})
+
+    async def _check_direct_paths(self) -> bool:
+        """Mark the direct paths that stopped; True when the plan changes (one was
+        marked, or a mark expired and direct is to be tried again)."""
+        keepalive = int(self.m.network.get("keepalive") or 0)
+        timeout = max(self.timing.direct_timeout, 2.5 * keepalive)
+        actual = await self.backend.get(self.iface)
+        now = time.monotonic()
+        failed = any(until <= now for until in self._direct_failed.values())
+        by_key = {p.get("public_key"): p for p in self.m.peers.values()}
+        for key, path in self._paths.items():
+            peer, state = by_key.get(key), actual.peers.get(key)
+            if peer is None or state is None or path != "direct":
+                self._rx_seen.pop(key, None)
+                continue
+            if paths.relayed_endpoint(self.m.me, peer) is None:
+                continue  # nothing to fall back to
+            rx, since = self._rx_seen.get(key, (state.rx_bytes, now))
+            if state.rx_bytes != rx:
+                since = now
+            self._rx_seen[key] = (state.rx_bytes, since)
+            if now - since > timeout:
+                peer_id = str(peer.get("id"))
+                self._direct_failed[peer_id] = now + self.timing.direct_retry
+                self._rx_seen.pop(key, None)
+                failed = True
+                log.warning(
+                    "direct path silent; using the relay",
+                    extra={"peer": peer.get("name"), "silent_s": round(now - since, 1)},
+                )
+        return failed
 
     async def _add_deferred_keepalives(self) -> None:
         """The keepalives ``diff`` held back, a moment after their peers were added."""
@@ -426,7 +489,8 @@ class NetworkAgent:
         self._restart_sync()
         addresses_task = asyncio.create_task(self.address_loop(), name=f"addresses-{self.iface}")
         metrics_task = asyncio.create_task(self.metrics_loop(), name=f"metrics-{self.iface}")
-        tasks = [addresses_task, metrics_task]
+        path_task = asyncio.create_task(self.path_loop(), name=f"paths-{self.iface}")
+        tasks = [addresses_task, metrics_task, path_task]
         if self.m.allow_commands:  # a task of its own: a long command never blocks the mesh
             tasks.append(asyncio.create_task(self.commands_loop(), name=f"commands-{self.iface}"))
         try:

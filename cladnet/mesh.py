@@ -11,7 +11,7 @@ Pure functions on plain data (peers are the controller's JSON objects as dicts),
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -194,8 +194,13 @@ def choose_endpoint(me: Host, peer: Host) -> str | None:
     return choose_path(me, peer)[0]
 
 
-def choose_path(me: Host, peer: Host) -> tuple[str | None, str]:
+def choose_path(
+    me: Host, peer: Host, direct_failed: Collection[str] = ()
+) -> tuple[str | None, str]:
     """``(endpoint, path)`` for the peer, best path first.
+
+    ``direct_failed``: peer ids whose direct path over reflexive addresses got no
+    handshake lately (the agent's probe): they take their relay, when they have one.
 
     1. Same site: the peer's private address (the one in a subnet shared with me, else
        its first address) with its listen port — path ``private``.
@@ -217,10 +222,11 @@ def choose_path(me: Host, peer: Host) -> tuple[str | None, str]:
     explicit = peer.get("endpoints") or []
     if explicit:
         return normalize_endpoint(explicit[0]), "direct"
-    if paths.direct_possible(me, peer):
+    relayed = paths.relayed_endpoint(me, peer)
+    gave_up = relayed is not None and peer.get("id") in direct_failed
+    if paths.direct_possible(me, peer) and not gave_up:
         direct = paths.direct_endpoint(peer)
         return (normalize_endpoint(direct) if direct else None), "direct"
-    relayed = paths.relayed_endpoint(me, peer)
     if relayed is not None:
         return normalize_endpoint(relayed), f"relayed via {normalize_endpoint(relayed)}"
     public = peer.get("public_address")
@@ -234,6 +240,7 @@ def plan(
     me: Host,
     peers: Iterable[Host],
     keepalive_override: int | None = None,
+    direct_failed: Collection[str] = (),
 ) -> DesiredDevice:
     """The device this host should have for ``network``.
 
@@ -242,7 +249,7 @@ def plan(
     allowed only its own overlay IP (/32 or /128). Keepalive: a peer on another site may
     be behind NAT (or I may be), so it gets the network's keepalive to hold the NAT
     mapping open; same-site peers get 0 (off). ``keepalive_override``, when given, is
-    used for every peer instead.
+    used for every peer instead. ``direct_failed``: see :func:`choose_path`.
     """
     cidr = ipaddress.ip_network(network["cidr"], strict=False)
     keepalive = int(network.get("keepalive") or 0)
@@ -267,7 +274,7 @@ def plan(
             peer_keepalive = keepalive_override
         else:
             peer_keepalive = 0 if same_site(me, peer) else keepalive
-        endpoint, path = choose_path(me, peer)
+        endpoint, path = choose_path(me, peer, direct_failed)
         desired[peer["public_key"]] = PeerConfig(
             public_key=peer["public_key"],
             allowed_ips=(f"{overlay}/{overlay.max_prefixlen}",),

@@ -188,8 +188,9 @@ def relay_assignments(
 ) -> dict[str, dict[str, str]]:
     """Per host id, the peers this relay serves for it and the ``ip:port`` to send to.
 
-    A pair is served when it is on different sites, cannot go direct, and ``relay`` is
-    its rendezvous choice. Ports already assigned by this relay (found in the hosts'
+    A pair is served when it is on different sites, neither side is public (pairs that
+    go direct over reflexive addresses keep the relay as their fallback), and ``relay``
+    is its rendezvous choice. Ports already assigned by this relay (found in the hosts'
     ``relays`` fields) are kept; new pairs take the lowest free two ports, those in
     ``avoid`` (freed a moment ago: the old pair's hosts may still send there) last.
     Pairs beyond the port range are left out (they keep whatever path they had).
@@ -208,8 +209,10 @@ def relay_assignments(
         for b in ordered[i + 1 :]:
             if a.get("network_id") != b.get("network_id") or same_site(a, b):
                 continue
-            if direct_possible(a, b):
-                continue
+            if is_public(a) or is_public(b):
+                continue  # direct, and nothing to fall back to: the public side waits
+            # Pairs that go direct over reflexive addresses keep a relay on standby: the
+            # agents fall back to it when no handshake comes over the direct path.
             chosen = choose_relay(str(a["id"]), str(b["id"]), relays)
             if chosen is not None and chosen.id == relay.id:
                 wanted.append((a, b))

@@ -123,6 +123,23 @@ def test_both_stable_go_direct_to_the_reflexive_address() -> None:
     assert mesh.choose_path(a, b) == ("198.51.100.2:3333", "direct")
 
 
+def test_a_failed_direct_path_falls_back_to_the_standby_relay() -> None:
+    stable = seen(("r1:1", "198.51.100.2:3333"), ("r2:1", "198.51.100.2:3333"))
+    a = natted(1, reflexive=seen(("r1:2", "198.51.100.1:7"), ("r2:2", "198.51.100.1:7")))
+    a["relays"] = {"h-2": "203.0.113.50:40000"}
+    b = natted(2, reflexive=stable)
+    assert mesh.choose_path(a, b)[1] == "direct"
+    assert mesh.choose_path(a, b, direct_failed={"h-2"}) == (
+        "203.0.113.50:40000", "relayed via 203.0.113.50:40000")  # fmt: skip
+    # Without a relay there is nothing better than trying direct.
+    a["relays"] = {}
+    assert mesh.choose_path(a, b, direct_failed={"h-2"})[1] == "direct"
+    # And the relays keep such a pair on standby; a pair with a public side they do not.
+    public = host(5, addresses=["203.0.113.5/24"], public_address="203.0.113.5")
+    out = paths.relay_assignments([a, b, public], R1, [R1], mesh.same_site)
+    assert set(out["h-1"]) == {"h-2"} and out["h-5"] == {}
+
+
 def test_same_site_stays_private_even_with_a_relay_entry() -> None:
     a = natted(1, labels={"site": "x"}, relays={"h-2": "203.0.113.50:40000"})
     b = natted(2, labels={"site": "x"})

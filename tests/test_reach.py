@@ -294,13 +294,34 @@ def test_endpoint_independent_nats_go_direct(world) -> None:
     assert ok, (hosts["c1"]["reflexive"], hosts["d1"]["reflexive"], agents["c1"].log_text())
     for name in ("c1", "d1"):
         assert not hosts[name]["mapping_varies"], hosts[name]
-    assert "d1" not in {
-        hosts[n]["name"] for n in hosts if hosts["c1"]["relays"].get(hosts[n]["id"])
-    }
+    assert hosts["d1"]["id"] in hosts["c1"]["relays"]  # the relay stands by
     for src, dst in (("c1", "d1"), ("d1", "c1")):
         ok = wait_until(lambda src=src, dst=dst: net.ping(agents[src].ns,
                         agents[dst].overlay_ip()), 30, what=f"{src} -> {dst}")  # fmt: skip
         assert ok, agents[src].log_text()
+
+
+def test_a_direct_path_that_stops_falls_back_to_the_relay(world) -> None:
+    """Block c1 <-> d1 between the NATs: within seconds the pair is relayed and pings."""
+    net, _, agents, *_ = world
+    router, nat_d = net.clouds["c"].router, net.clouds["d"].public
+    net.run(router, "nft", "add chain ip cl-fw block { type filter hook forward priority 0 ; }")
+    net.run(router, "nft", f"add rule ip cl-fw block ip saddr {nat_d} drop")
+    net.run(router, "nft", f"add rule ip cl-fw block ip daddr {nat_d} drop")
+    started = time.monotonic()
+    try:
+        d1_key = agents["d1"].membership()["me"]["public_key"]
+
+        def relayed() -> bool:
+            ep = agents["c1"].wg_peers().get(d1_key, {}).get("endpoint", "")
+            return int(ep.rsplit(":", 1)[1]) in range(RELAY_PORTS[0], RELAY_PORTS[1] + 1)
+
+        assert eventually(relayed, 60), agents["c1"].log_text()
+        ok = eventually(lambda: net.ping(agents["c1"].ns, agents["d1"].overlay_ip()), 30)
+        assert ok, agents["c1"].log_text()
+        print(f"c1 -> d1 relayed and pinging {time.monotonic() - started:.1f}s after the block")
+    finally:
+        net.run(router, "nft", "delete chain ip cl-fw block", check=False)
 
 
 def test_killed_relay_pairs_move_to_the_other_relay(world) -> None:
