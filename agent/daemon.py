@@ -19,7 +19,7 @@ from agent.metrics.spool import spool_dir
 from agent.standing import OK, UNRECOGNISED, HostNotListed, Standing
 from agent.state import Membership, StateDir
 from agent.wireguard.backend import WireGuardBackend, WireGuardError
-from cladnet import mesh
+from cladnet import mesh, paths
 from cladnet import policy as acl
 from cladnet.tasks import cancel_and_wait
 
@@ -46,6 +46,11 @@ class Timing:
     save_every: float = 2.0
     # Between full reconciles (plan everything, read the whole device): catches drift.
     full_resync: float = 300.0
+    # A direct path over reflexive addresses with nothing received for this long (at
+    # least two keepalives) falls back to the pair's relay; direct is tried again later.
+    path_check: float = 2.0
+    direct_timeout: float = 6.0
+    direct_retry: float = 60.0
 
 
 class Backoff:
@@ -106,6 +111,11 @@ class NetworkAgent:
         self._apply_task: asyncio.Task[None] | None = None
         self._last_save = 0.0
         self._save_task: asyncio.Task[None] | None = None
+        self._paths: dict[str, str] = {}  # public key → planned path, to log changes
+        # Peer id → monotonic time until which its direct path is not tried (it failed).
+        self._direct_failed: dict[str, float] = {}
+        # Public key → (rx bytes, monotonic time rx last grew or direct was planned).
+        self._rx_seen: dict[str, tuple[int, float]] = {}
         self.bad_input = 0  # malformed events and unusable peers, for the logs and metrics
         self.save_errors = 0
         self.firewall_errors = 0
@@ -155,10 +165,17 @@ class NetworkAgent:
         self._full_due = False
         self._last_full = time.monotonic()
         policy = self._policy()
-        desired = mesh.plan(self.m.network, self.m.me, list(self.m.peers.values()), policy=policy)
+        desired = mesh.plan(
+            self.m.network,
+            self.m.me,
+            list(self.m.peers.values()),
+            policy=policy,
+            direct_failed=self._direct_failures(),
+        )
         self._note_skipped(dict(desired.skipped), set(self.m.peers) | set(self._skipped))
         self._conflicts.rebuild(self.m.peers)
         self._applied = {pid: desired.peers[key] for pid, key in desired.ids.items()}
+        self._log_paths(self._applied, set(self._paths) - set(desired.peers))
         try:
             actual = await self.backend.get(self.iface)
             changes = mesh.diff(desired, actual, own_key=self.m.me.get("public_key"))
@@ -187,10 +204,13 @@ class NetworkAgent:
                 self.m.me,
                 [self.m.peers[p] for p in affected if p in self.m.peers],
                 policy=policy,
+                direct_failed=self._direct_failures(),
             )
             self._note_skipped(dict(planned.skipped), affected)
             before = {p: self._applied.pop(p) for p in affected if p in self._applied}
             self._applied.update(planned.configs)
+            now_planned = {c.public_key for c in planned.configs.values()}
+            self._log_paths(planned.configs, {c.public_key for c in before.values()} - now_planned)
             try:
                 await self._apply(
                     mesh.diff_plans(before, planned.configs, own_key=self.m.me.get("public_key")),
@@ -268,6 +288,71 @@ class NetworkAgent:
             "packet filter loaded",
             extra={"iface": self.iface, "policy_version": self.m.policy_version},
         )
+
+    def _direct_failures(self) -> set[str]:
+        """The peers whose direct path failed lately (expired marks dropped)."""
+        now = time.monotonic()
+        self._direct_failed = {p: t for p, t in self._direct_failed.items() if t > now}
+        return set(self._direct_failed)
+
+    def _log_paths(self, planned: dict[str, mesh.PeerConfig], gone: set[str]) -> None:
+        """One log line per peer whose path (private, direct, relayed via R) changed.
+        ``planned``: peer id → config just planned; ``gone``: keys no longer planned."""
+        for key in gone:
+            self._paths.pop(key, None)
+        for pid, config in planned.items():
+            was = self._paths.get(config.public_key)
+            if was != config.path:
+                name = self.m.peers.get(pid, {}).get("name")
+                log.info("peer path", extra={"peer": name, "path": config.path, "was": was})
+                self._paths[config.public_key] = config.path
+
+    async def path_loop(self) -> None:
+        """Fall back to the relay when a direct path over reflexive addresses stops.
+
+        Only peers planned ``direct`` that also have a relay (so neither side is public)
+        are watched: nothing received from one for ``direct_timeout`` seconds (the
+        network's keepalives would have arrived) sends it to its relay for
+        ``direct_retry`` seconds, then direct is tried again.
+        """
+        while not self.removed.is_set():
+            await asyncio.sleep(self.timing.path_check)
+            try:
+                if await self._check_direct_paths():
+                    await self.reconcile()
+            except (WireGuardError, OSError) as exc:
+                log.debug("path check failed", extra={"error": repr(exc)})
+
+    async def _check_direct_paths(self) -> bool:
+        """Mark the direct paths that stopped; True when the plan changes (one was
+        marked, or a mark expired and direct is to be tried again)."""
+        keepalive = int(self.m.network.get("keepalive") or 0)
+        timeout = max(self.timing.direct_timeout, 2.5 * keepalive)
+        actual = await self.backend.get(self.iface)
+        now = time.monotonic()
+        failed = any(until <= now for until in self._direct_failed.values())
+        by_key = {p.get("public_key"): p for p in self.m.peers.values()}
+        for key, path in self._paths.items():
+            peer, state = by_key.get(key), actual.peers.get(key)
+            if peer is None or state is None or path != "direct":
+                self._rx_seen.pop(key, None)
+                continue
+            if paths.relayed_endpoint(self.m.me, peer) is None:
+                continue  # nothing to fall back to
+            rx, since = self._rx_seen.get(key, (state.rx_bytes, now))
+            if state.rx_bytes != rx:
+                since = now
+            self._rx_seen[key] = (state.rx_bytes, since)
+            if now - since > timeout:
+                peer_id = str(peer.get("id"))
+                self._direct_failed[peer_id] = now + self.timing.direct_retry
+                self._rx_seen.pop(key, None)
+                failed = True
+                log.warning(
+                    "direct path silent; using the relay",
+                    extra={"peer": peer.get("name"), "silent_s": round(now - since, 1)},
+                )
+        return failed
 
     async def _add_deferred_keepalives(self) -> None:
         """The keepalives ``diff`` held back, a moment after their peers were added."""
@@ -596,7 +681,8 @@ class NetworkAgent:
         self._restart_sync()
         addresses_task = asyncio.create_task(self.address_loop(), name=f"addresses-{self.iface}")
         metrics_task = asyncio.create_task(self.metrics_loop(), name=f"metrics-{self.iface}")
-        tasks = [addresses_task, metrics_task]
+        path_task = asyncio.create_task(self.path_loop(), name=f"paths-{self.iface}")
+        tasks = [addresses_task, metrics_task, path_task]
         if self.m.allow_commands:  # a task of its own: a long command never blocks the mesh
             tasks.append(asyncio.create_task(self.commands_loop(), name=f"commands-{self.iface}"))
         try:

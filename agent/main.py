@@ -20,6 +20,7 @@ from agent import firewall
 from agent.metrics.spool import spool_dir, spool_status
 from agent.state import Membership, StateDir
 from agent.wireguard.backend import WireGuardBackend
+from cladnet import mesh
 from cladnet.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
@@ -320,6 +321,13 @@ def _policy_status(m: Membership) -> dict[str, Any] | None:
     return {"version": m.policy_version, "allows_all": allows_all}
 
 
+def _paths(m: Membership) -> dict[str, str]:
+    """Peer name → the path the plan gives it (private, direct, relayed via R)."""
+    names = {p.get("public_key"): str(p.get("name")) for p in m.peers.values()}
+    planned = mesh.plan(m.network, m.me, list(m.peers.values())).peers
+    return {names.get(k, k): p.path for k, p in planned.items()}
+
+
 async def cmd_status(args: argparse.Namespace) -> int:
     states = StateDir(Path(args.state_dir))
     out = []
@@ -339,6 +347,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
                 "peers": len(m.peers),
                 "device_peers": len(device.peers) if device is not None else None,
                 "policy": _policy_status(m),
+                "paths": _paths(m),
                 "metrics_spool": spool_status(spool_dir(states.root, net_id)),
             }
         )

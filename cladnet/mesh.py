@@ -14,10 +14,11 @@ Pure functions on plain data (peers are the controller's JSON objects as dicts),
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from cladnet import paths
 from cladnet import policy as acl
 from cladnet.keys import validate_public_key
 
@@ -36,6 +37,9 @@ class PeerConfig:
     allowed_ips: tuple[str, ...]
     endpoint: str | None
     keepalive: int
+    # How the peer is reached: "private", "direct" or "relayed via <relay ip:port>".
+    # Data only: ``diff`` compares the endpoint, never this.
+    path: str = "direct"
 
 
 @dataclass(frozen=True)
@@ -191,11 +195,28 @@ def same_site(me: Host, peer: Host) -> bool:
 
 
 def choose_endpoint(me: Host, peer: Host) -> str | None:
-    """Where to send the peer's packets: ``ip:port``, or ``None`` when nothing is known.
+    """Where to send the peer's packets: ``ip:port``, or ``None`` when nothing is known
+    (see :func:`choose_path`)."""
+    return choose_path(me, peer)[0]
 
-    Same site: the peer's private address (the one in a subnet shared with me, else its
-    first address) with its listen port. Otherwise the first explicit endpoint the peer
-    announced, else its public address (as the controller saw it) with its listen port.
+
+def choose_path(
+    me: Host, peer: Host, direct_failed: Collection[str] = ()
+) -> tuple[str | None, str]:
+    """``(endpoint, path)`` for the peer, best path first.
+
+    ``direct_failed``: peer ids whose direct path over reflexive addresses got no
+    handshake lately (the agent's probe): they take their relay, when they have one.
+
+    1. Same site: the peer's private address (the one in a subnet shared with me, else
+       its first address) with its listen port — path ``private``.
+    2. An explicit endpoint the peer announced — ``direct``.
+    3. Direct when one side is public or both have a stable reflexive address
+       (:func:`cladnet.paths.direct_possible`): the peer's public or reflexive address;
+       ``None`` when only I am public (the peer opens its NAT by sending first).
+    4. A relay port the controller assigned this pair — ``relayed via <ip:port>``.
+    5. Else the public address the controller saw with the peer's listen port: right
+       for 1:1 NAT and port-forwards, a guess for the rest.
     """
     port = int(peer.get("listen_port") or DEFAULT_PORT)
     addresses = peer.get("addresses") or []
@@ -203,14 +224,21 @@ def choose_endpoint(me: Host, peer: Host) -> str | None:
         private = _shared_subnet_address(me, peer)
         if private is None:
             private = str(ipaddress.ip_interface(addresses[0]).ip)
-        return format_endpoint(private, port)
+        return format_endpoint(private, port), "private"
     explicit = peer.get("endpoints") or []
     if explicit:
-        return normalize_endpoint(explicit[0])
+        return normalize_endpoint(explicit[0]), "direct"
+    relayed = paths.relayed_endpoint(me, peer)
+    gave_up = relayed is not None and peer.get("id") in direct_failed
+    if paths.direct_possible(me, peer) and not gave_up:
+        direct = paths.direct_endpoint(peer)
+        return (normalize_endpoint(direct) if direct else None), "direct"
+    if relayed is not None:
+        return normalize_endpoint(relayed), f"relayed via {normalize_endpoint(relayed)}"
     public = peer.get("public_address")
     if public:
-        return format_endpoint(public, port)
-    return None
+        return format_endpoint(public, port), "direct"
+    return None, "direct"
 
 
 @dataclass(frozen=True)
@@ -227,6 +255,7 @@ def plan_peers(
     peers: Iterable[Host],
     keepalive_override: int | None = None,
     policy: acl.Policy | None = None,
+    direct_failed: Collection[str] = (),
 ) -> PeerPlan:
     """The peer configs of :func:`plan`, by peer id, for ``peers`` only.
 
@@ -267,11 +296,13 @@ def plan_peers(
             peer_keepalive = keepalive_override
         else:
             peer_keepalive = 0 if same_site(me, peer) else keepalive
+        endpoint, path = choose_path(me, peer, direct_failed)
         configs[_peer_id(peer)] = PeerConfig(
             public_key=peer["public_key"],
             allowed_ips=(f"{overlay}/{overlay.max_prefixlen}",),
-            endpoint=choose_endpoint(me, peer),
+            endpoint=endpoint,
             keepalive=peer_keepalive,
+            path=path,
         )
     return PeerPlan(configs=configs, skipped=tuple(skipped))
 
@@ -282,6 +313,7 @@ def plan(
     peers: Iterable[Host],
     keepalive_override: int | None = None,
     policy: acl.Policy | None = None,
+    direct_failed: Collection[str] = (),
 ) -> DesiredDevice:
     """The device this host should have for ``network``.
 
@@ -292,9 +324,10 @@ def plan(
     mapping open; same-site peers get 0 (off). ``keepalive_override``, when given, is
     used for every peer instead. With a ``policy``, a peer with no allowed flow in
     either direction is left out (not "skipped": nothing is wrong with it).
+    ``direct_failed``: see :func:`choose_path`.
     """
     cidr = ipaddress.ip_network(network["cidr"], strict=False)
-    planned = plan_peers(network, me, peers, keepalive_override, policy)
+    planned = plan_peers(network, me, peers, keepalive_override, policy, direct_failed)
     return DesiredDevice(
         address=f"{me['overlay_ip']}/{cidr.prefixlen}",
         mtu=int(network.get("mtu") or DEFAULT_MTU),

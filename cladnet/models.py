@@ -204,6 +204,12 @@ class Peer(BaseModel):
     updated_at: float
     # Set by an admin only (PUT /v1/hosts/{id}/tags); policy groups trust them.
     tags: list[str] = []
+    # Written by relays (cladnet-relay), only when they change: where this host's
+    # WireGuard socket is seen from ({endpoint, observer, observed_at}), whether two
+    # observers saw different mappings, and peer id → relay ip:port this host sends to.
+    reflexive: list[dict[str, Any]] = []
+    mapping_varies: bool = False
+    relays: dict[str, str] = {}
 
 
 class Host(Peer):

@@ -39,7 +39,9 @@ class MultiCloud(Namespaces):
         """Our address on the internet: where the controller and broker listen."""
         return f"{self.inet}.1"
 
-    def add_cloud(self, name: str, subnet: str, public_host: int) -> Cloud:
+    def add_cloud(self, name: str, subnet: str, public_host: int, nat: str = "masquerade") -> Cloud:
+        """A cloud whose router NATs with ``nat`` (e.g. ``masquerade fully-random``: a new
+        port per destination, as the big clouds' NAT gateways do)."""
         cloud = Cloud(name, subnet, f"{self.inet}.{public_host}")
         cloud.router = f"cl-{self.tag}-r{name}"
         sh("ip", "netns", "add", cloud.router)
@@ -60,7 +62,7 @@ class MultiCloud(Namespaces):
         self.run(r, "nft", "add table ip cl-nat")
         chain = "add chain ip cl-nat post { type nat hook postrouting priority 100 ; }"
         self.run(r, "nft", chain)
-        self.run(r, "nft", 'add rule ip cl-nat post oifname "wan" masquerade')
+        self.run(r, "nft", f'add rule ip cl-nat post oifname "wan" {nat}')
         self.run(r, "nft", "add chain ip cl-nat pre { type nat hook prerouting priority -100 ; }")
         self.clouds[name] = cloud
         return cloud
@@ -80,6 +82,20 @@ class MultiCloud(Namespaces):
         self.run(host, "ip", "link", "set", "eth0", "up")
         self.run(host, "ip", "route", "add", "default", "via", f"{cloud.subnet}.1")
         cloud.hosts.append(host)
+        return host
+
+    def add_public_host(self, name: str, public_host: int) -> str:
+        """Host namespace ``cl-<tag>-<name>`` right on the internet at ``<inet>.<n>``."""
+        host = f"cl-{self.tag}-{name}"
+        sh("ip", "netns", "add", host)
+        self.namespaces.append(host)
+        outside = f"cl-{self.tag}-w{name}"
+        sh("ip", "link", "add", outside, "type", "veth", "peer", "name", "eth0", "netns", host)
+        self.links.append(outside)
+        sh("ip", "link", "set", outside, "master", self.bridge, "up")
+        self.run(host, "ip", "link", "set", "lo", "up")
+        self.run(host, "ip", "addr", "add", f"{self.inet}.{public_host}/24", "dev", "eth0")
+        self.run(host, "ip", "link", "set", "eth0", "up")
         return host
 
     def forward(self, cloud_name: str, port: int, private_ip: str) -> None:

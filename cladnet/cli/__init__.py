@@ -24,7 +24,7 @@ except ModuleNotFoundError as missing:  # an agent-only install: one line, not a
         "pip install 'cladnet[cli]'"
     ) from None
 
-from cladnet import __version__
+from cladnet import __version__, mesh
 from cladnet.cli import config
 from cladnet.cli.client import Api, CliError, fetch_ca
 from cladnet.cli.hosts import find_host
@@ -320,13 +320,15 @@ def peers(host: str, network: InNetwork = None, as_json: Json = False) -> None:
     reported = others[found["id"]]["status"]["peers"] if found["id"] in others else []
     data = [
         {**p, "name": others.get(p["peer_id"], {}).get("name"),
-         "endpoint": others.get(p["peer_id"], {}).get("public_address")}
+         "endpoint": others.get(p["peer_id"], {}).get("public_address"),
+         "path": mesh.choose_path(found, others[p["peer_id"]])[1]
+         if p["peer_id"] in others else None}
         for p in reported
     ]  # fmt: skip
-    rows = [[d["name"], d["endpoint"], _age(d["handshake_age_s"]), _ms(d["latency_ms"])]
+    rows = [[d["name"], d["endpoint"], d["path"], _age(d["handshake_age_s"]), _ms(d["latency_ms"])]
             for d in data]  # fmt: skip
-    emit(data, as_json, _table(f"peers of {found['name']}", ["PEER", "PUBLIC", "HANDSHAKE",
-                                                            "RTT MS"], rows))  # fmt: skip
+    columns = ["PEER", "PUBLIC", "PATH", "HANDSHAKE", "RTT MS"]
+    emit(data, as_json, _table(f"peers of {found['name']}", columns, rows))
 
 
 def _status_views(network: str | None) -> list[dict[str, Any]]:
@@ -352,7 +354,7 @@ def _render_status(views: list[dict[str, Any]]) -> Table:
         t.add_column(c)
     for v in views:
         worst = [
-            f"{p['from']}→{p['to']} {p['state']}"
+            f"{p['from']}→{p['to']} {p['state']} {p['path']}"
             + (f" {p['latency_ms']:.1f}ms" if p["latency_ms"] is not None else "")
             for p in v["pairs"][:3]
         ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cladnet import mesh
 from cladnet import policy as acl
 
 DOWN_AFTER = 30.0  # 3 heartbeats
@@ -54,6 +55,8 @@ def pairs(
     than 3 min ago), ``down`` (one of the two is down), ``unknown`` (no report yet),
     ``blocked`` (the policy allows no flow either way: no tunnel is expected). With a
     ``policy``, ``policy`` says which rule allows the pair (see ``_policy_says``).
+    ``path``: ``private``, ``direct`` or ``relayed via <ip:port>``, as the reporter's
+    agent plans it from the same data (:func:`cladnet.mesh.choose_path`).
     """
     by_id = {h["id"]: h for h in hosts}
     rows = []
@@ -86,6 +89,7 @@ def pairs(
                     "handshake_age_s": age,
                     "latency_ms": p.get("latency_ms") if p else None,
                     "policy": says,
+                    "path": mesh.choose_path(h, other)[1],
                 }
             )
     rank = {"broken": 0, "down": 1, "connecting": 2, "unknown": 3, "ok": 4, "blocked": 5}
@@ -115,6 +119,7 @@ def summary(
         ),
         "pairs": rows,
         "broken_pairs": sum(r["state"] == "broken" for r in rows),
+        "relayed_pairs": sum(r["path"].startswith("relayed") for r in rows),
         "healthy": all(r["state"] in ("ok", "blocked") for r in rows)
         and all(host_up(h, now) for h in hosts),
     }

@@ -1,0 +1,347 @@
+"""Hosts without a public address join the mesh: two clouds whose NATs map per
+destination (``masquerade fully-random``, as the big clouds' NAT gateways) and one host
+on the internet running ``cladnet-relay``. Real agents, real wireguard-go, namespaces,
+nftables. Pairs across the symmetric NATs are relayed; the relay sees their WireGuard
+sockets' reflexive addresses and records ``mapping_varies``."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.components import Controller, Etcd, free_port, wait_until
+from tests.multicloud import MultiCloud
+from tests.netns import need_root
+from tests.test_agent_mesh import Agent
+from tests.test_controller_api import make_network, make_token
+
+NAT = "masquerade fully-random"
+CLOUDS = {"a": ("192.168.1", 11), "b": ("10.77.0", 12)}
+# Plain masquerade keeps the source port when it can: endpoint-independent mapping.
+EASY = {"c": ("10.88.0", 13), "d": ("10.99.0", 14)}
+PUBLIC_HOST = 20
+RELAY_PORTS = (40000, 40099)
+METRICS_PORT = 9465
+
+# Sends from ONE socket to two destinations and prints the source ports each saw.
+PROBE_SERVER = textwrap.dedent("""
+    import socket, sys
+    socks = []
+    for port in (int(sys.argv[1]), int(sys.argv[1]) + 1):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("0.0.0.0", port)); s.settimeout(10); socks.append(s)
+    print("ready", flush=True)
+    print(" ".join(str(s.recvfrom(64)[1][1]) for s in socks), flush=True)
+""")
+PROBE_CLIENT = textwrap.dedent("""
+    import socket, sys
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", 45000))
+    for port in (int(sys.argv[2]), int(sys.argv[2]) + 1):
+        s.sendto(b"probe", (sys.argv[1], port))
+""")
+
+
+def eventually(predicate, timeout: float) -> bool:  # type: ignore[no-untyped-def]
+    """Whether ``predicate`` came true within ``timeout`` (so a failure can say more)."""
+    try:
+        return bool(wait_until(predicate, timeout))
+    except TimeoutError:
+        return False
+
+
+class Relay:
+    """``python -m agent.relay`` in a namespace, stopped by the fixture."""
+
+    def __init__(
+        self, net: MultiCloud, ns: str, relay_id: str, host_no: int, etcd_url: str, log: Path
+    ) -> None:
+        self.log, self.id = log, relay_id
+        self.address = f"{net.inet}.{host_no}"
+        # A short lease: a killed relay's pairs move within ~3 s.
+        self.proc = net.popen(ns, [
+            sys.executable, "-m", "agent.relay", "--id", relay_id, "--address", self.address,
+            "--ports", f"{RELAY_PORTS[0]}-{RELAY_PORTS[1]}", "--etcd", etcd_url, "--ttl", "3",
+            "--metrics-port", str(METRICS_PORT), "--log-level", "debug",
+        ], stdout=subprocess.DEVNULL, stderr=log.open("ab"))  # fmt: skip
+
+    def counts(self) -> dict[str, float]:
+        """The relay's packet counters by outcome, from its /metrics."""
+        url = f"http://{self.address}:{METRICS_PORT}/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line.startswith("cladnet_relay_packets_total{"):
+                label, value = line.split("}")
+                out[label.split('"')[1]] = float(value)
+        return out
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def world(
+    tmp_path_factory,
+) -> Iterator[tuple[MultiCloud, Controller, dict[str, Agent], Relay, Relay]]:
+    need_root()
+    tmp = tmp_path_factory.mktemp("reach")
+    net = MultiCloud()
+    port = free_port()
+    # etcd on our internet address: the relay, on another namespace, reads it there.
+    etcd = Etcd(url=f"http://{net.gateway}:{port}", data_dir=tmp / "etcd", client_port=port,
+                peer_port=free_port())  # fmt: skip
+    ctl = Controller(etcd_url=etcd.url, state_dir=tmp / "controller", port=free_port(),
+                     host=net.gateway)  # fmt: skip
+    agents: dict[str, Agent] = {}
+    relays: list[Relay] = []
+    try:
+        etcd.start()
+        ctl.start()
+        with ctl.client() as admin:
+            make_network(admin, "reach", cidr="10.216.0.0/24", keepalive=2)
+            token = make_token(admin, "reach")
+        for name, (subnet, public) in CLOUDS.items():
+            net.add_cloud(name, subnet, public, nat=NAT)
+        for name, (subnet, public) in EASY.items():
+            cloud = net.add_cloud(name, subnet, public)
+            # A NAT gateway accepts no UDP of its own. Without this, a peer's packet that
+            # reaches the router before its host has sent leaves a conntrack entry on the
+            # router, and the host's own packet then gets another port (a tuple clash).
+            # Dropped at input, the entry is never confirmed.
+            net.run(cloud.router, "nft", "add table ip cl-fw")
+            net.run(cloud.router, "nft",
+                    "add chain ip cl-fw in { type filter hook input priority 0 ; }")  # fmt: skip
+            net.run(cloud.router, "nft", 'add rule ip cl-fw in iifname "wan" meta l4proto udp drop')
+        public_ns = net.add_public_host("p", PUBLIC_HOST)
+        relays.append(Relay(net, public_ns, "r1", PUBLIC_HOST, etcd.url, tmp / "r1.log"))
+        # A second relay on an internet host of its own (no agent there).
+        second = net.add_public_host("q", PUBLIC_HOST + 1)
+        relays.append(Relay(net, second, "r2", PUBLIC_HOST + 1, etcd.url, tmp / "r2.log"))
+        hosts = (
+            [("p", public_ns)]
+            + [(f"{c}{i}", net.add_host(c, i)) for c in CLOUDS for i in (1, 2)]
+            + [(f"{c}1", net.add_host(c, 1)) for c in EASY]
+        )
+        for n, (name, ns) in enumerate(hosts, start=1):
+            agent = Agent(net, n, ns, tmp / f"agent-{name}", f"cl-{net.tag}{name}")
+            site = ["--label", f"site={name[0]}"] if name != "p" else []
+            agent.start("join", "--controller", ctl.url, "--hostname", name,
+                        "--interface", agent.interface, "--listen-port", "51820", *site,
+                        token=token)  # fmt: skip
+            agents[name] = agent
+        yield net, ctl, agents, relays[0], relays[1]
+    finally:
+        for a in agents.values():
+            a.stop(signal.SIGKILL)
+        for relay in relays:
+            relay.stop()
+        ctl.stop()
+        etcd.stop()
+        net.cleanup()
+        for a in agents.values():
+            Path(f"/var/run/wireguard/{a.interface}.sock").unlink(missing_ok=True)
+
+
+def test_the_lab_nats_really_map_as_assumed(world) -> None:
+    """Two-observer probe: one socket behind each NAT, two destinations → two ports
+    behind fully-random, one port behind plain masquerade."""
+    net, _, agents, _, _ = world
+    for cloud in [*CLOUDS, *EASY]:
+        server = net.popen(agents["p"].ns, [sys.executable, "-c", PROBE_SERVER, "47000"],
+                           stdout=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+            net.run(agents[f"{cloud}1"].ns, sys.executable, "-c", PROBE_CLIENT,
+                    f"{net.inet}.{PUBLIC_HOST}", "47000")  # fmt: skip
+            out, _ = server.communicate(timeout=10)
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+        first, second = out.split()
+        if cloud in CLOUDS:
+            assert first != second, f"NAT {cloud} kept one port for two destinations: {out}"
+        else:
+            assert first == second == "45000", f"NAT {cloud} changed ports: {out}"
+
+
+def test_full_mesh_pings_and_symmetric_pairs_are_relayed(world) -> None:
+    net, ctl, agents, relay, relay2 = world
+    ips = {name: a.overlay_ip(30) for name, a in agents.items()}
+    for src, a in agents.items():
+        for dst in agents:
+            if src != dst:
+                ok = eventually(lambda a=a, dst=dst: net.ping(a.ns, ips[dst]), 60)
+                assert ok, (a.wg_peers(), agents[dst].wg_peers(), relay.log.read_text()[-5000:],
+                            relay2.log.read_text()[-5000:])  # fmt: skip
+    keys = {(a.membership() or {})["me"]["public_key"]: name for name, a in agents.items()}
+    relay_ip = f"{net.inet}.{PUBLIC_HOST}"
+    relay_ips = {relay.address, relay2.address}
+    for name in ("a1", "a2", "b1", "b2"):
+        for key, peer in agents[name].wg_peers().items():
+            other = keys[key]
+            host, port = peer["endpoint"].rsplit(":", 1)
+            if other == "p":
+                assert peer["endpoint"] == f"{relay_ip}:51820", (name, other, peer)  # direct
+            elif other[0] == name[0]:
+                assert host.startswith(CLOUDS[name[0]][0] + "."), (name, other, peer)
+            else:  # across two symmetric NATs: through the relay
+                assert host in relay_ips and RELAY_PORTS[0] <= int(port) <= RELAY_PORTS[1], (
+                    name, other, peer)  # fmt: skip
+
+    def hosts_now() -> dict[str, dict]:
+        with ctl.client() as admin:
+            return {h["name"]: h for h in admin.get("/v1/networks/reach/hosts").json()}
+
+    for name in EASY:  # pairs with the symmetric hosts: relayed too
+        assert all(RELAY_PORTS[0] <= int(p["endpoint"].rsplit(":", 1)[1]) <= RELAY_PORTS[1]
+                   for k, p in agents[f"{name}1"].wg_peers().items()
+                   if keys[k][0] in CLOUDS)  # fmt: skip
+    # Observations are written on the relay's next pass after the latch (1 s).
+    wait_until(lambda: all(hosts_now()[n]["mapping_varies"] for n in ("a1", "a2", "b1", "b2")),
+               10, what="mapping_varies")  # fmt: skip
+    hosts = hosts_now()
+    for name in ("a1", "a2", "b1", "b2"):
+        h = hosts[name]
+        # Two relayed pairs each: two relay ports saw two different NAT ports.
+        assert h["mapping_varies"] is True, h
+        assert {c["observer"].split(":")[0] for c in h["reflexive"]} <= {"r1", "r2"}
+        nat_ip = net.clouds[name[0]].public
+        assert all(c["endpoint"].startswith(nat_ip + ":") for c in h["reflexive"]), h
+        assert len(h["relays"]) == 4, h  # the other cloud's two, c1 and d1
+        assert {v.rsplit(":", 1)[0] for v in h["relays"].values()} <= relay_ips, h
+    assert hosts["p"]["relays"] == {} and not hosts["p"]["mapping_varies"]
+    # The agent says so itself: `cladnet-agent status` and its log.
+    shown = net.run(agents["a1"].ns, sys.executable, "-m", "agent.main", "status",
+                    "--state-dir", str(agents["a1"].state_dir)).stdout  # fmt: skip
+    planned = json.loads(shown)[0]["paths"]
+    assert planned["a2"] == "private" and planned["p"] == "direct", planned
+    assert planned["b1"].startswith("relayed via "), planned
+    assert "relayed via" in "".join(p.read_text() for p in agents["a1"].logs)  # "peer path"
+
+
+def test_path_data_is_written_on_change_only(world) -> None:
+    """Relayed pairs keep flowing (keepalives every 2 s), yet no peer record is rewritten:
+    the relays write observations and ports only when they change, never on a timer."""
+    net, ctl, agents, *_ = world
+
+    def stamps() -> dict[str, float]:
+        with ctl.client() as admin:
+            return {
+                h["name"]: h["updated_at"] for h in admin.get("/v1/networks/reach/hosts").json()
+            }
+
+    before = stamps()
+    time.sleep(5)
+    assert net.ping(agents["a1"].ns, agents["b2"].overlay_ip())
+    assert stamps() == before
+
+
+def test_relay_forwards_only_wireguard_packets(world) -> None:
+    net, ctl, agents, *relays = world
+    with ctl.client() as admin:
+        a1 = next(h for h in admin.get("/v1/networks/reach/hosts").json() if h["name"] == "a1")
+    address, _, port_text = next(iter(a1["relays"].values())).rpartition(":")
+    relay, port = next(r for r in relays if r.address == address), int(port_text)
+    before = relay.counts()
+    junk = textwrap.dedent(f"""
+        import socket
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for payload in (b"hello", b"\\x04\\0\\0\\0x", b"\\x01\\0\\0\\0" + bytes(10), bytes(300)):
+            s.sendto(payload, ("{relay.address}", {port}))
+    """)
+    net.run(agents["a1"].ns, sys.executable, "-c", junk)
+    assert wait_until(lambda: relay.counts().get("junk", 0) >= before.get("junk", 0) + 4, 10,
+                      what="junk counted")  # fmt: skip
+    # And the relayed pairs still work: it forwarded WireGuard, nothing else.
+    for peer in ("b1", "b2"):
+        assert net.ping(agents["a1"].ns, agents[peer].overlay_ip(), count=2)
+    assert relay.counts()["forwarded"] > before.get("forwarded", 0)
+
+
+def test_endpoint_independent_nats_go_direct(world) -> None:
+    """c1 and d1 sit behind plain masquerade: the relays see one NAT port from many relay
+    ports (a stable reflexive address), so the pair leaves its relay for the NATs'
+    addresses, both sending at once, and still pings."""
+    net, ctl, agents, *_ = world
+    nat = {name: net.clouds[name].public for name in EASY}
+
+    def direct() -> bool:
+        ends = {k: p["endpoint"] for k, p in agents["c1"].wg_peers().items()}
+        return ends.get(agents["d1"].membership()["me"]["public_key"], "").startswith(
+            nat["d"] + ":"
+        )
+
+    ok = wait_until(direct, 30, what="c1 -> d1 direct")
+    with ctl.client() as admin:
+        hosts = {h["name"]: h for h in admin.get("/v1/networks/reach/hosts").json()}
+    assert ok, (hosts["c1"]["reflexive"], hosts["d1"]["reflexive"], agents["c1"].log_text())
+    for name in ("c1", "d1"):
+        assert not hosts[name]["mapping_varies"], hosts[name]
+    assert hosts["d1"]["id"] in hosts["c1"]["relays"]  # the relay stands by
+    for src, dst in (("c1", "d1"), ("d1", "c1")):
+        ok = wait_until(lambda src=src, dst=dst: net.ping(agents[src].ns,
+                        agents[dst].overlay_ip()), 30, what=f"{src} -> {dst}")  # fmt: skip
+        assert ok, agents[src].log_text()
+
+
+def test_a_direct_path_that_stops_falls_back_to_the_relay(world) -> None:
+    """Block c1 <-> d1 between the NATs: within seconds the pair is relayed and pings."""
+    net, _, agents, *_ = world
+    router, nat_d = net.clouds["c"].router, net.clouds["d"].public
+    net.run(router, "nft", "add chain ip cl-fw block { type filter hook forward priority 0 ; }")
+    net.run(router, "nft", f"add rule ip cl-fw block ip saddr {nat_d} drop")
+    net.run(router, "nft", f"add rule ip cl-fw block ip daddr {nat_d} drop")
+    started = time.monotonic()
+    try:
+        d1_key = agents["d1"].membership()["me"]["public_key"]
+
+        def relayed() -> bool:
+            ep = agents["c1"].wg_peers().get(d1_key, {}).get("endpoint", "")
+            return int(ep.rsplit(":", 1)[1]) in range(RELAY_PORTS[0], RELAY_PORTS[1] + 1)
+
+        assert eventually(relayed, 60), agents["c1"].log_text()
+        ok = eventually(lambda: net.ping(agents["c1"].ns, agents["d1"].overlay_ip()), 30)
+        assert ok, agents["c1"].log_text()
+        print(f"c1 -> d1 relayed and pinging {time.monotonic() - started:.1f}s after the block")
+    finally:
+        net.run(router, "nft", "delete chain ip cl-fw block", check=False)
+
+
+def test_killed_relay_pairs_move_to_the_other_relay(world) -> None:
+    net, ctl, agents, *relays = world
+
+    def relays_of(name: str) -> dict[str, str]:
+        with ctl.client() as admin:
+            hosts = admin.get("/v1/networks/reach/hosts").json()
+        return next(h for h in hosts if h["name"] == name)["relays"]
+
+    victim = next(r for r in relays if any(v.startswith(r.address + ":")
+                                           for v in relays_of("a1").values()))  # fmt: skip
+    survivor = next(r for r in relays if r is not victim)
+    started = time.monotonic()
+    victim.proc.kill()  # no lease revoke: the lease has to expire
+    victim.proc.wait(5)
+    for src, dst in (("a1", "b1"), ("a1", "b2"), ("b2", "a2"), ("b1", "a2")):
+        ok = wait_until(lambda src=src, dst=dst: net.ping(agents[src].ns,
+                        agents[dst].overlay_ip()), 60, what=f"{src} -> {dst}")  # fmt: skip
+        assert ok, agents[src].log_text() + survivor.log.read_text()[-2000:]
+    print(f"relayed pairs back {time.monotonic() - started:.1f}s after a relay was killed")
+    for name in ("a1", "a2", "b1", "b2"):
+        assert all(v.startswith(survivor.address + ":") for v in relays_of(name).values())
