@@ -18,6 +18,7 @@ from agent.metrics.exposition import MetricsServer
 from agent.metrics.publisher import Broker
 from agent.metrics.reporter import MetricsReporter
 from agent.metrics.spool import spool_dir
+from agent.names import Names
 from agent.standing import OK, UNRECOGNISED, HostNotListed, Standing
 from agent.state import Membership, StateDir
 from agent.wireguard.backend import WireGuardBackend, WireGuardError
@@ -99,6 +100,7 @@ class NetworkAgent:
         self.standing = Standing(
             self._standing_changed, membership.controller_state, membership.controller_state_since
         )
+        self.names = Names(states.root / "networks" / membership.network_id, membership.interface)
 
     @property
     def iface(self) -> str:
@@ -147,6 +149,7 @@ class NetworkAgent:
                 self._keepalives_due = True
                 if self._deferred is None or self._deferred.done():
                     self._deferred = asyncio.create_task(self._add_deferred_keepalives())
+            await self.names.refresh(self.m)  # needs the overlay IP: after the device
 
     async def _add_deferred_keepalives(self) -> None:
         """The keepalives ``diff`` held back, a moment after their peers were added."""
@@ -385,7 +388,7 @@ class NetworkAgent:
             ack_topic=settings.get("ack_topic"),
             status=self._report_status,
             server=self.metrics_server,
-            gauges=self.standing.gauges,
+            gauges=lambda: {**self.standing.gauges(), **self.names.gauges()},
         )
         self.metrics = reporter
         await reporter.run()
@@ -416,8 +419,10 @@ class NetworkAgent:
         try:
             await self.removed.wait()
             log.warning("this host was removed from the network; tearing the interface down")
+            await self.names.remove()
             await self.backend.destroy(self.iface)
             self.states.remove(self.m.network_id)
         finally:
             await cancel_and_wait([*tasks, self._sync_task, self._deferred], Exception)
+            await self.names.close()
             await self.client.close()

@@ -276,6 +276,7 @@ async def cmd_commands(args: argparse.Namespace) -> int:
 
 async def cmd_leave(args: argparse.Namespace) -> int:
     from agent.controller_client import ControllerClient, ControllerError
+    from agent.names import undo
 
     states = StateDir(Path(args.state_dir))
     ids = states.network_ids()
@@ -297,6 +298,7 @@ async def cmd_leave(args: argparse.Namespace) -> int:
                 raise
         finally:
             await client.close()
+        await undo(states.root / "networks" / net_id, membership.interface)
         with contextlib.suppress(Exception):
             await _backend(membership.backend).destroy(membership.interface)
         states.remove(net_id)
@@ -305,6 +307,8 @@ async def cmd_leave(args: argparse.Namespace) -> int:
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
+    from agent.names import read_status as read_dns_status
+
     states = StateDir(Path(args.state_dir))
     out = []
     for net_id in states.network_ids():
@@ -323,6 +327,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
                 "peers": len(m.peers),
                 "device_peers": len(device.peers) if device is not None else None,
                 "metrics_spool": spool_status(spool_dir(states.root, net_id)),
+                "dns": read_dns_status(states.root / "networks" / net_id),
             }
         )
     print(json.dumps(out, indent=2))

@@ -23,6 +23,8 @@ DEFAULT_LISTEN_PORT = 51820
 DEFAULT_KEEPALIVE = 25
 DEFAULT_EXPECTED_HOSTS = 100
 DEFAULT_METRICS_INTERVAL = 2.0
+# Hosts are named <host>.<network>.<zone>; .internal is reserved for private use.
+DEFAULT_DNS_ZONE = "cladnet.internal"
 
 
 def _name(value: str) -> str:
@@ -31,6 +33,13 @@ def _name(value: str) -> str:
             "must be 1-63 lowercase letters, digits or '-', not starting/ending with '-'"
         )
     return value
+
+
+def _dns_zone(value: str) -> str:
+    labels = value.rstrip(".").split(".")
+    if len(value) > 200 or not all(NAME_RE.match(label) for label in labels):
+        raise ValueError("must be a DNS name: lowercase labels of letters, digits and '-'")
+    return value.rstrip(".")
 
 
 def _hostname(value: str) -> str:
@@ -85,6 +94,8 @@ class NetworkCreate(Strict):
     keepalive: Annotated[int, Field(ge=0, le=600)] = DEFAULT_KEEPALIVE
     # Seconds between the agents' metric batches (the per-network metrics policy).
     metrics_interval: Annotated[float, Field(ge=1, le=3600)] = DEFAULT_METRICS_INTERVAL
+    # Hosts answer to <host>.<network>.<dns_zone> (set once, at creation).
+    dns_zone: Annotated[str, AfterValidator(_dns_zone)] = DEFAULT_DNS_ZONE
 
 
 class Network(BaseModel):
@@ -97,6 +108,7 @@ class Network(BaseModel):
     keepalive: int
     created_at: float
     metrics_interval: float = DEFAULT_METRICS_INTERVAL
+    dns_zone: str = DEFAULT_DNS_ZONE
 
 
 # --- address spaces -----------------------------------------------------------------------
