@@ -22,6 +22,7 @@ from cladnet import __version__
 from cladnet.cli import config
 from cladnet.cli.client import Api, CliError, fetch_ca
 from cladnet.cli.status import summary
+from cladnet.dns import domain_of, host_name
 
 app = typer.Typer(
     help="CLADNet: one encrypted private network across clouds.", no_args_is_help=True
@@ -293,16 +294,39 @@ def peers(host_id: str, as_json: Json = False) -> None:
     """A host's peers: handshake age and latency as that host reports them."""
     api = controller()
     host = api.get(f"/v1/hosts/{host_id}")
+    network = api.get(f"/v1/networks/{host['network_id']}")
     others = {h["id"]: h for h in api.get(f"/v1/networks/{host['network_id']}/hosts")}
     reported = (host.get("status") or {}).get("peers") or []
-    data = [
-        {**p, "name": others.get(p["peer_id"], {}).get("name"),
-         "endpoint": others.get(p["peer_id"], {}).get("public_address")}
-        for p in reported
-    ]  # fmt: skip
-    rows = [[d["name"], d["endpoint"], _age(d["handshake_age_s"]), d["latency_ms"]] for d in data]
-    emit(data, as_json, _table(f"peers of {host['name']}", ["PEER", "PUBLIC", "HANDSHAKE",
-                                                            "RTT MS"], rows))  # fmt: skip
+    data = []
+    for p in reported:
+        other = others.get(p["peer_id"], {})
+        name = other.get("name")
+        data.append({**p, "name": name, "endpoint": other.get("public_address"),
+                     "overlay_ip": other.get("overlay_ip"),
+                     "dns_name": host_name(name, network) if name else None})  # fmt: skip
+    rows = [[d["dns_name"], d["overlay_ip"], d["endpoint"], _age(d["handshake_age_s"]),
+             d["latency_ms"]] for d in data]  # fmt: skip
+    columns = ["PEER", "OVERLAY", "PUBLIC", "HANDSHAKE", "RTT MS"]
+    emit(data, as_json, _table(f"peers of {host['name']}", columns, rows))
+
+
+@app.command()
+def resolve(name: str, as_json: Json = False) -> None:
+    """A host's overlay IP from its name (<host>.<network>.<zone>), as the agents answer it."""
+    api = controller()
+    wanted = name.lower().rstrip(".")
+    for net in api.get("/v1/networks"):
+        if not wanted.endswith("." + domain_of(net)):
+            continue
+        for h in api.get(f"/v1/networks/{net['id']}/hosts"):
+            if host_name(h["name"], net) == wanted:
+                data = {"name": wanted, "overlay_ip": h["overlay_ip"], "host_id": h["id"]}
+                if as_json:
+                    emit(data, True)
+                else:
+                    print(h["overlay_ip"])
+                return
+    raise CliError(f"no host is named {wanted!r} (NXDOMAIN)")
 
 
 def _status_views(network: str | None) -> list[dict[str, Any]]:
@@ -314,7 +338,7 @@ def _status_views(network: str | None) -> list[dict[str, Any]]:
 
 def _render_status(views: list[dict[str, Any]]) -> Table:
     t = Table(title="CLADNet status")
-    for c in ("NETWORK", "UP", "DOWN", "BROKEN PAIRS", "WORST PAIRS", "MOVED"):
+    for c in ("NETWORK", "NAMES", "UP", "DOWN", "BROKEN PAIRS", "WORST PAIRS", "MOVED"):
         t.add_column(c)
     for v in views:
         worst = [
@@ -324,6 +348,7 @@ def _render_status(views: list[dict[str, Any]]) -> Table:
         ]
         t.add_row(
             ("[green]" if v["healthy"] else "[red]") + v["network"],
+            f"<host>.{v['domain']}",
             str(len(v["hosts_up"])),
             ", ".join(v["hosts_down"]) or "-",
             str(v["broken_pairs"]),
