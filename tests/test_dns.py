@@ -6,6 +6,7 @@ No root needed: the server is tested on 127.0.0.1 with a free port.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 from pathlib import Path
@@ -17,6 +18,8 @@ from hypothesis import strategies as st
 
 from agent import resolver_setup
 from agent.dns import DnsServer
+from agent.names import Names, read_status
+from agent.state import Membership
 from cladnet import dns, hostsfile
 from cladnet.models import NetworkCreate
 
@@ -264,3 +267,89 @@ async def test_server_answers_udp_and_tcp_counts_junk_and_follows_updates() -> N
 def test_qtype_any_gets_the_a_record(zone: dns.Zone) -> None:
     r = ask(zone, "db-1.prod.cladnet.internal", "ANY")
     assert [QTYPE[a.rtype] for a in r.rr] == ["A"]
+
+
+# --- the agent's names: server + host resolver, as the daemon drives them -------------------
+
+
+def _membership(peers: list[dict]) -> Membership:
+    net = {"id": "n-1", "name": "prod", "cidr": "127.0.0.0/24"}
+    me = {"id": "h-1", "name": "db-1", "overlay_ip": "127.0.0.1"}
+    return Membership("http://c", "h-1", "cl-prod", net, me, {p["id"]: p for p in peers})
+
+
+async def test_resolved_mode_registers_a_routing_only_domain_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin" / "resolvectl"
+    fake.parent.mkdir()
+    fail = tmp_path / "fail"
+    fake.write_text(
+        f'#!/bin/sh\necho "$@" >> {calls}\n[ ! -e {fail} ] || {{ echo no >&2; exit 1; }}\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    monkeypatch.setattr(resolver_setup, "RESOLVED_RUNTIME", tmp_path)  # "resolved runs here"
+    monkeypatch.setenv("CLADNET_DNS", "auto")
+    names = Names(tmp_path / "net", "cl-prod", port=_free_udp_tcp_port())
+    try:
+        # resolvectl fails: reported in status, not raised, tried again at the next change.
+        fail.touch()
+        await names.refresh(_membership([]))
+        status = read_status(tmp_path / "net")
+        assert status is not None and "resolvectl dns cl-prod 127.0.0.1: no" in status["error"]
+        fail.unlink()
+        calls.unlink()
+        await names.refresh(_membership([]))
+        await names.refresh(_membership([{"id": "h-2", "name": "web", "overlay_ip": "127.0.0.2"}]))
+        assert calls.read_text().splitlines() == [
+            "dns cl-prod 127.0.0.1",
+            "domain cl-prod ~prod.cladnet.internal",
+            "default-route cl-prod false",
+        ]
+        status = read_status(tmp_path / "net")
+        assert status is not None and status["mode"] == "resolved" and status["error"] is None
+        assert names.server is not None and names.server.zone.names() == {
+            "db-1.prod.cladnet.internal": "127.0.0.1",
+            "web.prod.cladnet.internal": "127.0.0.2",
+        }
+        await names.remove()
+        assert calls.read_text().splitlines()[-1] == "revert cl-prod"
+    finally:
+        await names.close()
+
+
+async def test_hosts_mode_follows_peers_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n")
+    monkeypatch.setenv("CLADNET_DNS", "hosts")
+    monkeypatch.setenv("CLADNET_HOSTS_FILE", str(hosts))
+    names = Names(tmp_path / "net", "cl-prod", port=_free_udp_tcp_port())
+    try:
+        web = {"id": "h-2", "name": "web", "overlay_ip": "127.0.0.2"}
+        await names.refresh(_membership([web]))
+        assert "127.0.0.2\tweb.prod.cladnet.internal" in hosts.read_text()
+        await names.refresh(_membership([{**web, "name": "web2"}]))  # renamed
+        text = hosts.read_text()
+        assert "web2.prod.cladnet.internal" in text and "\tweb.prod" not in text
+        await names.remove()
+        assert hosts.read_text() == "127.0.0.1 localhost\n"
+        assert names.server is None
+    finally:
+        await names.close()
+
+
+async def test_a_port_in_use_is_reported_not_fatal(tmp_path: Path) -> None:
+    busy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    busy.bind(("127.0.0.1", 0))
+    try:
+        names = Names(tmp_path / "net", "cl-prod", port=busy.getsockname()[1])
+        names.mode = "off"
+        await names.refresh(_membership([]))
+        status = read_status(tmp_path / "net")
+        assert status is not None and status["server"] is None and "DNS server" in status["error"]
+    finally:
+        busy.close()
