@@ -34,6 +34,7 @@ BENCHMARKS: dict[str, tuple[str, bool, str]] = {
     "ingest": ("ingest", False, "collector ingest vs broker-only and store-only"),
     "store": ("store", False, "SQLite store writes vs one INSERT per row"),
     "agent-footprint": ("agent_footprint", True, "agent RSS/CPU vs node_exporter, psutil"),
+    "dns": ("dns", False, "agent DNS server queries/s vs the bare codec"),
 }
 REPO = Path(__file__).resolve().parent.parent
 
