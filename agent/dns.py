@@ -4,18 +4,26 @@ Answers come from the zone the daemon builds out of the peers it already has
 (``update`` after every applied change), so a query never reaches the controller.
 Work per query is bounded: one packet of at most ``cladnet.dns.MAX_QUERY`` bytes,
 one question; TCP connections are capped in number, idle time and queries each.
+
+Only sources inside the network's CIDR are answered (the host itself and its peers,
+whose addresses WireGuard authenticates): a packet sent to the overlay IP from the
+underlay with a forged source gets nothing back, so the server is no reflector. Each
+source is rate-limited, so one peer cannot keep the agent's event loop busy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import struct
 import time
+from collections.abc import Callable
 from typing import cast
 
 from cladnet import dns
+from cladnet.ratelimit import RateLimiter
 
 log = logging.getLogger("cladnet.agent.dns")
 
@@ -24,15 +32,20 @@ TCP_IDLE = 10.0
 TCP_MAX_CONNECTIONS = 64
 TCP_MAX_QUERIES = 100
 JUNK_LOG_EVERY = 10.0  # seconds: junk is counted always, logged at most this often
+# Per source: the host's own resolver caches, so this is far above honest use.
+RATE, BURST = 500.0, 1000.0
 
 
 class DnsServer:
     """Serves one :class:`cladnet.dns.Zone`; counters for the agent's metrics."""
 
-    def __init__(self, zone: dns.Zone) -> None:
+    def __init__(self, zone: dns.Zone, clock: Callable[[], float] = time.monotonic) -> None:
         self.zone = zone
+        self.clock = clock
         self.queries = 0
         self.junk = 0
+        self.limited = 0
+        self.limiter = RateLimiter(RATE, BURST, max_keys=4096)
         self.address: str | None = None
         self._junk_logged = 0.0
         self._udp: asyncio.DatagramTransport | None = None
@@ -43,22 +56,34 @@ class DnsServer:
         """Answer from ``zone`` from now on."""
         self.zone = zone
 
-    def handle(self, packet: bytes, peer: object) -> bytes | None:
-        """The reply to one packet, or None (junk: counted, logged now and then)."""
+    def handle(self, packet: bytes, source: str) -> bytes | None:
+        """The reply to one packet from ``source`` (an IP), or None: dropped and counted
+        (junk, a source outside the network, or over its rate), logged now and then."""
+        now = self.clock()
         try:
+            if not self._inside(source):
+                raise dns.Junk("source outside the network")
+            if self.limiter.hit(source, now):
+                self.limited += 1
+                return None
             reply, _ = dns.answer(packet, self.zone)
         except dns.Junk as exc:
             self.junk += 1
-            now = time.monotonic()
             if now - self._junk_logged >= JUNK_LOG_EVERY:
                 self._junk_logged = now
                 log.warning(
                     "dropping junk DNS packets",
-                    extra={"from": str(peer), "reason": str(exc), "junk_total": self.junk},
+                    extra={"from": source, "reason": str(exc), "junk_total": self.junk},
                 )
             return None
         self.queries += 1
         return reply
+
+    def _inside(self, source: str) -> bool:
+        try:
+            return ipaddress.ip_address(source) in ipaddress.ip_network(self.zone.cidr)
+        except ValueError:
+            return False
 
     async def start(self, address: str, port: int = PORT) -> None:
         """Listen on ``address`` (the overlay IP) only, UDP and TCP."""
@@ -89,7 +114,7 @@ class DnsServer:
         self.address = None
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
+        peer = str(writer.get_extra_info("peername")[0])
         if self._connections >= TCP_MAX_CONNECTIONS:
             writer.close()
             return
@@ -118,6 +143,7 @@ class DnsServer:
         return {
             "agent_dns_queries_total": float(self.queries),
             "agent_dns_junk_total": float(self.junk),
+            "agent_dns_rate_limited_total": float(self.limited),
         }
 
 
@@ -130,7 +156,7 @@ class _Udp(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        reply = self.server.handle(data, addr)
+        reply = self.server.handle(data, str(addr[0]))
         if reply is not None and self.transport is not None:
             self.transport.sendto(reply, addr)
 

@@ -16,6 +16,7 @@ from dnslib import QTYPE, RCODE, DNSRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent import dns as agent_dns
 from agent import resolver_setup
 from agent.dns import DnsServer
 from agent.names import Names, read_status
@@ -217,8 +218,30 @@ def _free_udp_tcp_port() -> int:
         return int(s.getsockname()[1])
 
 
+LO_NET = {"name": "prod", "cidr": "127.0.0.0/8"}
+LO_HOSTS = [{**h, "overlay_ip": h["overlay_ip"].replace("10.213.", "127.0.")} for h in HOSTS]
+
+
+def test_only_sources_inside_the_network_are_answered_at_a_bounded_rate() -> None:
+    now = [100.0]
+    server = DnsServer(dns.build_zone(NET, HOSTS), clock=lambda: now[0])
+    q = DNSRecord.question("db-1.prod.cladnet.internal").pack()
+    # A forged source from the underlay gets nothing: no reflection, only a count.
+    assert server.handle(q, "192.0.2.7") is None and server.junk == 1
+    assert server.handle(q, "not an ip") is None and server.junk == 2
+    assert server.handle(q, "10.213.0.6") is not None
+    # One peer flooding: answered up to the burst, then dropped and counted.
+    answered = sum(server.handle(q, "10.213.0.7") is not None for _ in range(3000))
+    assert answered == agent_dns.BURST and server.limited == 3000 - answered
+    now[0] += 1.0  # a second later the peer has RATE more
+    answered = sum(server.handle(q, "10.213.0.7") is not None for _ in range(3000))
+    assert answered == agent_dns.RATE
+    assert server.handle(q, "10.213.0.5") is not None  # other peers are unaffected
+    assert server.gauges()["agent_dns_rate_limited_total"] == server.limited
+
+
 async def test_server_answers_udp_and_tcp_counts_junk_and_follows_updates() -> None:
-    server = DnsServer(dns.build_zone(NET, HOSTS))
+    server = DnsServer(dns.build_zone(LO_NET, LO_HOSTS))
     port = _free_udp_tcp_port()
     await server.start("127.0.0.1", port)
     loop = asyncio.get_running_loop()
@@ -238,7 +261,7 @@ async def test_server_answers_udp_and_tcp_counts_junk_and_follows_updates() -> N
 
         q = DNSRecord.question("web.prod.cladnet.internal")
         r = DNSRecord.parse(await udp(q.pack()) or b"")
-        assert [str(a.rdata) for a in r.rr] == ["10.213.0.6"]
+        assert [str(a.rdata) for a in r.rr] == ["127.0.0.6"]
 
         assert await udp(b"\x01\x02junk") is None
         assert server.junk == 1
@@ -255,7 +278,7 @@ async def test_server_answers_udp_and_tcp_counts_junk_and_follows_updates() -> N
         writer.close()
 
         # The peer state changes: the answer follows.
-        server.update(dns.build_zone(NET, HOSTS[:1]))
+        server.update(dns.build_zone(LO_NET, LO_HOSTS[:1]))
         r = DNSRecord.parse(await udp(q.pack()) or b"")
         assert r.header.rcode == RCODE.NXDOMAIN
         assert server.gauges()["agent_dns_junk_total"] == 1.0
