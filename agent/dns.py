@@ -41,6 +41,7 @@ class DnsServer:
 
     def __init__(self, zone: dns.Zone, clock: Callable[[], float] = time.monotonic) -> None:
         self.zone = zone
+        self._network = ipaddress.ip_network(zone.cidr)
         self.clock = clock
         self.queries = 0
         self.junk = 0
@@ -55,6 +56,7 @@ class DnsServer:
     def update(self, zone: dns.Zone) -> None:
         """Answer from ``zone`` from now on."""
         self.zone = zone
+        self._network = ipaddress.ip_network(zone.cidr)
 
     def handle(self, packet: bytes, source: str) -> bytes | None:
         """The reply to one packet from ``source`` (an IP), or None: dropped and counted
@@ -81,7 +83,7 @@ class DnsServer:
 
     def _inside(self, source: str) -> bool:
         try:
-            return ipaddress.ip_address(source) in ipaddress.ip_network(self.zone.cidr)
+            return ipaddress.ip_address(source) in self._network
         except ValueError:
             return False
 

@@ -111,6 +111,16 @@ def test_agents_answer_names_that_follow_joins_and_leaves(
     assert dig(lab, vm1.ns, ip1, "example.com")[0] == "REFUSED"
     assert dig(lab, vm1.ns, ip1, "vm2.other.cladnet.internal")[0] == "REFUSED"
 
+    # Junk over UDP and TCP is dropped and counted; the server keeps answering.
+    junk = (
+        "import socket; u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+        f"[u.sendto(bytes([i]) * i, ('{ip1}', 53)) for i in range(1, 200, 7)]; "
+        f"t = socket.create_connection(('{ip1}', 53)); t.sendall(b'\\xff\\xff' + b'x' * 99)"
+    )
+    lab.run(vm1.ns, sys.executable, "-c", junk)
+    assert wait_until(lambda: "dropping junk DNS packets" in vm1.log_text(), 10, what="junk log")
+    assert dig(lab, vm1.ns, ip1, name2) == ("NOERROR", [ip2])
+
     # The hosts-file fallback: the namespace's resolver finds the name without DNS.
     assert wait_until(
         lambda: f"{ip2}\t{name2}" in files[1].read_text(), 10, what="vm1's hosts block"
