@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# Agents a benchmark starts in namespaces must not write this machine's /etc/hosts.
+os.environ.setdefault("CLADNET_DNS", "off")
 
 
 def _interrupt(signum: int, _: object) -> None:
