@@ -26,7 +26,7 @@ DEFAULT_ZONE = "cladnet.internal"  # = cladnet.models.DEFAULT_DNS_ZONE (agent st
 TTL = 10
 # No legitimate query of ours is longer (one question, maybe an EDNS OPT record).
 MAX_QUERY = 1024
-LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 OPCODE_QUERY = 0
 
 Labels = tuple[bytes, ...]
@@ -35,7 +35,8 @@ Labels = tuple[bytes, ...]
 def valid_domain(name: str) -> bool:
     """A DNS name of 1-63 character labels (letters, digits, inner '-'), 253 at most."""
     labels = name.lower().rstrip(".").split(".")
-    return len(name) <= 253 and all(LABEL_RE.match(label) for label in labels)
+    # fullmatch: "$" would let a trailing newline through, into /etc/hosts.
+    return len(name) <= 253 and all(LABEL_RE.fullmatch(label) for label in labels)
 
 
 def _labels(name: str) -> Labels:

@@ -109,10 +109,14 @@ def test_hosts_that_cannot_be_named_are_skipped() -> None:
             {"name": "ok", "overlay_ip": "192.168.1.1"},  # not in the network
             {"name": "ok2", "overlay_ip": "not-an-ip"},
             {"name": "ok3", "overlay_ip": "10.213.0.10"},
+            # What would inject lines into /etc/hosts.
+            {"name": "x\n", "overlay_ip": "10.213.0.11"},
+            {"name": "y\n10.0.0.1 bank", "overlay_ip": "10.213.0.12"},
+            {"name": "z\tw", "overlay_ip": "10.213.0.13"},
         ],
     )
     assert z.names() == {"ok3.prod.cladnet.internal": "10.213.0.10"}
-    assert set(z.skipped) == {"a" * 64, "ok", "ok2"}
+    assert set(z.skipped) == {"a" * 64, "ok", "ok2", "x\n", "y\n10.0.0.1 bank", "z\tw"}
 
 
 def test_odd_queries_get_an_error_not_a_crash(zone: dns.Zone) -> None:
