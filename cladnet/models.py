@@ -28,7 +28,7 @@ DEFAULT_DNS_ZONE = "cladnet.internal"
 
 
 def _name(value: str) -> str:
-    if not NAME_RE.match(value):
+    if not NAME_RE.fullmatch(value):
         raise ValueError(
             "must be 1-63 lowercase letters, digits or '-', not starting/ending with '-'"
         )
@@ -37,13 +37,13 @@ def _name(value: str) -> str:
 
 def _dns_zone(value: str) -> str:
     labels = value.rstrip(".").split(".")
-    if len(value) > 200 or not all(NAME_RE.match(label) for label in labels):
+    if len(value) > 200 or not all(NAME_RE.fullmatch(label) for label in labels):
         raise ValueError("must be a DNS name: lowercase labels of letters, digits and '-'")
     return value.rstrip(".")
 
 
 def _hostname(value: str) -> str:
-    if not HOSTNAME_RE.match(value):
+    if not HOSTNAME_RE.fullmatch(value):
         raise ValueError("not a valid hostname")
     return value
 
@@ -63,7 +63,7 @@ def _labels(value: dict[str, str]) -> dict[str, str]:
     if len(value) > 32:
         raise ValueError("at most 32 labels")
     for k, v in value.items():
-        if not LABEL_KEY_RE.match(k):
+        if not LABEL_KEY_RE.fullmatch(k):
             raise ValueError(f"invalid label key {k!r}")
         if len(v) > 128:
             raise ValueError(f"label {k!r} value longer than 128 characters")

@@ -22,9 +22,11 @@ from agent.dns import DnsServer
 from agent.names import Names, read_status
 from agent.state import Membership
 from cladnet import dns, hostsfile
-from cladnet.models import NetworkCreate
+from cladnet.keys import generate_keypair
+from cladnet.models import JoinRequest, NetworkCreate
 
 NET = {"name": "prod", "cidr": "10.213.0.0/24"}
+PUBLIC_KEY = generate_keypair()[1]
 HOSTS = [
     {"name": "db-1", "overlay_ip": "10.213.0.5"},
     {"name": "Web", "overlay_ip": "10.213.0.6"},
@@ -99,6 +101,22 @@ def test_zone_is_configurable_per_network() -> None:
     assert NetworkCreate(name="x").dns_zone == "cladnet.internal"
     with pytest.raises(ValueError):
         NetworkCreate(name="x", dns_zone="bad zone")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"name": "prod\n"}, {"name": "x", "dns_zone": "corp\n"}, {"name": "x", "dns_zone": "a..b"}],
+)
+def test_the_controller_refuses_names_that_are_not_dns_labels(fields: dict) -> None:
+    """A trailing newline passed `^…$` before: it would have reached names and /etc/hosts."""
+    with pytest.raises(ValueError):
+        NetworkCreate(**fields)
+
+
+def test_hostnames_with_a_trailing_newline_are_refused() -> None:
+    with pytest.raises(ValueError):
+        JoinRequest(token="t", hostname="web\n", public_key=PUBLIC_KEY)
+    assert JoinRequest(token="t", hostname="web", public_key=PUBLIC_KEY).hostname == "web"
 
 
 def test_hosts_that_cannot_be_named_are_skipped() -> None:
