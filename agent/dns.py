@@ -70,16 +70,21 @@ class DnsServer:
                 return None
             reply, _ = dns.answer(packet, self.zone)
         except dns.Junk as exc:
-            self.junk += 1
-            if now - self._junk_logged >= JUNK_LOG_EVERY:
-                self._junk_logged = now
-                log.warning(
-                    "dropping junk DNS packets",
-                    extra={"from": source, "reason": str(exc), "junk_total": self.junk},
-                )
+            self._junk(source, str(exc))
             return None
         self.queries += 1
         return reply
+
+    def _junk(self, source: str, reason: str) -> None:
+        """Count a dropped packet; log at most one line per ``JUNK_LOG_EVERY``."""
+        self.junk += 1
+        now = self.clock()
+        if now - self._junk_logged >= JUNK_LOG_EVERY:
+            self._junk_logged = now
+            log.warning(
+                "dropping junk DNS packets",
+                extra={"from": source, "reason": reason, "junk_total": self.junk},
+            )
 
     def _inside(self, source: str) -> bool:
         try:
@@ -126,7 +131,7 @@ class DnsServer:
                 head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE)
                 (length,) = struct.unpack("!H", head)
                 if length > dns.MAX_QUERY:
-                    self.handle(b"\0" * (dns.MAX_QUERY + 1), peer)  # counted as junk
+                    self._junk(peer, f"{length} bytes over TCP")
                     return
                 packet = await asyncio.wait_for(reader.readexactly(length), TCP_IDLE)
                 reply = self.handle(packet, peer)

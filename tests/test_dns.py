@@ -299,11 +299,18 @@ async def test_server_answers_udp_and_tcp_counts_junk_and_follows_updates() -> N
             assert DNSRecord.parse(await reader.readexactly(length)).header.rcode == rcode
         writer.close()
 
+        # An oversized TCP length: the connection is closed, the packet counted as junk.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"\xff\xff" + b"x" * 10)
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        assert server.junk == 2
+
         # The peer state changes: the answer follows.
         server.update(dns.build_zone(LO_NET, LO_HOSTS[:1]))
         r = DNSRecord.parse(await udp(q.pack()) or b"")
         assert r.header.rcode == RCODE.NXDOMAIN
-        assert server.gauges()["agent_dns_junk_total"] == 1.0
+        assert server.gauges()["agent_dns_junk_total"] == 2.0
         assert server.queries == 5  # 3 over UDP, 2 over TCP; junk is not a query
     finally:
         await server.close()
