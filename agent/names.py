@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +59,16 @@ class Names:
         self._skipped: tuple[str, ...] = ()
         self.error: str | None = None
 
-    async def refresh(self, m: Membership) -> None:
+    async def refresh(self, m: Membership, peers: Iterable[dict[str, Any]] | None = None) -> None:
         """Follow ``m``: rebuild the zone, (re)start the server, update the host resolver.
 
-        Never raises for DNS trouble: the mesh matters more than names; errors are
-        logged, shown in status and retried at the next change.
+        ``peers``: the peers to name (default: all of ``m.peers``; a policy that leaves
+        peers out of the device should leave their names out too). Never raises for DNS
+        trouble: the mesh matters more than names; errors are logged, shown in status
+        and retried at the next change.
         """
-        zone = dns.build_zone(m.network, [m.me, *m.peers.values()])
+        named = m.peers.values() if peers is None else peers
+        zone = dns.build_zone(m.network, [m.me, *named])
         if zone.skipped != self._skipped:
             self._skipped = zone.skipped
             if zone.skipped:

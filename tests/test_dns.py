@@ -387,6 +387,9 @@ async def test_hosts_mode_follows_peers_and_leaves_nothing(
         await names.refresh(_membership([{**web, "name": "web2"}]))  # renamed
         text = hosts.read_text()
         assert "web2.prod.cladnet.internal" in text and "\tweb.prod" not in text
+        # Peers a policy keeps out of the device are left unnamed when the daemon says so.
+        await names.refresh(_membership([{**web, "name": "web2"}]), peers=[])
+        assert "web2" not in hosts.read_text() and "db-1.prod" in hosts.read_text()
         await names.remove()
         assert hosts.read_text() == "127.0.0.1 localhost\n"
         assert names.server is None
