@@ -16,6 +16,7 @@ from agent.metrics.exposition import MetricsServer
 from agent.metrics.publisher import Broker
 from agent.metrics.reporter import MetricsReporter
 from agent.metrics.spool import spool_dir
+from agent.names import Names
 from agent.standing import OK, UNRECOGNISED, HostNotListed, Standing
 from agent.state import Membership, StateDir
 from agent.wireguard.backend import WireGuardBackend, WireGuardError
@@ -126,6 +127,7 @@ class NetworkAgent:
         self.standing = Standing(
             self._standing_changed, membership.controller_state, membership.controller_state_since
         )
+        self.names = Names(states.root / "networks" / membership.network_id, membership.interface)
 
     @property
     def iface(self) -> str:
@@ -186,6 +188,8 @@ class NetworkAgent:
             self._full_due = True  # the device is not what we believe: read it next time
             raise
         await self._enforce(policy)
+        # Names need the overlay IP (after the device); only peers the device holds.
+        await self.names.refresh(self.m, self._device_peers())
 
     async def _apply_changed(self) -> None:
         """Bring the device up to date with the peers changed since the last apply:
@@ -220,6 +224,8 @@ class NetworkAgent:
                 self._full_due = True
                 raise
             await self._enforce(policy)
+            # Names need the overlay IP (after the device); only peers the device holds.
+            await self.names.refresh(self.m, self._device_peers())
 
     async def _apply(self, changes: mesh.DeviceChanges, planned: dict[str, Any]) -> None:
         """Apply ``changes``; note held-back keepalives (as applied) and add them later.
@@ -268,12 +274,15 @@ class NetworkAgent:
         self._parsed = (self.m.policy, policy)
         return policy
 
+    def _device_peers(self) -> list[dict[str, Any]]:
+        """The peers the device holds as planned (a policy may leave some out)."""
+        return [self.m.peers[pid] for pid in self._applied if pid in self.m.peers]
+
     async def _enforce(self, policy: acl.Policy | None) -> None:
         """Load the packet filter for ``policy`` if it changed (the peers in the device)."""
         if policy is None:
             return
-        peers = [self.m.peers[pid] for pid in self._applied if pid in self.m.peers]
-        ruleset = acl.nft_ruleset(policy, self.m.me, peers, self.iface)
+        ruleset = acl.nft_ruleset(policy, self.m.me, self._device_peers(), self.iface)
         if ruleset == self._ruleset:
             return
         try:
@@ -656,7 +665,7 @@ class NetworkAgent:
             broker=broker,
             ack_topic=settings.get("ack_topic"),
             server=self.metrics_server,
-            gauges=self.standing.gauges,
+            gauges=lambda: {**self.standing.gauges(), **self.names.gauges()},
         )
         self.metrics = reporter
         await reporter.run()
@@ -688,6 +697,7 @@ class NetworkAgent:
         try:
             await self.removed.wait()
             log.warning("this host was removed from the network; tearing the interface down")
+            await self.names.remove()
             await self.backend.destroy(self.iface)
             try:
                 await firewall.remove(self.iface)
@@ -701,4 +711,5 @@ class NetworkAgent:
             )
             if not self.removed.is_set():
                 self._save()  # what a bounded-rate save had not written yet
+            await self.names.close()
             await self.client.close()

@@ -278,6 +278,7 @@ async def cmd_commands(args: argparse.Namespace) -> int:
 
 async def cmd_leave(args: argparse.Namespace) -> int:
     from agent.controller_client import ControllerClient, ControllerError
+    from agent.names import undo
 
     states = StateDir(Path(args.state_dir))
     ids = states.network_ids()
@@ -299,6 +300,7 @@ async def cmd_leave(args: argparse.Namespace) -> int:
                 raise
         finally:
             await client.close()
+        await undo(states.root / "networks" / net_id, membership.interface)
         with contextlib.suppress(Exception):
             await _backend(membership.backend).destroy(membership.interface)
         with contextlib.suppress(Exception):
@@ -329,6 +331,8 @@ def _paths(m: Membership) -> dict[str, str]:
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
+    from agent.names import read_status as read_dns_status
+
     states = StateDir(Path(args.state_dir))
     out = []
     for net_id in states.network_ids():
@@ -349,6 +353,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
                 "policy": _policy_status(m),
                 "paths": _paths(m),
                 "metrics_spool": spool_status(spool_dir(states.root, net_id)),
+                "dns": read_dns_status(states.root / "networks" / net_id),
             }
         )
     print(json.dumps(out, indent=2))

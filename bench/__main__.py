@@ -37,6 +37,7 @@ BENCHMARKS: dict[str, tuple[str, bool, str]] = {
     "agent-footprint": ("agent_footprint", True, "agent RSS/CPU vs node_exporter, psutil"),
     "agent-scale": ("agent_scale", False, "agent absorbing a join burst vs per-event reconcile"),
     "policy": ("policy", False, "policy compile + nft load vs planning without a policy"),
+    "dns": ("dns", False, "agent DNS server queries/s vs the bare codec"),
 }
 REPO = Path(__file__).resolve().parent.parent
 

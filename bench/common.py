@@ -17,6 +17,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# Agents a benchmark starts in namespaces must not write this machine's /etc/hosts.
+os.environ.setdefault("CLADNET_DNS", "off")
 
 
 def _interrupt(signum: int, _: object) -> None:

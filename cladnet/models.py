@@ -24,18 +24,27 @@ DEFAULT_LISTEN_PORT = 51820
 DEFAULT_KEEPALIVE = 25
 DEFAULT_EXPECTED_HOSTS = 100
 DEFAULT_METRICS_INTERVAL = 2.0
+# Hosts are named <host>.<network>.<zone>; .internal is reserved for private use.
+DEFAULT_DNS_ZONE = "cladnet.internal"
 
 
 def _name(value: str) -> str:
-    if not NAME_RE.match(value):
+    if not NAME_RE.fullmatch(value):
         raise ValueError(
             "must be 1-63 lowercase letters, digits or '-', not starting/ending with '-'"
         )
     return value
 
 
+def _dns_zone(value: str) -> str:
+    labels = value.rstrip(".").split(".")
+    if len(value) > 200 or not all(NAME_RE.fullmatch(label) for label in labels):
+        raise ValueError("must be a DNS name: lowercase labels of letters, digits and '-'")
+    return value.rstrip(".")
+
+
 def _hostname(value: str) -> str:
-    if not HOSTNAME_RE.match(value):
+    if not HOSTNAME_RE.fullmatch(value):
         raise ValueError("not a valid hostname")
     return value
 
@@ -55,7 +64,7 @@ def _labels(value: dict[str, str]) -> dict[str, str]:
     if len(value) > 32:
         raise ValueError("at most 32 labels")
     for k, v in value.items():
-        if not LABEL_KEY_RE.match(k):
+        if not LABEL_KEY_RE.fullmatch(k):
             raise ValueError(f"invalid label key {k!r}")
         if len(v) > 128:
             raise ValueError(f"label {k!r} value longer than 128 characters")
@@ -86,6 +95,8 @@ class NetworkCreate(Strict):
     keepalive: Annotated[int, Field(ge=0, le=600)] = DEFAULT_KEEPALIVE
     # Seconds between the agents' metric batches (the per-network metrics policy).
     metrics_interval: Annotated[float, Field(ge=1, le=3600)] = DEFAULT_METRICS_INTERVAL
+    # Hosts answer to <host>.<network>.<dns_zone> (set once, at creation).
+    dns_zone: Annotated[str, AfterValidator(_dns_zone)] = DEFAULT_DNS_ZONE
 
 
 class Network(BaseModel):
@@ -98,6 +109,7 @@ class Network(BaseModel):
     keepalive: int
     created_at: float
     metrics_interval: float = DEFAULT_METRICS_INTERVAL
+    dns_zone: str = DEFAULT_DNS_ZONE
 
 
 # --- address spaces -----------------------------------------------------------------------

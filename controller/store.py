@@ -270,6 +270,7 @@ class Store:
                 listen_port=req.listen_port,
                 keepalive=req.keepalive,
                 metrics_interval=req.metrics_interval,
+                dns_zone=req.dns_zone,
                 created_at=time.time(),
             )
             nets = ks.prefix("networks")

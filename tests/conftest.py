@@ -29,6 +29,10 @@ settings.register_profile("ci", derandomize=True)
 settings.register_profile("explore", max_examples=2000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# Agents started by tests never touch this machine's /etc/hosts or systemd-resolved;
+# the DNS tests set CLADNET_DNS and CLADNET_HOSTS_FILE (a namespace's own file) themselves.
+os.environ["CLADNET_DNS"] = "off"
+
 
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:

@@ -129,6 +129,16 @@ def test_status_shows_a_healthy_and_a_broken_pair(
 
     code, out, _ = cli("peers", a["host_id"], "--json")
     assert {p["name"] for p in json.loads(out)} == {"vm2", "vm3"}
+    assert {p["dns_name"] for p in json.loads(out)} == {
+        "vm2.mesh.cladnet.internal",
+        "vm3.mesh.cladnet.internal",
+    }
+    assert view["domain"] == "mesh.cladnet.internal"
+    assert view["names"]["vm1"] == "vm1.mesh.cladnet.internal"
+    assert "NAMES" in cli("status", "mesh")[1]  # the table may wrap the domain
+    code, out, _ = cli("resolve", "VM2.mesh.cladnet.internal.")
+    assert code == 0 and out.strip() == b["overlay_ip"]
+    assert cli("resolve", "nope.mesh.cladnet.internal")[0] == 1  # CliError: one line via main()
     code, out, _ = cli("hosts", "list", "mesh", "--json")
     assert [h["name"] for h in json.loads(out)] == ["vm1", "vm2", "vm3"]
 

@@ -91,7 +91,8 @@ def unit_settings(name: str) -> dict[str, str]:
 
 def test_units_are_hardened() -> None:
     agent = unit_settings("cladnet-agent.service")
-    assert agent["CapabilityBoundingSet"] == "CAP_NET_ADMIN"
+    assert agent["CapabilityBoundingSet"] == "CAP_NET_ADMIN CAP_NET_BIND_SERVICE"
+    assert agent["ReadWritePaths"] == "-/etc/hosts"  # not /etc/resolv.conf, not /etc
     assert "AmbientCapabilities" not in agent and "User" not in agent
     for name in ("cladnet-agent", "cladnet-controller", "cladnet-collector"):
         unit = unit_settings(f"{name}.service")

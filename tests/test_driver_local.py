@@ -141,6 +141,17 @@ def test_group_over_three_clouds_meshes_survives_suspend_and_leaves_nothing(loca
         assert len(publics) == 6
         group = _full_mesh(admin, "demo")
 
+        # Every VM's agent names every VM, in the VM's own hosts file (never this machine's).
+        ips = {vm["overlay_ip"] for vm in group["vms"]}
+
+        def named(vm: dict) -> set[str]:
+            hosts = driver._vm_dir(vm["name"]) / "hosts"
+            text = hosts.read_text() if hosts.exists() else ""
+            return {line.split()[0] for line in text.splitlines() if ".cladnet.internal" in line}
+
+        for vm in group["vms"]:
+            wait_until(lambda vm=vm: named(vm) == ips, 30, what=f"names on {vm['name']}")
+
         # A command on every VM through the real agents (the group accepts commands).
         run = _exec(ctl, "demo", "ip -4 -o addr show dev eth0; exit 3")
         assert set(run["vms"]) == {vm["name"] for vm in group["vms"]}

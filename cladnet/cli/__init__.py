@@ -29,6 +29,7 @@ from cladnet.cli import config
 from cladnet.cli.client import Api, CliError, fetch_ca
 from cladnet.cli.hosts import find_host
 from cladnet.cli.status import summary, with_health
+from cladnet.dns import domain_of, host_name
 
 app = typer.Typer(
     help="CLADNet: one encrypted private network across clouds.", no_args_is_help=True
@@ -315,20 +316,42 @@ def peers(host: str, network: InNetwork = None, as_json: Json = False) -> None:
     """A host's peers (by name or id): handshake age and latency as it reports them (collector)."""
     api = controller()
     found = find_host(api, host, network)
-    hosts = _hosts_with_health(api.get(f"/v1/networks/{found['network_id']}"))
+    net = api.get(f"/v1/networks/{found['network_id']}")
+    hosts = _hosts_with_health(net)
     others = {h["id"]: h for h in hosts}
     reported = others[found["id"]]["status"]["peers"] if found["id"] in others else []
-    data = [
-        {**p, "name": others.get(p["peer_id"], {}).get("name"),
-         "endpoint": others.get(p["peer_id"], {}).get("public_address"),
-         "path": mesh.choose_path(found, others[p["peer_id"]])[1]
-         if p["peer_id"] in others else None}
-        for p in reported
-    ]  # fmt: skip
-    rows = [[d["name"], d["endpoint"], d["path"], _age(d["handshake_age_s"]), _ms(d["latency_ms"])]
-            for d in data]  # fmt: skip
-    columns = ["PEER", "PUBLIC", "PATH", "HANDSHAKE", "RTT MS"]
+    data = []
+    for p in reported:
+        other = others.get(p["peer_id"])
+        name = other.get("name") if other else None
+        data.append({**p, "name": name,
+                     "endpoint": other.get("public_address") if other else None,
+                     "overlay_ip": other.get("overlay_ip") if other else None,
+                     "dns_name": host_name(name, net) if name else None,
+                     "path": mesh.choose_path(found, other)[1] if other else None})  # fmt: skip
+    rows = [[d["dns_name"] or d["name"], d["overlay_ip"], d["endpoint"], d["path"],
+             _age(d["handshake_age_s"]), _ms(d["latency_ms"])] for d in data]  # fmt: skip
+    columns = ["PEER", "OVERLAY", "PUBLIC", "PATH", "HANDSHAKE", "RTT MS"]
     emit(data, as_json, _table(f"peers of {found['name']}", columns, rows))
+
+
+@app.command()
+def resolve(name: str, as_json: Json = False) -> None:
+    """A host's overlay IP from its name (<host>.<network>.<zone>), as the agents answer it."""
+    api = controller()
+    wanted = name.lower().rstrip(".")
+    for net in api.get("/v1/networks"):
+        if not wanted.endswith("." + domain_of(net)):
+            continue
+        for h in api.get(f"/v1/networks/{net['id']}/hosts"):
+            if host_name(h["name"], net) == wanted:
+                data = {"name": wanted, "overlay_ip": h["overlay_ip"], "host_id": h["id"]}
+                if as_json:
+                    emit(data, True)
+                else:
+                    print(h["overlay_ip"])
+                return
+    raise CliError(f"no host is named {wanted!r} (NXDOMAIN)")
 
 
 def _status_views(network: str | None) -> list[dict[str, Any]]:
@@ -350,7 +373,7 @@ def _policy_of(api: Api, network_id: str) -> Any:
 
 def _render_status(views: list[dict[str, Any]]) -> Table:
     t = Table(title="CLADNet status")
-    for c in ("NETWORK", "UP", "DOWN", "BROKEN PAIRS", "WORST PAIRS", "MOVED"):
+    for c in ("NETWORK", "NAMES", "UP", "DOWN", "BROKEN PAIRS", "WORST PAIRS", "MOVED"):
         t.add_column(c)
     for v in views:
         worst = [
@@ -360,6 +383,7 @@ def _render_status(views: list[dict[str, Any]]) -> Table:
         ]
         t.add_row(
             ("[green]" if v["healthy"] else "[red]") + v["network"],
+            f"<host>.{v['domain']}",
             str(len(v["hosts_up"])),
             ", ".join(v["hosts_down"]) or "-",
             str(v["broken_pairs"]),

@@ -7,6 +7,7 @@ from typing import Any
 
 from cladnet import mesh
 from cladnet import policy as acl
+from cladnet.dns import domain_of, host_name
 
 DOWN_AFTER = 30.0  # 3 heartbeats
 BROKEN_AFTER = 180.0  # a WireGuard session rekeys every 2 min: 3 min without = broken
@@ -109,6 +110,9 @@ def summary(
     return {
         "network": network["name"],
         "cidr": network["cidr"],
+        # Every host answers to <host>.<domain> (the agents serve it on their overlay IPs).
+        "domain": domain_of(network),
+        "names": {h["name"]: host_name(h["name"], network) for h in hosts},
         "hosts_up": sorted(h["name"] for h in hosts if host_up(h, now)),
         "hosts_down": sorted(h["name"] for h in hosts if not host_up(h, now)),
         "endpoint_changed": sorted(

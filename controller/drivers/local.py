@@ -235,6 +235,9 @@ class Driver(base.Driver):
             "CLADNET_STATE_DIR": str(home / "cladnet"),
             "CLADNET_INTERFACE": self._wireguard(vm),
             "CLADNET_NO_SYSTEMD": "1",
+            # Names go to the VM's own hosts file, never this machine's /etc/hosts.
+            "CLADNET_DNS": "hosts",
+            "CLADNET_HOSTS_FILE": str(home / "hosts"),
         }
         with (home / "console.log").open("ab") as console:
             # A session of its own: the VM outlives the controller that booted it.
