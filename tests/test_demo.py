@@ -18,7 +18,8 @@ import pytest
 
 from cladnet.cli import config as cli_config
 from cladnet.cli import demo
-from tests.components import wait_until
+from tests.components import REPO, wait_until
+from tests.markdown import sh_blocks
 from tests.netns import need_root, sh
 
 CLI = [sys.executable, "-m", "cladnet.cli"]
@@ -102,6 +103,16 @@ def test_demo_up_status_suspend_resume_down(demo_env: dict[str, str], tmp_path: 
             headers={"Authorization": f"Bearer {state['secrets']['admin']}"},
         )
     assert r.status_code == 200 and len(r.json()["hosts"]) == 6, r.text
+
+    # The README's walk-through continues the quick start: every block, in order, as written.
+    script = "\n".join(sh_blocks(REPO / "README.md", "Walk-through"))
+    venv = Path(sys.executable).parent
+    walk = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script.replace(".venv/bin/", f"{venv}/")],
+        cwd=REPO, env=demo_env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert walk.returncode == 0, walk.stdout[-3000:] + walk.stderr[-3000:]
+    assert "vm1 10." in walk.stdout and "prod" in walk.stdout  # the joined host, the network
 
     before = next(vm for vm in status["group"]["vms"] if vm["name"] == "demo-2")
     _cli(demo_env, "demo", "suspend", "demo-2")
