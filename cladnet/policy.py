@@ -459,7 +459,8 @@ def _match_proto(rule: Rule, family: str) -> str:
 def nft_ruleset(policy: Policy, me: Host, peers: Iterable[Host], iface: str) -> str:
     """The ``nft -f`` text that replaces this host's filter on ``iface`` in one transaction.
 
-    Input on the WireGuard interface only: established/related accepted, then each rule
+    Input on the WireGuard interface only: established/related accepted, DNS to this
+    agent's name server (port 53) accepted, then each rule
     whose ``dst`` includes this host (from the overlay IPs of the peers its ``src``
     names), then drop. Other interfaces are not touched. WireGuard only lets a peer send
     from its own overlay IP, so a source address identifies the peer.
@@ -482,6 +483,9 @@ def nft_ruleset(policy: Policy, me: Host, peers: Iterable[Host], iface: str) -> 
         f'    iifname != "{iface}" accept',
         "    ct state established,related accept",
         "    ct state invalid drop",
+        # The agent's own name server (it answers only the zone, only overlay sources):
+        # every peer the device holds may ask it, whatever the rules say.
+        '    meta l4proto { tcp, udp } th dport 53 accept comment "overlay DNS"',
     ]
     for index, rule in enumerate(policy.rules):
         if mine.isdisjoint(rule.dst):

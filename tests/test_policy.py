@@ -130,6 +130,7 @@ def test_the_ruleset_accepts_allowed_sources_only_on_the_interface() -> None:
     ]
     body = text.split("ct state invalid drop\n", 1)[1]
     assert body.splitlines() == [
+        '    meta l4proto { tcp, udp } th dport 53 accept comment "overlay DNS"',
         '    ip saddr { 10.77.0.1 } tcp dport { 5432, 6000-6010 } accept comment "rule 0"',
         "    drop",
         "  }",
@@ -138,7 +139,7 @@ def test_the_ruleset_accepts_allowed_sources_only_on_the_interface() -> None:
     assert 'iifname != "wg-x" accept' in text
     assert "ct state established,related accept" in text
     web = acl.nft_ruleset(acl.parse(DOC), WEB, [DB, BASTION], "wg-x")
-    assert "saddr" not in web  # nothing may open a connection to web
+    assert "saddr" not in web  # nothing may open a connection to web (but ask its DNS)
 
 
 def test_the_ruleset_never_carries_text_from_hosts() -> None:
