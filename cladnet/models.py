@@ -8,15 +8,28 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
+from cladnet.addrspace import is_private_cidr
 from cladnet.keys import validate_public_key
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 LABEL_KEY_RE = re.compile(r"^[a-z0-9]([a-z0-9._/-]{0,61}[a-z0-9])?$")
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_O = rf"\.{_OCTET}"
+# An IPv4 interface address, prefix optional (/32): dotted quad without leading zeros.
+IFACE_RE = re.compile(rf"^{_OCTET}{_O}{_O}{_O}(/(3[0-2]|[12]?[0-9]))?$")
+# An overlay CIDR inside one RFC 1918 block, /8-/30 (/31 and /32 hold no host).
+PRIVATE_CIDR_RE = re.compile(
+    rf"^(10{_O}{_O}{_O}/([89]|[12][0-9]|30)"
+    rf"|172\.(1[6-9]|2[0-9]|3[01]){_O}{_O}/(1[2-9]|2[0-9]|30)"
+    rf"|192\.168{_O}{_O}/(1[6-9]|2[0-9]|30))$"
+)
+# 32 bytes in canonical base64 (the last character's unused bits are zero), not all zero.
+PUBLIC_KEY_RE = re.compile(r"^(?!A{43}=)[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$")
 
 DEFAULT_MTU = 1420
 DEFAULT_LISTEN_PORT = 51820
@@ -25,8 +38,16 @@ DEFAULT_EXPECTED_HOSTS = 100
 DEFAULT_METRICS_INTERVAL = 2.0
 
 
+def _str_schema(regex: re.Pattern[str], description: str, **extra: Any) -> WithJsonSchema:
+    """The JSON schema of a string the server checks against ``regex`` (whole string), so
+    the published document is exactly as strict as the validation."""
+    return WithJsonSchema(
+        {"type": "string", "pattern": regex.pattern, "description": description, **extra}
+    )
+
+
 def _name(value: str) -> str:
-    if not NAME_RE.match(value):
+    if not NAME_RE.fullmatch(value):
         raise ValueError(
             "must be 1-63 lowercase letters, digits or '-', not starting/ending with '-'"
         )
@@ -34,13 +55,15 @@ def _name(value: str) -> str:
 
 
 def _hostname(value: str) -> str:
-    if not HOSTNAME_RE.match(value):
+    if not HOSTNAME_RE.fullmatch(value):
         raise ValueError("not a valid hostname")
     return value
 
 
 def _iface_address(value: str) -> str:
     """An interface address with its prefix, e.g. ``10.0.1.5/24``."""
+    if not IFACE_RE.fullmatch(value):
+        raise ValueError(f"not an IPv4 interface address like 10.0.1.5/24: {value!r}")
     try:
         iface = ipaddress.ip_interface(value)
     except ValueError as exc:
@@ -50,22 +73,72 @@ def _iface_address(value: str) -> str:
     return str(iface)
 
 
+def _private_cidr(value: str) -> str:
+    """An overlay CIDR inside RFC 1918; host bits are cleared (10.1.2.3/16 → 10.1.0.0/16)."""
+    if not PRIVATE_CIDR_RE.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not an IPv4 CIDR (/8 to /30) inside a private RFC 1918 block "
+            "(10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16)"
+        )
+    net = ipaddress.IPv4Network(value, strict=False)
+    if not is_private_cidr(net):  # the pattern says so already; the library agrees
+        raise ValueError(f"{value!r} is not inside a private RFC 1918 block")
+    return str(net)
+
+
+def _public_key(value: str) -> str:
+    if not PUBLIC_KEY_RE.fullmatch(value):
+        raise ValueError("not a WireGuard public key (44 characters of canonical base64)")
+    return validate_public_key(value)
+
+
 def _labels(value: dict[str, str]) -> dict[str, str]:
     if len(value) > 32:
         raise ValueError("at most 32 labels")
     for k, v in value.items():
-        if not LABEL_KEY_RE.match(k):
+        if not LABEL_KEY_RE.fullmatch(k):
             raise ValueError(f"invalid label key {k!r}")
         if len(v) > 128:
             raise ValueError(f"label {k!r} value longer than 128 characters")
     return value
 
 
-Name = Annotated[str, AfterValidator(_name)]
-Hostname = Annotated[str, AfterValidator(_hostname)]
-IfaceAddress = Annotated[str, AfterValidator(_iface_address)]
-PublicKey = Annotated[str, AfterValidator(validate_public_key)]
-Labels = Annotated[dict[str, str], AfterValidator(_labels)]
+Name = Annotated[
+    str,
+    AfterValidator(_name),
+    _str_schema(NAME_RE, "1-63 lowercase letters, digits or '-', not starting/ending with '-'"),
+]
+Hostname = Annotated[str, AfterValidator(_hostname), _str_schema(HOSTNAME_RE, "a hostname")]
+IfaceAddress = Annotated[
+    str,
+    AfterValidator(_iface_address),
+    _str_schema(IFACE_RE, "an IPv4 interface address, e.g. 10.0.1.5/24 (no prefix: /32)"),
+]
+PrivateCidr = Annotated[
+    str,
+    AfterValidator(_private_cidr),
+    _str_schema(
+        PRIVATE_CIDR_RE,
+        "an IPv4 CIDR, /8 to /30, inside an RFC 1918 block; host bits are cleared",
+    ),
+]
+PublicKey = Annotated[
+    str,
+    AfterValidator(_public_key),
+    _str_schema(PUBLIC_KEY_RE, "a WireGuard public key (base64, as `wg pubkey` prints it)"),
+]
+Labels = Annotated[
+    dict[str, str],
+    AfterValidator(_labels),
+    WithJsonSchema(
+        {
+            "type": "object",
+            "maxProperties": 32,
+            "propertyNames": {"type": "string", "pattern": LABEL_KEY_RE.pattern},
+            "additionalProperties": {"type": "string", "maxLength": 128},
+        }
+    ),
+]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
@@ -77,8 +150,11 @@ class Strict(BaseModel):
 
 
 class NetworkCreate(Strict):
+    """A new network. Beyond the schema: ``cidr`` must hold ``expected_hosts`` (400
+    ``cidr_too_small``, a rule between two fields that JSON Schema cannot state)."""
+
     name: Name
-    cidr: str | None = None
+    cidr: PrivateCidr | None = None
     expected_hosts: Annotated[int, Field(ge=1, le=1_000_000)] = DEFAULT_EXPECTED_HOSTS
     mtu: Annotated[int, Field(ge=1280, le=9000)] = DEFAULT_MTU
     listen_port: Port = DEFAULT_LISTEN_PORT
@@ -241,7 +317,9 @@ class EndpointsUpdate(Strict):
     addresses: Annotated[list[IfaceAddress], Field(max_length=64)] | None = None
     listen_port: Port | None = None
     public_key: PublicKey | None = None
-    endpoints: Annotated[list[str], Field(max_length=16)] | None = None
+    endpoints: (
+        Annotated[list[Annotated[str, Field(max_length=255)]], Field(max_length=16)] | None
+    ) = None
 
 
 class PeerStatus(Strict):
@@ -258,9 +336,15 @@ class HostStatus(Strict):
 
 
 class PeerList(BaseModel):
+    """One page of a network's peers (all of them without ``limit``), read at ``revision``;
+    ``continue`` fetches the next page at the same revision."""
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
     network_id: str
     revision: int
     peers: list[Peer]
+    continue_token: str | None = Field(default=None, alias="continue")
 
 
 class PeerEvent(BaseModel):
@@ -287,7 +371,7 @@ class GroupMember(Strict):
 class GroupCreate(Strict):
     name: Name
     members: Annotated[list[GroupMember], Field(min_length=1, max_length=20)]
-    cidr: str | None = None  # the group's network; recommended space when absent
+    cidr: PrivateCidr | None = None  # the group's network; recommended space when absent
     keepalive: Annotated[int, Field(ge=0, le=600)] = DEFAULT_KEEPALIVE
     metrics_interval: Annotated[float, Field(ge=1, le=3600)] = DEFAULT_METRICS_INTERVAL
     # The VMs' agents run the admin's remote commands (as root): only when asked for.
@@ -382,9 +466,12 @@ class CommandRun(BaseModel):
     vms: dict[str, VmCommand] = Field(default_factory=dict)
 
 
-class ErrorBody(BaseModel):
-    error: str
-    message: str
+class ApiErrorBody(BaseModel):
+    """Every error the API answers: a stable machine-readable code and a readable message.
+    The document lists, per operation and status, the codes it can carry."""
+
+    error: str = Field(description="a stable code, e.g. network_not_found")
+    message: str = Field(description="what went wrong, for people")
 
 
 Host.model_rebuild()

@@ -168,19 +168,8 @@ class Store:
     def _check_cidr(
         self, req: NetworkCreate, networks: list[Network], used: list[ipaddress.IPv4Network]
     ) -> ipaddress.IPv4Network:
-        assert req.cidr is not None
-        try:
-            cidr = ipaddress.IPv4Network(req.cidr, strict=True)
-        except ValueError as exc:
-            raise bad_request(
-                "invalid_cidr", f"{req.cidr!r} is not a valid IPv4 CIDR: {exc}"
-            ) from exc
-        if not addrspace.is_private_cidr(cidr):
-            raise bad_request(
-                "cidr_not_private",
-                f"{cidr} is not inside a private RFC 1918 block "
-                "(10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16)",
-            )
+        assert req.cidr is not None  # NetworkCreate checked it is a private IPv4 CIDR
+        cidr = ipaddress.IPv4Network(req.cidr)
         for net in networks:
             if cidr.overlaps(ipaddress.IPv4Network(net.cidr)):
                 raise conflict(
@@ -798,8 +787,10 @@ class Store:
         res = await self.etcd.get_prefix(ks.prefix("peers", net_id))
         return [Peer.model_validate_json(kv.value) for kv in res], res.header.revision
 
-    async def list_hosts(self, net_id: str) -> list[Host]:
-        peers, _ = await self.list_peers(net_id)
+    async def list_hosts(self, net_id: str, peers: list[Peer] | None = None) -> list[Host]:
+        """The network's hosts (``peers``: only these of them, a page)."""
+        if peers is None:
+            peers, _ = await self.list_peers(net_id)
         live = await self.etcd.get_prefix(ks.prefix("liveness", net_id))
         liveness = {ks.last_segment(kv.key): json.loads(kv.value) for kv in live}
         hosts_res = await self.etcd.get_prefix(ks.prefix("hosts"))
