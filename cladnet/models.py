@@ -10,7 +10,7 @@ import ipaddress
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from cladnet.addrspace import is_private_cidr
 from cladnet.keys import validate_public_key
@@ -139,11 +139,27 @@ Labels = Annotated[
         }
     ),
 ]
-Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+def _integral(value: object) -> object:
+    """JSON Schema's integer includes 2.0; strict pydantic would refuse it."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# For each integer of a request body (strict models take no "1" or true for it, as the
+# schema); after its Field, so the schema keeps the bounds.
+INTEGRAL = BeforeValidator(_integral)
+Int = Annotated[int, INTEGRAL]
+Port = Annotated[int, Field(ge=1, le=65535), INTEGRAL]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: no unknown fields and no coercion (``false`` is not a number), so
+    it accepts exactly what its JSON schema allows."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # --- networks ---------------------------------------------------------------------------
@@ -155,10 +171,10 @@ class NetworkCreate(Strict):
 
     name: Name
     cidr: PrivateCidr | None = None
-    expected_hosts: Annotated[int, Field(ge=1, le=1_000_000)] = DEFAULT_EXPECTED_HOSTS
-    mtu: Annotated[int, Field(ge=1280, le=9000)] = DEFAULT_MTU
+    expected_hosts: Annotated[int, Field(ge=1, le=1_000_000), INTEGRAL] = DEFAULT_EXPECTED_HOSTS
+    mtu: Annotated[int, Field(ge=1280, le=9000), INTEGRAL] = DEFAULT_MTU
     listen_port: Port = DEFAULT_LISTEN_PORT
-    keepalive: Annotated[int, Field(ge=0, le=600)] = DEFAULT_KEEPALIVE
+    keepalive: Annotated[int, Field(ge=0, le=600), INTEGRAL] = DEFAULT_KEEPALIVE
     # Seconds between the agents' metric batches (the per-network metrics policy).
     metrics_interval: Annotated[float, Field(ge=1, le=3600)] = DEFAULT_METRICS_INTERVAL
 
@@ -196,8 +212,8 @@ class AddressSpaces(BaseModel):
 
 
 class TokenCreate(Strict):
-    ttl_seconds: Annotated[int, Field(ge=60, le=365 * 86400)] = 86400
-    max_uses: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    ttl_seconds: Annotated[int, Field(ge=60, le=365 * 86400), INTEGRAL] = 86400
+    max_uses: Annotated[int, Field(ge=1, le=1_000_000), INTEGRAL] | None = None
     description: Annotated[str, Field(max_length=200)] = ""
 
 
@@ -325,8 +341,8 @@ class EndpointsUpdate(Strict):
 class PeerStatus(Strict):
     peer_id: Annotated[str, Field(max_length=64)]
     handshake_age_s: Annotated[float, Field(ge=0)] | None = None
-    rx_bytes: Annotated[int, Field(ge=0)] = 0
-    tx_bytes: Annotated[int, Field(ge=0)] = 0
+    rx_bytes: Annotated[int, Field(ge=0), INTEGRAL] = 0
+    tx_bytes: Annotated[int, Field(ge=0), INTEGRAL] = 0
     latency_ms: Annotated[float, Field(ge=0)] | None = None
 
 
@@ -362,7 +378,7 @@ class GroupMember(Strict):
 
     driver: Name
     region: Annotated[str, Field(min_length=1, max_length=64)]
-    count: Annotated[int, Field(ge=1, le=100)] = 1
+    count: Annotated[int, Field(ge=1, le=100), INTEGRAL] = 1
     image: Annotated[str, Field(max_length=200)] = "debian-12"
     size: Annotated[str, Field(max_length=64)] = "small"
     labels: Labels = Field(default_factory=dict)
@@ -372,7 +388,7 @@ class GroupCreate(Strict):
     name: Name
     members: Annotated[list[GroupMember], Field(min_length=1, max_length=20)]
     cidr: PrivateCidr | None = None  # the group's network; recommended space when absent
-    keepalive: Annotated[int, Field(ge=0, le=600)] = DEFAULT_KEEPALIVE
+    keepalive: Annotated[int, Field(ge=0, le=600), INTEGRAL] = DEFAULT_KEEPALIVE
     metrics_interval: Annotated[float, Field(ge=1, le=3600)] = DEFAULT_METRICS_INTERVAL
     # The VMs' agents run the admin's remote commands (as root): only when asked for.
     allow_commands: bool = False
@@ -433,7 +449,7 @@ class CommandReport(Strict):
     """An agent's report on one command: it started, or how it ended."""
 
     state: Literal["running", "done", "timeout", "error"]
-    exit_code: int | None = None
+    exit_code: Int | None = None
     stdout: Annotated[str, Field(max_length=COMMAND_OUTPUT_LIMIT)] = ""
     stderr: Annotated[str, Field(max_length=COMMAND_OUTPUT_LIMIT)] = ""
     truncated: bool = False

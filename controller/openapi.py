@@ -55,7 +55,7 @@ PUBLIC: Auth = ()
 JOIN: Auth = ("", HOST, ADMIN)
 
 DESCRIPTIONS = {
-    400: "Bad request: a rule the schema cannot state (see the operation)",
+    400: "Bad request: the body is not JSON, or breaks a rule the schema cannot state",
     401: "No valid credential",
     403: "The credential may not do this",
     404: "Not found",
@@ -70,6 +70,7 @@ DESCRIPTIONS = {
 }
 # Codes every operation with such an answer may carry.
 COMMON_CODES = {
+    400: ("invalid_json",),  # only operations with a body, where it is not JSON
     401: ("unauthorized",),
     403: ("forbidden",),
     404: ("not_found",),  # the path matches no route (an id with a '/', say)
@@ -154,8 +155,9 @@ def _add_model(schemas: dict[str, Any], model: type[BaseModel]) -> None:
 def _complete(op: dict[str, Any]) -> None:
     responses = op.setdefault("responses", {})
     where = {p.get("in") for p in op.get("parameters", [])}
-    if "requestBody" in op and "413" not in responses:
-        responses["413"] = _error(413, ())
+    if "requestBody" in op:
+        for status in ("400", "413"):
+            responses.setdefault(status, _error(int(status), ()))
     # FastAPI's own 422 (HTTPValidationError) goes; ours is there if anything is validated.
     if "HTTPValidationError" in json.dumps(responses.get("422", {})):
         del responses["422"]
