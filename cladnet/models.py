@@ -491,3 +491,89 @@ class ApiErrorBody(BaseModel):
 
 
 Host.model_rebuild()
+
+
+# --- answers that are small records of their own -----------------------------------------
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    version: str
+
+
+class Ready(BaseModel):
+    status: Literal["ready"]
+    etcd_version: str
+    leader: bool
+
+
+class CaCertificate(BaseModel):
+    """The CA that signed the controller's certificate; agents pin ``ca_hash``."""
+
+    ca_pem: str
+    ca_hash: str
+
+
+class AdminToken(BaseModel):
+    """An operator token's record (never its secret or hash)."""
+
+    id: str
+    role: Literal["admin", "viewer"]
+    description: str
+    created_at: float
+
+
+class AdminTokenCreated(AdminToken):
+    token: str  # shown once; only its hash is stored
+
+
+class AuditEntry(BaseModel):
+    ts: float
+    who: str
+    method: str
+    path: str
+    status: int
+    source: str
+    detail: dict[str, Any] | None = None
+
+
+class AuditPage(BaseModel):
+    """Audit entries, newest first; ``continue`` fetches older ones."""
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+    entries: list[AuditEntry]
+    continue_token: str | None = Field(default=None, alias="continue")
+
+
+class DriverRegion(BaseModel):
+    name: str
+    zones: list[str]
+    details: dict[str, str]
+
+
+class DriverInfo(BaseModel):
+    name: str
+    regions: list[DriverRegion]
+
+
+class MetricsCredentials(BaseModel):
+    """Where and as whom a host publishes its metrics (no user on an open broker)."""
+
+    interval: float
+    broker: str
+    username: str | None
+    password: str | None
+    topic: str
+    ack_topic: str
+
+
+class QueuedCommand(BaseModel):
+    id: str
+    command: str
+    timeout: float
+    created_at: float
+
+
+class HostCommands(BaseModel):
+    commands: list[QueuedCommand]

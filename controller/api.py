@@ -22,28 +22,37 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cladnet import __version__, metrics, tokens
 from cladnet.models import (
     AddressSpaces,
+    AdminToken,
     AdminTokenCreate,
+    AdminTokenCreated,
+    AuditPage,
+    CaCertificate,
     ChallengeRequest,
     ChallengeResponse,
     CommandReport,
     CommandRequest,
     CommandRun,
+    DriverInfo,
     EndpointsUpdate,
     Group,
     GroupAction,
     GroupCreate,
+    Health,
     Heartbeat,
     HeartbeatResponse,
     Host,
+    HostCommands,
     HostStatus,
     JoinRequest,
     JoinResponse,
     JoinToken,
     JoinTokenCreated,
+    MetricsCredentials,
     Network,
     NetworkCreate,
     Peer,
     PeerList,
+    Ready,
     TokenCreate,
 )
 from cladnet.ratelimit import RateLimiter, source_key
@@ -409,28 +418,30 @@ def create_app(settings: Settings) -> FastAPI:
     # --- health ------------------------------------------------------------------------
 
     @app.get("/healthz", **contract(PUBLIC, etcd=False))
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok", "version": __version__}
+    async def healthz() -> Health:
+        return Health(status="ok", version=__version__)
 
     @app.get("/v1/ca", **contract(PUBLIC, {404: ["tls_disabled"]}, etcd=False))
-    async def ca() -> Any:
+    async def ca() -> CaCertificate:
         """The CA that signed this controller's certificate (public; agents check its hash)."""
         if tls_files is None:
             raise ApiError(404, "tls_disabled", "this controller does not serve TLS")
-        return {"ca_pem": tls_files.ca_pem.decode(), "ca_hash": tls_files.ca_hash}
+        return CaCertificate(ca_pem=tls_files.ca_pem.decode(), ca_hash=tls_files.ca_hash)
 
     @app.post("/v1/admin-tokens", status_code=201, **contract(ADMIN_ONLY))
-    async def create_admin_token(req: AdminTokenCreate, request: Request, _: Admin) -> Any:
+    async def create_admin_token(
+        req: AdminTokenCreate, request: Request, _: Admin
+    ) -> AdminTokenCreated:
         """An operator token (admin or viewer); shown once, stored hashed."""
         token, record = await auth.create_admin_token(
             request.app.state.etcd, req.role, req.description
         )
         record.pop("hash")
-        return {**record, "token": token}
+        return AdminTokenCreated(**record, token=token)
 
     @app.get("/v1/admin-tokens", **contract(ADMIN_ONLY))
-    async def list_admin_tokens(request: Request, _: Admin) -> Any:
-        return await auth.list_admin_tokens(request.app.state.etcd)
+    async def list_admin_tokens(request: Request, _: Admin) -> list[AdminToken]:
+        return [AdminToken(**t) for t in await auth.list_admin_tokens(request.app.state.etcd)]
 
     @app.delete(
         "/v1/admin-tokens/{token_id}", status_code=204, **contract(ADMIN_ONLY, {404: ["not_found"]})
@@ -448,12 +459,12 @@ def create_app(settings: Settings) -> FastAPI:
         _: Admin,
         cont: Continue = None,
         limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
-    ) -> Any:
+    ) -> AuditPage:
         """The newest entries first; ``continue`` goes on to older ones."""
         entries, next_token = await request.app.state.audit.recent(limit, cont)
-        return {"entries": entries, "continue": next_token}
+        return AuditPage.model_validate({"entries": entries, "continue": next_token})
 
-    @app.get("/readyz", **contract(PUBLIC))
+    @app.get("/readyz", response_model=Ready, **contract(PUBLIC))
     async def readyz(request: Request) -> JSONResponse:
         try:
             status = await request.app.state.etcd.status()
@@ -532,11 +543,12 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get(
         "/v1/drivers", **contract(READERS, {502: ["driver_error"], 503: ["driver_unavailable"]})
     )
-    async def list_drivers(_: Reader, groups: Groups) -> list[dict[str, Any]]:
+    async def list_drivers(_: Reader, groups: Groups) -> list[DriverInfo]:
         drivers = []
         for name in sorted(settings.drivers):
             regions = await groups.call(groups.drivers.get(name).regions())
-            drivers.append({"name": name, "regions": [dataclasses.asdict(r) for r in regions]})
+            listed = [dataclasses.asdict(r) for r in regions]
+            drivers.append(DriverInfo.model_validate({"name": name, "regions": listed}))
         return drivers
 
     @app.post(
@@ -770,7 +782,9 @@ def create_app(settings: Settings) -> FastAPI:
             },
         ),
     )
-    async def metrics_credentials(host_id: str, request: Request, p: Caller, db: Db) -> Any:
+    async def metrics_credentials(
+        host_id: str, request: Request, p: Caller, db: Db
+    ) -> MetricsCredentials:
         """Where and as whom this host publishes its metrics (a fresh password each call)."""
         auth.require_self(p, host_id)
         host = await db.get_host(host_id)
@@ -780,27 +794,30 @@ def create_app(settings: Settings) -> FastAPI:
             raise ApiError(404, "metrics_disabled", "this controller has no metrics broker")
         broker: BrokerAdmin | None = request.app.state.broker
         if broker is None:  # an open broker (development): no per-host users
-            return {
-                **answer,
-                "broker": settings.mqtt_url,
-                "username": None,
-                "password": None,
-                "topic": metrics.topic(net.name, host.name),
-                # End-to-end acknowledgement needs no broker users: a restart of an open
-                # broker must not lose batches either.
-                "ack_topic": metrics.ack_topic(net.name, host.name),
-            }
+            return MetricsCredentials.model_validate(
+                {
+                    **answer,
+                    "broker": settings.mqtt_url,
+                    "username": None,
+                    "password": None,
+                    "topic": metrics.topic(net.name, host.name),
+                    # End-to-end acknowledgement needs no broker users: a restart of an open
+                    # broker must not lose batches either.
+                    "ack_topic": metrics.ack_topic(net.name, host.name),
+                }
+            )
         try:
-            return {**answer, **await broker.register(host_id, net.name, host.name)}
+            registered = await broker.register(host_id, net.name, host.name)
+            return MetricsCredentials.model_validate({**answer, **registered})
         except BrokerError as exc:
             log.warning("broker registration failed", extra={"host": host_id, "error": str(exc)})
             raise ApiError(503, "broker_unavailable", "the metrics broker is unreachable") from exc
 
     @app.get("/v1/hosts/{host_id}/commands", **contract(AGENT))
-    async def host_commands(host_id: str, p: Caller, commands: Cmds) -> dict[str, Any]:
+    async def host_commands(host_id: str, p: Caller, commands: Cmds) -> HostCommands:
         """The commands this host's agent is to run (an agent that asks accepts them)."""
         require_agent(p, host_id)
-        return {"commands": await commands.pending(host_id)}
+        return HostCommands.model_validate({"commands": await commands.pending(host_id)})
 
     @app.post(
         "/v1/hosts/{host_id}/commands/{command_id}",

@@ -4,6 +4,7 @@ admin, a viewer and a host credential); lists page as documented."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from agent.controller_client import ControllerClient
 from cladnet import keys
 from tests.components import ADMIN_TOKEN, Controller
 
@@ -119,6 +121,18 @@ def test_hosts_peers_and_audit_page_through_one_snapshot(controller: Controller)
         assert len(entries) >= 11 and [e["ts"] for e in entries] == sorted(
             (e["ts"] for e in entries), reverse=True
         )
+
+        # The agent pages through the list and gets every peer at one revision.
+        async def agent_list() -> tuple[list[dict], int]:
+            agent = ControllerClient(controller.url, credential=joined[1]["credential"])
+            try:
+                return await agent.list_peers(net["id"], page=2)
+            finally:
+                await agent.close()
+
+        peers, revision = asyncio.run(agent_list())
+        assert {p["id"] for p in peers} == ids - {joined[0]["host_id"]}
+        assert revision == unpaged["revision"]
 
         bad = admin.get(f"{url}/peers", params={"limit": 1, "continue": "not-a-token"})
         assert bad.status_code == 422 and bad.json()["error"] == "invalid_request"
