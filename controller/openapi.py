@@ -83,6 +83,47 @@ COMMON_CODES = {
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
 
 
+# The documented way from one call to the next (OpenAPI links): network → token → join →
+# heartbeat → leave → network deleted. Clients and the stateful fuzzer follow them.
+NETWORK_ID = {"path.ref": "$response.body#/id"}
+HOST_ID = {"path.host_id": "$response.body#/host_id"}
+LINKS: dict[tuple[str, str, str], dict[str, tuple[str, str, dict[str, Any]]]] = {
+    ("post", "/v1/networks", "201"): {
+        "CreateToken": ("post", "/v1/networks/{ref}/tokens", NETWORK_ID),
+        "GetNetwork": ("get", "/v1/networks/{ref}", NETWORK_ID),
+        "ListPeers": ("get", "/v1/networks/{ref}/peers", NETWORK_ID),
+        "ListHosts": ("get", "/v1/networks/{ref}/hosts", NETWORK_ID),
+        "ListTokens": ("get", "/v1/networks/{ref}/tokens", NETWORK_ID),
+        "DeleteNetwork": ("delete", "/v1/networks/{ref}", NETWORK_ID),
+    },
+    ("post", "/v1/networks/{ref}/tokens", "201"): {
+        "Join": (  # as a new host (re-joining is another story: proof or credential)
+            "post",
+            "/v1/join",
+            {"requestBody": {"token": "$response.body#/token", "host_id": None, "replace": False}},
+        ),
+        "RevokeToken": (
+            "delete",
+            "/v1/networks/{ref}/tokens/{token_id}",
+            {"path.ref": "$response.body#/network_id", "path.token_id": "$response.body#/id"},
+        ),
+    },
+    ("post", "/v1/join", "200"): {
+        "Heartbeat": ("post", "/v1/hosts/{host_id}/heartbeat", HOST_ID),
+        "UpdateEndpoints": ("put", "/v1/hosts/{host_id}/endpoints", HOST_ID),
+        "GetHost": ("get", "/v1/hosts/{host_id}", HOST_ID),
+        "Leave": ("delete", "/v1/hosts/{host_id}", HOST_ID),
+    },
+    ("delete", "/v1/hosts/{host_id}", "200"): {
+        "DeleteNetwork": (
+            "delete",
+            "/v1/networks/{ref}",
+            {"path.ref": "$response.body#/network_id"},
+        ),
+    },
+}
+
+
 def contract(
     auth: Auth, errors: Mapping[int, Iterable[str]] | None = None, etcd: bool = True
 ) -> dict[str, Any]:
@@ -138,6 +179,7 @@ def install(app: FastAPI) -> None:
         for methods in doc.get("paths", {}).values():
             for op in methods.values():
                 _complete(op)
+        _link(doc["paths"])
         app.openapi_schema = doc
         return doc
 
@@ -166,6 +208,25 @@ def _complete(op: dict[str, Any]) -> None:
     if "path" in where and "404" not in responses:  # an id with a '/' matches no route
         responses["404"] = _error(404, ())
     op["responses"] = dict(sorted(responses.items()))
+
+
+def _link(paths: dict[str, Any]) -> None:
+    """Add ``LINKS`` to the responses they start from (routes not in this app: none)."""
+    for (method, path, status), links in LINKS.items():
+        response = paths.get(path, {}).get(method, {}).get("responses", {}).get(status)
+        if response is None:
+            continue
+        for name, (to_method, to_path, how) in links.items():
+            target = paths.get(to_path, {}).get(to_method)
+            if target is None:
+                continue
+            link: dict[str, Any] = {"operationId": target["operationId"]}
+            params = {k: v for k, v in how.items() if k != "requestBody"}
+            if params:
+                link["parameters"] = params
+            if "requestBody" in how:
+                link["requestBody"] = how["requestBody"]
+            response.setdefault("links", {})[name] = link
 
 
 def main() -> None:
