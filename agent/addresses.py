@@ -20,9 +20,10 @@ def _read(exclude: frozenset[str]) -> list[str]:
         str(a.interface)
         for a in found
         # scope 0 = global: skips loopback and link-local
-        if a.label not in exclude and a.scope == 0
+        if a.label not in exclude
+        and a.scope == 0
         and not (a.interface.ip.is_link_local or a.interface.ip.is_loopback)
-    )  # fmt: skip
+    )
 
 
 async def underlay_addresses(exclude: set[str] | frozenset[str] = frozenset()) -> list[str]:

@@ -20,9 +20,7 @@ import signal
 from collections.abc import Mapping
 from typing import Any
 
-import httpx
-
-from agent.controller_client import ControllerClient, ControllerError
+from agent.controller_client import NETWORK_ERRORS, ControllerClient, ControllerError
 from agent.state import Membership, StateDir
 from cladnet.tasks import cancel_and_wait
 
@@ -31,7 +29,6 @@ log = logging.getLogger("cladnet.agent.commands")
 OUTPUT_LIMIT = 64 * 1024  # bytes of stdout and of stderr kept (the controller's limit)
 DRAIN = 2.0  # after a kill, how long to wait for the pipes to close
 REPORT_ATTEMPTS = 5
-NETWORK_ERRORS = (httpx.HTTPError, OSError)
 
 
 class _Capture:

@@ -27,6 +27,8 @@ T = TypeVar("T")
 # is away, or it limits joins from this address.
 TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 PEER_PAGE = 1000  # peers per list request: bounded reads on the controller
+# What talking to the controller raises when the network or the controller is away.
+NETWORK_ERRORS = (httpx.HTTPError, OSError)
 
 
 class ControllerError(Exception):
@@ -268,9 +270,6 @@ class ControllerClient:
     async def update_endpoints(self, host_id: str, **fields: Any) -> dict[str, Any]:
         return await self._call("PUT", f"/v1/hosts/{host_id}/endpoints", fields)
 
-    async def report_status(self, host_id: str, peers: list[dict[str, Any]]) -> None:
-        await self._call("POST", f"/v1/hosts/{host_id}/status", {"peers": peers})
-
     async def metrics_credentials(self, host_id: str) -> dict[str, Any]:
         """Where and as whom to publish metrics (a fresh broker password each call)."""
         return await self._call("POST", f"/v1/hosts/{host_id}/metrics-credentials")
@@ -293,8 +292,16 @@ class ControllerClient:
     async def list_peers(
         self, network_id: str, page: int = PEER_PAGE
     ) -> tuple[list[dict[str, Any]], int]:
-        """The network's peers and the revision to watch from, in pages of ``page`` (all
-        read at one revision; a controller without paging sends them all at once)."""
+        """The network's peers and the revision to watch from."""
+        peers, revision, _ = await self.list_peers_and_policy(network_id, page)
+        return peers, revision
+
+    async def list_peers_and_policy(
+        self, network_id: str, page: int = PEER_PAGE
+    ) -> tuple[list[dict[str, Any]], int, dict[str, Any] | None]:
+        """The network's peers, the revision to watch from and the policy (None from a
+        controller without policies), in pages of ``page`` (all read at one revision; the
+        policy comes with the last; a controller without paging sends all at once)."""
         for _ in range(3):  # a snapshot compacted between pages: list from the start
             peers: list[dict[str, Any]] = []
             params: dict[str, Any] = {"limit": page}
@@ -304,7 +311,7 @@ class ControllerClient:
                     result = await self._call("GET", path)
                     peers += result["peers"]
                     if not result.get("continue"):
-                        return peers, result["revision"]
+                        return peers, result["revision"], result.get("policy")
                     params["continue"] = result["continue"]
             except WatchGone:
                 if "continue" not in params:

@@ -6,14 +6,12 @@ import asyncio
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-import httpx
-
-from agent import addresses
+from agent import addresses, firewall
 from agent.commands import CommandRunner, command_env
-from agent.controller_client import ControllerClient, ControllerError, WatchGone
+from agent.controller_client import NETWORK_ERRORS, ControllerClient, ControllerError, WatchGone
 from agent.metrics.exposition import MetricsServer
 from agent.metrics.publisher import Broker
 from agent.metrics.reporter import MetricsReporter
@@ -22,11 +20,10 @@ from agent.standing import OK, UNRECOGNISED, HostNotListed, Standing
 from agent.state import Membership, StateDir
 from agent.wireguard.backend import WireGuardBackend, WireGuardError
 from cladnet import mesh
+from cladnet import policy as acl
 from cladnet.tasks import cancel_and_wait
 
 log = logging.getLogger("cladnet.agent")
-
-NETWORK_ERRORS = (httpx.HTTPError, OSError)
 
 
 @dataclass
@@ -42,6 +39,13 @@ class Timing:
     commands: float = 5.0
     # After adding a peer whose keepalive waits for the peer's handshake (mesh.diff).
     keepalive_delay: float = 1.0
+    # Watch events are applied together, at most this long after the first of them;
+    # None applies each one at once (with a full reconcile: the old path, for benchmarks).
+    coalesce: float | None = 0.05
+    # The state file is rewritten at most this often while the peers change.
+    save_every: float = 2.0
+    # Between full reconciles (plan everything, read the whole device): catches drift.
+    full_resync: float = 300.0
 
 
 class Backoff:
@@ -91,9 +95,22 @@ class NetworkAgent:
         self._deferred: asyncio.Task[None] | None = None
         self._keepalives_due = False
         self.metrics: MetricsReporter | None = None
-        self._skipped: tuple[tuple[str, str], ...] = ()
+        self._skipped: dict[str, str] = {}  # peer id → why it is left out
+        # The incremental path: what the device holds as planned (peer id → config),
+        # the peers changed since, and who shares an address or key with whom.
+        self._applied: dict[str, mesh.PeerConfig] = {}
+        self._changed: set[str] = set()
+        self._conflicts = mesh.ConflictIndex()
+        self._full_due = True
+        self._last_full = 0.0
+        self._apply_task: asyncio.Task[None] | None = None
+        self._last_save = 0.0
+        self._save_task: asyncio.Task[None] | None = None
         self.bad_input = 0  # malformed events and unusable peers, for the logs and metrics
         self.save_errors = 0
+        self.firewall_errors = 0
+        self._ruleset: str | None = None  # the nft text last loaded
+        self._parsed: tuple[dict[str, Any], acl.Policy] | None = None  # policy, parsed
         # Set only by this host's own DELETED event in its authenticated watch.
         self.removed = asyncio.Event()
         self.standing = Standing(
@@ -122,31 +139,135 @@ class NetworkAgent:
     async def reconcile(self, force_endpoints: bool = False) -> None:
         """Make the device match the plan; only the difference is changed.
 
+        Plans every peer and reads the whole device: for a restore, a new list, an own
+        address change and the occasional resync. Watch events take :meth:`_apply_changed`.
         ``force_endpoints`` re-sends every peer's endpoint: after this host's own
         address changed, wireguard-go keeps sending from the vanished source address
         until its endpoints are set again.
         """
         async with self._lock:
-            await self._ensure_device()
-            desired = mesh.plan(self.m.network, self.m.me, list(self.m.peers.values()))
-            if desired.skipped != self._skipped:
-                self._skipped = desired.skipped
-                for peer_id, reason in desired.skipped:
-                    self.bad_input += 1
-                    log.warning("ignoring a peer", extra={"peer": peer_id, "reason": reason})
+            await self._reconcile_all(force_endpoints)
+
+    async def _reconcile_all(self, force_endpoints: bool = False) -> None:
+        await self._ensure_device()
+        # Everything changed so far is in this plan; later events are left for the next.
+        self._changed.clear()
+        self._full_due = False
+        self._last_full = time.monotonic()
+        policy = self._policy()
+        desired = mesh.plan(self.m.network, self.m.me, list(self.m.peers.values()), policy=policy)
+        self._note_skipped(dict(desired.skipped), set(self.m.peers) | set(self._skipped))
+        self._conflicts.rebuild(self.m.peers)
+        self._applied = {pid: desired.peers[key] for pid, key in desired.ids.items()}
+        try:
             actual = await self.backend.get(self.iface)
             changes = mesh.diff(desired, actual, own_key=self.m.me.get("public_key"))
             if force_endpoints:
                 changes = mesh.with_endpoint_refresh(changes, desired)
-            if changes:
-                await self.backend.apply(self.iface, changes)
-                log.info(
-                    "device updated", extra={"iface": self.iface, "changes": mesh.summary(changes)}
+            await self._apply(changes, self._applied)
+        except BaseException:
+            self._full_due = True  # the device is not what we believe: read it next time
+            raise
+        await self._enforce(policy)
+
+    async def _apply_changed(self) -> None:
+        """Bring the device up to date with the peers changed since the last apply:
+        plan and diff only them (and any peer they share an address or key with)."""
+        async with self._lock:
+            if self._full_due or time.monotonic() - self._last_full > self.timing.full_resync:
+                await self._reconcile_all()
+                return
+            changed, self._changed = self._changed, set()
+            if not changed:
+                return
+            affected = self._conflicts.update(self.m.peers, changed)
+            policy = self._policy()
+            planned = mesh.plan_peers(
+                self.m.network,
+                self.m.me,
+                [self.m.peers[p] for p in affected if p in self.m.peers],
+                policy=policy,
+            )
+            self._note_skipped(dict(planned.skipped), affected)
+            before = {p: self._applied.pop(p) for p in affected if p in self._applied}
+            self._applied.update(planned.configs)
+            try:
+                await self._apply(
+                    mesh.diff_plans(before, planned.configs, own_key=self.m.me.get("public_key")),
+                    planned.configs,
                 )
-            if changes.keepalive_deferred:
-                self._keepalives_due = True
-                if self._deferred is None or self._deferred.done():
-                    self._deferred = asyncio.create_task(self._add_deferred_keepalives())
+            except BaseException:
+                self._full_due = True
+                raise
+            await self._enforce(policy)
+
+    async def _apply(self, changes: mesh.DeviceChanges, planned: dict[str, Any]) -> None:
+        """Apply ``changes``; note held-back keepalives (as applied) and add them later.
+        ``planned``: the peer ids the changes were planned for (where deferrals are)."""
+        if changes:
+            await self.backend.apply(self.iface, changes)
+            log.info(
+                "device updated", extra={"iface": self.iface, "changes": mesh.summary(changes)}
+            )
+        if changes.keepalive_deferred:
+            deferred = set(changes.keepalive_deferred)
+            for pid in list(planned):
+                config = self._applied[pid]
+                if config.public_key in deferred:
+                    self._applied[pid] = replace(config, keepalive=0)
+                    self._changed.add(pid)  # the next incremental pass adds the keepalive
+            self._keepalives_due = True
+            if self._deferred is None or self._deferred.done():
+                self._deferred = asyncio.create_task(self._add_deferred_keepalives())
+
+    def _note_skipped(self, skipped: dict[str, str], planned: Any) -> None:
+        """Log and count each peer newly left out (or for a new reason)."""
+        for peer_id in planned:
+            reason = skipped.get(peer_id)
+            if reason is None:
+                self._skipped.pop(peer_id, None)
+            elif self._skipped.get(peer_id) != reason:
+                self._skipped[peer_id] = reason
+                self.bad_input += 1
+                log.warning("ignoring a peer", extra={"peer": peer_id, "reason": reason})
+
+    def _policy(self) -> acl.Policy | None:
+        """The policy to enforce; None (no filter) until a controller sent one. Parsed
+        once per policy received, not once per apply."""
+        if self.m.policy is None:
+            return None
+        if self._parsed is not None and self._parsed[0] is self.m.policy:
+            return self._parsed[1]
+        try:
+            policy = acl.parse(self.m.policy["document"])
+        except (acl.PolicyError, KeyError, TypeError) as exc:
+            # Only a damaged state file gets here (events are checked): fail closed.
+            self.bad_input += 1
+            log.warning("unusable saved policy, denying all", extra={"error": str(exc)})
+            policy = acl.Policy(groups={}, rules=())
+        self._parsed = (self.m.policy, policy)
+        return policy
+
+    async def _enforce(self, policy: acl.Policy | None) -> None:
+        """Load the packet filter for ``policy`` if it changed (the peers in the device)."""
+        if policy is None:
+            return
+        peers = [self.m.peers[pid] for pid in self._applied if pid in self.m.peers]
+        ruleset = acl.nft_ruleset(policy, self.m.me, peers, self.iface)
+        if ruleset == self._ruleset:
+            return
+        try:
+            await firewall.apply(ruleset)
+        except firewall.FirewallError as exc:
+            self.firewall_errors += 1
+            self._ruleset = None  # the next reconcile tries again
+            log.error("loading the packet filter failed", extra={"error": str(exc)})
+            return
+        self._ruleset = ruleset
+        log.info(
+            "packet filter loaded",
+            extra={"iface": self.iface, "policy_version": self.m.policy_version},
+        )
 
     async def _add_deferred_keepalives(self) -> None:
         """The keepalives ``diff`` held back, a moment after their peers were added."""
@@ -154,7 +275,7 @@ class NetworkAgent:
             self._keepalives_due = False
             await asyncio.sleep(self.timing.keepalive_delay)
             try:
-                await self.reconcile()
+                await self._apply_changed()
             except WireGuardError as exc:  # the sync loop's next reconcile retries
                 log.error("changing the device failed", extra={"error": str(exc)})
 
@@ -178,12 +299,53 @@ class NetworkAgent:
 
     def _save(self) -> None:
         """Persist the view; a full or read-only disk is reported, never fatal: the
-        device keeps following the controller from memory."""
+        device keeps following the controller from memory.
+
+        One file holds the peers and the revision they are at, so the saved revision is
+        never ahead of the saved peers: a restart resumes the watch from a state it has.
+        """
+        self._last_save = time.monotonic()
         try:
             self.states.save(self.m)
         except OSError as exc:
             self.save_errors += 1
             log.error("cannot save state; continuing from memory", extra={"error": str(exc)})
+
+    def _save_soon(self) -> None:
+        """Save now if the last save is ``save_every`` old, else once that much has passed:
+        a burst of changes costs a few snapshots, not one per event."""
+        if self._save_task is not None and not self._save_task.done():
+            return
+        wait = self._last_save + self.timing.save_every - time.monotonic()
+        if wait <= 0:
+            self._save()
+        else:
+            self._save_task = asyncio.create_task(self._save_after(wait), name="save-state")
+
+    async def _save_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._save()
+
+    def _changes_arrived(self) -> None:
+        """A watch event changed the view: apply it (coalesced with the events that
+        follow within ``timing.coalesce``) and save it (at a bounded rate)."""
+        if self._apply_task is None or self._apply_task.done():
+            self._apply_task = asyncio.create_task(self._apply_loop(), name=f"apply-{self.iface}")
+
+    async def _apply_loop(self) -> None:
+        """Apply what is pending until nothing is; a failing device is retried with
+        backoff (and read whole next time), without holding up the watch."""
+        backoff = Backoff(self.timing.backoff_min, self.timing.backoff_max)
+        while self._changed or self._full_due:
+            if self.timing.coalesce:
+                await asyncio.sleep(self.timing.coalesce)
+            try:
+                await self._apply_changed()
+                backoff.reset()
+            except WireGuardError as exc:
+                log.error("changing the device failed, retrying", extra={"error": str(exc)})
+                await backoff.wait()
+        self._save_soon()
 
     def _on_event(self, event: Any) -> bool:
         """Apply one watch event to the local view; True if the device may need a change.
@@ -200,13 +362,17 @@ class NetworkAgent:
 
     def _apply_event(self, event: dict[str, Any]) -> bool:
         kind = event["type"]
-        if kind not in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK"):
+        if kind not in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK", "POLICY"):
             raise ValueError(f"unknown event type {kind!r}")
         if kind != "BOOKMARK" and not isinstance(event.get("peer", {}), dict):
             raise TypeError("peer is not an object")
         revision = event["revision"]
         if not isinstance(revision, int) or isinstance(revision, bool) or revision < 0:
             raise ValueError(f"bad revision {revision!r}")
+        if kind == "POLICY":
+            changed = self._take_policy(event["policy"])  # raises first if unusable
+            self.m.revision = max(self.m.revision, revision)
+            return changed
         self.m.revision = max(self.m.revision, revision)
         if kind == "BOOKMARK":
             return False
@@ -214,19 +380,42 @@ class NetworkAgent:
             if event["id"] == self.m.host_id:
                 self.removed.set()
                 return False
-            return self.m.peers.pop(event["id"], None) is not None
+            if not isinstance(event["id"], str):
+                raise TypeError("peer id is not a string")
+            if self.m.peers.pop(event["id"], None) is None:
+                return False
+            self._changed.add(event["id"])
+            return True
         peer = event["peer"]
         if peer["id"] == self.m.host_id:
             # Our own record drives the device address: take it only if it is whole.
             if not all(isinstance(peer.get(k), str) for k in ("overlay_ip", "public_key", "name")):
                 raise ValueError("incomplete record of this host")
             self.m.me = peer
+            self._full_due = True  # every endpoint and keepalive may depend on it
             return True
+        if not isinstance(peer["id"], str):
+            raise TypeError("peer id is not a string")
         self.m.peers[peer["id"]] = peer
+        self._changed.add(peer["id"])
+        return True
+
+    def _take_policy(self, policy: Any) -> bool:
+        """Keep a policy from the controller if it parses (else raise: skipped, counted);
+        True if it changed."""
+        if not isinstance(policy, dict) or not isinstance(policy.get("version"), int):
+            raise TypeError("policy is not an object with a version")
+        acl.parse(policy.get("document"))  # PolicyError (a ValueError) if unusable
+        if policy == self.m.policy:
+            return False
+        self.m.policy = policy
+        self._full_due = True  # which peers the device holds may change for any of them
         return True
 
     async def _list(self) -> None:
-        peers, revision = await self.client.list_peers(self.m.network_id)
+        peers, revision, policy = await self.client.list_peers_and_policy(self.m.network_id)
+        if policy is not None:
+            self._take_policy(policy)
         me = next((p for p in peers if p["id"] == self.m.host_id), None)
         if me is None:  # not a removal: it may be an empty or restored etcd
             raise HostNotListed("this host is not in the network's peer list")
@@ -260,8 +449,11 @@ class NetworkAgent:
                     backoff.reset()
                     self.standing.ok("watch")
                     if self._on_event(event):
-                        self._save()
-                        await self.reconcile()
+                        if self.timing.coalesce is None:  # the old path: all, per event
+                            self._save()
+                            await self.reconcile()
+                        else:
+                            self._changes_arrived()
                     if self.removed.is_set():
                         return
             except WatchGone:
@@ -354,14 +546,9 @@ class NetworkAgent:
                 await backoff.wait()
         return self.m.metrics
 
-    async def _report_status(self, peers: list[dict[str, Any]]) -> None:
-        try:
-            await self.client.report_status(self.m.host_id, peers)
-        except (ControllerError, *NETWORK_ERRORS) as exc:
-            log.debug("status report failed", extra={"error": repr(exc)})
-
     async def metrics_loop(self) -> None:
-        """Host + overlay metrics: to the broker (if any), the pull server and the controller."""
+        """Host + overlay metrics (per-peer health too): to the broker (if any) and the pull
+        server; the controller only gets heartbeats."""
         settings = await self._metrics_settings()
         broker = None
         if settings.get("broker"):
@@ -383,7 +570,6 @@ class NetworkAgent:
             peers=lambda: self.m.peers,
             broker=broker,
             ack_topic=settings.get("ack_topic"),
-            status=self._report_status,
             server=self.metrics_server,
             gauges=self.standing.gauges,
         )
@@ -417,7 +603,16 @@ class NetworkAgent:
             await self.removed.wait()
             log.warning("this host was removed from the network; tearing the interface down")
             await self.backend.destroy(self.iface)
+            try:
+                await firewall.remove(self.iface)
+            except firewall.FirewallError as exc:
+                log.error("removing the packet filter failed", extra={"error": str(exc)})
             self.states.remove(self.m.network_id)
         finally:
-            await cancel_and_wait([*tasks, self._sync_task, self._deferred], Exception)
+            await cancel_and_wait(
+                [*tasks, self._sync_task, self._deferred, self._apply_task, self._save_task],
+                Exception,
+            )
+            if not self.removed.is_set():
+                self._save()  # what a bounded-rate save had not written yet
             await self.client.close()

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent import firewall
 from agent.metrics.spool import spool_dir, spool_status
 from agent.state import Membership, StateDir
 from agent.wireguard.backend import WireGuardBackend
@@ -299,9 +300,24 @@ async def cmd_leave(args: argparse.Namespace) -> int:
             await client.close()
         with contextlib.suppress(Exception):
             await _backend(membership.backend).destroy(membership.interface)
+        with contextlib.suppress(Exception):
+            await firewall.remove(membership.interface)
         states.remove(net_id)
         print(f"left {membership.network['name']} (released {membership.me['overlay_ip']})")
     return 0
+
+
+def _policy_status(m: Membership) -> dict[str, Any] | None:
+    """The enforced policy's version and whether it allows everything (None: no policy)."""
+    from cladnet import policy as acl
+
+    if m.policy is None:
+        return None
+    try:
+        allows_all = acl.parse(m.policy["document"]).allows_all
+    except (acl.PolicyError, KeyError, TypeError):
+        allows_all = False
+    return {"version": m.policy_version, "allows_all": allows_all}
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
@@ -322,6 +338,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
                 "controller_since": m.controller_state_since,
                 "peers": len(m.peers),
                 "device_peers": len(device.peers) if device is not None else None,
+                "policy": _policy_status(m),
                 "metrics_spool": spool_status(spool_dir(states.root, net_id)),
             }
         )

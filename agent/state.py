@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from cladnet.files import write_atomic
 
 log = logging.getLogger("cladnet.agent")
 
@@ -22,13 +23,7 @@ log = logging.getLogger("cladnet.agent")
 def write_private(path: Path, text: str) -> None:
     """Write a secret atomically with mode 0600 (created so, never widened)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    write_atomic(path, text)
 
 
 @dataclass
@@ -53,6 +48,13 @@ class Membership:
     # How the controller last treated this host (agent.standing), and since when.
     controller_state: str = "ok"
     controller_state_since: float | None = None
+    # The network's access policy as the controller sent it ({"version", "document"});
+    # None until one arrives (a controller without policies): then no packet filter.
+    policy: dict[str, Any] | None = None
+
+    @property
+    def policy_version(self) -> int | None:
+        return None if self.policy is None else self.policy.get("version")
 
     @property
     def network_id(self) -> str:
@@ -99,9 +101,13 @@ class StateDir:
         )
 
     def save(self, membership: Membership) -> None:
-        write_private(
-            self._net(membership.network_id) / "membership.json", json.dumps(asdict(membership))
-        )
+        """Write the whole membership atomically (one snapshot: peers and their revision).
+
+        Serialised straight from the live objects, without ``asdict``'s deep copy (at
+        thousands of peers that copy cost more than the JSON).
+        """
+        record = {f.name: getattr(membership, f.name) for f in fields(membership)}
+        write_private(self._net(membership.network_id) / "membership.json", json.dumps(record))
 
     def save_ca(self, network_id: str, pem: str) -> str:
         """Pin the controller's CA for this network; returns the file's path."""

@@ -34,6 +34,8 @@ BENCHMARKS: dict[str, tuple[str, bool, str]] = {
     "ingest": ("ingest", False, "collector ingest vs broker-only and store-only"),
     "store": ("store", False, "SQLite store writes vs one INSERT per row"),
     "agent-footprint": ("agent_footprint", True, "agent RSS/CPU vs node_exporter, psutil"),
+    "agent-scale": ("agent_scale", False, "agent absorbing a join burst vs per-event reconcile"),
+    "policy": ("policy", False, "policy compile + nft load vs planning without a policy"),
 }
 REPO = Path(__file__).resolve().parent.parent
 

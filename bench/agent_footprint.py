@@ -25,7 +25,7 @@ runs in its own fresh process for the same time:
   the package started as a service is left alone).
 
 Every measured Python process sees only the runtime dependencies of CLADNet (the dev
-venv's test extras are hidden, see ``bench.common.runtime_only_env``): with selenium's
+venv's test extras are left out, see ``bench.common.runtime_only_python``): with selenium's
 trio installed, httpcore would import it and the agent would hold 4 MiB more than after
 ``pip install cladnet``.
 
@@ -58,7 +58,7 @@ from bench.common import (  # noqa: E402
     cpu_seconds,
     machine_facts,
     rss_bytes,
-    runtime_only_env,
+    runtime_only_python,
     wireguard_go_processes,
 )
 from tests.components import (  # noqa: E402
@@ -175,15 +175,15 @@ def _answers(url: str) -> bool:
         return False
 
 
-def python(code: str, tmp: str, interval: float) -> list[str]:
-    return [sys.executable, "-c", code, tmp, str(interval)]
+def python(interpreter: str, code: str, tmp: str, interval: float) -> list[str]:
+    return [interpreter, "-c", code, tmp, str(interval)]
 
 
 class AgentMesh:
     """etcd, Mosquitto, a collector and a controller for real agents in namespaces."""
 
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
+    def __init__(self, tmp: Path, python: str) -> None:
+        self.tmp, self.python = tmp, python  # the agents' interpreter
         self.lab = Lab()
         etcd_port = free_port()
         self.etcd = Etcd(url=f"http://127.0.0.1:{etcd_port}", data_dir=tmp / "etcd",
@@ -225,7 +225,8 @@ class AgentMesh:
             self.hosts += 1
             ns = self.lab.add_host(self.hosts)
             a = Agent(self.lab, self.hosts, ns, self.tmp / f"agent{self.hosts}",
-                      f"cl-{self.lab.tag}w{self.hosts}", log_level="info")  # fmt: skip
+                      f"cl-{self.lab.tag}w{self.hosts}", log_level="info",
+                      python=self.python)  # fmt: skip
             agents.append(a)
         try:
             # As deployed: a one-shot join, then `cladnet-agent run` as the service.
@@ -278,15 +279,15 @@ def main() -> None:
     exporter_binary = shutil.which(NODE_EXPORTER)
     by_interval: dict[str, list[dict[str, float | str]]] = {}
     with tempfile.TemporaryDirectory(prefix="cl-bench-") as tmp:
-        with AgentMesh(Path(tmp)) as mesh:
-            # Every Python measured from here on (agents included) sees only runtime
-            # dependencies, as after `pip install cladnet`; the services above see all.
-            os.environ.update(runtime_only_env(Path(tmp)))
-            imports = run("agent-imports", python(IMPORTS, tmp, 2), seconds, 2)
+        # Every Python measured (agents included) sees only runtime dependencies, as
+        # after `pip install cladnet`; the services the agents talk to see all.
+        runtime = runtime_only_python(Path(tmp) / "runtime-venv")
+        with AgentMesh(Path(tmp), runtime) as mesh:
+            imports = run("agent-imports", python(runtime, IMPORTS, tmp, 2), seconds, 2)
             for interval in intervals:
                 results = [
-                    run("baseline", python(BASELINE, tmp, interval), seconds, interval),
-                    run("metrics", python(METRICS, tmp, interval), seconds, interval),
+                    run("baseline", python(runtime, BASELINE, tmp, interval), seconds, interval),
+                    run("metrics", python(runtime, METRICS, tmp, interval), seconds, interval),
                     *mesh.measure(interval, peers, seconds),
                 ]
                 if exporter_binary is not None:

@@ -9,11 +9,13 @@ import platform
 import re
 import signal
 import subprocess
+import venv
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -94,31 +96,16 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-_HIDE = """import sys
-HIDDEN = {hidden!r}
-
-
-class _Hidden:
-    @staticmethod
-    def find_spec(name, path=None, target=None):
-        if name.partition(".")[0] in HIDDEN:
-            raise ModuleNotFoundError(f"{{name}}: not a runtime dependency (hidden by bench)")
-        return None
-
-
-sys.meta_path.insert(0, _Hidden)
-"""
-
-
 def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def runtime_only_env(directory: Path, dist: str = "cladnet") -> dict[str, str]:
-    """An environment for child Pythons that hides every installed distribution outside
-    ``dist``'s runtime dependencies (the test extras, e.g. selenium's trio, which httpcore
-    imports whenever it is installed), so a measured process imports what a production
-    install imports. Writes a ``sitecustomize.py`` into ``directory``."""
+def runtime_only_python(directory: Path, dist: str = "cladnet") -> str:
+    """A Python whose site-packages holds only ``dist``'s runtime dependencies, as after
+    ``pip install cladnet``: a fresh venv in ``directory`` with those distributions linked
+    in from this one, and this checkout (not installed: on a ``.pth``) for ``dist`` itself.
+    The dev venv's test extras stay out (selenium's trio, which httpcore imports whenever
+    it is installed). Returns the venv's interpreter."""
     keep, todo = set(), [dist]
     while todo:
         name = _norm(todo.pop())
@@ -129,15 +116,26 @@ def runtime_only_env(directory: Path, dist: str = "cladnet") -> dict[str, str]:
             for req in metadata.requires(name) or []:
                 if "extra ==" not in req:  # other markers: kept (a superset is safe)
                     todo.append(re.split(r"[ ;<>=!~\[(]", req, maxsplit=1)[0])
-    provided: dict[str, set[str]] = {}
+    keep.discard(_norm(dist))
+    venv.EnvBuilder(symlinks=True).create(directory)
+    python = directory / "bin" / "python"
+    site = Path(
+        subprocess.run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout.strip()
+    )
     for d in metadata.distributions():
-        tops = {
-            f.parts[0].removesuffix(".py")
-            for f in d.files or []
-            if len(f.parts) and not f.parts[0].endswith((".dist-info", ".pth", "__pycache__", ".."))
-        }
-        provided.setdefault(_norm(d.metadata["Name"]), set()).update(tops)
-    needed = set().union(*(m for n, m in provided.items() if n in keep))
-    hidden = sorted(set().union(*(m for n, m in provided.items() if n not in keep)) - needed)
-    (directory / "sitecustomize.py").write_text(_HIDE.format(hidden=hidden))
-    return {**os.environ, "PYTHONPATH": str(directory)}
+        if _norm(d.metadata["Name"]) not in keep:
+            continue
+        tops = {f.parts[0] for f in d.files or [] if len(f.parts) > 1 or f.suffix == ".py"}
+        tops |= {f.parts[0] for f in d.files or [] if f.suffix == ".so" and len(f.parts) == 1}
+        for top in tops - {"..", "__pycache__"}:
+            link = site / top
+            if not link.exists():
+                link.symlink_to(Path(str(d.locate_file(top))))
+    (site / "cladnet-checkout.pth").write_text(f"{REPO}\n")
+    return str(python)

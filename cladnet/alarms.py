@@ -7,6 +7,7 @@ event when the condition stops holding — not one per sample.
 
 from __future__ import annotations
 
+import difflib
 import operator
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,68 @@ HOST_DOWN = "host_down"
 
 class RuleError(ValueError):
     """A rule that cannot be evaluated (unknown operator, bad metric name…)."""
+
+
+# What every agent publishes (documented in cladnet/metrics.py); a rule on any other
+# name can only fire if some publisher sends it (the collector adds the names it saw).
+# tests/test_cli.py checks the agent's sources name no metric missing here.
+AGENT_METRICS = frozenset(
+    {
+        "agent_controller_unreachable",
+        "agent_controller_unrecognised",
+        "agent_metric_errors_total",
+        "agent_metrics_collector_ack",
+        "agent_spool_batches",
+        "agent_spool_bytes",
+        "agent_spool_dropped_batches_total",
+        "cpu_usage_ratio",
+        "disk_read_bytes_total",
+        "disk_written_bytes_total",
+        "filesystem_size_bytes",
+        "filesystem_usage_ratio",
+        "filesystem_used_bytes",
+        "load1",
+        "load15",
+        "load5",
+        "memory_total_bytes",
+        "memory_usage_ratio",
+        "memory_used_bytes",
+        "network_receive_bytes_total",
+        "network_receive_drop_total",
+        "network_transmit_bytes_total",
+        "processes",
+        "swap_usage_ratio",
+        "swap_used_bytes",
+        "uptime_seconds",
+        "wireguard_peer_handshake_age_seconds",
+        "wireguard_peer_latency_seconds",
+        "wireguard_peer_receive_bytes_total",
+        "wireguard_peer_transmit_bytes_total",
+    }
+)
+
+
+def closest_metrics(name: str, known: Iterable[str], n: int = 3) -> list[str]:
+    """The ``n`` known names most like ``name``: sharing a word (``cpu_percent`` →
+    ``cpu_usage_ratio``) first, then by spelling (``cpu_usage_ration``)."""
+    words = set(name.lower().split("_"))
+    scored = []
+    for candidate in known:
+        shared = len(words & set(candidate.split("_")))
+        ratio = difflib.SequenceMatcher(None, name.lower(), candidate).ratio()
+        if shared or ratio >= 0.6:
+            scored.append((-shared, -ratio, candidate))
+    return [c for _, _, c in sorted(scored)[:n]]
+
+
+def check_metric(name: str, known: Iterable[str]) -> None:
+    """``RuleError`` naming the closest known metrics when ``name`` is not known."""
+    names = set(known)
+    if name in names:
+        return
+    close = closest_metrics(name, names)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise RuleError(f"no metric named {name!r} is published{hint}")
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,10 @@ Pure functions on plain data (peers are the controller's JSON objects as dicts),
 - :func:`plan` turns (network, this host, peers) into a :class:`DesiredDevice`;
 - :func:`diff` compares it with what a device reports (:class:`DeviceState`) and returns
   only the difference (:class:`DeviceChanges`), so applying it never touches a peer that
-  did not change and an endpoint change keeps the peer's session.
+  did not change and an endpoint change keeps the peer's session;
+- the incremental path, for a host with thousands of peers: :class:`ConflictIndex` names
+  the peers whose plan a change may alter, :func:`plan_peers` plans just those, and
+  :func:`diff_plans` compares two plans of them — no work for the peers that did not change.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from cladnet import policy as acl
 from cladnet.keys import validate_public_key
 
 DEFAULT_PORT = 51820
@@ -44,6 +48,8 @@ class DesiredDevice:
     peers: dict[str, PeerConfig]  # keyed by public key
     # Peers left out because their data is unusable or hostile: (peer id, reason).
     skipped: tuple[tuple[str, str], ...] = ()
+    # Peer id → its public key, for every planned peer.
+    ids: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -207,11 +213,75 @@ def choose_endpoint(me: Host, peer: Host) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class PeerPlan:
+    """Planned peers by peer id, and the ones left out: (peer id, reason)."""
+
+    configs: dict[str, PeerConfig]
+    skipped: tuple[tuple[str, str], ...] = ()
+
+
+def plan_peers(
+    network: Mapping[str, Any],
+    me: Host,
+    peers: Iterable[Host],
+    keepalive_override: int | None = None,
+    policy: acl.Policy | None = None,
+) -> PeerPlan:
+    """The peer configs of :func:`plan`, by peer id, for ``peers`` only.
+
+    Planning a subset gives the same configs as planning everyone as long as the subset
+    is closed under "shares an overlay address or a public key" (see
+    :class:`ConflictIndex`): only such peers can displace one another.
+    """
+    cidr = ipaddress.ip_network(network["cidr"], strict=False)
+    keepalive = int(network.get("keepalive") or 0)
+    configs: dict[str, PeerConfig] = {}
+    keys: set[str] = set()
+    skipped: list[tuple[str, str]] = []
+    taken = {str(me.get("overlay_ip"))}
+    # Selectors of the hosts with a flow to or from me (see cladnet.policy).
+    others = (
+        acl.counterparts(policy, acl.memberships(policy, me)) if policy is not None else frozenset()
+    )
+    # Sorted, so that when two peers claim one address the same one wins everywhere.
+    for peer in sorted(peers, key=_peer_id):
+        if isinstance(peer, Mapping) and (
+            peer.get("id") == me.get("id") or peer.get("public_key") == me.get("public_key")
+        ):
+            continue
+        reason = _unusable(peer, cidr, taken)
+        if reason is None and peer["public_key"] in keys:
+            reason = "public key claimed twice"
+        if reason is not None:
+            skipped.append((_peer_id(peer) or "?", reason))
+            continue
+        overlay = ipaddress.ip_address(peer["overlay_ip"])
+        taken.add(str(overlay))
+        keys.add(peer["public_key"])
+        # After the claims above: a peer the policy hides still wins its address and
+        # key, so which peer wins does not depend on the policy (nor on the subset).
+        if policy is not None and others.isdisjoint(acl.memberships(policy, peer)):
+            continue
+        if keepalive_override is not None:
+            peer_keepalive = keepalive_override
+        else:
+            peer_keepalive = 0 if same_site(me, peer) else keepalive
+        configs[_peer_id(peer)] = PeerConfig(
+            public_key=peer["public_key"],
+            allowed_ips=(f"{overlay}/{overlay.max_prefixlen}",),
+            endpoint=choose_endpoint(me, peer),
+            keepalive=peer_keepalive,
+        )
+    return PeerPlan(configs=configs, skipped=tuple(skipped))
+
+
 def plan(
     network: Mapping[str, Any],
     me: Host,
     peers: Iterable[Host],
     keepalive_override: int | None = None,
+    policy: acl.Policy | None = None,
 ) -> DesiredDevice:
     """The device this host should have for ``network``.
 
@@ -220,44 +290,81 @@ def plan(
     allowed only its own overlay IP (/32 or /128). Keepalive: a peer on another site may
     be behind NAT (or I may be), so it gets the network's keepalive to hold the NAT
     mapping open; same-site peers get 0 (off). ``keepalive_override``, when given, is
-    used for every peer instead.
+    used for every peer instead. With a ``policy``, a peer with no allowed flow in
+    either direction is left out (not "skipped": nothing is wrong with it).
     """
     cidr = ipaddress.ip_network(network["cidr"], strict=False)
-    keepalive = int(network.get("keepalive") or 0)
-    desired: dict[str, PeerConfig] = {}
-    skipped: list[tuple[str, str]] = []
-    taken = {str(me.get("overlay_ip"))}
-    # Sorted, so that when two peers claim one address the same one wins everywhere.
-    for peer in sorted(peers, key=_peer_id):
-        if isinstance(peer, Mapping) and (
-            peer.get("id") == me.get("id") or peer.get("public_key") == me.get("public_key")
-        ):
-            continue
-        reason = _unusable(peer, cidr, taken)
-        if reason is None and peer["public_key"] in desired:
-            reason = "public key claimed twice"
-        if reason is not None:
-            skipped.append((_peer_id(peer) or "?", reason))
-            continue
-        overlay = ipaddress.ip_address(peer["overlay_ip"])
-        taken.add(str(overlay))
-        if keepalive_override is not None:
-            peer_keepalive = keepalive_override
-        else:
-            peer_keepalive = 0 if same_site(me, peer) else keepalive
-        desired[peer["public_key"]] = PeerConfig(
-            public_key=peer["public_key"],
-            allowed_ips=(f"{overlay}/{overlay.max_prefixlen}",),
-            endpoint=choose_endpoint(me, peer),
-            keepalive=peer_keepalive,
-        )
+    planned = plan_peers(network, me, peers, keepalive_override, policy)
     return DesiredDevice(
         address=f"{me['overlay_ip']}/{cidr.prefixlen}",
         mtu=int(network.get("mtu") or DEFAULT_MTU),
         listen_port=int(me.get("listen_port") or network.get("listen_port") or DEFAULT_PORT),
-        peers=desired,
-        skipped=tuple(skipped),
+        peers={c.public_key: c for c in planned.configs.values()},
+        skipped=planned.skipped,
+        ids={pid: c.public_key for pid, c in planned.configs.items()},
     )
+
+
+def _claims(peer: Any) -> tuple[str, ...]:
+    """What a peer claims that another may claim too: its overlay address and its key."""
+    if not isinstance(peer, Mapping):
+        return ()
+    raw = str(peer.get("overlay_ip"))
+    try:
+        overlay = str(ipaddress.ip_address(raw))
+    except ValueError:
+        overlay = raw
+    return (f"ip {overlay}", f"key {peer.get('public_key')}")
+
+
+class ConflictIndex:
+    """Which peers claim the same overlay address or public key.
+
+    Only such peers decide each other's plan (the first by id wins, see :func:`plan`),
+    so after a change only the changed peers' groups — as they were and as they are —
+    need planning again. In-memory bookkeeping, no I/O.
+    """
+
+    def __init__(self) -> None:
+        self._holders: dict[str, set[str]] = {}
+        self._claims: dict[str, tuple[str, ...]] = {}
+
+    def rebuild(self, peers: Mapping[str, Host]) -> None:
+        """Index every peer of ``peers`` (id → peer), forgetting what was there."""
+        self._holders.clear()
+        self._claims.clear()
+        for pid, peer in peers.items():
+            self._set(pid, peer)
+
+    def _set(self, pid: str, peer: Any) -> None:
+        for claim in self._claims.pop(pid, ()):
+            holders = self._holders[claim]
+            holders.discard(pid)
+            if not holders:
+                del self._holders[claim]
+        if peer is not None:
+            self._claims[pid] = claims = _claims(peer)
+            for claim in claims:
+                self._holders.setdefault(claim, set()).add(pid)
+
+    def _group(self, ids: Iterable[str]) -> set[str]:
+        seen = set(ids)
+        todo = list(seen)
+        while todo:
+            for claim in self._claims.get(todo.pop(), ()):
+                for other in self._holders[claim] - seen:
+                    seen.add(other)
+                    todo.append(other)
+        return seen
+
+    def update(self, peers: Mapping[str, Host], changed: Iterable[str]) -> set[str]:
+        """Re-index the ``changed`` peers (absent from ``peers``: gone) and return every
+        peer id whose planned config may differ now."""
+        changed = set(changed)
+        before = self._group(changed)
+        for pid in changed:
+            self._set(pid, peers.get(pid))
+        return self._group(before)
 
 
 def _str_list(value: Any) -> list[str]:
@@ -367,7 +474,7 @@ def diff(
     deferred: list[str] = []
     for key in sorted(desired.peers.keys() - actual.peers.keys()):
         peer = desired.peers[key]
-        if own_key is not None and peer.keepalive and key < own_key:
+        if _deferred_keepalive(peer, own_key):
             peer = replace(peer, keepalive=0)
             deferred.append(key)
         add.append(peer)
@@ -410,6 +517,57 @@ def with_endpoint_refresh(changes: DeviceChanges, desired: DesiredDevice) -> Dev
             continue
         update[key] = replace(update.get(key, PeerUpdate(public_key=key)), endpoint=peer.endpoint)
     return replace(changes, peers_to_update=update)
+
+
+def _deferred_keepalive(peer: PeerConfig, own_key: str | None) -> bool:
+    """Whether a new peer is added without its keepalive for now (see :func:`diff`)."""
+    return own_key is not None and bool(peer.keepalive) and peer.public_key < own_key
+
+
+def diff_plans(
+    before: Mapping[str, PeerConfig],
+    after: Mapping[str, PeerConfig],
+    own_key: str | None = None,
+) -> DeviceChanges:
+    """What to change on a device that holds the plan ``before`` so it holds ``after``.
+
+    Both map peer id → config, for the same set of peers (the rest is untouched); a key
+    may move between ids. Like :func:`diff` with ``applied``: an endpoint is only sent
+    when the plan moved it (so one the device roamed to is kept), and a new peer's
+    keepalive may be deferred.
+    """
+    old = {c.public_key: c for c in before.values()}
+    new = {c.public_key: c for c in after.values()}
+    add: list[PeerConfig] = []
+    deferred: list[str] = []
+    for key in sorted(new.keys() - old.keys()):
+        peer = new[key]
+        if _deferred_keepalive(peer, own_key):
+            peer = replace(peer, keepalive=0)
+            deferred.append(key)
+        add.append(peer)
+    update: dict[str, PeerUpdate] = {}
+    for key in sorted(new.keys() & old.keys()):
+        want, had = new[key], old[key]
+        moved = want.endpoint is not None and (
+            had.endpoint is None
+            or normalize_endpoint(want.endpoint) != normalize_endpoint(had.endpoint)
+        )
+        allowed = normalize_allowed_ips(want.allowed_ips)
+        change = PeerUpdate(
+            public_key=key,
+            endpoint=want.endpoint if moved else None,
+            allowed_ips=allowed if allowed != normalize_allowed_ips(had.allowed_ips) else None,
+            keepalive=want.keepalive if want.keepalive != had.keepalive else None,
+        )
+        if change.fields():
+            update[key] = change
+    return DeviceChanges(
+        peers_to_remove=tuple(sorted(old.keys() - new.keys())),
+        peers_to_add=tuple(add),
+        peers_to_update=update,
+        keepalive_deferred=tuple(deferred),
+    )
 
 
 def summary(changes: DeviceChanges) -> dict[str, Any]:

@@ -30,6 +30,7 @@ PRIVATE_CIDR_RE = re.compile(
 )
 # 32 bytes in canonical base64 (the last character's unused bits are zero), not all zero.
 PUBLIC_KEY_RE = re.compile(r"^(?!A{43}=)[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$")
+TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # as cladnet.policy names
 
 DEFAULT_MTU = 1420
 DEFAULT_LISTEN_PORT = 51820
@@ -293,6 +294,8 @@ class Peer(BaseModel):
     endpoints: list[str]
     labels: dict[str, str]
     updated_at: float
+    # Set by an admin only (PUT /v1/hosts/{id}/tags); policy groups trust them.
+    tags: list[str] = []
 
 
 class Host(Peer):
@@ -301,7 +304,6 @@ class Host(Peer):
     created_at: float
     last_seen: float | None = None
     public_address_changed_at: float | None = None
-    status: HostStatus | None = None
 
 
 class JoinResponse(BaseModel):
@@ -338,19 +340,6 @@ class EndpointsUpdate(Strict):
     ) = None
 
 
-class PeerStatus(Strict):
-    peer_id: Annotated[str, Field(max_length=64)]
-    handshake_age_s: Annotated[float, Field(ge=0)] | None = None
-    rx_bytes: Annotated[int, Field(ge=0), INTEGRAL] = 0
-    tx_bytes: Annotated[int, Field(ge=0), INTEGRAL] = 0
-    latency_ms: Annotated[float, Field(ge=0)] | None = None
-
-
-class HostStatus(Strict):
-    peers: Annotated[list[PeerStatus], Field(max_length=10_000)] = []
-    reported_at: float | None = None
-
-
 class PeerList(BaseModel):
     """One page of a network's peers (all of them without ``limit``), read at ``revision``;
     ``continue`` fetches the next page at the same revision."""
@@ -361,13 +350,34 @@ class PeerList(BaseModel):
     revision: int
     peers: list[Peer]
     continue_token: str | None = Field(default=None, alias="continue")
+    # The access policy's enforced part (controller.policy.public_view), None from
+    # controllers without policies.
+    policy: dict[str, Any] | None = None
 
 
 class PeerEvent(BaseModel):
-    type: Literal["ADDED", "MODIFIED", "DELETED", "BOOKMARK"]
+    type: Literal["ADDED", "MODIFIED", "DELETED", "BOOKMARK", "POLICY"]
     revision: int
     peer: Peer | None = None
     id: str | None = None
+    policy: dict[str, Any] | None = None
+
+
+def _tags(value: list[str]) -> list[str]:
+    for tag in value:
+        if not TAG_RE.match(tag):
+            raise ValueError(f"invalid tag {tag!r}")
+    return sorted(set(value))
+
+
+class TagsUpdate(Strict):
+    """A host's complete set of tags (replaces the old one)."""
+
+    tags: Annotated[
+        list[Annotated[str, Field(pattern=TAG_RE.pattern)]],
+        Field(max_length=32),
+        AfterValidator(_tags),
+    ]
 
 
 # --- groups of VMs -------------------------------------------------------------------------

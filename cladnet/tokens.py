@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import random
 import secrets
 from dataclasses import dataclass
 
@@ -52,3 +53,26 @@ def parse(token: str) -> ParsedToken | None:
 def verify(secret: str, stored_hash: str) -> bool:
     """Constant-time comparison of a presented secret against its stored hash."""
     return hmac.compare_digest(hash_secret(secret), stored_hash)
+
+
+def pick_slot(max_uses: int, taken: set[int], rng: random.Random | None = None) -> int | None:
+    """A random use slot in ``range(max_uses)`` not in ``taken``, or None when all are.
+
+    Random probes while at least half is free (expected under two), else a walk from
+    a random start: never a list of all ``max_uses`` slots (a token may allow millions).
+    """
+    free = max_uses - len(taken)
+    if free <= 0:
+        return None
+    rng = rng or random.Random()
+    if free * 2 >= max_uses:
+        while True:
+            slot = rng.randrange(max_uses)
+            if slot not in taken:
+                return slot
+    start = rng.randrange(max_uses)
+    for i in range(max_uses):
+        slot = (start + i) % max_uses
+        if slot not in taken:
+            return slot
+    return None

@@ -18,16 +18,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cladnet import tokens
-from cladnet.alarms import AlarmEngine, Rule, RuleError
+from cladnet.alarms import AGENT_METRICS, AlarmEngine, Rule, RuleError, check_metric
+from cladnet.api_errors import ApiError
 from collector.ingest import Ingest
 
 DOWN_AFTER_INTERVALS = 3
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+# The agents' per-peer series (label ``peer``) → the field of a pair's health.
+PAIR_FIELDS = {
+    "wireguard_peer_handshake_age_seconds": "handshake_age_s",
+    "wireguard_peer_latency_seconds": "latency_ms",
+    "wireguard_peer_receive_bytes_total": "rx_bytes",
+    "wireguard_peer_transmit_bytes_total": "tx_bytes",
+}
 
 
 class RuleCreate(BaseModel):
@@ -210,6 +212,30 @@ def create_app(
                 matrix.setdefault(s.host, {})[dict(s.labels).get("peer", "?")] = s.value
         return {"network": network, "unit": "seconds", "matrix": matrix}
 
+    @app.get("/v1/networks/{network}/pairs")
+    async def pairs(network: str, _: Auth) -> Any:
+        """Per-pair health as each host last reported it (reporter → peer name → figures),
+        from one read of the network's newest samples: the CLI's and dashboard's status."""
+        now = time.time()
+        hosts: dict[str, dict[str, Any]] = {}
+        for s in await store.latest(network=network):
+            field = PAIR_FIELDS.get(s.name)
+            peer = dict(s.labels).get("peer")
+            if field is None or peer is None:
+                continue
+            entry = hosts.setdefault(
+                s.host, {"up": _up(network, s.host, now), "ts": s.ts, "peers": {}}
+            )
+            entry["ts"] = max(entry["ts"], s.ts)
+            row = entry["peers"].setdefault(peer, dict.fromkeys(PAIR_FIELDS.values()))
+            if field == "handshake_age_s":  # as of now, not as of the sample
+                row[field] = s.value + max(0.0, now - s.ts)
+            elif field == "latency_ms":
+                row[field] = s.value * 1000
+            else:
+                row[field] = s.value
+        return {"network": network, "hosts": hosts}
+
     @app.get("/v1/ingest")
     async def ingest_stats(_: Auth) -> Any:
         return {
@@ -236,12 +262,26 @@ def create_app(
             "recent": recent,
         }
 
+    async def metric_names(network: str | None = None) -> set[str]:
+        """What agents publish, and every name this collector holds (of ``network``)."""
+        seen = {s.name for s in await store.latest(network=network)}
+        return set(AGENT_METRICS) | seen
+
+    @app.get("/v1/metrics/names")
+    async def names(_: Auth, network: str | None = None) -> Any:
+        """The metric names alarm rules may use."""
+        return {"names": sorted(await metric_names(network))}
+
     @app.post("/v1/alarms", status_code=201)
     async def create_rule(req: RuleCreate, _: Auth) -> Any:
         try:
             rule = Rule(id=f"r-{uuid.uuid4().hex[:12]}", **req.model_dump())
         except RuleError as exc:
             raise ApiError(400, "invalid_rule", str(exc)) from exc
+        try:
+            check_metric(rule.metric, await metric_names(rule.network))
+        except RuleError as exc:
+            raise ApiError(400, "unknown_metric", str(exc)) from exc
         rules.engine.set_rule(rule)
         rules.save()
         return rule.to_dict()

@@ -26,6 +26,7 @@ from cladnet import metrics
 from cladnet.alarms import AlarmEngine, Event
 from cladnet.sequence import SequenceTracker, Verdict
 from cladnet.tasks import cancel_and_wait
+from collector import mqtt_ack
 from collector.notify import Notifier
 from collector.store.base import MetricsStore
 
@@ -98,9 +99,8 @@ class Ingest:
             clean_start=False,
             properties=session,
         )
-        # aiomqtt has no switch for it; paho's manual acknowledgement lets the PUBACK
-        # wait until the batch is stored.
-        client._client.manual_ack_set(True)
+        # The PUBACK waits until the batch is stored.
+        mqtt_ack.enable_manual_ack(client)
         return client
 
     def accept(self, topic: str, payload: bytes) -> list[Event]:
@@ -165,7 +165,7 @@ class Ingest:
                 return
         if client is not None:
             for mid in unacked:
-                client._client.ack(mid, 1)
+                mqtt_ack.ack(client, mid)
             # Tell each host what is safely stored, so it can drop it from its spool;
             # all at once, not one broker round trip after the other.
             await asyncio.gather(

@@ -42,7 +42,6 @@ from cladnet.models import (
     HeartbeatResponse,
     Host,
     HostCommands,
-    HostStatus,
     JoinRequest,
     JoinResponse,
     JoinToken,
@@ -53,11 +52,12 @@ from cladnet.models import (
     Peer,
     PeerList,
     Ready,
+    TagsUpdate,
     TokenCreate,
 )
 from cladnet.ratelimit import RateLimiter, source_key
 from cladnet.tasks import cancel_and_wait
-from controller import auth, tls
+from controller import auth, collector_proxy, tls
 from controller import keyspace as ks
 from controller.audit import AuditLog, is_audited
 from controller.auth import Authenticator, Principal
@@ -82,6 +82,7 @@ from controller.openapi import (
 )
 from controller.openapi import install as install_openapi
 from controller.paging import CONTINUE_PATTERN, MAX_LIMIT, read_page
+from controller.policy import PolicyStore, admin_view, public_view, record_of
 from controller.store import Store
 from controller.telemetry import (
     API_ERRORS,
@@ -162,6 +163,13 @@ Caller = Annotated[Principal, Depends(principal)]
 Admin = Annotated[Principal, Depends(admin)]
 Reader = Annotated[Principal, Depends(reader)]
 Db = Annotated[Store, Depends(store_of)]
+
+
+def policies_of(request: Request) -> PolicyStore:
+    return request.app.state.policies
+
+
+Policies = Annotated[PolicyStore, Depends(policies_of)]
 
 
 def groups_of(request: Request) -> GroupStore:
@@ -299,6 +307,7 @@ def create_app(settings: Settings) -> FastAPI:
             await auth.bootstrap_admin_token(etcd, generated_token)
         app.state.etcd = etcd
         app.state.store = store
+        app.state.policies = PolicyStore(etcd, store)
         app.state.auth = Authenticator(etcd, store, configured)
         app.state.hubs = WatchHubs(etcd, settings.watch_keepalive)
         app.state.audit = AuditLog(etcd)
@@ -413,7 +422,10 @@ def create_app(settings: Settings) -> FastAPI:
         BodyLimit, max_bytes=settings.max_body_bytes, per_path={"/v1/join": settings.max_join_body}
     )
     app.add_middleware(Observe)  # outermost: it sees the 413s and 429s too
-    mount_ui(app, settings.collector_url)
+    mount_ui(app, settings.collector_url is not None)
+    app.include_router(
+        collector_proxy.router(settings.collector_url, settings.collector_token, reader)
+    )
 
     # --- health ------------------------------------------------------------------------
 
@@ -736,7 +748,7 @@ def create_app(settings: Settings) -> FastAPI:
         page = await read_page(db.etcd, ks.prefix("peers", net.id), limit, cont)
         if page.continue_token:
             response.headers[CONTINUE_HEADER] = page.continue_token
-        peers = [Peer.model_validate_json(kv.value) for kv in page.kvs]
+        peers = [Peer.model_validate_json(kv.value) for kv in page.kvs if not ks.is_policy(kv.key)]
         return await db.list_hosts(net.id, peers)
 
     @app.get("/v1/hosts/{host_id}", **contract(ANYONE_KNOWN, NOT_HOST))
@@ -766,11 +778,11 @@ def create_app(settings: Settings) -> FastAPI:
         auth.require_self(p, host_id)
         return await db.update_endpoints(host_id, req, _observed(request))
 
-    @app.post("/v1/hosts/{host_id}/status", status_code=204, **contract(SELF, NOT_HOST))
-    async def report_status(host_id: str, req: HostStatus, p: Caller, db: Db) -> Response:
+    @app.post("/v1/hosts/{host_id}/status", status_code=410, **contract(SELF, {410: ["gone"]}))
+    async def report_status(host_id: str, p: Caller) -> Response:
+        """Gone: per-peer health travels with the metrics (MQTT → collector), not etcd."""
         auth.require_self(p, host_id)
-        await db.report_status(host_id, req)
-        return Response(status_code=204)
+        raise ApiError(410, "gone", "peer status goes to the collector with the metrics")
 
     @app.post(
         "/v1/hosts/{host_id}/metrics-credentials",
@@ -849,6 +861,59 @@ def create_app(settings: Settings) -> FastAPI:
                 log.warning("broker cleanup failed", extra={"host": host_id, "error": str(exc)})
         return peer
 
+    # --- access policy -------------------------------------------------------------------
+
+    @app.get("/v1/networks/{ref}/policy", **contract(ANYONE_KNOWN, NOT_NETWORK))
+    async def get_policy(ref: str, p: Caller, db: Db, policies: Policies) -> dict[str, Any]:
+        """Operators see the whole policy; a member host the groups and rules it enforces."""
+        net = await db.get_network(ref)
+        auth.require_member(p, net.id)
+        view = admin_view(net.id, await policies.get(net.id))
+        if not p.can_read_all:
+            view["policy"] = public_view({**view, "document": view["policy"]})["document"]
+        return view
+
+    @app.put(
+        "/v1/networks/{ref}/policy",
+        **contract(
+            ADMIN_ONLY,
+            {
+                **NOT_NETWORK,
+                400: ["invalid_policy"],
+                409: ["version_conflict"],
+                422: ["policy_tests_failed"],
+                503: ["contention"],
+            },
+        ),
+    )
+    async def put_policy(
+        ref: str,
+        document: dict[str, Any],
+        _: Admin,
+        db: Db,
+        policies: Policies,
+        if_version: Annotated[int | None, Query(ge=0)] = None,
+    ) -> dict[str, Any]:
+        net = await db.get_network(ref)
+        return admin_view(net.id, await policies.put(net.id, document, if_version))
+
+    @app.post(
+        "/v1/networks/{ref}/policy/test",
+        **contract(READERS, {**NOT_NETWORK, 400: ["invalid_policy"]}),
+    )
+    async def test_policy(
+        ref: str, document: dict[str, Any], _: Reader, db: Db, policies: Policies
+    ) -> dict[str, Any]:
+        """A dry run: validate and run the tests, write nothing (viewers may too)."""
+        net = await db.get_network(ref)
+        parsed, failures = await policies.check(net.id, document)
+        return {"passed": not failures, "failures": failures, "allows_all": parsed.allows_all}
+
+    @app.put("/v1/hosts/{host_id}/tags", **contract(ADMIN_ONLY, {**NOT_HOST, 503: ["contention"]}))
+    async def set_tags(host_id: str, req: TagsUpdate, _: Admin, db: Db) -> Peer:
+        """Tags are the admin's word about a host: the host itself cannot set them."""
+        return await db.set_tags(host_id, req.tags)
+
     # --- peers: list + watch -----------------------------------------------------------
 
     peers_doc = contract(
@@ -877,24 +942,39 @@ def create_app(settings: Settings) -> FastAPI:
         auth.require_member(p, net.id)
         if not watch:
             if limit is None and cont is None:
-                items, revision = await db.list_peers(net.id)
-                return PeerList(network_id=net.id, revision=revision, peers=items)
+                items, policy_kv, revision = await db.list_peers_and_policy(net.id)
+                policy = public_view(record_of(policy_kv))
+                return PeerList(network_id=net.id, revision=revision, peers=items, policy=policy)
             page = await read_page(db.etcd, ks.prefix("peers", net.id), limit, cont)
+            policy_kv = next((kv for kv in page.kvs if ks.is_policy(kv.key)), None)
             return PeerList.model_validate(
                 {
                     "network_id": net.id,
                     "revision": page.revision,
-                    "peers": [Peer.model_validate_json(kv.value) for kv in page.kvs],
+                    "peers": [
+                        Peer.model_validate_json(kv.value)
+                        for kv in page.kvs
+                        if not ks.is_policy(kv.key)
+                    ],
                     "continue": page.continue_token,
+                    # On the last page: the policy's key sorts after every host id.
+                    "policy": (None if page.continue_token else public_view(record_of(policy_kv))),
                 }
             )
         initial: list[bytes] = []
-        if since is None:  # a plain watch starts with the current peers, as ADDED events
-            items, since = await db.list_peers(net.id)
+        if since is None:  # a plain watch starts with the policy and the current peers
+            items, policy_kv, since = await db.list_peers_and_policy(net.id)
+            head = {
+                "type": "POLICY",
+                "revision": since,
+                "policy": public_view(record_of(policy_kv)),
+            }
             initial = [
-                json.dumps({"type": "ADDED", "revision": since, "peer": i.model_dump()}).encode()
-                + b"\n"
-                for i in items
+                json.dumps(event).encode() + b"\n"
+                for event in [
+                    head,
+                    *({"type": "ADDED", "revision": since, "peer": i.model_dump()} for i in items),
+                ]
             ]
         try:
             stream = await request.app.state.hubs.open(net.id, since)

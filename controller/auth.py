@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cladnet import tokens
+from cladnet.files import write_atomic
 from cladnet.ttlcache import TtlCache
 from controller import keyspace as ks
 from controller.errors import ApiError
@@ -66,11 +66,7 @@ def load_or_create_admin_token(state_dir: Path) -> str:
         return token
     token, _ = tokens.mint("cla", tokens.new_id())
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    tmp.replace(path)
+    write_atomic(path, token + "\n")
     log.info("generated admin token", extra={"path": str(path)})
     return token
 

@@ -33,6 +33,7 @@ class Settings:
     mqtt_admin_password: str | None = None
     mqtt_ca: Path | None = None  # CA of an mqtts:// broker (default: the cluster CA)
     collector_url: str | None = None  # for the dashboard's charts and alarms
+    collector_token: str | None = None  # the controller's token for it (env only)
     # Per client address. Generous for joins (a fleet behind one NAT joins at once),
     # strict for failed authentications (token guessing).
     # TLS (on unless listening on loopback only, or --insecure-http): a serving cert
@@ -167,7 +168,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument(
         "--collector-url",
         default=env.get("CLADNET_COLLECTOR_URL"),
-        help="the collector's API, for the dashboard (env CLADNET_COLLECTOR_URL)",
+        help="the collector's API, proxied for the dashboard under /v1/monitoring; its "
+        "token from env CLADNET_COLLECTOR_TOKEN (env CLADNET_COLLECTOR_URL)",
     )
     p.add_argument(
         "--tls",
@@ -260,6 +262,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         mqtt_admin_password=env.get("CLADNET_MQTT_ADMIN_PASSWORD") or None,
         mqtt_ca=a.mqtt_ca,
         collector_url=a.collector_url,
+        collector_token=env.get("CLADNET_COLLECTOR_TOKEN") or None,
         tls=tls,
         tls_names=tuple(a.tls_name),
         tls_cert=a.tls_cert,

@@ -10,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aetcd
 from aetcd import exceptions as etcd_errors
+from aetcd import rpc
 
 from controller.config import Settings
+from controller.etcd_revision import raw_call
 from controller.etcd_tls import EtcdTls, TlsClient
 
 log = logging.getLogger("cladnet.controller.etcd")
@@ -175,6 +178,61 @@ class Etcd:
 
     async def get_prefix(self, prefix: bytes, keys_only: bool = False) -> Any:
         return await self.call(lambda c: c.get_prefix(prefix, keys_only=keys_only))
+
+    async def range(
+        self,
+        prefix: bytes,
+        *,
+        limit: int = 0,
+        descend: bool = False,
+        keys_only: bool = False,
+        count_only: bool = False,
+        min_mod_revision: int = 0,
+        start: bytes | None = None,
+        end: bytes | None = None,
+        revision: int = 0,
+    ) -> Any:
+        """A range read of ``prefix`` with the options aetcd's ``get_prefix`` lacks (a
+        limit, a count, only keys changed since a revision, a part of the prefix from
+        ``start`` to before ``end``, an older ``revision``): the raw RangeResponse."""
+        request = rpc.RangeRequest(
+            key=start or prefix,
+            range_end=end or prefix_end(prefix),
+            limit=limit,
+            revision=revision,
+            sort_order=rpc.RangeRequest.DESCEND if descend else rpc.RangeRequest.NONE,
+            sort_target=rpc.RangeRequest.KEY,
+            keys_only=keys_only,
+            count_only=count_only,
+            min_mod_revision=min_mod_revision,
+        )
+        return await self.call(partial(raw_call, method="Range", request=request))
+
+    async def ranges(self, requests: list[Any]) -> tuple[list[Any], int]:
+        """Several range reads (``rpc.RangeRequest``) in transactions of 100: one round
+        trip per 100, not one each. The responses, and the revision of the last
+        transaction (up to 100 are read at one revision)."""
+        out: list[Any] = []
+        revision = 0
+        for i in range(0, len(requests), 100):
+            ops = [rpc.RequestOp(request_range=r) for r in requests[i : i + 100]]
+            txn = rpc.TxnRequest(compare=[], success=ops, failure=[])
+            response = await self.call(partial(raw_call, method="Txn", request=txn))
+            out += [r.response_range for r in response.responses]
+            revision = response.header.revision
+        return out, revision
+
+    async def counts(self, prefixes: list[bytes]) -> list[int]:
+        """How many keys each prefix holds."""
+        responses, _ = await self.ranges(
+            [rpc.RangeRequest(key=p, range_end=prefix_end(p), count_only=True) for p in prefixes]
+        )
+        return [r.count for r in responses]
+
+    async def get_many(self, keys: list[bytes]) -> dict[bytes, bytes]:
+        """The values of those of ``keys`` that exist."""
+        responses, _ = await self.ranges([rpc.RangeRequest(key=k) for k in keys])
+        return {kv.key: kv.value for r in responses for kv in r.kvs}
 
     async def put(self, key: bytes, value: bytes) -> Any:
         return await self.call(lambda c: c.put(key, value))

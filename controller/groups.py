@@ -11,12 +11,14 @@ leader killed mid-call leaves the VM transitional for the next leader to redo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
+from aetcd import exceptions as etcd_errors
 from aetcd import transactions as tx
 
 from cladnet import groups as lifecycle
@@ -29,6 +31,7 @@ from controller.errors import ApiError, bad_request, conflict, not_found
 from controller.etcd import Etcd, prefix_end
 from controller.store import Store
 from controller.telemetry import GROUP_OPERATIONS
+from controller.watch import WatchGone, open_watch
 
 log = logging.getLogger("cladnet.controller.groups")
 
@@ -68,7 +71,6 @@ class GroupStore:
 
     def __init__(self, etcd: Etcd, store: Store, drivers: Drivers) -> None:
         self.etcd, self.store, self.drivers = etcd, store, drivers
-        self.changed = asyncio.Event()  # wakes this replica's reconciler at once
 
     async def create(self, req: GroupCreate) -> Group:
         """Record the group and its VMs (all ``Creating``); the reconciler makes them."""
@@ -121,7 +123,6 @@ class GroupStore:
         if not ok:
             raise conflict("group_exists", f"a group named {req.name!r} already exists")
         log.info("group created", extra={"group": req.name, "vms": total})
-        self.changed.set()
         return await self.get(req.name)
 
     async def call(self, coro: Any) -> Any:
@@ -198,7 +199,6 @@ class GroupStore:
         if changed == 0 and vm_name is None and action != "terminate":
             raise conflict("action_refused", f"no VM of group {name!r} can {action} now")
         log.info("group action", extra={"group": name, "action": action, "vms": changed})
-        self.changed.set()
         return await self.get(name)
 
     async def delete(self, name: str) -> Group:
@@ -258,40 +258,108 @@ class Reconciler:
         self.controller_url, self.ca_hash = controller_url, ca_hash
         self.timeout = timeout
         self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._groups: dict[str, Group] = {}  # as last seen by the scan or the watch
         self._network_locks: dict[str, asyncio.Lock] = {}
 
     async def run(self, interval: float = 1.0) -> None:
-        """Scan, start work, sleep until woken or ``interval``; forever."""
+        """Scan once, then follow groups and VMs through etcd watches: work per change,
+        not a rescan of every group and VM each second. A broken or compacted watch
+        means one more scan (at most every ``interval``)."""
         try:
             while True:
-                self.groups.changed.clear()
-                await self.scan()
                 try:
-                    await asyncio.wait_for(self.groups.changed.wait(), interval)
-                except TimeoutError:
-                    pass
+                    await self._follow(await self.scan())
+                except (WatchGone, etcd_errors.ClientError, ConnectionError) as exc:
+                    log.warning("group watch broke, scanning again", extra={"error": repr(exc)})
+                await asyncio.sleep(interval)
         finally:
             await cancel_and_wait(list(self._tasks.values()))
             self._tasks.clear()
 
-    async def scan(self) -> None:
+    async def scan(self) -> tuple[int, int]:
+        """Start work for every transitional VM; the revisions of the two reads."""
         res = await self.groups.etcd.get_prefix(ks.prefix("groups"))
         records = await self.groups.etcd.get_prefix(ks.prefix("vms"))
         by_group: dict[str, list[Vm]] = {}
         for kv in records:
             vm = Vm.model_validate_json(kv.value)
             by_group.setdefault(vm.group, []).append(vm)
+        self._groups = {}
         for kv in res:
             group = Group.model_validate_json(kv.value)
+            self._groups[group.name] = group
             vms = by_group.get(group.name, [])
             for vm in vms:
-                key = (group.name, vm.name)
-                if vm.state in lifecycle.TRANSITIONAL and key not in self._tasks:
-                    task = asyncio.create_task(self._drive(group, vm.name), name=f"vm {vm.name}")
-                    self._tasks[key] = task
-                    task.add_done_callback(partial(self._forget, key))
+                self._start(group, vm)
             if group.deleting and all(vm.state == lifecycle.TERMINATED for vm in vms):
                 await self._remove(group)
+        return res.header.revision, records.header.revision
+
+    def _start(self, group: Group, vm: Vm) -> None:
+        key = (group.name, vm.name)
+        if vm.state in lifecycle.TRANSITIONAL and key not in self._tasks:
+            task = asyncio.create_task(self._drive(group, vm.name), name=f"vm {vm.name}")
+            self._tasks[key] = task
+            task.add_done_callback(partial(self._forget, key))
+
+    async def _follow(self, revisions: tuple[int, int]) -> None:
+        """Handle each group and VM change as etcd reports it, until a watch breaks."""
+        etcd = self.groups.etcd
+        events: asyncio.Queue[tuple[bytes, Any] | BaseException] = asyncio.Queue()
+
+        async def pump(prefix: bytes, revision: int) -> None:
+            watch = await open_watch(etcd, prefix, revision + 1)
+            try:
+                async for event in watch:
+                    events.put_nowait((prefix, event))
+                events.put_nowait(ConnectionError("etcd watch stream ended"))
+            except Exception as exc:
+                events.put_nowait(exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    await watch.cancel()
+
+        groups_prefix, vms_prefix = ks.prefix("groups"), ks.prefix("vms")
+        pumps = [
+            asyncio.create_task(pump(groups_prefix, revisions[0])),
+            asyncio.create_task(pump(vms_prefix, revisions[1])),
+        ]
+        try:
+            while True:
+                item = await events.get()
+                if isinstance(item, BaseException):
+                    raise item
+                prefix, event = item
+                if event.kind == "DELETE":
+                    if prefix == groups_prefix:
+                        self._groups.pop(ks.last_segment(event.kv.key), None)
+                    continue
+                if prefix == groups_prefix:
+                    group = Group.model_validate_json(event.kv.value)
+                    self._groups[group.name] = group
+                    if group.deleting:
+                        await self._remove_if_done(group)
+                    continue
+                vm = Vm.model_validate_json(event.kv.value)
+                known = self._groups.get(vm.group)
+                if known is None:
+                    # Written with its group, whose event may come on the other watch later.
+                    try:
+                        known, _ = await self.groups.load_group(vm.group)
+                    except ApiError:
+                        continue  # the group is gone
+                    self._groups[known.name] = known
+                self._start(known, vm)
+                if vm.state == lifecycle.TERMINATED and known.deleting:
+                    await self._remove_if_done(known)
+        finally:
+            await cancel_and_wait(pumps)
+
+    async def _remove_if_done(self, group: Group) -> None:
+        """Remove a group being deleted once all its VMs are terminated."""
+        vms = await self.groups.vms(group.name)
+        if all(vm.state == lifecycle.TERMINATED for vm, _ in vms):
+            await self._remove(group)
 
     def _forget(self, key: tuple[str, str], _: object) -> None:
         self._tasks.pop(key, None)
@@ -306,6 +374,7 @@ class Reconciler:
         await self.groups.remove(group.name)
         if self.hosts_removed is not None:
             self.hosts_removed()
+        self._groups.pop(group.name, None)
         log.info("group removed", extra={"group": group.name})
 
     async def _drive(self, group: Group, name: str) -> None:

@@ -11,6 +11,9 @@
 /cladnet/challenges/<net_id>/<host_id>     the host's open key challenge (one per host,
                                            a new one replaces it, used once)
 /cladnet/peers/<net_id>/<host_id>          Peer JSON — the watched prefix
+/cladnet/peers/<net_id>/~policy            the network's access policy (versioned): in
+                                           the watched prefix so that agents get it in
+                                           the same ordered stream as the peers
 /cladnet/liveness/<net_id>/<host_id>       last seen + status report (changes often,
                                            kept apart so heartbeats do not wake watchers)
 /cladnet/admin-tokens/<token_id>           admin token hash
@@ -83,6 +86,18 @@ def challenge(net_id: str, host_id: str) -> bytes:
 
 def peer(net_id: str, host_id: str) -> bytes:
     return _k("peers", net_id, host_id)
+
+
+POLICY_SEGMENT = "~policy"  # never a host id (those are h-<hex>)
+
+
+def policy(net_id: str) -> bytes:
+    return _k("peers", net_id, POLICY_SEGMENT)
+
+
+def is_policy(key: bytes) -> bool:
+    """Whether a key of the peers prefix is a network's policy rather than a peer."""
+    return key.endswith(b"/" + POLICY_SEGMENT.encode())
 
 
 def liveness(net_id: str, host_id: str) -> bytes:

@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> None:
         log.error("cannot get the cluster CA from etcd", extra={"error": repr(exc)})
         sys.exit(1)
     if settings.issue_cert and files is not None:
-        print(json.dumps({"cert": str(files.cert), "key": str(files.key), "ca": str(files.ca),
-                          "ca_hash": files.ca_hash}))  # fmt: skip
+        paths = {"cert": str(files.cert), "key": str(files.key), "ca": str(files.ca)}
+        print(json.dumps({**paths, "ca_hash": files.ca_hash}))
         return
     app = create_app(settings)
     config = uvicorn.Config(

@@ -52,30 +52,19 @@ async def read_page(
             end = last_key
         else:
             start = last_key + b"\0"
-    request = rpc.RangeRequest(
-        key=start,
-        range_end=end,
-        limit=limit or 0,
-        revision=revision,
-        sort_order=rpc.RangeRequest.DESCEND if descend else rpc.RangeRequest.ASCEND,
-        sort_target=rpc.RangeRequest.KEY,
-    )
-    response = await etcd.call(lambda c: _range(c, request))
+    try:
+        response = await etcd.range(
+            prefix, limit=limit or 0, descend=descend, start=start, end=end, revision=revision
+        )
+    except etcd_errors.ClientError as exc:
+        # A compacted or future revision (etcd's OUT_OF_RANGE, which aetcd leaves unmapped):
+        # the token no longer names a snapshot.
+        cause = exc.__cause__
+        if isinstance(cause, rpc.AioRpcError) and cause.code() == StatusCode.OUT_OF_RANGE:
+            raise _gone() from exc
+        raise
     kvs = list(response.kvs)
     revision = revision or response.header.revision
     more = response.more and bool(kvs)
     next_token = f"{revision}.{kvs[-1].key[len(prefix) :].hex()}" if more else None
     return Page(kvs, revision, next_token)
-
-
-async def _range(client: Any, request: Any) -> Any:
-    """One raw Range call (aetcd's ``get_range`` has no limit or revision)."""
-    await client.connect()
-    try:
-        return await client.kvstub.Range(request, timeout=client._timeout, metadata=client.metadata)
-    except rpc.AioRpcError as exc:
-        # A compacted or future revision: the token no longer names a snapshot.
-        if exc.code() == StatusCode.OUT_OF_RANGE:
-            raise _gone() from exc
-        etcd_errors._handle_exception(exc)
-        raise

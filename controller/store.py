@@ -11,11 +11,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import random
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from aetcd import rpc
 from aetcd import transactions as tx
 
 from cladnet import addrspace, ipam, keys, tokens
@@ -27,7 +27,6 @@ from cladnet.models import (
     EndpointsUpdate,
     Heartbeat,
     Host,
-    HostStatus,
     JoinRequest,
     JoinToken,
     JoinTokenCreated,
@@ -45,6 +44,9 @@ log = logging.getLogger("cladnet.controller.store")
 
 MAX_TXN_ATTEMPTS = 64
 IP_HINT_SECONDS = 10.0  # how stale the address hint may be (freed addresses reused after)
+# The agents' heartbeat is 10 s; liveness is written at most this often per host.
+LIVENESS_EVERY = 5.0
+LIVENESS_FIELDS = ("last_seen", "public_address_changed_at")
 # etcd rejects transactions with more operations than --max-txn-ops (default 128).
 TXN_CHUNK = 100
 CHALLENGE_SECONDS = 60.0  # how long a key challenge may be answered
@@ -55,6 +57,14 @@ def _dump(model: Any) -> bytes:
     if isinstance(model, dict):
         return json.dumps(model, separators=(",", ":")).encode()
     return model.model_dump_json().encode()
+
+
+def _subnets_of(kv: Any) -> list[ipaddress.IPv4Network]:
+    """The underlay subnets of a key under the peers prefix (a policy key has none: it
+    is kept, empty, so the key count still matches)."""
+    if ks.is_policy(kv.key):
+        return []
+    return _underlay_networks(json.loads(kv.value)["addresses"])
 
 
 def _underlay_networks(addresses: list[str]) -> list[ipaddress.IPv4Network]:
@@ -118,6 +128,15 @@ class Store:
         # was most of a join's CPU at a few thousand hosts). The transaction's compare
         # on the address key stays what guarantees uniqueness.
         self._used_ips: dict[str, tuple[float, set[int]]] = {}
+        # Hosts' creation times (never change) by network: list_hosts reads the host
+        # records of new hosts only, not every host of every network.
+        self._created: dict[str, dict[str, float]] = {}
+        # Every host's underlay subnets (peer key → subnets) as of ``_underlay_rev``;
+        # network creation brings it up to date with what changed since.
+        self._underlay: dict[bytes, list[ipaddress.IPv4Network]] = {}
+        self._underlay_rev = 0
+        # host id → when this controller last wrote its last_seen (monotonic).
+        self._seen_written: dict[str, float] = {}
 
     # --- networks -----------------------------------------------------------------------
 
@@ -141,10 +160,39 @@ class Store:
         """Networks, every CIDR in use (networks + hosts' underlay), and the read revision."""
         networks, revision = await self.list_networks()
         used = [ipaddress.IPv4Network(n.cidr) for n in networks]
-        peers = await self.etcd.get_prefix(ks.prefix("peers"))
-        for kv in peers:
-            used.extend(_underlay_networks(json.loads(kv.value)["addresses"]))
+        for subnets in (await self._underlay_subnets()).values():
+            used.extend(subnets)
         return networks, used, revision
+
+    async def _underlay_subnets(self) -> dict[bytes, list[ipaddress.IPv4Network]]:
+        """Every host's underlay subnets, read whole only when a host left since last time.
+
+        Peers written since the cached revision come with ``min_mod_revision``; a count
+        of all peers tells whether any left (they are then read again, once).
+        """
+        prefix = ks.prefix("peers")
+        if self._underlay_rev:
+            # Both at one revision, so an add and a leave in between cannot cancel out.
+            (changed, total), revision = await self.etcd.ranges(
+                [
+                    rpc.RangeRequest(
+                        key=prefix,
+                        range_end=prefix_end(prefix),
+                        min_mod_revision=self._underlay_rev + 1,
+                    ),
+                    rpc.RangeRequest(key=prefix, range_end=prefix_end(prefix), count_only=True),
+                ]
+            )
+            added = sum(1 for kv in changed.kvs if kv.key not in self._underlay)
+            if total.count == len(self._underlay) + added:
+                for kv in changed.kvs:
+                    self._underlay[kv.key] = _subnets_of(kv)
+                self._underlay_rev = revision
+                return self._underlay
+        res = await self.etcd.get_prefix(prefix)
+        self._underlay = {kv.key: _subnets_of(kv) for kv in res}
+        self._underlay_rev = res.header.revision
+        return self._underlay
 
     async def address_spaces(self, hosts: int) -> AddressSpaces:
         """Free RFC 1918 space grouped by block, and one recommended prefix for ``hosts``."""
@@ -242,7 +290,7 @@ class Store:
         peers_prefix = ks.prefix("peers", net.id)
         for _ in range(MAX_TXN_ATTEMPTS):
             peers = await self.etcd.get_prefix(peers_prefix, keys_only=True)
-            host_ids = [ks.last_segment(kv.key) for kv in peers]
+            host_ids = [ks.last_segment(kv.key) for kv in peers if not ks.is_policy(kv.key)]
             if host_ids and not force:
                 raise conflict(
                     "network_has_hosts",
@@ -296,14 +344,11 @@ class Store:
         return JoinTokenCreated(token=secret, uses=0, **_public_token(record))
 
     async def list_tokens(self, net_id: str) -> list[JoinToken]:
+        """The network's join tokens with their use counts (counted in one transaction)."""
         res = await self.etcd.get_prefix(ks.prefix("tokens"))
-        out = []
-        for kv in res:
-            record = json.loads(kv.value)
-            if record["network_id"] == net_id:
-                uses = await self._token_uses(record["id"])
-                out.append(JoinToken(uses=uses, **_public_token(record)))
-        return out
+        records = [r for r in (json.loads(kv.value) for kv in res) if r["network_id"] == net_id]
+        uses = await self.etcd.counts([ks.prefix("token-uses", r["id"]) for r in records])
+        return [JoinToken(uses=n, **_public_token(r)) for r, n in zip(records, uses, strict=True)]
 
     async def revoke_token(self, net_ref: str, token_id: str) -> None:
         net = await self.get_network(net_ref)
@@ -333,18 +378,18 @@ class Store:
         """A random unclaimed use slot of a limited token, or 403 when none is left."""
         res = await self.etcd.get_prefix(ks.prefix("token-uses", token["id"]), keys_only=True)
         taken = {ks.last_segment(kv.key) for kv in res}
-        free = [n for n in range(token["max_uses"]) if f"slot-{n}" not in taken]
-        if not free:
+        slot = tokens.pick_slot(token["max_uses"], {int(t[5:]) for t in taken if t[:5] == "slot-"})
+        if slot is None:
             raise ApiError(
                 403,
                 "token_exhausted",
                 f"the join token was used {token['max_uses']} time(s) already",
             )
-        return random.choice(free)
+        return slot
 
     async def _token_uses(self, token_id: str) -> int:
-        res = await self.etcd.get_prefix(ks.prefix("token-uses", token_id), keys_only=True)
-        return len(res.kvs)
+        res = await self.etcd.range(ks.prefix("token-uses", token_id), count_only=True)
+        return int(res.count)
 
     async def _check_join_token(
         self, token: str, new_host: bool = True
@@ -639,6 +684,8 @@ class Store:
         }
         added = 0
         for kv in await self.etcd.get_prefix(ks.prefix("peers")):
+            if ks.is_policy(kv.key):
+                continue
             peer = Peer.model_validate_json(kv.value)
             index = ks.public_key(peer.network_id, keys.key_to_hex(peer.public_key))
             if index in indexed:
@@ -717,14 +764,21 @@ class Store:
         raise ApiError(503, "contention", "host changed concurrently, try again")
 
     async def _touch_liveness(self, peer: Peer, fields: dict[str, Any]) -> None:
+        """Merge ``fields`` into the host's liveness record: when it was last seen and when
+        its public address last moved — nothing else (telemetry goes to the collector)."""
         key = ks.liveness(peer.network_id, peer.id)
         kv = await self.etcd.get(key)
         record = json.loads(kv.value) if kv is not None else {}
         record.update(fields)
-        await self.etcd.put(key, _dump(record))
+        kept = {k: v for k, v in record.items() if k in LIVENESS_FIELDS}
+        await self.etcd.put(key, _dump(kept))
 
     async def heartbeat(self, host_id: str, req: Heartbeat, observed: str) -> tuple[Peer, bool]:
-        """Record liveness; update the peer (and so wake watchers) only when an address moved."""
+        """Record liveness; update the peer (and so wake watchers) only when an address moved.
+
+        ``last_seen`` is written at most once per ``LIVENESS_EVERY`` per host (by this
+        controller): a host that heartbeats faster costs no more etcd writes.
+        """
         peer, changed = await self._update_peer(
             host_id,
             {
@@ -733,7 +787,10 @@ class Store:
                 "public_address": observed,
             },
         )
-        await self._touch_liveness(peer, {"last_seen": time.time()})
+        now = time.monotonic()
+        if changed or now - self._seen_written.get(host_id, -LIVENESS_EVERY) >= LIVENESS_EVERY:
+            self._seen_written[host_id] = now
+            await self._touch_liveness(peer, {"last_seen": time.time()})
         return peer, changed
 
     async def update_endpoints(self, host_id: str, req: EndpointsUpdate, observed: str) -> Peer:
@@ -748,13 +805,6 @@ class Store:
             },
         )
         return peer
-
-    async def report_status(self, host_id: str, status: HostStatus) -> None:
-        _, peer_kv = await self._load_host(host_id)
-        peer = Peer.model_validate_json(peer_kv.value)
-        if status.reported_at is None:
-            status = status.model_copy(update={"reported_at": time.time()})
-        await self._touch_liveness(peer, {"status": status.model_dump(), "last_seen": time.time()})
 
     async def leave(self, host_id: str) -> Peer:
         """Remove a host and release its overlay IP, hostname and key."""
@@ -773,6 +823,7 @@ class Store:
                 tx.Delete(ks.host(host_id)),
             ],
         )
+        self._seen_written.pop(host_id, None)
         if net_id in self._used_ips:  # free for the next join through this controller
             self._used_ips[net_id][1].discard(int(ipaddress.IPv4Address(peer.overlay_ip)))
         log.info("host left", extra={"host": host_id, "network_id": net_id})
@@ -784,21 +835,41 @@ class Store:
         return {ks.last_segment(kv.key) for kv in res}
 
     async def list_peers(self, net_id: str) -> tuple[list[Peer], int]:
+        peers, _, revision = await self.list_peers_and_policy(net_id)
+        return peers, revision
+
+    async def list_peers_and_policy(self, net_id: str) -> tuple[list[Peer], Any, int]:
+        """The peers, the policy's KV (None if never written) and the revision: one read."""
         res = await self.etcd.get_prefix(ks.prefix("peers", net_id))
-        return [Peer.model_validate_json(kv.value) for kv in res], res.header.revision
+        peers = [Peer.model_validate_json(kv.value) for kv in res if not ks.is_policy(kv.key)]
+        policy = next((kv for kv in res if ks.is_policy(kv.key)), None)
+        return peers, policy, res.header.revision
+
+    async def set_tags(self, host_id: str, tags: list[str]) -> Peer:
+        """Replace a host's tags (an admin's call: policies trust them)."""
+        peer, _ = await self._update_peer(host_id, {"tags": tags})
+        return peer
 
     async def list_hosts(self, net_id: str, peers: list[Peer] | None = None) -> list[Host]:
-        """The network's hosts (``peers``: only these of them, a page)."""
+        """The network's hosts (``peers``: only these of them, a page): peers with liveness
+        and creation time (two range reads; the host records only of hosts this controller
+        has not listed before)."""
+        whole = peers is None
         if peers is None:
             peers, _ = await self.list_peers(net_id)
         live = await self.etcd.get_prefix(ks.prefix("liveness", net_id))
         liveness = {ks.last_segment(kv.key): json.loads(kv.value) for kv in live}
-        hosts_res = await self.etcd.get_prefix(ks.prefix("hosts"))
-        created = {}
-        for kv in hosts_res:
-            record = json.loads(kv.value)
-            if record["network_id"] == net_id:
-                created[record["id"]] = record["created_at"]
+        known = self._created.get(net_id, {})
+        created = {p.id: known[p.id] for p in peers if p.id in known}
+        missing = [ks.host(p.id) for p in peers if p.id not in known]
+        new = await self.etcd.get_many(missing) if missing else {}
+        for value in new.values():
+            record = json.loads(value)
+            created[record["id"]] = record["created_at"]
+        if whole:  # drops the removed hosts
+            self._created[net_id] = created
+        else:
+            self._created.setdefault(net_id, {}).update(created)
         return [
             Host(
                 **p.model_dump(),

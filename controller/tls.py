@@ -22,7 +22,6 @@ import datetime as dt
 import ipaddress
 import json
 import logging
-import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from cladnet.files import write_atomic
 from cladnet.keys import ca_hash
 from controller import keyspace
 from controller.config import Settings
@@ -72,15 +72,6 @@ class ClusterCa:
     @property
     def hash(self) -> str:
         return ca_hash(self.cert_pem)
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Write atomically: a replica restarting never serves half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    tmp.replace(path)
 
 
 def _name(common: str) -> x509.Name:
@@ -172,9 +163,11 @@ def issue(
     )
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     files = TlsFiles(directory / f"{stem}.crt", directory / f"{stem}.key", directory / "ca.crt")
-    _write(files.key, _pem_key(key), 0o600)
-    _write(files.cert, cert.public_bytes(serialization.Encoding.PEM) + ca.cert_pem, 0o644)
-    _write(files.ca, ca.cert_pem, 0o644)
+    # Atomic: a replica restarting never serves half a file.
+    write_atomic(files.key, _pem_key(key))
+    chain = cert.public_bytes(serialization.Encoding.PEM) + ca.cert_pem
+    write_atomic(files.cert, chain, mode=0o644)
+    write_atomic(files.ca, ca.cert_pem, mode=0o644)
     return files
 
 
@@ -258,8 +251,10 @@ async def prepare(settings: Settings, etcd: Etcd) -> TlsFiles | None:
     ca = await cluster_ca(etcd, legacy)
     if legacy is not None:
         if ca != legacy:
-            log.warning("this replica's own CA is replaced by the cluster CA",
-                        extra={"old": legacy.hash, "ca_hash": ca.hash})  # fmt: skip
+            log.warning(
+                "this replica's own CA is replaced by the cluster CA",
+                extra={"old": legacy.hash, "ca_hash": ca.hash},
+            )
         (directory / "ca.key").unlink()
     names = serving_names(settings)
     log.info("serving certificate issued", extra={"names": names, "ca_hash": ca.hash})

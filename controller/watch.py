@@ -23,6 +23,8 @@ from aetcd import rpc
 from cladnet.tasks import cancel_and_wait
 from controller import keyspace as ks
 from controller.etcd import Etcd, prefix_end
+from controller.etcd_revision import range_at_revision
+from controller.policy import public_view, record_of
 from controller.telemetry import ETCD_WATCH_RESTARTS, WATCH_EVENTS, WATCHERS
 
 log = logging.getLogger("cladnet.controller.watch")
@@ -44,11 +46,19 @@ class WatchGone(Exception):
 
 
 def encode_event(event: Any) -> Line:
-    """An etcd peer event as one NDJSON line (ADDED / MODIFIED / DELETED)."""
+    """An etcd peer event as one NDJSON line (ADDED / MODIFIED / DELETED), or the
+    network's policy as a POLICY line."""
     kv = event.kv
     revision = kv.mod_revision
-    if event.kind == "DELETE":
+    if ks.is_policy(kv.key):  # deleted only with its network: allow-all until then
+        record = record_of(None if event.kind == "DELETE" else kv)
         body: dict[str, Any] = {
+            "type": "POLICY",
+            "revision": revision,
+            "policy": public_view(record),
+        }
+    elif event.kind == "DELETE":
+        body = {
             "type": "DELETED",
             "revision": revision,
             "id": ks.last_segment(kv.key),
@@ -73,11 +83,8 @@ async def _ensure_available(client: Any, prefix: bytes, since: int) -> None:
     etcd accepts a watch on a compacted revision and only cancels it afterwards, which
     would be too late for an HTTP 410; a range read at that revision fails at once.
     """
-    request = rpc.RangeRequest(
-        key=prefix, range_end=prefix_end(prefix), revision=since + 1, limit=1, keys_only=True
-    )
     try:
-        await client.kvstub.Range(request, timeout=client._timeout, metadata=client.metadata)
+        await range_at_revision(client, prefix, prefix_end(prefix), since + 1)
     except rpc.AioRpcError as exc:
         details = exc.details() or ""
         if "compacted" in details:

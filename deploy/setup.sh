@@ -16,7 +16,7 @@ PACKAGES=(
   iperf3 nebula                    # data-plane benchmark (nebula: a same-run baseline)
   prometheus-node-exporter         # agent-footprint benchmark's same-run baseline
   chromium chromium-driver         # dashboard tests in a headless browser
-  curl ca-certificates procps
+  curl ca-certificates procps jq  # jq: the README walk-through (run by tests/test_demo.py)
   openssh-server openssh-client    # the ssh driver's tests run a real sshd in a namespace
   systemd docker-compose busybox gettext-base  # deploy/ tests: systemd-analyze, compose config, sh, envsubst
   python3 python3-venv python3-dev gcc

@@ -26,6 +26,11 @@ ALLOWED: dict[tuple[str, str], set[str]] = {
     ("DELETE", "/v1/networks/{ref}/tokens/{token_id}"): {"admin"},
     ("GET", "/v1/networks/{ref}/hosts"): {"admin", "viewer"},
     ("GET", "/v1/networks/{ref}/peers"): {"admin", "viewer", "member"},
+    # Members read the enforced part (groups, rules); hosts never write it or their tags.
+    ("GET", "/v1/networks/{ref}/policy"): {"admin", "viewer", "member"},
+    ("PUT", "/v1/networks/{ref}/policy"): {"admin"},
+    ("POST", "/v1/networks/{ref}/policy/test"): {"admin", "viewer"},
+    ("PUT", "/v1/hosts/{host_id}/tags"): {"admin"},
     ("GET", "/v1/hosts/{host_id}"): {"admin", "viewer", "self"},
     ("POST", "/v1/hosts/{host_id}/heartbeat"): {"admin", "self"},
     ("PUT", "/v1/hosts/{host_id}/endpoints"): {"admin", "self"},
@@ -47,11 +52,16 @@ ALLOWED: dict[tuple[str, str], set[str]] = {
     ("GET", "/v1/groups/{name}/commands/{command_id}"): {"admin"},
     # A host's commands: its own agent only, not even the admin (no forged results).
     ("GET", "/v1/hosts/{host_id}/commands"): {"self"},
+    # The collector's queries, proxied for the dashboard: readers, not hosts.
+    ("GET", "/v1/monitoring/{path}"): {"admin", "viewer"},
     ("POST", "/v1/hosts/{host_id}/commands/{command_id}"): {"self"},
 }
 BODIES = {
     ("POST", "/v1/networks"): {"name": "made-by-matrix"},
     ("PUT", "/v1/hosts/{host_id}/endpoints"): {"endpoints": []},
+    ("PUT", "/v1/networks/{ref}/policy"): {"rules": []},
+    ("POST", "/v1/networks/{ref}/policy/test"): {"rules": []},
+    ("PUT", "/v1/hosts/{host_id}/tags"): {"tags": ["t"]},
     ("POST", "/v1/hosts/{host_id}/status"): {"peers": []},
     ("POST", "/v1/admin-tokens"): {"role": "viewer"},
     ("POST", "/v1/groups"): {"name": "g", "members": [{"driver": "none", "region": "r"}]},
@@ -86,6 +96,7 @@ def test_every_route_has_the_right_callers(controller: Controller, admin: httpx.
     }
     ids = {"ref": "m", "host_id": target["host_id"], "token_id": "t-none", "name": "g", "vm": "g-1"}
     ids["command_id"] = "cmd-none"
+    ids["path"] = "alarms"
     # Leaving comes last (it ends the target host); the admin's network delete aims at
     # a network that does not exist (404 still proves it passed the auth check).
     leave = ("DELETE", "/v1/hosts/{host_id}")

@@ -14,9 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 from cladnet.cli import app
-from cladnet.cli.status import pairs, summary
+from cladnet.cli.status import pairs, summary, with_health
 from cladnet.keys import generate_keypair
-from tests.components import ADMIN_TOKEN, REPO, Controller, free_port
+from tests.components import ADMIN_TOKEN, REPO, Controller, Mosquitto, free_port, wait_until
+from tests.test_scale_calls import publish_health
 
 
 @pytest.fixture
@@ -92,24 +93,29 @@ def _fake_host(ctl: Controller, token: str, name: str) -> dict:
         return r.json()
 
 
-def _report(ctl: Controller, host: dict, peers: list[dict]) -> None:
+def _report(
+    ctl: Controller, broker: Mosquitto, host: dict, name: str, peers: dict, network: str = "mesh"
+) -> None:
+    """A heartbeat to the controller, per-peer health to the collector (as an agent)."""
     with ctl.client(token=host["credential"]) as c:
         assert c.post(f"/v1/hosts/{host['host_id']}/heartbeat", json={}).status_code == 200
-        r = c.post(f"/v1/hosts/{host['host_id']}/status", json={"peers": peers})
-        assert r.status_code == 204, r.text
+    publish_health(ctl, broker, network, host, name, peers)
 
 
-def test_status_shows_a_healthy_and_a_broken_pair(cli, controller: Controller) -> None:
-    _login(cli, controller)
+def test_status_shows_a_healthy_and_a_broken_pair(
+    cli, metrics_controller: Controller, mosquitto: Mosquitto, make_collector
+) -> None:
+    controller, collector = metrics_controller, make_collector()
+    _login(cli, controller, collector=collector.url)
     cli("net", "create", "mesh", "--cidr", "10.61.0.0/24")
     token = json.loads(cli("token", "create", "mesh", "--json")[1])["token"]
     a, b, c = (_fake_host(controller, token, n) for n in ("vm1", "vm2", "vm3"))
-    ok = {"handshake_age_s": 5, "rx_bytes": 1, "tx_bytes": 1, "latency_ms": 0.8}
-    _report(controller, a, [{"peer_id": b["host_id"], **ok},
-                            {"peer_id": c["host_id"], "handshake_age_s": 400}])  # fmt: skip
-    _report(controller, b, [{"peer_id": a["host_id"], **ok}, {"peer_id": c["host_id"], **ok}])
-    _report(controller, c, [{"peer_id": a["host_id"], "handshake_age_s": 600},
-                            {"peer_id": b["host_id"], **ok}])  # fmt: skip
+    ok = {"handshake_age_s": 5, "latency_ms": 0.8}
+    _report(controller, mosquitto, a, "vm1", {"vm2": ok, "vm3": {"handshake_age_s": 400}})
+    _report(controller, mosquitto, b, "vm2", {"vm1": ok, "vm3": ok})
+    _report(controller, mosquitto, c, "vm3", {"vm1": {"handshake_age_s": 600}, "vm2": ok})
+    with collector.client() as col:
+        wait_until(lambda: len(col.get("/v1/networks/mesh/pairs").json()["hosts"]) == 3)
 
     code, out, _ = cli("status", "mesh", "--json")
     assert code == 3  # unhealthy is its own exit code
@@ -197,4 +203,103 @@ def test_status_logic_without_io() -> None:
     view = summary({"name": "n", "cidr": "10.0.0.0/24"}, hosts, now)
     assert view["hosts_down"] == ["c"] and view["endpoint_changed"] == ["c"]
     assert view["pairs"][0]["state"] == "broken" and not view["healthy"]
+    # The collector's pair health (by host name) becomes each host's status, by id;
+    # a peer the controller does not know (it left) is dropped.
+    health = {"a": {"peers": {"b": {"handshake_age_s": 200}, "gone": {"handshake_age_s": 1}}}}
+    merged = with_health([{"id": "a", "name": "a"}, {"id": "b", "name": "b"}], health)
+    assert merged[0]["status"] == {"peers": [{"peer_id": "b", "handshake_age_s": 200}]}
+    assert merged[1]["status"] == {"peers": []}
     assert time.time() > 0
+
+
+def _run_cli(tmp_path: Path, ctl: Controller, *args: str, **extra: str):
+    """The installed entry point (``main``), as a user runs it: one line on stderr."""
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path), "CLADNET_CONTROLLER": ctl.url,
+           "CLADNET_TOKEN": ADMIN_TOKEN, **extra}  # fmt: skip
+    command = [sys.executable, "-m", "cladnet.cli", *args]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_hosts_by_name_with_rounded_rtts_and_clear_errors(
+    cli, metrics_controller: Controller, mosquitto: Mosquitto, make_collector, tmp_path: Path
+) -> None:
+    controller, collector = metrics_controller, make_collector()
+    _login(cli, controller, collector=collector.url)
+    tokens = {}
+    for net, cidr in (("east", "10.64.0.0/24"), ("west", "10.65.0.0/24")):
+        cli("net", "create", net, "--cidr", cidr)
+        tokens[net] = json.loads(cli("token", "create", net, "--json")[1])["token"]
+    a, b = (_fake_host(controller, tokens["east"], n) for n in ("demo-1", "demo-2"))
+    _fake_host(controller, tokens["west"], "demo-2")  # the same name in another network
+    latency = 0.812345678901234
+    health = {"demo-2": {"handshake_age_s": 5, "latency_ms": latency}}
+    _report(controller, mosquitto, a, "demo-1", health, network="east")
+    with collector.client() as col:
+        wait_until(lambda: "demo-1" in col.get("/v1/networks/east/pairs").json()["hosts"])
+
+    code, out, _ = cli("peers", "demo-1")  # a name, not only an id
+    assert code == 0, out
+    row = next(line for line in out.splitlines() if "demo-2" in line)
+    assert "0.8" in row and "0.81" not in row
+    code, out, _ = cli("peers", "demo-1", "--json")  # exact for machines
+    assert json.loads(out)[0]["latency_ms"] == pytest.approx(latency, rel=1e-9)
+    assert json.loads(cli("peers", a["host_id"], "--json")[1])[0]["name"] == "demo-2"
+    code, out, _ = cli("hosts", "show", "demo-2", "--network", "east", "--json")
+    assert code == 0 and json.loads(out)["id"] == b["host_id"]
+
+    ambiguous = _run_cli(tmp_path, controller, "peers", "demo-2")
+    assert ambiguous.returncode == 1 and ambiguous.stderr.count("\n") == 1
+    assert "several networks (east, west): add --network NAME" in ambiguous.stderr
+    unknown = _run_cli(tmp_path, controller, "peers", "demo-3")
+    assert unknown.returncode == 1 and unknown.stderr.count("\n") == 1
+    assert "no host named 'demo-3'" in unknown.stderr and "demo-1" in unknown.stderr
+    elsewhere = _run_cli(tmp_path, controller, "hosts", "show", "demo-1", "--network", "west")
+    assert "no host named 'demo-1' in network west" in elsewhere.stderr
+
+
+def test_alarm_rules_need_a_metric_the_collector_knows(
+    cli, controller: Controller, make_collector, tmp_path: Path
+) -> None:
+    collector = make_collector()
+    _login(cli, controller, collector=collector.url)
+    env = {"CLADNET_COLLECTOR": collector.url}
+    # The old help's own example: no metric of that name exists, so it could never fire.
+    bad = _run_cli(tmp_path, controller, "alarms", "create", "hot", "cpu_percent", ">", "90",
+                   "--network", "prod", **env)  # fmt: skip
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1
+    assert "no metric named 'cpu_percent'" in bad.stderr and "cpu_usage_ratio" in bad.stderr
+    typo = _run_cli(tmp_path, controller, "alarms", "create", "m", "memory_usage_ration", ">",
+                    "0.9", "--network", "prod", **env)  # fmt: skip
+    assert "did you mean memory_usage_ratio" in typo.stderr
+    assert json.loads(cli("alarms", "list", "--json")[1])["rules"] == []
+    # The help's example is a real metric, and it is accepted.
+    help_text = _run_cli(tmp_path, controller, "alarms", "create", "--help").stdout
+    assert "cpu_percent" not in help_text and "cpu_usage_ratio" in help_text
+    code, out, _ = cli("alarms", "create", "hot", "cpu_usage_ratio", ">", "0.9",
+                       "--network", "prod", "--json")  # fmt: skip
+    assert code == 0, out
+    code, out, _ = cli("metrics", "names", "--json")
+    assert "cpu_usage_ratio" in json.loads(out)["names"]
+    with collector.client() as c:
+        r = c.post("/v1/alarms", json={"name": "x", "metric": "nope_total", "network": "prod",
+                                       "op": ">", "threshold": 1})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"] == "unknown_metric"
+
+
+def test_close_metric_names_and_the_catalogue_matches_the_agent() -> None:
+    import re
+
+    from agent.standing import Standing
+    from cladnet.alarms import AGENT_METRICS, RuleError, check_metric, closest_metrics
+
+    assert closest_metrics("cpu_percent", AGENT_METRICS)[0] == "cpu_usage_ratio"
+    assert closest_metrics("zzz", AGENT_METRICS) == []
+    check_metric("load1", AGENT_METRICS)
+    with pytest.raises(RuleError, match="did you mean load1"):
+        check_metric("laod1", AGENT_METRICS)
+    # Every name the agent's code adds to a batch is in the catalogue.
+    added = set()
+    for path in (REPO / "agent").rglob("*.py"):
+        added |= set(re.findall(r'\.add\(\s*"([a-z_0-9]+)"', path.read_text()))
+    assert added and added <= AGENT_METRICS, added - AGENT_METRICS
+    assert set(Standing(lambda *_: None).gauges()) <= AGENT_METRICS

@@ -172,8 +172,10 @@ def test_full_state_disk_is_reported_and_tunnels_keep_working(
     tmpfs(first.state_dir)  # before the agent starts: it runs in its own mount namespace
     hosts, token = _setup(mesh_controller, agents, 3)
     _full_mesh(hosts)
-    saved = first.membership()
-    assert saved is not None and len(saved["peers"]) == 2
+    # The state is saved at most every 2 s (agent Timing.save_every), not per event.
+    saved = wait_until(
+        lambda: (m := first.membership()) and len(m["peers"]) == 2 and m, 10, what="the save"
+    )
 
     # The disk fills up.
     r = sh("dd", "if=/dev/zero", f"of={first.state_dir / 'cl-fill'}", "bs=4k", check=False)
@@ -193,7 +195,11 @@ def test_full_state_disk_is_reported_and_tunnels_keep_working(
     # The last good state is intact (the write is atomic), …
     assert first.membership() == saved
     # … the others, with room on their disks, saved the new peer, …
-    assert all(len((a.membership() or {}).get("peers", {})) == 3 for a in hosts[1:])
+    wait_until(
+        lambda: all(len((a.membership() or {}).get("peers", {})) == 3 for a in hosts[1:]),
+        10,
+        what="the others' saves",
+    )
     # … and every tunnel still passes traffic, the new one included.
     ips = {a.index: a.overlay_ip() for a in [*hosts, new]}
     for a, b in _pairs([*hosts, new]):

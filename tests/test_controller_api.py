@@ -266,12 +266,8 @@ def test_host_calls_and_isolation(admin: httpx.Client, controller: Controller) -
             f"/v1/hosts/{a['host_id']}/endpoints", json={"endpoints": ["198.51.100.1:51820"]}
         )
         assert r.status_code == 200 and r.json()["endpoints"] == ["198.51.100.1:51820"]
-        status = {
-            "peers": [
-                {"peer_id": b["host_id"], "handshake_age_s": 3.5, "rx_bytes": 10, "latency_ms": 1.2}
-            ]
-        }
-        assert agent.post(f"/v1/hosts/{a['host_id']}/status", json=status).status_code == 204
+        # Per-peer status went to the collector: the old route is gone, and writes nothing.
+        assert_error(agent.post(f"/v1/hosts/{a['host_id']}/status", json={}), 410, "gone")
         assert agent.get(f"/v1/networks/{a['network']['id']}/peers").status_code == 200
         assert agent.get(f"/v1/networks/{a['network']['id']}").status_code == 200
 
@@ -296,7 +292,7 @@ def test_host_calls_and_isolation(admin: httpx.Client, controller: Controller) -
 
     hosts = {h["name"]: h for h in admin.get("/v1/networks/prod/hosts").json()}
     assert hosts["vm-a"]["addresses"] == ["10.0.2.7/24"]
-    assert hosts["vm-a"]["status"]["peers"][0]["latency_ms"] == 1.2
+    assert "status" not in hosts["vm-a"]
     assert hosts["vm-a"]["last_seen"] is not None
     assert admin.get(f"/v1/hosts/{b['host_id']}").json()["name"] == "vm-b"
 

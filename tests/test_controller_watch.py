@@ -109,6 +109,8 @@ def test_watch_without_since_starts_with_current_peers(
     join(controller, token, "vm-a")
     w = Watcher(controller, net, since=None)
     try:
+        policy = w.next()  # the network's access policy comes first
+        assert policy["type"] == "POLICY" and policy["policy"]["version"] == 0
         first = w.next()
         assert first["type"] == "ADDED" and first["peer"]["name"] == "vm-a"
         join(controller, token, "vm-b")

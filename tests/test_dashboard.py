@@ -1,7 +1,8 @@
 """The dashboard in a real headless Chromium: it loads, draws the seeded mesh, shows a
-broken pair as broken, and charts a host's metrics from a real collector (with an
-interface picker for the per-interface network series). A screenshot goes to
-artifacts/dashboard.png."""
+broken pair as broken, shows a host's fields as a table, and charts its metrics and
+the firing alarms from a real collector that the browser never talks to (the
+controller proxies it under /v1/monitoring; the collector allows no other origin).
+Screenshots go to artifacts/dashboard*.png (the page, and each panel)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tests.components import (
     ADMIN_TOKEN,
     MQTT_ADMIN_PASSWORD,
     REPO,
+    Collector,
     Controller,
     Etcd,
     Mosquitto,
@@ -27,6 +29,7 @@ from tests.components import (
 )
 from tests.test_controller_api import make_network, make_token
 from tests.test_monitoring import _publish
+from tests.test_scale_calls import publish_health
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -52,20 +55,21 @@ def browser():
 @pytest.fixture
 def dashboard(
     etcd: Etcd, mosquitto: Mosquitto, make_collector, tmp_path: Path, monkeypatch
-) -> Iterator[tuple[Controller, Mosquitto]]:
-    """A controller whose dashboard charts from a collector that lets it call (CORS)."""
+) -> Iterator[tuple[Controller, Mosquitto, Collector]]:
+    """A controller whose dashboard charts from a collector that allows no browser
+    origin (no CORS): only the controller's proxy can ask it."""
     ctl = Controller(etcd_url=etcd.url, state_dir=tmp_path / "ctl", port=free_port())
-    # The collector reads its allowed origins from the environment it inherits.
-    monkeypatch.setenv("CLADNET_CORS_ORIGINS", ctl.url)
+    monkeypatch.delenv("CLADNET_CORS_ORIGINS", raising=False)
     collector = make_collector()
     ctl.extra_env = {
         "CLADNET_COLLECTOR_URL": collector.url,
+        "CLADNET_COLLECTOR_TOKEN": collector.token,
         "CLADNET_MQTT_URL": mosquitto.url,
         "CLADNET_MQTT_ADMIN_PASSWORD": MQTT_ADMIN_PASSWORD,
     }
     ctl.start()
     try:
-        yield ctl, mosquitto
+        yield ctl, mosquitto, collector
     finally:
         ctl.stop()
 
@@ -87,7 +91,7 @@ def _publish_metrics(ctl: Controller, broker: Mosquitto, host: dict) -> None:
         asyncio.run(_publish(broker, creds, creds["topic"], b.encode()))
 
 
-def _seed(ctl: Controller) -> dict[str, dict]:
+def _seed(ctl: Controller, broker: Mosquitto) -> dict[str, dict]:
     with ctl.client() as admin:
         make_network(admin, "web", cidr="10.70.0.0/24")
         token = make_token(admin, "web")
@@ -97,29 +101,32 @@ def _seed(ctl: Controller) -> dict[str, dict]:
             hosts[name] = c.post("/v1/join", json={
                 "token": token, "hostname": name, "public_key": generate_keypair()[1],
                 "labels": {"cloud": cloud, "region": "r1"}}).json()  # fmt: skip
-    ok = {"handshake_age_s": 4, "rx_bytes": 10, "tx_bytes": 10, "latency_ms": 1.5}
-    ids = {n: h["host_id"] for n, h in hosts.items()}
+    ok = {"handshake_age_s": 4, "latency_ms": 1.5}
     reports = {
-        "vm1": [{"peer_id": ids["vm2"], **ok}, {"peer_id": ids["vm3"], "handshake_age_s": 400}],
-        "vm2": [{"peer_id": ids["vm1"], **ok}, {"peer_id": ids["vm3"], **ok}],
-        "vm3": [{"peer_id": ids["vm1"], "handshake_age_s": 400}, {"peer_id": ids["vm2"], **ok}],
+        "vm1": {"vm2": ok, "vm3": {"handshake_age_s": 400}},
+        "vm2": {"vm1": ok, "vm3": ok},
+        "vm3": {"vm1": {"handshake_age_s": 400}, "vm2": ok},
     }
     for name, peers in reports.items():
         with ctl.client(token=hosts[name]["credential"]) as c:
-            c.post(f"/v1/hosts/{ids[name]}/heartbeat", json={}).raise_for_status()
-            c.post(f"/v1/hosts/{ids[name]}/status", json={"peers": peers}).raise_for_status()
+            c.post(f"/v1/hosts/{hosts[name]['host_id']}/heartbeat", json={}).raise_for_status()
+        publish_health(ctl, broker, "web", hosts[name], name, peers)
     return hosts
 
 
 def test_the_dashboard_draws_the_mesh_a_broken_pair_and_charts(
-    browser, dashboard: tuple[Controller, Mosquitto]
+    browser, dashboard: tuple[Controller, Mosquitto, Collector]
 ) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    controller, broker = dashboard
-    hosts = _seed(controller)
+    controller, broker, collector = dashboard
+    hosts = _seed(controller, broker)
+    with collector.client() as c:  # fires on vm3's cpu (0.3 in its last batch)
+        rule = {"name": "hot", "metric": "cpu_usage_ratio", "network": "web", "op": ">",
+                "threshold": 0.05}  # fmt: skip
+        c.post("/v1/alarms", json=rule).raise_for_status()
     _publish_metrics(controller, broker, hosts["vm3"])
     wait = WebDriverWait(browser, 20)
     browser.get(f"{controller.url}/ui/")
@@ -133,6 +140,7 @@ def test_the_dashboard_draws_the_mesh_a_broken_pair_and_charts(
     browser.find_element(By.CSS_SELECTOR, "#login-form button").click()
 
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "circle[data-host]")) == 3)
+    browser.get_log("browser")  # drained: the wrong token's 401 was meant to be logged
     names = {c.get_attribute("data-host") for c in browser.find_elements(By.CSS_SELECTOR, "circle")}
     assert names == {"vm1", "vm2", "vm3"}
     assert all(c.get_attribute("data-up") == "true"
@@ -148,6 +156,20 @@ def test_the_dashboard_draws_the_mesh_a_broken_pair_and_charts(
     # the network chart picks the WireGuard interface (cl-web) among the host's three.
     browser.find_element(By.CSS_SELECTOR, "circle[data-host='vm3']").click()
     wait.until(lambda d: "vm3" in d.find_element(By.ID, "host-panel").text)
+    # Fields as a table of names and values, not JSON.
+    rows = {
+        r.get_attribute("data-field"): r.find_element(By.TAG_NAME, "td").text
+        for r in browser.find_elements(By.CSS_SELECTOR, "#host-fields tr")
+    }
+    assert rows["overlay IP"].startswith("10.70.0.")
+    assert rows["labels"] == "cloud=gcp, region=r1"
+    assert rows["last seen"].endswith("s ago")
+    assert "{" not in browser.find_element(By.ID, "host-fields").text
+    peers = {
+        r.get_attribute("data-peer"): r.text
+        for r in browser.find_elements(By.CSS_SELECTOR, "#host-peers tr[data-peer]")
+    }
+    assert peers["vm2"].split()[-2:] == ["1.5", "ms"] and "none" not in peers["vm2"]
     net_path = "svg.chart[data-metric='network_receive_bytes_total'] path"
 
     def drawn(d) -> str | None:
@@ -166,21 +188,46 @@ def test_the_dashboard_draws_the_mesh_a_broken_pair_and_charts(
     picker.select_by_visible_text("eth0")
     wait.until(lambda d: drawn(d) not in (None, wg_line))
     assert Select(browser.find_element(By.ID, "iface-picker")).first_selected_option.text == "eth0"
+    # The firing alarm, with its rule, through the controller's proxy.
+    alarm = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#alarms li[data-rule='hot']"))
+    assert "web/vm3" in alarm[0].text and "(cpu_usage_ratio > 0.05)" in alarm[0].text
+    # Nothing failed in the page (a CORS refusal or a failed fetch would be logged).
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == []
     artifacts = REPO / "artifacts"
     artifacts.mkdir(exist_ok=True)
     browser.save_screenshot(str(artifacts / "dashboard.png"))
     assert (artifacts / "dashboard.png").stat().st_size > 10_000
+    for panel in ("mesh-section", "host-panel", "alarms"):  # one picture per panel
+        shot = artifacts / f"dashboard-{panel}.png"
+        browser.find_element(By.ID, panel).screenshot(str(shot))
+        assert shot.stat().st_size > 1_000
 
 
 def test_the_ui_needs_no_token_to_load_but_the_api_does(controller: Controller) -> None:
     page = httpx.get(f"{controller.url}/ui/", timeout=10)
     assert page.status_code == 200 and '<svg id="mesh"' in page.text
     assert httpx.get(f"{controller.url}/ui/app.js", timeout=10).status_code == 200
-    assert httpx.get(f"{controller.url}/ui/config.json", timeout=10).json() == {
-        "collector_url": None
-    }
+    assert httpx.get(f"{controller.url}/ui/config.json", timeout=10).json() == {"monitoring": False}
     assert httpx.get(f"{controller.url}/v1/networks", timeout=10).status_code == 401
     assert Path(REPO / "controller" / "static" / "index.html").exists()
+
+
+def _click(wait, css: str) -> None:
+    """Click what ``css`` finds, again if the list was redrawn under the click."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    def clicked(d) -> bool:
+        try:
+            found = d.find_elements(By.CSS_SELECTOR, css)
+            if found:
+                found[0].click()
+            return bool(found)
+        except StaleElementReferenceException:
+            return False
+
+    wait.until(clicked)
 
 
 def test_the_dashboard_lists_groups_with_their_partial_state(
@@ -205,5 +252,67 @@ def test_the_dashboard_lists_groups_with_their_partial_state(
     item = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#groups li[data-group='shop']"))
     assert item[0].get_attribute("data-state") == "Partial-Suspended"
     assert "shop-2 Suspended" in item[0].get_attribute("title")
-    item[0].click()  # shows the group's network
+    item[0].find_element(By.CSS_SELECTOR, "span").click()  # shows the group's network
     wait.until(lambda d: d.find_element(By.ID, "mesh-title").text.startswith("shop:"))
+    # An admin resumes the suspended VM from the page.
+    _click(wait, "#groups li[data-group='shop'] button[data-action='resume']")
+    wait.until(lambda d: "shop: resume asked" in d.find_element(By.ID, "group-message").text)
+    with ctl.client() as admin:
+        _wait_state(admin, "shop", "Running")
+        # A viewer sees the groups, and the API's refusal when it clicks.
+        r = admin.post("/v1/admin-tokens", json={"role": "viewer", "description": "v"})
+    browser.find_element(By.ID, "logout").click()
+    box = wait.until(ec.visibility_of_element_located((By.ID, "token")))
+    box.clear()
+    box.send_keys(r.json()["token"])
+    browser.find_element(By.CSS_SELECTOR, "#login-form button").click()
+    wait.until(ec.visibility_of_element_located((By.ID, "main")))
+    _click(wait, "#groups li[data-group='shop'] button[data-action='suspend']")
+    wait.until(lambda d: "admin token" in d.find_element(By.ID, "group-message").text)
+    with ctl.client() as admin:
+        assert admin.get("/v1/groups/shop").json()["state"] == "Running"
+
+
+def test_the_monitoring_proxy_reads_for_readers_only_and_only_queries(
+    dashboard: tuple[Controller, Mosquitto, Collector],
+) -> None:
+    controller, _, collector = dashboard
+    url = f"{controller.url}/v1/monitoring/alarms"
+    assert httpx.get(url, timeout=10).status_code == 401
+    with controller.client() as admin:
+        r = admin.post("/v1/admin-tokens", json={"role": "viewer", "description": "ui"})
+        viewer = r.json()["token"]
+        with collector.client() as c:
+            assert admin.get("/v1/monitoring/alarms").json() == c.get("/v1/alarms").json()
+        # Queries with their parameters pass; the collector's 4xx comes back as it is.
+        r = admin.get("/v1/monitoring/series", params={"host": "vm9", "metric": "load1"})
+        assert r.status_code == 200 and r.json()["points"] == []
+        assert admin.get("/v1/monitoring/hosts/vm9/latest").json()["error"] == "not_found"
+        # Nothing but the listed GET queries: no rule changes, no other path.
+        assert admin.post("/v1/monitoring/alarms", json={}).status_code == 405
+        for path in ("healthz", "alarms/r-1", "hosts/a/b/latest", "hosts/../latest"):
+            assert admin.get(f"/v1/monitoring/{path}").status_code == 404, path
+    with controller.client(token=viewer) as v:
+        assert v.get("/v1/monitoring/metrics/latest").status_code == 200
+    collector.stop()
+    with controller.client() as admin:
+        r = admin.get("/v1/monitoring/alarms")
+        assert r.status_code == 502 and r.json()["error"] == "collector_unreachable"
+
+
+def test_the_monitoring_proxy_without_a_collector_or_its_token(
+    controller: Controller, make_controller, make_collector
+) -> None:
+    with controller.client() as admin:
+        r = admin.get("/v1/monitoring/alarms")
+    assert r.status_code == 503 and r.json()["error"] == "no_collector"
+    collector = make_collector()
+    url = {"CLADNET_COLLECTOR_URL": collector.url}
+    for env, status, error in (
+        (url, 503, "no_collector_token"),
+        ({**url, "CLADNET_COLLECTOR_TOKEN": "wrong"}, 502, "collector_refused"),
+    ):
+        with make_controller(extra_env=env).client() as admin:
+            r = admin.get("/v1/monitoring/alarms")
+        # Not a 401: the caller's token is fine, the controller's own is missing/wrong.
+        assert (r.status_code, r.json()["error"]) == (status, error)

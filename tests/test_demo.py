@@ -7,13 +7,16 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
+from cladnet.cli import config as cli_config
 from cladnet.cli import demo
 from tests.components import wait_until
 from tests.netns import need_root, sh
@@ -83,6 +86,22 @@ def test_demo_up_status_suspend_resume_down(demo_env: dict[str, str], tmp_path: 
         interval=1,
         what="metrics from the six VMs",
     )
+    # The dashboard's monitoring: through the controller (its origin, its TLS, the
+    # admin token), never the collector's loopback address.
+    monkey = pytest.MonkeyPatch()
+    monkey.setenv("XDG_CONFIG_HOME", demo_env["XDG_CONFIG_HOME"])
+    try:
+        ctx = cli_config.resolve()
+    finally:
+        monkey.undo()
+    tls = ssl.create_default_context(cadata=ctx.ca_pem)
+    with httpx.Client(base_url=state["controller"], verify=tls, timeout=15) as c:
+        r = c.get(
+            "/v1/monitoring/metrics/latest",
+            params={"network": "demo"},
+            headers={"Authorization": f"Bearer {state['secrets']['admin']}"},
+        )
+    assert r.status_code == 200 and len(r.json()["hosts"]) == 6, r.text
 
     before = next(vm for vm in status["group"]["vms"] if vm["name"] == "demo-2")
     _cli(demo_env, "demo", "suspend", "demo-2")

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from agent.daemon import NetworkAgent
 from agent.state import Membership, StateDir
 from cladnet import mesh, metrics
+from cladnet import policy as acl
 from tests.test_mesh import NETWORK, host
 
 json_values = st.recursive(
@@ -114,16 +115,19 @@ def test_plan_never_crashes_on_hostile_peers(peers: list[Any]) -> None:
     assert len(ips) == len(set(ips))  # never two peers with one address
 
 
-@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=200)
+# No deadline: each example builds an agent, slow on a loaded machine.
+@settings(
+    suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=200, deadline=None
+)
 @given(
     st.lists(
         json_values
         | st.fixed_dictionaries(
             {
-                "type": st.sampled_from(["ADDED", "MODIFIED", "DELETED", "BOOKMARK"]),
+                "type": st.sampled_from(["ADDED", "MODIFIED", "DELETED", "BOOKMARK", "POLICY"]),
                 "revision": json_values,
             },
-            optional={"peer": json_values, "id": json_values},
+            optional={"peer": json_values, "id": json_values, "policy": json_values},
         ),
         max_size=8,
     )
@@ -140,5 +144,8 @@ def test_event_handling_never_crashes(tmp_path_factory, events: list[Any]) -> No
     agent = NetworkAgent(StateDir(Path(tmp_path_factory.mktemp("s"))), m, "c", "k", None)  # type: ignore[arg-type]
     for event in events:
         agent._on_event(event)
+    # A policy is kept only if it can be enforced.
+    if agent.m.policy is not None:
+        acl.parse(agent.m.policy["document"])
     # Whatever the view became, planning from it must not crash either.
     test_plan_never_crashes_on_hostile_peers.hypothesis.inner_test(list(agent.m.peers.values()))  # type: ignore[attr-defined]

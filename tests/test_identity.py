@@ -287,10 +287,10 @@ def test_cloned_machines_get_unique_names(admin: httpx.Client, controller: Contr
 
 
 def agent_join(ctl: Controller, token: str, state: Path, *extra: str) -> dict:
-    env = {**os.environ, "CLADNET_STATE_DIR": str(state)}
+    env = {**os.environ, "CLADNET_STATE_DIR": str(state), "CLADNET_JOIN_TOKEN": token}
     out = subprocess.run(
         [sys.executable, "-m", "agent.main", "join", "--no-run", "--controller", ctl.url,
-         "--token", token, *extra],
+         *extra],
         env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
@@ -322,10 +322,10 @@ def test_agent_rejoins_with_its_key_and_clones_get_a_suffix(
     )
     assert saved["me"]["name"] == f"{machine}-2"
     # An explicit --hostname that is taken fails with the controller's message.
-    env = {**os.environ, "CLADNET_STATE_DIR": str(tmp_path / "third")}
+    env = {**os.environ, "CLADNET_STATE_DIR": str(tmp_path / "third"), "CLADNET_JOIN_TOKEN": token}
     out = subprocess.run(
         [sys.executable, "-m", "agent.main", "join", "--no-run", "--controller", controller.url,
-         "--token", token, "--hostname", machine],
+         "--hostname", machine],
         env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 1

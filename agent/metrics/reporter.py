@@ -1,4 +1,4 @@
-"""One network's metrics loop: collect every interval, spool, publish, probe, report."""
+"""One network's metrics loop: collect every interval, spool, publish, probe."""
 
 from __future__ import annotations
 
@@ -20,16 +20,14 @@ from cladnet.tasks import cancel_and_wait
 
 log = logging.getLogger("cladnet.agent")
 
-StatusSink = Callable[[list[dict[str, Any]]], Awaitable[None]]
-
 
 class MetricsReporter:
     """Host + overlay metrics of one network membership.
 
     ``device`` reads the WireGuard device; ``peers`` returns the current peers
-    (id → peer dict); ``status`` (optional) receives per-peer health for the
-    controller every ``status_every`` seconds; ``gauges`` (optional) adds the
-    agent's own state (name → value) to every batch.
+    (id → peer dict); ``gauges`` (optional) adds the agent's own state (name → value)
+    to every batch. Per-peer health (handshake age, transfer, latency) is part of
+    every batch: the collector serves it, etcd never sees it.
     """
 
     def __init__(
@@ -44,19 +42,17 @@ class MetricsReporter:
         device: Callable[[], Awaitable[DeviceState]],
         peers: Callable[[], dict[str, dict[str, Any]]],
         broker: Broker | None = None,
-        status: StatusSink | None = None,
         server: MetricsServer | None = None,
         ack_topic: str | None = None,
         resend_after: float = 30.0,
         probe_interval: float = 10.0,
-        status_every: float = 15.0,
         spool_limits: SpoolLimits | None = None,
         gauges: Callable[[], dict[str, float]] | None = None,
     ) -> None:
         self.network, self.host, self.host_id = network, host, host_id
         self.interval = max(1.0, interval)
-        self.device, self.peers, self.status = device, peers, status
-        self.server, self.probe_interval, self.status_every = server, probe_interval, status_every
+        self.device, self.peers = device, peers
+        self.server, self.probe_interval = server, probe_interval
         self.spool = Spool(spool_dir, spool_limits)
         self.host_metrics = HostCollector()
         self.prober = LatencyProber(overlay_ip)
@@ -116,34 +112,10 @@ class MetricsReporter:
                 log.debug("latency probe not ready", extra={"error": repr(exc)})
             await asyncio.sleep(self.probe_interval)
 
-    async def _status_report(self, device: DeviceState, now: float) -> None:
-        if self.status is None:
-            return
-        by_key = {p.get("public_key"): pid for pid, p in self.peers().items()}
-        names = {pid: str(p.get("name", pid)) for pid, p in self.peers().items()}
-        report = []
-        for st in device.peers.values():
-            pid = by_key.get(st.public_key)
-            if pid is None:
-                continue
-            report.append(
-                {
-                    "peer_id": pid,
-                    "handshake_age_s": max(0.0, now - st.last_handshake)
-                    if st.last_handshake
-                    else None,
-                    "rx_bytes": st.rx_bytes,
-                    "tx_bytes": st.tx_bytes,
-                    "latency_ms": self.rtt.get(names[pid]),
-                }
-            )
-        await self.status(report)
-
     async def run(self) -> None:
         tasks = [asyncio.create_task(self._probe_loop(), name="latency-probe")]
         if self.publisher is not None:
             tasks.append(asyncio.create_task(self.publisher.run(), name="mqtt-publisher"))
-        last_status = 0.0
         try:
             while True:
                 started = time.monotonic()
@@ -158,9 +130,6 @@ class MetricsReporter:
                         self.publisher.wake.set()
                     if self.server is not None:
                         self.server.latest[self.network] = batch
-                    if started - last_status >= self.status_every:
-                        last_status = started
-                        await self._status_report(device, now)
                 except Exception as exc:  # one bad pass must not stop the metrics
                     self.errors += 1
                     log.warning("metrics pass failed", extra={"error": repr(exc)})

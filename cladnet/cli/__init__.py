@@ -14,14 +14,21 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
-import typer
-from rich.console import Console
-from rich.table import Table
+try:
+    import typer
+    from rich.console import Console
+    from rich.table import Table
+except ModuleNotFoundError as missing:  # an agent-only install: one line, not a traceback
+    raise SystemExit(
+        f"cladnet: the CLI needs its extra ({missing.name} is not installed): "
+        "pip install 'cladnet[cli]'"
+    ) from None
 
 from cladnet import __version__
 from cladnet.cli import config
 from cladnet.cli.client import Api, CliError, fetch_ca
-from cladnet.cli.status import summary
+from cladnet.cli.hosts import find_host
+from cladnet.cli.status import summary, with_health
 
 app = typer.Typer(
     help="CLADNet: one encrypted private network across clouds.", no_args_is_help=True
@@ -38,6 +45,9 @@ for sub, name in ((net_app, "net"), (token_app, "token"), (hosts_app, "hosts"),
 out = Console()
 State: dict[str, Any] = {"context": None}
 Json = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+InNetwork = Annotated[
+    str | None, typer.Option("--network", help="the host's network, when its name is in several")
+]
 
 
 @app.callback()
@@ -71,6 +81,11 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     for r in rows:
         t.add_row(*["" if v is None else str(v) for v in r])
     return t
+
+
+def _ms(value: float | None) -> str:
+    """Milliseconds for people (exact in --json)."""
+    return "—" if value is None else f"{value:.1f}"
 
 
 def _age(seconds: float | None) -> str:
@@ -278,30 +293,39 @@ def hosts_list(network: str, as_json: Json = False) -> None:
 
 
 @hosts_app.command("show")
-def hosts_show(host_id: str, as_json: Json = False) -> None:
-    """One host, with what it reports about its peers."""
-    host = controller().get(f"/v1/hosts/{host_id}")
+def hosts_show(host: str, network: InNetwork = None, as_json: Json = False) -> None:
+    """One host (by name or id), with what it reports about its peers."""
+    found = find_host(controller(), host, network)
     if as_json:
-        emit(host, True)
+        emit(found, True)
         return
     for key in ("name", "id", "overlay_ip", "public_address", "addresses", "labels"):
-        out.print(f"{key:15} {host.get(key)}")
+        out.print(f"{key:15} {found.get(key)}")
+
+
+def _hosts_with_health(net: dict[str, Any]) -> list[dict[str, Any]]:
+    """A network's hosts (controller: liveness) with their pair health (collector)."""
+    hosts = controller().get(f"/v1/networks/{net['id']}/hosts")
+    health = collector().get(f"/v1/networks/{net['name']}/pairs")["hosts"]
+    return with_health(hosts, health)
 
 
 @app.command()
-def peers(host_id: str, as_json: Json = False) -> None:
-    """A host's peers: handshake age and latency as that host reports them."""
+def peers(host: str, network: InNetwork = None, as_json: Json = False) -> None:
+    """A host's peers (by name or id): handshake age and latency as it reports them (collector)."""
     api = controller()
-    host = api.get(f"/v1/hosts/{host_id}")
-    others = {h["id"]: h for h in api.get(f"/v1/networks/{host['network_id']}/hosts")}
-    reported = (host.get("status") or {}).get("peers") or []
+    found = find_host(api, host, network)
+    hosts = _hosts_with_health(api.get(f"/v1/networks/{found['network_id']}"))
+    others = {h["id"]: h for h in hosts}
+    reported = others[found["id"]]["status"]["peers"] if found["id"] in others else []
     data = [
         {**p, "name": others.get(p["peer_id"], {}).get("name"),
          "endpoint": others.get(p["peer_id"], {}).get("public_address")}
         for p in reported
     ]  # fmt: skip
-    rows = [[d["name"], d["endpoint"], _age(d["handshake_age_s"]), d["latency_ms"]] for d in data]
-    emit(data, as_json, _table(f"peers of {host['name']}", ["PEER", "PUBLIC", "HANDSHAKE",
+    rows = [[d["name"], d["endpoint"], _age(d["handshake_age_s"]), _ms(d["latency_ms"])]
+            for d in data]  # fmt: skip
+    emit(data, as_json, _table(f"peers of {found['name']}", ["PEER", "PUBLIC", "HANDSHAKE",
                                                             "RTT MS"], rows))  # fmt: skip
 
 
@@ -309,7 +333,17 @@ def _status_views(network: str | None) -> list[dict[str, Any]]:
     api = controller()
     nets = [api.get(f"/v1/networks/{network}")] if network else api.get("/v1/networks")
     now = time.time()
-    return [summary(n, api.get(f"/v1/networks/{n['id']}/hosts"), now) for n in nets]
+    return [summary(n, _hosts_with_health(n), now, _policy_of(api, n["id"])) for n in nets]
+
+
+def _policy_of(api: Api, network_id: str) -> Any:
+    """The network's policy, or None from a controller without policies."""
+    from cladnet import policy as acl
+
+    try:
+        return acl.parse(api.get(f"/v1/networks/{network_id}/policy")["policy"])
+    except CliError:
+        return None
 
 
 def _render_status(views: list[dict[str, Any]]) -> Table:
@@ -398,6 +432,19 @@ def metrics_show(
     emit(data, as_json, _table(f"{metric} on {host}", ["TIME", "VALUE"], rows))
 
 
+@metrics_app.command("names")
+def metrics_names(
+    network: Annotated[str | None, typer.Option(help="names seen in this network")] = None,
+    as_json: Json = False,
+) -> None:
+    """The metric names the collector knows (what alarm rules may use)."""
+    data = collector().get("/v1/metrics/names", network=network)
+    if as_json:
+        emit(data, True)
+    else:
+        out.print("\n".join(data["names"]))
+
+
 @alarms_app.command("list")
 def alarms_list(as_json: Json = False) -> None:
     """Rules and the alarms firing now."""
@@ -407,7 +454,7 @@ def alarms_list(as_json: Json = False) -> None:
         return
     rules = [[r["id"], r["name"], _rule_text(r), f"{r['for_s']:g}s"] for r in data["rules"]]
     out.print(_table("rules", ["ID", "NAME", "RULE", "FOR"], rules))
-    firing = [[a["rule_name"], a["host"], a["series"], a["value"]] for a in data["alarms"]]
+    firing = [[a["rule_name"], a["host"], a["series"], f"{a['value']:.4g}"] for a in data["alarms"]]
     out.print(_table("firing", ["RULE", "HOST", "SERIES", "VALUE"], firing))
 
 
@@ -427,7 +474,8 @@ def alarms_create(
     for_: Annotated[str, typer.Option("--for")] = "0s",
     as_json: Json = False,
 ) -> None:
-    """An alarm rule: ``cladnet alarms create hot cpu_percent '>' 90 --network prod --for 1m``."""
+    """An alarm rule on a metric the collector knows (``cladnet metrics names``):
+    ``cladnet alarms create hot cpu_usage_ratio '>' 0.9 --network prod --for 1m``."""
     body = {"name": name, "metric": metric, "op": op, "threshold": threshold, "network": network,
             "host": host, "for_s": _seconds(for_)}  # fmt: skip
     rule = collector().call("POST", "/v1/alarms", json=body)
@@ -446,9 +494,12 @@ def alarms_delete(rule_id: str) -> None:
 
 from cladnet.cli.demo import demo_app  # noqa: E402 - they use the helpers above
 from cladnet.cli.groups import group_app  # noqa: E402
+from cladnet.cli.policy import policy_app, tag  # noqa: E402
 
 app.add_typer(demo_app, name="demo")
 app.add_typer(group_app, name="group")
+app.add_typer(policy_app, name="policy")
+app.command("tag")(tag)
 
 
 def main() -> None:

@@ -19,6 +19,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from cladnet.files import write_atomic
+
 
 def config_path() -> Path:
     base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
@@ -61,11 +63,7 @@ def save(data: dict) -> Path:
         for key in ("controller", "collector", "token", "ca_pem"):
             if ctx.get(key):
                 lines.append(f"{key} = {_toml_str(ctx[key])}")
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    tmp.replace(path)
+    write_atomic(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -208,7 +208,9 @@ def _services(demo: Demo) -> None:
            "--mqtt-admin-url", f"mqtt://127.0.0.1:{MQTT_ADMIN_PORT}",
            "--collector-url", collector_url],
            {"CLADNET_ADMIN_TOKEN": secret["admin"], "CLADNET_LEADER_TTL": "3",
-            "CLADNET_MQTT_ADMIN_PASSWORD": secret["mqtt_admin"]})  # fmt: skip
+            "CLADNET_MQTT_ADMIN_PASSWORD": secret["mqtt_admin"],
+            # The dashboard's monitoring goes through the controller's proxy.
+            "CLADNET_COLLECTOR_TOKEN": secret["admin"]})  # fmt: skip
     # Until the controller has written the CA, the check fails verification: retried.
     _wait(lambda: demo.api().get("/readyz"), 30, "the controller")
 
@@ -262,7 +264,7 @@ def up(
             api.call("POST", "/v1/groups", json={"name": GROUP, "members": MEMBERS, "keepalive": 5})
         _wait(lambda: api.get(f"/v1/groups/{GROUP}")["state"] == "Running", timeout, "6 VMs")
         _wait(lambda: _matrix(demo)["complete"], timeout, "the full mesh")
-        # Agents report their peers' handshakes every 15 s: wait for the first round.
+        # Agents publish their peers' handshakes with their metrics: wait for them.
         _wait(lambda: _healthy(demo), timeout, "every agent to report its peers")
     except (CliError, subprocess.CalledProcessError, OSError) as e:
         out.print(f"[red]demo up failed: {e}; cleaning up[/]")
@@ -279,11 +281,13 @@ def up(
 
 
 def _views(demo: Demo) -> list[dict[str, Any]]:
-    from cladnet.cli.status import summary
+    from cladnet.cli.status import summary, with_health
 
-    api = demo.api()
+    api, data = demo.api(), demo.load()
     net = api.get(f"/v1/networks/{GROUP}")
-    return [summary(net, api.get(f"/v1/networks/{net['id']}/hosts"), time.time())]
+    health = Api(data["collector"], data["token"], "collector").get(f"/v1/networks/{GROUP}/pairs")
+    hosts = with_health(api.get(f"/v1/networks/{net['id']}/hosts"), health["hosts"])
+    return [summary(net, hosts, time.time())]
 
 
 def _healthy(demo: Demo) -> bool:
@@ -330,6 +334,31 @@ def _matrix(demo: Demo) -> dict[str, Any]:
     every_vm = len(vms) == len(group["vms"]) > 0
     complete = every_vm and len(pairs) == expected and all(p["ok"] for p in pairs)
     return {"group": group, "pairs": pairs, "complete": complete}
+
+
+@demo_app.command("env")
+def env(root: Dir = Path("/var/lib/cladnet-demo")) -> None:
+    """Print ``export`` lines for the running demo's controller, collector, token and CA.
+
+    ``eval "$(cladnet demo env)"`` and the README's walk-through works as written:
+    curl with ``--cacert "$CLADNET_CACERT"``, the CLI through the same variables.
+    """
+    import shlex
+
+    demo = Demo(root)
+    data = demo.load()
+    if not data.get("controller"):
+        raise CliError(f"the demo is not up (nothing in {root}); run: cladnet demo up")
+    ca = root / "controller" / "tls" / "ca.crt"
+    values = {
+        "CLADNET_CONTROLLER": data["controller"],
+        "CLADNET_COLLECTOR": data["collector"],
+        "CLADNET_TOKEN": data["token"],
+        "CLADNET_CACERT": str(ca),
+        "CLADNET_CONTEXT": "demo",
+    }
+    for name, value in values.items():
+        print(f"export {name}={shlex.quote(value)}")
 
 
 @demo_app.command("status")

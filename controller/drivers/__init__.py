@@ -20,7 +20,12 @@ def load(name: str, options: dict[str, Any] | None = None) -> Driver:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        raise DriverError(f"unknown driver {name!r} (no module {module_name})") from e
+        if e.name and module_name.startswith(e.name):
+            raise DriverError(f"unknown driver {name!r} (no module {module_name})") from e
+        # The driver exists; its SDK is an extra (boto3 for ec2) not installed here.
+        raise DriverError(
+            f"driver {name!r} needs {e.name}, which is not installed: pip install 'cladnet[{name}]'"
+        ) from e
     cls = getattr(module, "Driver", None)
     if not (isinstance(cls, type) and issubclass(cls, Driver)):
         raise DriverError(f"module {module_name} has no Driver class")

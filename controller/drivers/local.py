@@ -347,8 +347,8 @@ class Driver(base.Driver):
         if not await self._exists("ip", "netns", "exec", ns, "true"):
             await self._run("ip", "netns", "add", ns)
         if not await self._exists("ip", "-n", ns, "link", "show", "eth0"):
-            await self._run("ip", "link", "add", "eth0", "netns", ns, "type", "veth",
-                            "peer", "name", port, "netns", router)  # fmt: skip
+            veth = f"link add eth0 netns {ns} type veth peer name {port} netns {router}"
+            await self._run("ip", *veth.split())
             address = f"{vm['private_ip']}/{subnet.prefixlen}"
             await self._in(ns, "ip", "link", "set", "lo", "up")
             await self._in(ns, "ip", "addr", "add", address, "dev", "eth0")

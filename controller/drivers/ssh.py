@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cladnet.files import write_atomic
 from controller.drivers import base
 from controller.drivers.base import RUNNING, SUSPENDED, DriverError, NoSuchVm, Region, Vm, VmSpec
 
@@ -227,14 +228,7 @@ class Driver(base.Driver):
 
     def _save(self) -> None:
         # Written whole and renamed: a crash leaves the old or the new mapping, never half.
-        tmp = self._state_file.with_name(self._state_file.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), 0o600)
-            json.dump(self._vms, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._state_file)
+        write_atomic(self._state_file, json.dumps(self._vms, indent=2, sort_keys=True))
 
     def _record(self, name: str) -> dict[str, str]:
         record = self._vms.get(name)

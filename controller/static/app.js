@@ -1,19 +1,33 @@
-// CLADNet dashboard: vanilla JS + SVG, talking to the controller (same origin) and,
-// if configured, the collector. Health rules are the CLI's (cladnet/cli/status.py).
+// CLADNet dashboard: vanilla JS + SVG, talking to the controller only (same origin);
+// monitoring comes through its /v1/monitoring proxy of the collector's queries.
+// Health rules are the CLI's (cladnet/cli/status.py).
 "use strict";
 
 const DOWN_AFTER = 30, BROKEN_AFTER = 180, SVG = "http://www.w3.org/2000/svg";
 const state = { token: sessionStorage.getItem("cladnet-token"), network: null,
-                collector: null, host: null, iface: null, timer: null };
+                monitoring: false, host: null, hosts: [], iface: null, timer: null };
 const $ = (id) => document.getElementById(id);
 
-async function api(path, base = "") {
-  const r = await fetch(base + path, { headers: { Authorization: "Bearer " + state.token } });
+async function api(path) {
+  const r = await fetch(path, { headers: { Authorization: "Bearer " + state.token } });
   if (r.status === 401) { throw new Error("unauthorized: check the token"); }
   const body = await r.json();
   if (!r.ok) { throw new Error(body.message || r.statusText); }
   return body;
 }
+
+// A group action (admin only: a viewer's click gets the API's "forbidden" message).
+async function groupAction(group, action) {
+  const r = await fetch(`/v1/groups/${encodeURIComponent(group)}/actions`, { method: "POST",
+    headers: { Authorization: "Bearer " + state.token, "Content-Type": "application/json" },
+    body: JSON.stringify({ action }) });
+  const body = await r.json();
+  $("group-message").textContent = r.ok ? `${group}: ${action} asked` : `${group}: ${body.message}`;
+  showGroups();
+}
+
+// A collector query, proxied by the controller under its own origin and login.
+const monitoring = (path) => api("/v1/monitoring" + path);
 
 function showLogin(message) {
   $("login").hidden = false; $("main").hidden = true; $("logout").hidden = true;
@@ -25,7 +39,7 @@ async function start() {
     await api("/v1/networks");
   } catch (e) { showLogin(String(e.message)); return; }
   $("login").hidden = true; $("main").hidden = false; $("logout").hidden = false;
-  state.collector = (await (await fetch("/ui/config.json")).json()).collector_url;
+  state.monitoring = (await (await fetch("/ui/config.json")).json()).monitoring;
   await loadNetworks();
   clearInterval(state.timer);
   state.timer = setInterval(refresh, 5000);
@@ -125,8 +139,8 @@ const wgInterface = (network) => ("cl-" + network.replace(/[^a-zA-Z0-9-]/g, ""))
 // A host has one network_receive_bytes_total per interface; the collector refuses to
 // guess (ambiguous series), so the chart asks for the interface picked here.
 async function interfacePicker(h) {
-  const latest = await api(`/v1/hosts/${encodeURIComponent(h.name)}/latest?network=${
-    encodeURIComponent(state.network)}`, state.collector);
+  const latest = await monitoring(`/hosts/${encodeURIComponent(h.name)}/latest?network=${
+    encodeURIComponent(state.network)}`);
   const names = Object.keys(latest.metrics)
     .map((k) => /^network_receive_bytes_total\{interface="(.*)"\}$/.exec(k))
     .filter((m) => m).map((m) => m[1]).sort();
@@ -141,26 +155,63 @@ async function interfacePicker(h) {
   return select;
 }
 
+const ago = (t) => (t ? `${Math.max(0, Math.round(Date.now() / 1000 - t))} s ago` : "never");
+const labelText = (labels) => Object.entries(labels || {}).map(([k, v]) => `${k}=${v}`).join(", ");
+
+// The host's fields as a readable table (name → text), not raw JSON.
+function hostTable(h) {
+  const rows = [
+    ["id", h.id], ["overlay IP", h.overlay_ip], ["public address", h.public_address || "—"],
+    ["addresses", (h.addresses || []).join(", ") || "—"],
+    ["endpoints", (h.endpoints || []).join(", ") || "—"],
+    ["listen port", h.listen_port], ["labels", labelText(h.labels) || "—"],
+    ["last seen", ago(h.last_seen)],
+  ];
+  const table = Object.assign(document.createElement("table"), { id: "host-fields" });
+  for (const [k, v] of rows) {
+    const tr = table.insertRow();
+    tr.dataset.field = k;
+    tr.append(Object.assign(document.createElement("th"), { textContent: k }),
+              Object.assign(document.createElement("td"), { textContent: String(v) }));
+  }
+  return table;
+}
+
+// Per peer: handshake age and tunnel latency as this host reports them.
+function peerTable(h) {
+  const names = Object.fromEntries(state.hosts.map((x) => [x.id, x.name]));
+  const table = Object.assign(document.createElement("table"), { id: "host-peers" });
+  const head = table.insertRow();
+  for (const t of ["peer", "handshake", "latency"]) {
+    head.append(Object.assign(document.createElement("th"), { textContent: t }));
+  }
+  for (const p of ((h.status || {}).peers || [])) {
+    const tr = table.insertRow();
+    tr.dataset.peer = names[p.peer_id] || p.peer_id;
+    for (const t of [names[p.peer_id] || p.peer_id,
+      p.handshake_age_s === null ? "none" : `${Math.round(p.handshake_age_s)} s ago`,
+      p.latency_ms === null || p.latency_ms === undefined ? "—" : `${p.latency_ms.toFixed(1)} ms`]) {
+      tr.append(Object.assign(document.createElement("td"), { textContent: t }));
+    }
+  }
+  return table;
+}
+
 async function showHost(h) {
   const panel = $("host-panel");
-  panel.replaceChildren(Object.assign(document.createElement("h2"), { textContent: h.name }));
-  const dl = document.createElement("dl");
-  for (const k of ["overlay_ip", "public_address", "addresses", "labels", "listen_port"]) {
-    dl.append(Object.assign(document.createElement("dt"), { textContent: k }),
-              Object.assign(document.createElement("dd"), { textContent: JSON.stringify(h[k]) }));
-  }
-  panel.append(dl);
-  if (!state.collector) { panel.append("Charts need a collector (CLADNET_COLLECTOR_URL)."); return; }
+  panel.replaceChildren(Object.assign(document.createElement("h2"), { textContent: h.name }),
+                        hostTable(h), peerTable(h));
+  if (!state.monitoring) { panel.append("Charts need a collector (--collector-url)."); return; }
   for (const metric of ["cpu_usage_ratio", "memory_usage_ratio", "network_receive_bytes_total"]) {
     try {
       const title = Object.assign(document.createElement("h3"), { textContent: metric });
-      let q = `/v1/series?host=${encodeURIComponent(h.name)}&metric=${metric}&since=600&step=10`;
+      let q = `/series?host=${encodeURIComponent(h.name)}&metric=${metric}&since=600&step=10`;
       if (metric === "network_receive_bytes_total") {
         const picker = await interfacePicker(h);
         title.append(" ", picker);
         if (state.iface) { q += `&labels=${encodeURIComponent("interface=" + state.iface)}`; }
       }
-      const data = await api(q, state.collector);
+      const data = await monitoring(q);
       panel.append(title, chart(metric, data.points));
     } catch (e) { panel.append(`${metric}: ${e.message}`); }
   }
@@ -168,11 +219,18 @@ async function showHost(h) {
 
 async function showAlarms() {
   const ul = $("alarms");
-  if (!state.collector) { ul.replaceChildren("collector not configured"); return; }
+  if (!state.monitoring) { ul.replaceChildren("collector not configured"); return; }
   try {
-    const data = await api("/v1/alarms", state.collector);
-    ul.replaceChildren(...data.alarms.map((a) => Object.assign(document.createElement("li"),
-      { textContent: `${a.rule_name} on ${a.network}/${a.host} ${a.series} = ${a.value}` })));
+    const data = await monitoring("/alarms");
+    const rules = Object.fromEntries(data.rules.map((r) => [r.id, r]));
+    ul.replaceChildren(...data.alarms.map((a) => {
+      const r = rules[a.rule_id];
+      const rule = r ? ` (${r.metric} ${r.op} ${r.threshold})` : "";
+      const li = Object.assign(document.createElement("li"), { textContent:
+        `${a.rule_name} on ${a.network}/${a.host}: ${a.series} = ${Number(a.value).toFixed(2)}${rule}` });
+      li.dataset.rule = a.rule_name;
+      return li;
+    }));
     if (!data.alarms.length) { ul.replaceChildren("no alarm firing"); }
   } catch (e) { ul.replaceChildren(`alarms: ${e.message}`); }
 }
@@ -184,15 +242,42 @@ async function showGroups() {
   try {
     const groups = await api("/v1/groups");
     ul.replaceChildren(...groups.map((g) => {
-      const li = Object.assign(document.createElement("li"), { textContent: `${g.name}: ${g.state}` });
+      const li = document.createElement("li");
+      const label = Object.assign(document.createElement("span"), { textContent: `${g.name}: ${g.state}` });
+      li.append(label);
       li.dataset.group = g.name; li.dataset.state = g.state;
       li.title = g.vms.map((vm) => `${vm.name} ${vm.state} ${vm.public_ip || ""}`).join("\n");
       li.classList.toggle("bad", g.state !== "Running");
-      li.onclick = () => { state.network = g.network; state.host = null; refresh(); };
+      label.onclick = () => { state.network = g.network; state.host = null; refresh(); };
+      for (const action of ["suspend", "resume", "terminate"]) {
+        const b = Object.assign(document.createElement("button"), { textContent: action });
+        b.dataset.action = action;
+        b.onclick = () => {
+          if (action !== "terminate" || confirm(`Terminate every VM of ${g.name}?`)) {
+            groupAction(g.name, action);
+          }
+        };
+        li.append(" ", b);
+      }
       return li;
     }));
     if (!groups.length) { ul.replaceChildren("no groups"); }
   } catch (e) { ul.replaceChildren(`groups: ${e.message}`); }
+}
+
+// Pair health is the collector's (one query per refresh, as for `cladnet status`); the
+// controller only knows who is alive. Without a collector every pair is "unknown".
+async function pairHealth(network) {
+  if (!state.monitoring) { return {}; }
+  try {
+    return (await monitoring(`/networks/${encodeURIComponent(network)}/pairs`)).hosts;
+  } catch (e) { return {}; }
+}
+
+function withHealth(hosts, health) {
+  const ids = Object.fromEntries(hosts.map((h) => [h.name, h.id]));
+  return hosts.map((h) => ({ ...h, status: { peers: Object.entries((health[h.name] || {}).peers || {})
+    .filter(([name]) => name in ids).map(([name, p]) => ({ peer_id: ids[name], ...p })) } }));
 }
 
 async function refresh() {
@@ -202,8 +287,10 @@ async function refresh() {
     li.classList.toggle("active", li.dataset.network === state.network);
   }
   try {
-    const hosts = await api(`/v1/networks/${encodeURIComponent(state.network)}/hosts`);
+    const hosts = withHealth(await api(`/v1/networks/${encodeURIComponent(state.network)}/hosts`),
+                             await pairHealth(state.network));
     $("mesh-title").textContent = `${state.network}: ${hosts.length} hosts`;
+    state.hosts = hosts;
     drawMesh(hosts);
     if (state.host) { const h = hosts.find((x) => x.id === state.host.id); if (h) { showHost(h); } }
   } catch (e) { $("mesh-title").textContent = `${state.network}: ${e.message}`; }
