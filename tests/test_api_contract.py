@@ -54,6 +54,11 @@ checks.positive_data_acceptance.expected-statuses = {WITH_400_422}
 [[operations]]
 include-path = "/v1/monitoring/{path}"
 enabled = false
+
+# Gone (410 to every caller, documented so): tests/test_controller_api.py asserts it.
+[[operations]]
+include-path = "/v1/hosts/{host_id}/status"
+enabled = false
 """.replace("{WITH_400}", '["2xx", "400", "401", "403", "404", "409", "429"]').replace(
     "{WITH_400_422}", '["2xx", "400", "401", "403", "404", "409", "422", "429"]'
 )
@@ -130,10 +135,15 @@ def test_hosts_peers_and_audit_page_through_one_snapshot(controller: Controller)
         joined = [_join(admin, "paged", f"h{i}") for i in range(5)]
         ids = {j["host_id"] for j in joined}
         url = f"/v1/networks/{net['id']}"
+        # The policy's key sits among the peers' (after them): never listed as a peer.
+        policy = {"groups": {"web": ["tag:web"]}, "rules": [{"src": ["group:web"], "dst": ["*"]}]}
+        assert admin.put(f"{url}/policy", json=policy).status_code == 200
 
         peer_pages = _pages(admin, f"{url}/peers", "peers", 2)
         assert [len(p["peers"]) for p in peer_pages] == [2, 2, 1]
         assert {p["id"] for page in peer_pages for p in page["peers"]} == ids
+        # The policy comes with the last page.
+        assert [p["policy"] and p["policy"]["version"] for p in peer_pages] == [None, None, 1]
         # All pages at the first page's revision, even after a change in between.
         first = admin.get(f"{url}/peers", params={"limit": 2}).json()
         admin.delete(f"/v1/hosts/{joined[0]['host_id']}")
