@@ -15,6 +15,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
+from urllib.parse import urlencode
 
 import httpx
 
@@ -25,6 +26,7 @@ T = TypeVar("T")
 # Answers that say "not now" rather than "no": the controller restarts, its etcd
 # is away, or it limits joins from this address.
 TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
+PEER_PAGE = 1000  # peers per list request: bounded reads on the controller
 # What talking to the controller raises when the network or the controller is away.
 NETWORK_ERRORS = (httpx.HTTPError, OSError)
 
@@ -287,18 +289,34 @@ class ControllerClient:
     async def network(self, network_id: str) -> dict[str, Any]:
         return await self._call("GET", f"/v1/networks/{network_id}")
 
-    async def list_peers(self, network_id: str) -> tuple[list[dict[str, Any]], int]:
+    async def list_peers(
+        self, network_id: str, page: int = PEER_PAGE
+    ) -> tuple[list[dict[str, Any]], int]:
         """The network's peers and the revision to watch from."""
-        result = await self._call("GET", f"/v1/networks/{network_id}/peers")
-        return result["peers"], result["revision"]
+        peers, revision, _ = await self.list_peers_and_policy(network_id, page)
+        return peers, revision
 
     async def list_peers_and_policy(
-        self, network_id: str
+        self, network_id: str, page: int = PEER_PAGE
     ) -> tuple[list[dict[str, Any]], int, dict[str, Any] | None]:
         """The network's peers, the revision to watch from and the policy (None from a
-        controller without policies)."""
-        result = await self._call("GET", f"/v1/networks/{network_id}/peers")
-        return result["peers"], result["revision"], result.get("policy")
+        controller without policies), in pages of ``page`` (all read at one revision; the
+        policy comes with the last; a controller without paging sends all at once)."""
+        for _ in range(3):  # a snapshot compacted between pages: list from the start
+            peers: list[dict[str, Any]] = []
+            params: dict[str, Any] = {"limit": page}
+            try:
+                while True:
+                    path = f"/v1/networks/{network_id}/peers?{urlencode(params)}"
+                    result = await self._call("GET", path)
+                    peers += result["peers"]
+                    if not result.get("continue"):
+                        return peers, result["revision"], result.get("policy")
+                    params["continue"] = result["continue"]
+            except WatchGone:
+                if "continue" not in params:
+                    raise
+        raise ControllerError(410, "continue_expired", "the peer list kept changing under us")
 
     async def watch_peers(self, network_id: str, since: int) -> AsyncIterator[dict[str, Any]]:
         """Peer events after ``since``; raises WatchGone (list again) or httpx errors (resume)."""

@@ -10,13 +10,26 @@ import ipaddress
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
+from cladnet.addrspace import is_private_cidr
 from cladnet.keys import validate_public_key
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 LABEL_KEY_RE = re.compile(r"^[a-z0-9]([a-z0-9._/-]{0,61}[a-z0-9])?$")
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_O = rf"\.{_OCTET}"
+# An IPv4 interface address, prefix optional (/32): dotted quad without leading zeros.
+IFACE_RE = re.compile(rf"^{_OCTET}{_O}{_O}{_O}(/(3[0-2]|[12]?[0-9]))?$")
+# An overlay CIDR inside one RFC 1918 block, /8-/30 (/31 and /32 hold no host).
+PRIVATE_CIDR_RE = re.compile(
+    rf"^(10{_O}{_O}{_O}/([89]|[12][0-9]|30)"
+    rf"|172\.(1[6-9]|2[0-9]|3[01]){_O}{_O}/(1[2-9]|2[0-9]|30)"
+    rf"|192\.168{_O}{_O}/(1[6-9]|2[0-9]|30))$"
+)
+# 32 bytes in canonical base64 (the last character's unused bits are zero), not all zero.
+PUBLIC_KEY_RE = re.compile(r"^(?!A{43}=)[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$")
 TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # as cladnet.policy names
 
 DEFAULT_MTU = 1420
@@ -28,6 +41,14 @@ DEFAULT_METRICS_INTERVAL = 2.0
 DEFAULT_DNS_ZONE = "cladnet.internal"
 
 
+def _str_schema(regex: re.Pattern[str], description: str, **extra: Any) -> WithJsonSchema:
+    """The JSON schema of a string the server checks against ``regex`` (whole string), so
+    the published document is exactly as strict as the validation."""
+    return WithJsonSchema(
+        {"type": "string", "pattern": regex.pattern, "description": description, **extra}
+    )
+
+
 def _name(value: str) -> str:
     if not NAME_RE.fullmatch(value):
         raise ValueError(
@@ -36,11 +57,16 @@ def _name(value: str) -> str:
     return value
 
 
+# A DNS zone: lowercase labels as NAME_RE, dot-separated, at most 200 characters.
+ZONE_RE = re.compile(
+    r"^(?=.{1,200}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
+)
+
+
 def _dns_zone(value: str) -> str:
-    labels = value.rstrip(".").split(".")
-    if len(value) > 200 or not all(NAME_RE.fullmatch(label) for label in labels):
+    if not ZONE_RE.fullmatch(value):
         raise ValueError("must be a DNS name: lowercase labels of letters, digits and '-'")
-    return value.rstrip(".")
+    return value
 
 
 def _hostname(value: str) -> str:
@@ -51,6 +77,8 @@ def _hostname(value: str) -> str:
 
 def _iface_address(value: str) -> str:
     """An interface address with its prefix, e.g. ``10.0.1.5/24``."""
+    if not IFACE_RE.fullmatch(value):
+        raise ValueError(f"not an IPv4 interface address like 10.0.1.5/24: {value!r}")
     try:
         iface = ipaddress.ip_interface(value)
     except ValueError as exc:
@@ -58,6 +86,25 @@ def _iface_address(value: str) -> str:
     if iface.version != 4:
         raise ValueError(f"only IPv4 underlay addresses are supported: {value!r}")
     return str(iface)
+
+
+def _private_cidr(value: str) -> str:
+    """An overlay CIDR inside RFC 1918; host bits are cleared (10.1.2.3/16 → 10.1.0.0/16)."""
+    if not PRIVATE_CIDR_RE.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not an IPv4 CIDR (/8 to /30) inside a private RFC 1918 block "
+            "(10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16)"
+        )
+    net = ipaddress.IPv4Network(value, strict=False)
+    if not is_private_cidr(net):  # the pattern says so already; the library agrees
+        raise ValueError(f"{value!r} is not inside a private RFC 1918 block")
+    return str(net)
+
+
+def _public_key(value: str) -> str:
+    if not PUBLIC_KEY_RE.fullmatch(value):
+        raise ValueError("not a WireGuard public key (44 characters of canonical base64)")
+    return validate_public_key(value)
 
 
 def _labels(value: dict[str, str]) -> dict[str, str]:
@@ -71,32 +118,84 @@ def _labels(value: dict[str, str]) -> dict[str, str]:
     return value
 
 
-Name = Annotated[str, AfterValidator(_name)]
-Hostname = Annotated[str, AfterValidator(_hostname)]
-IfaceAddress = Annotated[str, AfterValidator(_iface_address)]
-PublicKey = Annotated[str, AfterValidator(validate_public_key)]
-Labels = Annotated[dict[str, str], AfterValidator(_labels)]
-Port = Annotated[int, Field(ge=1, le=65535)]
+Name = Annotated[
+    str,
+    AfterValidator(_name),
+    _str_schema(NAME_RE, "1-63 lowercase letters, digits or '-', not starting/ending with '-'"),
+]
+Hostname = Annotated[str, AfterValidator(_hostname), _str_schema(HOSTNAME_RE, "a hostname")]
+IfaceAddress = Annotated[
+    str,
+    AfterValidator(_iface_address),
+    _str_schema(IFACE_RE, "an IPv4 interface address, e.g. 10.0.1.5/24 (no prefix: /32)"),
+]
+PrivateCidr = Annotated[
+    str,
+    AfterValidator(_private_cidr),
+    _str_schema(
+        PRIVATE_CIDR_RE,
+        "an IPv4 CIDR, /8 to /30, inside an RFC 1918 block; host bits are cleared",
+    ),
+]
+PublicKey = Annotated[
+    str,
+    AfterValidator(_public_key),
+    _str_schema(PUBLIC_KEY_RE, "a WireGuard public key (base64, as `wg pubkey` prints it)"),
+]
+Labels = Annotated[
+    dict[str, str],
+    AfterValidator(_labels),
+    WithJsonSchema(
+        {
+            "type": "object",
+            "maxProperties": 32,
+            "propertyNames": {"type": "string", "pattern": LABEL_KEY_RE.pattern},
+            "additionalProperties": {"type": "string", "maxLength": 128},
+        }
+    ),
+]
+
+
+def _integral(value: object) -> object:
+    """JSON Schema's integer includes 2.0; strict pydantic would refuse it."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# For each integer of a request body (strict models take no "1" or true for it, as the
+# schema); after its Field, so the schema keeps the bounds.
+INTEGRAL = BeforeValidator(_integral)
+Int = Annotated[int, INTEGRAL]
+Port = Annotated[int, Field(ge=1, le=65535), INTEGRAL]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: no unknown fields and no coercion (``false`` is not a number), so
+    it accepts exactly what its JSON schema allows."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # --- networks ---------------------------------------------------------------------------
 
 
 class NetworkCreate(Strict):
+    """A new network. Beyond the schema: ``cidr`` must hold ``expected_hosts`` (400
+    ``cidr_too_small``, a rule between two fields that JSON Schema cannot state)."""
+
     name: Name
-    cidr: str | None = None
-    expected_hosts: Annotated[int, Field(ge=1, le=1_000_000)] = DEFAULT_EXPECTED_HOSTS
-    mtu: Annotated[int, Field(ge=1280, le=9000)] = DEFAULT_MTU
+    cidr: PrivateCidr | None = None
+    expected_hosts: Annotated[int, Field(ge=1, le=1_000_000), INTEGRAL] = DEFAULT_EXPECTED_HOSTS
+    mtu: Annotated[int, Field(ge=1280, le=9000), INTEGRAL] = DEFAULT_MTU
     listen_port: Port = DEFAULT_LISTEN_PORT
-    keepalive: Annotated[int, Field(ge=0, le=600)] = DEFAULT_KEEPALIVE
+    keepalive: Annotated[int, Field(ge=0, le=600), INTEGRAL] = DEFAULT_KEEPALIVE
     # Seconds between the agents' metric batches (the per-network metrics policy).
     metrics_interval: Annotated[float, Field(ge=1, le=3600)] = DEFAULT_METRICS_INTERVAL
     # Hosts answer to <host>.<network>.<dns_zone> (set once, at creation).
-    dns_zone: Annotated[str, AfterValidator(_dns_zone)] = DEFAULT_DNS_ZONE
+    dns_zone: Annotated[
+        str, AfterValidator(_dns_zone), _str_schema(ZONE_RE, "a DNS zone, e.g. cladnet.internal")
+    ] = DEFAULT_DNS_ZONE
 
 
 class Network(BaseModel):
@@ -133,8 +232,8 @@ class AddressSpaces(BaseModel):
 
 
 class TokenCreate(Strict):
-    ttl_seconds: Annotated[int, Field(ge=60, le=365 * 86400)] = 86400
-    max_uses: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    ttl_seconds: Annotated[int, Field(ge=60, le=365 * 86400), INTEGRAL] = 86400
+    max_uses: Annotated[int, Field(ge=1, le=1_000_000), INTEGRAL] | None = None
     description: Annotated[str, Field(max_length=200)] = ""
 
 
@@ -261,13 +360,21 @@ class EndpointsUpdate(Strict):
     addresses: Annotated[list[IfaceAddress], Field(max_length=64)] | None = None
     listen_port: Port | None = None
     public_key: PublicKey | None = None
-    endpoints: Annotated[list[str], Field(max_length=16)] | None = None
+    endpoints: (
+        Annotated[list[Annotated[str, Field(max_length=255)]], Field(max_length=16)] | None
+    ) = None
 
 
 class PeerList(BaseModel):
+    """One page of a network's peers (all of them without ``limit``), read at ``revision``;
+    ``continue`` fetches the next page at the same revision."""
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
     network_id: str
     revision: int
     peers: list[Peer]
+    continue_token: str | None = Field(default=None, alias="continue")
     # The access policy's enforced part (controller.policy.public_view), None from
     # controllers without policies.
     policy: dict[str, Any] | None = None
@@ -291,7 +398,11 @@ def _tags(value: list[str]) -> list[str]:
 class TagsUpdate(Strict):
     """A host's complete set of tags (replaces the old one)."""
 
-    tags: Annotated[list[str], Field(max_length=32), AfterValidator(_tags)]
+    tags: Annotated[
+        list[Annotated[str, Field(pattern=TAG_RE.pattern)]],
+        Field(max_length=32),
+        AfterValidator(_tags),
+    ]
 
 
 # --- groups of VMs -------------------------------------------------------------------------
@@ -302,7 +413,7 @@ class GroupMember(Strict):
 
     driver: Name
     region: Annotated[str, Field(min_length=1, max_length=64)]
-    count: Annotated[int, Field(ge=1, le=100)] = 1
+    count: Annotated[int, Field(ge=1, le=100), INTEGRAL] = 1
     image: Annotated[str, Field(max_length=200)] = "debian-12"
     size: Annotated[str, Field(max_length=64)] = "small"
     labels: Labels = Field(default_factory=dict)
@@ -311,8 +422,8 @@ class GroupMember(Strict):
 class GroupCreate(Strict):
     name: Name
     members: Annotated[list[GroupMember], Field(min_length=1, max_length=20)]
-    cidr: str | None = None  # the group's network; recommended space when absent
-    keepalive: Annotated[int, Field(ge=0, le=600)] = DEFAULT_KEEPALIVE
+    cidr: PrivateCidr | None = None  # the group's network; recommended space when absent
+    keepalive: Annotated[int, Field(ge=0, le=600), INTEGRAL] = DEFAULT_KEEPALIVE
     metrics_interval: Annotated[float, Field(ge=1, le=3600)] = DEFAULT_METRICS_INTERVAL
     # The VMs' agents run the admin's remote commands (as root): only when asked for.
     allow_commands: bool = False
@@ -373,7 +484,7 @@ class CommandReport(Strict):
     """An agent's report on one command: it started, or how it ended."""
 
     state: Literal["running", "done", "timeout", "error"]
-    exit_code: int | None = None
+    exit_code: Int | None = None
     stdout: Annotated[str, Field(max_length=COMMAND_OUTPUT_LIMIT)] = ""
     stderr: Annotated[str, Field(max_length=COMMAND_OUTPUT_LIMIT)] = ""
     truncated: bool = False
@@ -406,9 +517,98 @@ class CommandRun(BaseModel):
     vms: dict[str, VmCommand] = Field(default_factory=dict)
 
 
-class ErrorBody(BaseModel):
-    error: str
-    message: str
+class ApiErrorBody(BaseModel):
+    """Every error the API answers: a stable machine-readable code and a readable message.
+    The document lists, per operation and status, the codes it can carry."""
+
+    error: str = Field(description="a stable code, e.g. network_not_found")
+    message: str = Field(description="what went wrong, for people")
 
 
 Host.model_rebuild()
+
+
+# --- answers that are small records of their own -----------------------------------------
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    version: str
+
+
+class Ready(BaseModel):
+    status: Literal["ready"]
+    etcd_version: str
+    leader: bool
+
+
+class CaCertificate(BaseModel):
+    """The CA that signed the controller's certificate; agents pin ``ca_hash``."""
+
+    ca_pem: str
+    ca_hash: str
+
+
+class AdminToken(BaseModel):
+    """An operator token's record (never its secret or hash)."""
+
+    id: str
+    role: Literal["admin", "viewer"]
+    description: str
+    created_at: float
+
+
+class AdminTokenCreated(AdminToken):
+    token: str  # shown once; only its hash is stored
+
+
+class AuditEntry(BaseModel):
+    ts: float
+    who: str
+    method: str
+    path: str
+    status: int
+    source: str
+    detail: dict[str, Any] | None = None
+
+
+class AuditPage(BaseModel):
+    """Audit entries, newest first; ``continue`` fetches older ones."""
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+    entries: list[AuditEntry]
+    continue_token: str | None = Field(default=None, alias="continue")
+
+
+class DriverRegion(BaseModel):
+    name: str
+    zones: list[str]
+    details: dict[str, str]
+
+
+class DriverInfo(BaseModel):
+    name: str
+    regions: list[DriverRegion]
+
+
+class MetricsCredentials(BaseModel):
+    """Where and as whom a host publishes its metrics (no user on an open broker)."""
+
+    interval: float
+    broker: str
+    username: str | None
+    password: str | None
+    topic: str
+    ack_topic: str
+
+
+class QueuedCommand(BaseModel):
+    id: str
+    command: str
+    timeout: float
+    created_at: float
+
+
+class HostCommands(BaseModel):
+    commands: list[QueuedCommand]

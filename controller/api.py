@@ -15,34 +15,43 @@ from typing import Annotated, Any
 from aetcd import exceptions as etcd_errors
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cladnet import __version__, metrics, tokens
 from cladnet.models import (
     AddressSpaces,
+    AdminToken,
     AdminTokenCreate,
+    AdminTokenCreated,
+    AuditPage,
+    CaCertificate,
     ChallengeRequest,
     ChallengeResponse,
     CommandReport,
     CommandRequest,
     CommandRun,
+    DriverInfo,
     EndpointsUpdate,
     Group,
     GroupAction,
     GroupCreate,
+    Health,
     Heartbeat,
     HeartbeatResponse,
     Host,
+    HostCommands,
     JoinRequest,
     JoinResponse,
     JoinToken,
     JoinTokenCreated,
+    MetricsCredentials,
     Network,
     NetworkCreate,
     Peer,
     PeerList,
+    Ready,
     TagsUpdate,
     TokenCreate,
 )
@@ -60,6 +69,19 @@ from controller.errors import ApiError
 from controller.etcd import from_settings as etcd_from_settings
 from controller.groups import Drivers, GroupStore, Reconciler
 from controller.leader import Leadership
+from controller.openapi import (
+    ADMIN_ONLY,
+    AGENT,
+    ANYONE_KNOWN,
+    API_VERSION,
+    JOIN,
+    PUBLIC,
+    READERS,
+    SELF,
+    contract,
+)
+from controller.openapi import install as install_openapi
+from controller.paging import CONTINUE_PATTERN, MAX_LIMIT, read_page
 from controller.policy import PolicyStore, admin_view, public_view, record_of
 from controller.store import Store
 from controller.telemetry import (
@@ -162,6 +184,21 @@ def commands_of(request: Request) -> Commands:
 
 
 Cmds = Annotated[Commands, Depends(commands_of)]
+# A page of a list: at most ``limit`` items (all without), after ``continue``.
+Limit = Annotated[int | None, Query(ge=1, le=MAX_LIMIT, description="at most this many items")]
+Continue = Annotated[
+    str | None,
+    Query(
+        alias="continue",
+        pattern=CONTINUE_PATTERN,
+        description="the `continue` of the previous page (same snapshot)",
+    ),
+]
+NOT_NETWORK = {404: ["network_not_found"]}
+NOT_HOST = {404: ["host_not_found"]}
+NOT_GROUP = {404: ["group_not_found"]}
+EXPIRED = {410: ["continue_expired"]}
+CONTINUE_HEADER = "X-Continue"
 
 
 class Observe:
@@ -336,7 +373,14 @@ def create_app(settings: Settings) -> FastAPI:
             await app.state.hubs.close()
             await etcd.close()
 
-    app = FastAPI(title="CLADNet controller", version=__version__, lifespan=lifespan)
+    app = FastAPI(
+        title="CLADNet controller",
+        version=API_VERSION,
+        description="The controller's HTTP API. Every error is `{error, message}` "
+        "(ApiErrorBody); each operation lists its statuses and their codes.",
+        lifespan=lifespan,
+    )
+    install_openapi(app)
 
     # --- errors and request metrics ----------------------------------------------------
 
@@ -355,7 +399,10 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        # FastAPI's only own 400: a body that is not JSON.
+        code = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "http_error"
+        )
         return _error(exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(Exception)
@@ -382,31 +429,35 @@ def create_app(settings: Settings) -> FastAPI:
 
     # --- health ------------------------------------------------------------------------
 
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok", "version": __version__}
+    @app.get("/healthz", **contract(PUBLIC, etcd=False))
+    async def healthz() -> Health:
+        return Health(status="ok", version=__version__)
 
-    @app.get("/v1/ca")
-    async def ca() -> Any:
+    @app.get("/v1/ca", **contract(PUBLIC, {404: ["tls_disabled"]}, etcd=False))
+    async def ca() -> CaCertificate:
         """The CA that signed this controller's certificate (public; agents check its hash)."""
         if tls_files is None:
             raise ApiError(404, "tls_disabled", "this controller does not serve TLS")
-        return {"ca_pem": tls_files.ca_pem.decode(), "ca_hash": tls_files.ca_hash}
+        return CaCertificate(ca_pem=tls_files.ca_pem.decode(), ca_hash=tls_files.ca_hash)
 
-    @app.post("/v1/admin-tokens", status_code=201)
-    async def create_admin_token(req: AdminTokenCreate, request: Request, _: Admin) -> Any:
+    @app.post("/v1/admin-tokens", status_code=201, **contract(ADMIN_ONLY))
+    async def create_admin_token(
+        req: AdminTokenCreate, request: Request, _: Admin
+    ) -> AdminTokenCreated:
         """An operator token (admin or viewer); shown once, stored hashed."""
         token, record = await auth.create_admin_token(
             request.app.state.etcd, req.role, req.description
         )
         record.pop("hash")
-        return {**record, "token": token}
+        return AdminTokenCreated(**record, token=token)
 
-    @app.get("/v1/admin-tokens")
-    async def list_admin_tokens(request: Request, _: Admin) -> Any:
-        return await auth.list_admin_tokens(request.app.state.etcd)
+    @app.get("/v1/admin-tokens", **contract(ADMIN_ONLY))
+    async def list_admin_tokens(request: Request, _: Admin) -> list[AdminToken]:
+        return [AdminToken(**t) for t in await auth.list_admin_tokens(request.app.state.etcd)]
 
-    @app.delete("/v1/admin-tokens/{token_id}", status_code=204)
+    @app.delete(
+        "/v1/admin-tokens/{token_id}", status_code=204, **contract(ADMIN_ONLY, {404: ["not_found"]})
+    )
     async def revoke_admin_token(token_id: str, request: Request, _: Admin) -> Response:
         etcd = request.app.state.etcd
         if await etcd.get(ks.admin_token(token_id)) is None:
@@ -414,13 +465,18 @@ def create_app(settings: Settings) -> FastAPI:
         await etcd.call(lambda c: c.delete(ks.admin_token(token_id)))
         return Response(status_code=204)
 
-    @app.get("/v1/audit")
+    @app.get("/v1/audit", **contract(ADMIN_ONLY, EXPIRED))
     async def audit_log(
-        request: Request, _: Admin, limit: Annotated[int, Query(ge=1, le=10_000)] = 100
-    ) -> Any:
-        return {"entries": await request.app.state.audit.recent(limit)}
+        request: Request,
+        _: Admin,
+        cont: Continue = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
+    ) -> AuditPage:
+        """The newest entries first; ``continue`` goes on to older ones."""
+        entries, next_token = await request.app.state.audit.recent(limit, cont)
+        return AuditPage.model_validate({"entries": entries, "continue": next_token})
 
-    @app.get("/readyz")
+    @app.get("/readyz", response_model=Ready, **contract(PUBLIC))
     async def readyz(request: Request) -> JSONResponse:
         try:
             status = await request.app.state.etcd.status()
@@ -434,28 +490,48 @@ def create_app(settings: Settings) -> FastAPI:
             }
         )
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, **contract(PUBLIC, etcd=False))
     async def prometheus_metrics() -> Response:
+        """Prometheus metrics (text exposition format)."""
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     # --- networks ----------------------------------------------------------------------
 
-    @app.post("/v1/networks", status_code=201)
+    @app.post(
+        "/v1/networks",
+        status_code=201,
+        **contract(
+            ADMIN_ONLY,
+            {
+                400: ["cidr_too_small"],
+                409: [
+                    "network_exists",
+                    "cidr_overlaps_network",
+                    "cidr_overlaps_underlay",
+                    "no_address_space",
+                ],
+                503: ["contention"],
+            },
+        ),
+    )
     async def create_network(req: NetworkCreate, _: Admin, db: Db) -> Network:
         return await db.create_network(req)
 
-    @app.get("/v1/networks")
+    @app.get("/v1/networks", **contract(READERS))
     async def list_networks(_: Reader, db: Db) -> list[Network]:
         networks, _rev = await db.list_networks()
         return sorted(networks, key=lambda n: n.name)
 
-    @app.get("/v1/networks/{ref}")
+    @app.get("/v1/networks/{ref}", **contract(ANYONE_KNOWN, NOT_NETWORK))
     async def get_network(ref: str, p: Caller, db: Db) -> Network:
         net = await db.get_network(ref)
         auth.require_member(p, net.id)
         return net
 
-    @app.delete("/v1/networks/{ref}")
+    @app.delete(
+        "/v1/networks/{ref}",
+        **contract(ADMIN_ONLY, {**NOT_NETWORK, 409: ["network_has_hosts"], 503: ["contention"]}),
+    )
     async def delete_network(
         ref: str, request: Request, _: Admin, db: Db, force: bool = False
     ) -> Network:
@@ -468,7 +544,7 @@ def create_app(settings: Settings) -> FastAPI:
                 log.warning("broker cleanup failed", extra={"network": net.id, "error": str(exc)})
         return net
 
-    @app.get("/v1/address-spaces")
+    @app.get("/v1/address-spaces", **contract(READERS))
     async def address_spaces(
         _: Reader, db: Db, hosts: Annotated[int, Query(ge=1, le=1_000_000)] = 100
     ) -> AddressSpaces:
@@ -476,35 +552,71 @@ def create_app(settings: Settings) -> FastAPI:
 
     # --- provisioning: drivers and groups of VMs --------------------------------------
 
-    @app.get("/v1/drivers")
-    async def list_drivers(_: Reader, groups: Groups) -> list[dict[str, Any]]:
+    @app.get(
+        "/v1/drivers", **contract(READERS, {502: ["driver_error"], 503: ["driver_unavailable"]})
+    )
+    async def list_drivers(_: Reader, groups: Groups) -> list[DriverInfo]:
         drivers = []
         for name in sorted(settings.drivers):
             regions = await groups.call(groups.drivers.get(name).regions())
-            drivers.append({"name": name, "regions": [dataclasses.asdict(r) for r in regions]})
+            listed = [dataclasses.asdict(r) for r in regions]
+            drivers.append(DriverInfo.model_validate({"name": name, "regions": listed}))
         return drivers
 
-    @app.post("/v1/groups", status_code=202)
+    @app.post(
+        "/v1/groups",
+        status_code=202,
+        **contract(
+            ADMIN_ONLY,
+            {
+                400: ["too_many_vms"],
+                404: ["unknown_driver", "unknown_region"],
+                409: ["network_exists", "group_exists"],
+                502: ["driver_error"],
+                503: ["driver_unavailable"],
+            },
+        ),
+    )
     async def create_group(req: GroupCreate, _: Admin, groups: Groups) -> Group:
         return await groups.create(req)
 
-    @app.get("/v1/groups")
+    @app.get("/v1/groups", **contract(READERS))
     async def list_groups(_: Reader, groups: Groups) -> list[Group]:
         return sorted(await groups.list(), key=lambda g: g.name)
 
-    @app.get("/v1/groups/{name}")
+    @app.get("/v1/groups/{name}", **contract(READERS, NOT_GROUP))
     async def get_group(name: str, _: Reader, groups: Groups) -> Group:
         return await groups.get(name)
 
-    @app.post("/v1/groups/{name}/actions", status_code=202)
+    @app.post(
+        "/v1/groups/{name}/actions",
+        status_code=202,
+        **contract(
+            ADMIN_ONLY, {**NOT_GROUP, 409: ["group_deleting", "action_refused", "vm_changed"]}
+        ),
+    )
     async def group_action(name: str, req: GroupAction, _: Admin, groups: Groups) -> Group:
         return await groups.act(name, req.action)
 
-    @app.post("/v1/groups/{name}/vms/{vm}/actions", status_code=202)
+    @app.post(
+        "/v1/groups/{name}/vms/{vm}/actions",
+        status_code=202,
+        **contract(
+            ADMIN_ONLY,
+            {
+                404: ["group_not_found", "vm_not_found"],
+                409: ["group_deleting", "action_refused", "vm_changed"],
+            },
+        ),
+    )
     async def vm_action(name: str, vm: str, req: GroupAction, _: Admin, groups: Groups) -> Group:
         return await groups.act(name, req.action, vm)
 
-    @app.post("/v1/groups/{name}/commands", status_code=202)
+    @app.post(
+        "/v1/groups/{name}/commands",
+        status_code=202,
+        **contract(ADMIN_ONLY, {**NOT_GROUP, 409: ["commands_disabled"]}),
+    )
     async def run_command(
         name: str, req: CommandRequest, request: Request, p: Admin, commands: Cmds
     ) -> CommandRun:
@@ -512,18 +624,28 @@ def create_app(settings: Settings) -> FastAPI:
         request.state.audit_detail = {"command": req.command, "timeout": req.timeout}
         return await commands.start(name, req, p.name)
 
-    @app.get("/v1/groups/{name}/commands/{command_id}")
+    @app.get(
+        "/v1/groups/{name}/commands/{command_id}",
+        **contract(ADMIN_ONLY, {404: ["command_not_found"]}),
+    )
     async def get_command(name: str, command_id: str, _: Admin, commands: Cmds) -> CommandRun:
         """Each VM's state, exit code and output (admin only: output may hold secrets)."""
         return await commands.get(name, command_id)
 
-    @app.delete("/v1/groups/{name}", status_code=202)
+    @app.delete(
+        "/v1/groups/{name}",
+        status_code=202,
+        **contract(
+            ADMIN_ONLY,
+            {**NOT_GROUP, 409: ["group_changed", "group_deleting", "action_refused", "vm_changed"]},
+        ),
+    )
     async def delete_group(name: str, _: Admin, groups: Groups) -> Group:
         return await groups.delete(name)
 
     # --- join tokens -------------------------------------------------------------------
 
-    @app.post("/v1/networks/{ref}/tokens", status_code=201)
+    @app.post("/v1/networks/{ref}/tokens", status_code=201, **contract(ADMIN_ONLY, NOT_NETWORK))
     async def create_token(
         ref: str, _: Admin, db: Db, req: TokenCreate | None = None
     ) -> JoinTokenCreated:
@@ -532,25 +654,53 @@ def create_app(settings: Settings) -> FastAPI:
             created.ca_cert_hash = tls_files.ca_hash
         return created
 
-    @app.get("/v1/networks/{ref}/tokens")
+    @app.get("/v1/networks/{ref}/tokens", **contract(READERS, NOT_NETWORK))
     async def list_tokens(ref: str, _: Reader, db: Db) -> list[JoinToken]:
         net = await db.get_network(ref)
         return await db.list_tokens(net.id)
 
-    @app.delete("/v1/networks/{ref}/tokens/{token_id}", status_code=204)
+    @app.delete(
+        "/v1/networks/{ref}/tokens/{token_id}",
+        status_code=204,
+        **contract(ADMIN_ONLY, {404: ["network_not_found", "token_not_found"]}),
+    )
     async def revoke_token(ref: str, token_id: str, _: Admin, db: Db) -> Response:
         await db.revoke_token(ref, token_id)
         return Response(status_code=204)
 
     # --- hosts (agents) ----------------------------------------------------------------
 
-    @app.post("/v1/join/challenge", dependencies=[Depends(join_allowed)])
+    @app.post(
+        "/v1/join/challenge",
+        dependencies=[Depends(join_allowed)],
+        **contract(
+            PUBLIC,
+            {
+                400: ["weak_key"],
+                401: ["invalid_token", "token_expired"],
+                404: ["host_not_found"],
+            },
+        ),
+    )
     async def join_challenge(req: ChallengeRequest, request: Request, db: Db) -> ChallengeResponse:
         """A challenge for the holder of a registered key, to re-join as its host."""
         _audit_join_token(request, req.token)
         return await db.challenge(req)
 
-    @app.post("/v1/join", dependencies=[Depends(join_allowed)])
+    @app.post(
+        "/v1/join",
+        dependencies=[Depends(join_allowed)],
+        **contract(
+            JOIN,
+            {
+                401: ["invalid_token", "token_expired"],
+                403: ["token_exhausted", "proof_required", "invalid_proof"],
+                404: ["network_not_found", "host_not_found"],
+                409: ["key_in_use", "hostname_taken", "network_full"],
+                503: ["contention"],
+            },
+        ),
+    )
     async def join(req: JoinRequest, request: Request, db: Db) -> JoinResponse:
         vouched = None
         if request.headers.get("authorization"):
@@ -575,18 +725,39 @@ def create_app(settings: Settings) -> FastAPI:
             peers_url=f"/v1/networks/{net.id}/peers",
         )
 
-    @app.get("/v1/networks/{ref}/hosts")
-    async def list_hosts(ref: str, _: Reader, db: Db) -> list[Host]:
-        net = await db.get_network(ref)
-        return sorted(await db.list_hosts(net.id), key=lambda h: h.name)
+    hosts_doc = contract(READERS, {**NOT_NETWORK, **EXPIRED})
+    hosts_doc["responses"][200] = {
+        "description": "The hosts (a page of them with `limit`)",
+        "headers": {
+            CONTINUE_HEADER: {
+                "description": "the next page's `continue`, when there is one",
+                "schema": {"type": "string", "pattern": CONTINUE_PATTERN},
+            }
+        },
+    }
 
-    @app.get("/v1/hosts/{host_id}")
+    @app.get("/v1/networks/{ref}/hosts", **hosts_doc)
+    async def list_hosts(
+        ref: str, response: Response, _: Reader, db: Db, limit: Limit = None, cont: Continue = None
+    ) -> list[Host]:
+        """The network's hosts by name; a page (``limit``) is in host id order and the
+        next page's token is in the ``X-Continue`` header."""
+        net = await db.get_network(ref)
+        if limit is None and cont is None:
+            return sorted(await db.list_hosts(net.id), key=lambda h: h.name)
+        page = await read_page(db.etcd, ks.prefix("peers", net.id), limit, cont)
+        if page.continue_token:
+            response.headers[CONTINUE_HEADER] = page.continue_token
+        peers = [Peer.model_validate_json(kv.value) for kv in page.kvs if not ks.is_policy(kv.key)]
+        return await db.list_hosts(net.id, peers)
+
+    @app.get("/v1/hosts/{host_id}", **contract(ANYONE_KNOWN, NOT_HOST))
     async def get_host(host_id: str, p: Caller, db: Db) -> Host:
         if not p.can_read_all:
             auth.require_self(p, host_id)
         return await db.get_host(host_id)
 
-    @app.post("/v1/hosts/{host_id}/heartbeat")
+    @app.post("/v1/hosts/{host_id}/heartbeat", **contract(SELF, {**NOT_HOST, 503: ["contention"]}))
     async def heartbeat(
         host_id: str, request: Request, p: Caller, db: Db, req: Heartbeat | None = None
     ) -> HeartbeatResponse:
@@ -597,21 +768,35 @@ def create_app(settings: Settings) -> FastAPI:
             host_id=host_id, observed_address=observed, changed=changed, server_time=time.time()
         )
 
-    @app.put("/v1/hosts/{host_id}/endpoints")
+    @app.put(
+        "/v1/hosts/{host_id}/endpoints",
+        **contract(SELF, {**NOT_HOST, 409: ["key_in_use"], 503: ["contention"]}),
+    )
     async def update_endpoints(
         host_id: str, req: EndpointsUpdate, request: Request, p: Caller, db: Db
     ) -> Peer:
         auth.require_self(p, host_id)
         return await db.update_endpoints(host_id, req, _observed(request))
 
-    @app.post("/v1/hosts/{host_id}/status", status_code=410)
+    @app.post("/v1/hosts/{host_id}/status", status_code=410, **contract(SELF, {410: ["gone"]}))
     async def report_status(host_id: str, p: Caller) -> Response:
         """Gone: per-peer health travels with the metrics (MQTT → collector), not etcd."""
         auth.require_self(p, host_id)
         raise ApiError(410, "gone", "peer status goes to the collector with the metrics")
 
-    @app.post("/v1/hosts/{host_id}/metrics-credentials")
-    async def metrics_credentials(host_id: str, request: Request, p: Caller, db: Db) -> Any:
+    @app.post(
+        "/v1/hosts/{host_id}/metrics-credentials",
+        **contract(
+            SELF,
+            {
+                404: ["host_not_found", "network_not_found", "metrics_disabled"],
+                503: ["broker_unavailable"],
+            },
+        ),
+    )
+    async def metrics_credentials(
+        host_id: str, request: Request, p: Caller, db: Db
+    ) -> MetricsCredentials:
         """Where and as whom this host publishes its metrics (a fresh password each call)."""
         auth.require_self(p, host_id)
         host = await db.get_host(host_id)
@@ -621,29 +806,42 @@ def create_app(settings: Settings) -> FastAPI:
             raise ApiError(404, "metrics_disabled", "this controller has no metrics broker")
         broker: BrokerAdmin | None = request.app.state.broker
         if broker is None:  # an open broker (development): no per-host users
-            return {
-                **answer,
-                "broker": settings.mqtt_url,
-                "username": None,
-                "password": None,
-                "topic": metrics.topic(net.name, host.name),
-                # End-to-end acknowledgement needs no broker users: a restart of an open
-                # broker must not lose batches either.
-                "ack_topic": metrics.ack_topic(net.name, host.name),
-            }
+            return MetricsCredentials.model_validate(
+                {
+                    **answer,
+                    "broker": settings.mqtt_url,
+                    "username": None,
+                    "password": None,
+                    "topic": metrics.topic(net.name, host.name),
+                    # End-to-end acknowledgement needs no broker users: a restart of an open
+                    # broker must not lose batches either.
+                    "ack_topic": metrics.ack_topic(net.name, host.name),
+                }
+            )
         try:
-            return {**answer, **await broker.register(host_id, net.name, host.name)}
+            registered = await broker.register(host_id, net.name, host.name)
+            return MetricsCredentials.model_validate({**answer, **registered})
         except BrokerError as exc:
             log.warning("broker registration failed", extra={"host": host_id, "error": str(exc)})
             raise ApiError(503, "broker_unavailable", "the metrics broker is unreachable") from exc
 
-    @app.get("/v1/hosts/{host_id}/commands")
-    async def host_commands(host_id: str, p: Caller, commands: Cmds) -> dict[str, Any]:
+    @app.get("/v1/hosts/{host_id}/commands", **contract(AGENT))
+    async def host_commands(host_id: str, p: Caller, commands: Cmds) -> HostCommands:
         """The commands this host's agent is to run (an agent that asks accepts them)."""
         require_agent(p, host_id)
-        return {"commands": await commands.pending(host_id)}
+        return HostCommands.model_validate({"commands": await commands.pending(host_id)})
 
-    @app.post("/v1/hosts/{host_id}/commands/{command_id}", status_code=204)
+    @app.post(
+        "/v1/hosts/{host_id}/commands/{command_id}",
+        status_code=204,
+        **contract(
+            AGENT,
+            {
+                404: ["command_not_found", "host_not_found"],
+                409: ["command_state", "command_changed"],
+            },
+        ),
+    )
     async def report_command(
         host_id: str, command_id: str, req: CommandReport, p: Caller, commands: Cmds
     ) -> Response:
@@ -651,7 +849,7 @@ def create_app(settings: Settings) -> FastAPI:
         await commands.report(host_id, command_id, req)
         return Response(status_code=204)
 
-    @app.delete("/v1/hosts/{host_id}")
+    @app.delete("/v1/hosts/{host_id}", **contract(SELF, NOT_HOST))
     async def leave(host_id: str, request: Request, p: Caller, db: Db) -> Peer:
         auth.require_self(p, host_id)
         peer = await db.leave(host_id)
@@ -665,7 +863,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     # --- access policy -------------------------------------------------------------------
 
-    @app.get("/v1/networks/{ref}/policy")
+    @app.get("/v1/networks/{ref}/policy", **contract(ANYONE_KNOWN, NOT_NETWORK))
     async def get_policy(ref: str, p: Caller, db: Db, policies: Policies) -> dict[str, Any]:
         """Operators see the whole policy; a member host the groups and rules it enforces."""
         net = await db.get_network(ref)
@@ -675,7 +873,19 @@ def create_app(settings: Settings) -> FastAPI:
             view["policy"] = public_view({**view, "document": view["policy"]})["document"]
         return view
 
-    @app.put("/v1/networks/{ref}/policy")
+    @app.put(
+        "/v1/networks/{ref}/policy",
+        **contract(
+            ADMIN_ONLY,
+            {
+                **NOT_NETWORK,
+                400: ["invalid_policy"],
+                409: ["version_conflict"],
+                422: ["policy_tests_failed"],
+                503: ["contention"],
+            },
+        ),
+    )
     async def put_policy(
         ref: str,
         document: dict[str, Any],
@@ -687,7 +897,10 @@ def create_app(settings: Settings) -> FastAPI:
         net = await db.get_network(ref)
         return admin_view(net.id, await policies.put(net.id, document, if_version))
 
-    @app.post("/v1/networks/{ref}/policy/test")
+    @app.post(
+        "/v1/networks/{ref}/policy/test",
+        **contract(READERS, {**NOT_NETWORK, 400: ["invalid_policy"]}),
+    )
     async def test_policy(
         ref: str, document: dict[str, Any], _: Reader, db: Db, policies: Policies
     ) -> dict[str, Any]:
@@ -696,14 +909,24 @@ def create_app(settings: Settings) -> FastAPI:
         parsed, failures = await policies.check(net.id, document)
         return {"passed": not failures, "failures": failures, "allows_all": parsed.allows_all}
 
-    @app.put("/v1/hosts/{host_id}/tags")
+    @app.put("/v1/hosts/{host_id}/tags", **contract(ADMIN_ONLY, {**NOT_HOST, 503: ["contention"]}))
     async def set_tags(host_id: str, req: TagsUpdate, _: Admin, db: Db) -> Peer:
         """Tags are the admin's word about a host: the host itself cannot set them."""
         return await db.set_tags(host_id, req.tags)
 
     # --- peers: list + watch -----------------------------------------------------------
 
-    @app.get("/v1/networks/{ref}/peers", response_model=None)
+    peers_doc = contract(
+        ANYONE_KNOWN, {**NOT_NETWORK, 410: ["revision_compacted", "continue_expired"]}
+    )
+    peers_doc["responses"][200] = {
+        "model": PeerList,
+        "description": "The peers (a page of them with `limit`); with `watch`, a stream of "
+        "PeerEvent lines",
+        "content": {"application/x-ndjson": {"schema": {"$ref": "#/components/schemas/PeerEvent"}}},
+    }
+
+    @app.get("/v1/networks/{ref}/peers", response_model=None, **peers_doc)
     async def peers(
         ref: str,
         request: Request,
@@ -711,13 +934,33 @@ def create_app(settings: Settings) -> FastAPI:
         db: Db,
         watch: bool = False,
         since: Annotated[int | None, Query(ge=0)] = None,
+        limit: Limit = None,
+        cont: Continue = None,
     ) -> PeerList | StreamingResponse:
+        """List (pages with ``limit``, at one revision), or ``watch`` from ``since``."""
         net = await db.get_network(ref)
         auth.require_member(p, net.id)
         if not watch:
-            items, policy_kv, revision = await db.list_peers_and_policy(net.id)
-            policy = public_view(record_of(policy_kv))
-            return PeerList(network_id=net.id, revision=revision, peers=items, policy=policy)
+            if limit is None and cont is None:
+                items, policy_kv, revision = await db.list_peers_and_policy(net.id)
+                policy = public_view(record_of(policy_kv))
+                return PeerList(network_id=net.id, revision=revision, peers=items, policy=policy)
+            page = await read_page(db.etcd, ks.prefix("peers", net.id), limit, cont)
+            policy_kv = next((kv for kv in page.kvs if ks.is_policy(kv.key)), None)
+            return PeerList.model_validate(
+                {
+                    "network_id": net.id,
+                    "revision": page.revision,
+                    "peers": [
+                        Peer.model_validate_json(kv.value)
+                        for kv in page.kvs
+                        if not ks.is_policy(kv.key)
+                    ],
+                    "continue": page.continue_token,
+                    # On the last page: the policy's key sorts after every host id.
+                    "policy": (None if page.continue_token else public_view(record_of(policy_kv))),
+                }
+            )
         initial: list[bytes] = []
         if since is None:  # a plain watch starts with the policy and the current peers
             items, policy_kv, since = await db.list_peers_and_policy(net.id)

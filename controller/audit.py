@@ -12,6 +12,7 @@ from typing import Any
 from cladnet.ratelimit import RateLimiter
 from controller import keyspace as ks
 from controller.etcd import DailyLease, Etcd
+from controller.paging import read_page
 from controller.telemetry import AUDIT_NOT_STORED
 
 log = logging.getLogger("cladnet.audit")
@@ -78,7 +79,8 @@ class AuditLog:
         except Exception as exc:  # the log line above is the fallback record
             log.warning("audit entry not stored in etcd", extra={"error": repr(exc)})
 
-    async def recent(self, limit: int) -> list[dict[str, Any]]:
-        """The newest ``limit`` entries, newest first (etcd sends no more than those)."""
-        res = await self.etcd.range(ks.prefix("audit"), limit=limit, descend=True)
-        return [json.loads(kv.value) for kv in res.kvs]
+    async def recent(self, limit: int, after: str | None = None) -> tuple[list[Any], str | None]:
+        """Up to ``limit`` entries, newest first, older than ``after``'s (a continue token);
+        and the token of the next page, if any (etcd sends no more than ``limit``)."""
+        page = await read_page(self.etcd, ks.prefix("audit"), limit, after, descend=True)
+        return [json.loads(kv.value) for kv in page.kvs], page.continue_token

@@ -21,6 +21,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from controller.errors import ApiError
+from controller.openapi import READERS, contract
 
 log = logging.getLogger("cladnet.controller.collector_proxy")
 
@@ -38,7 +39,18 @@ def router(
     """``GET /v1/monitoring/{path}`` → the collector's ``GET /v1/{path}``, for readers."""
     routes = APIRouter()
 
-    @routes.get("/v1/monitoring/{path:path}", dependencies=[Depends(reader)])
+    @routes.get(
+        "/v1/monitoring/{path:path}",
+        dependencies=[Depends(reader)],
+        **contract(
+            READERS,
+            {
+                404: ["not_found"],
+                502: ["collector_unreachable", "collector_refused", "collector_error"],
+                503: ["no_collector", "no_collector_token"],
+            },
+        ),
+    )
     async def monitoring(path: str, request: Request) -> JSONResponse:
         """A collector query (metrics, series, alarms firing) as the collector answers it."""
         segments = path.split("/")

@@ -188,13 +188,18 @@ class Etcd:
         keys_only: bool = False,
         count_only: bool = False,
         min_mod_revision: int = 0,
+        start: bytes | None = None,
+        end: bytes | None = None,
+        revision: int = 0,
     ) -> Any:
         """A range read of ``prefix`` with the options aetcd's ``get_prefix`` lacks (a
-        limit, a count, only keys changed since a revision): the raw RangeResponse."""
+        limit, a count, only keys changed since a revision, a part of the prefix from
+        ``start`` to before ``end``, an older ``revision``): the raw RangeResponse."""
         request = rpc.RangeRequest(
-            key=prefix,
-            range_end=prefix_end(prefix),
+            key=start or prefix,
+            range_end=end or prefix_end(prefix),
             limit=limit,
+            revision=revision,
             sort_order=rpc.RangeRequest.DESCEND if descend else rpc.RangeRequest.NONE,
             sort_target=rpc.RangeRequest.KEY,
             keys_only=keys_only,

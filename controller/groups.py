@@ -49,8 +49,10 @@ class Drivers:
     def get(self, name: str) -> Driver:
         if name not in self.config:
             configured = ", ".join(sorted(self.config)) or "none"
-            raise bad_request(
-                "unknown_driver", f"driver {name!r} is not configured (configured: {configured})"
+            raise ApiError(
+                404,
+                "unknown_driver",
+                f"driver {name!r} is not configured (configured: {configured})",
             )
         if name not in self._built:
             try:
@@ -78,7 +80,8 @@ class GroupStore:
         for member in req.members:
             regions = {r.name for r in await self.call(self.drivers.get(member.driver).regions())}
             if member.region not in regions:
-                raise bad_request(
+                raise ApiError(
+                    404,
                     "unknown_region",
                     f"driver {member.driver!r} has no region {member.region!r} "
                     f"(regions: {', '.join(sorted(regions))})",

@@ -216,19 +216,8 @@ class Store:
     def _check_cidr(
         self, req: NetworkCreate, networks: list[Network], used: list[ipaddress.IPv4Network]
     ) -> ipaddress.IPv4Network:
-        assert req.cidr is not None
-        try:
-            cidr = ipaddress.IPv4Network(req.cidr, strict=True)
-        except ValueError as exc:
-            raise bad_request(
-                "invalid_cidr", f"{req.cidr!r} is not a valid IPv4 CIDR: {exc}"
-            ) from exc
-        if not addrspace.is_private_cidr(cidr):
-            raise bad_request(
-                "cidr_not_private",
-                f"{cidr} is not inside a private RFC 1918 block "
-                "(10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16)",
-            )
+        assert req.cidr is not None  # NetworkCreate checked it is a private IPv4 CIDR
+        cidr = ipaddress.IPv4Network(req.cidr)
         for net in networks:
             if cidr.overlaps(ipaddress.IPv4Network(net.cidr)):
                 raise conflict(
@@ -862,10 +851,13 @@ class Store:
         peer, _ = await self._update_peer(host_id, {"tags": tags})
         return peer
 
-    async def list_hosts(self, net_id: str) -> list[Host]:
-        """The network's hosts: peers with liveness and creation time (two range reads;
-        the host records only of hosts this controller has not listed before)."""
-        peers, _ = await self.list_peers(net_id)
+    async def list_hosts(self, net_id: str, peers: list[Peer] | None = None) -> list[Host]:
+        """The network's hosts (``peers``: only these of them, a page): peers with liveness
+        and creation time (two range reads; the host records only of hosts this controller
+        has not listed before)."""
+        whole = peers is None
+        if peers is None:
+            peers, _ = await self.list_peers(net_id)
         live = await self.etcd.get_prefix(ks.prefix("liveness", net_id))
         liveness = {ks.last_segment(kv.key): json.loads(kv.value) for kv in live}
         known = self._created.get(net_id, {})
@@ -875,7 +867,10 @@ class Store:
         for value in new.values():
             record = json.loads(value)
             created[record["id"]] = record["created_at"]
-        self._created[net_id] = created
+        if whole:  # drops the removed hosts
+            self._created[net_id] = created
+        else:
+            self._created.setdefault(net_id, {}).update(created)
         return [
             Host(
                 **p.model_dump(),

@@ -116,8 +116,9 @@ def test_bad_requests_get_clear_errors_and_write_nothing(make_controller, tmp_pa
     ctl = make_controller(extra_env=_drivers(tmp_path))
     with ctl.client() as admin:
         cases = [
-            ({"name": "x", "members": [{"driver": "nope", "region": "r", "count": 1}]}, 400),
-            ({"name": "x", "members": [{"driver": "mock", "region": "nowhere"}]}, 400),
+            # Well-formed, naming what this controller does not have: 404.
+            ({"name": "x", "members": [{"driver": "nope", "region": "r", "count": 1}]}, 404),
+            ({"name": "x", "members": [{"driver": "mock", "region": "nowhere"}]}, 404),
             ({"name": "x", "members": [{"driver": "mock", "region": "mock-1", "count": 0}]}, 422),
             ({"name": "Bad Name", "members": [{"driver": "mock", "region": "mock-1"}]}, 422),
             ({"name": "x", "members": []}, 422),
