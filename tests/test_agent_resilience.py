@@ -106,12 +106,14 @@ class FakeController:
         self.lists, self.watches = lists, watches
         self.listed = 0
 
-    async def list_peers(self, network_id: str) -> tuple[list[dict[str, Any]], int]:
+    async def list_peers_and_policy(
+        self, network_id: str
+    ) -> tuple[list[dict[str, Any]], int, dict[str, Any] | None]:
         self.listed += 1
         answer = self.lists.pop(0) if self.lists else ([host(1), host(2)], 20)
         if isinstance(answer, Exception):
             raise answer
-        return answer
+        return (*answer, None)  # no policy
 
     async def watch_peers(self, network_id: str, since: int) -> AsyncIterator[dict[str, Any]]:
         answer = self.watches.pop(0) if self.watches else None
