@@ -207,10 +207,19 @@ def _nebula(
 
 
 def _iperf(lab: Lab, client_ns: str, address: str, streams: int, seconds: int) -> float:
-    """Gbit/s received by the ``iperf3 -s`` running in the server namespace."""
-    r = lab.run(client_ns, "iperf3", "-c", address, "-p", str(IPERF_PORT), "-t", str(seconds),
-                "-P", str(streams), "-J", timeout=seconds + 30)  # fmt: skip
-    return json.loads(r.stdout)["end"]["sum_received"]["bits_per_second"] / 1e9
+    """Gbit/s received by the ``iperf3 -s`` running in the server namespace.
+
+    iperf3 reports a failed run (a server not listening yet, a busy one) as an ``error``
+    in its JSON: tried three times, then raised with iperf3's own words."""
+    for attempt in range(3):
+        r = lab.run(client_ns, "iperf3", "-c", address, "-p", str(IPERF_PORT), "-t",
+                    str(seconds), "-P", str(streams), "-J", check=False,
+                    timeout=seconds + 30)  # fmt: skip
+        result = json.loads(r.stdout or "{}")
+        if "error" not in result and "sum_received" in result.get("end", {}):
+            return result["end"]["sum_received"]["bits_per_second"] / 1e9
+        time.sleep(0.5 * (attempt + 1))
+    raise RuntimeError(f"iperf3 failed: {result.get('error', r.stderr.strip())}")
 
 
 def _throughput(

@@ -148,7 +148,7 @@ def main() -> int:
     }
     relayed_gbit = sum(sum(gbits["relayed", n]) * seconds for n in STREAMS)
     result: dict[str, Any] = {
-        "benchmark": "relay",
+        "benchmark": "cladnet.relay",
         "machine": machine_facts("wireguard-go", "iperf3"),
         "rounds": rounds,
         "seconds": seconds,
