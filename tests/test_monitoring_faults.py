@@ -39,6 +39,7 @@ from cladnet.tasks import cancel_and_wait
 from controller.broker import BrokerAdmin
 from tests.components import (
     MQTT_ADMIN_PASSWORD,
+    REPO,
     Collector,
     Controller,
     Mosquitto,
@@ -61,18 +62,40 @@ T0 = time.time() - 4000
 class PlainMosquitto(Mosquitto):
     """What many operators already run: ``allow_anonymous true``, no persistence."""
 
-    def start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        conf = self.data_dir / "mosquitto.conf"
-        conf.write_text(
+    def config(self) -> str:
+        return (
             f"user {os.environ.get('USER', 'root')}\nlistener {self.port} {self.host}\n"
             "allow_anonymous true\npersistence false\n"
         )
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        conf = self.data_dir / "mosquitto.conf"
+        conf.write_text(self.config())
         self.log = self.data_dir / "mosquitto.log"
         self.proc = subprocess.Popen(
             ["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=self.log.open("ab")
         )
         wait_until(self.listening, what="mosquitto to listen")
+
+
+@dataclass
+class BridgedMosquitto(PlainMosquitto):
+    """Broker B of deploy/mosquitto/bridge.conf.example, as shipped: its hosts publish
+    here; the bridge carries their batches to ``core`` (where the collector is) and the
+    collector's acknowledgements back. ``core`` is anonymous, so no bridge user."""
+
+    core: Mosquitto | None = None
+
+    def config(self) -> str:
+        assert self.core is not None
+        example = (REPO / "deploy" / "mosquitto" / "bridge.conf.example").read_text()
+        bridge = [
+            line.replace("BROKER_A_HOST:BROKER_A_PORT", f"127.0.0.1:{self.core.port}")
+            for line in example.splitlines()
+            if not line.startswith(("remote_username", "remote_password"))
+        ]
+        return super().config() + "\n".join(bridge) + "\n"
 
 
 class FastAgent:
@@ -347,8 +370,14 @@ async def test_monitoring_loses_and_duplicates_nothing_under_faults(
             "store": "plain",
             "replay": "plain",
             "fullspool": "plain",
+            # Through a bridge: hosts publish to an edge broker, the collector is on the
+            # core one, which is killed 10 s (acks come back over the bridge).
+            "bridge10": "plain",
         }
         brokers = {name: broker(name, kind) for name, kind in plan.items()}
+        edge = BridgedMosquitto(tmp_path / "mq-edge", free_port(), core=brokers["bridge10"])
+        edge.start()
+        started.append(edge)
         # Anonymous brokers: one controller with no broker users (CLADNET_MQTT_URL only);
         # dynamic security: one controller per broker, as each administers one.
         anonymous = make_controller(extra_env={"CLADNET_MQTT_URL": brokers["kill10"].url})
@@ -358,7 +387,8 @@ async def test_monitoring_loses_and_duplicates_nothing_under_faults(
         for index, (name, kind) in enumerate(plan.items()):
             b = brokers[name]
             if kind == "plain":
-                hosts = _lane_hosts(anonymous, name, index, b.url)
+                url = edge.url if name == "bridge10" else b.url
+                hosts = _lane_hosts(anonymous, name, index, url)
                 assert hosts[0]["username"] is None
             else:
                 ctl = make_controller(
@@ -394,6 +424,7 @@ async def test_monitoring_loses_and_duplicates_nothing_under_faults(
             "store": _store_down,
             "replay": _restart_during_replay,
             "fullspool": lambda lane: _restart_with_full_spool(lane, bound),
+            "bridge10": lambda lane: _broker_down(lane, 10),
         }
 
         async def run(lane: Lane) -> None:
