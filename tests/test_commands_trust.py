@@ -206,7 +206,10 @@ def test_units_run_commands_outside_the_agents_sandbox() -> None:
     (apt-get writes /usr and needs every capability), and both command lines parse."""
     agent = unit_settings("cladnet-agent.service")
     commands = unit_settings("cladnet-agent-commands.service")
-    assert agent["CapabilityBoundingSet"] == "CAP_NET_ADMIN" and agent["ProtectSystem"] == "strict"
+    assert (
+        agent["CapabilityBoundingSet"] == "CAP_NET_ADMIN CAP_NET_BIND_SERVICE"
+        and agent["ProtectSystem"] == "strict"
+    )
     for key in ("CapabilityBoundingSet", "ProtectSystem", "NoNewPrivileges", "User", "PrivateTmp"):
         assert key not in commands, key
     assert commands["WantedBy"] == "cladnet-agent.service"  # when enabled, with the agent
