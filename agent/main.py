@@ -324,9 +324,13 @@ def _policy_status(m: Membership) -> dict[str, Any] | None:
 
 
 def _paths(m: Membership) -> dict[str, str]:
-    """Peer name → the path the plan gives it (private, direct, relayed via R)."""
+    """Peer name → the path the plan gives it (private, direct, relayed via R); empty
+    when the saved state cannot be planned (status must still answer)."""
     names = {p.get("public_key"): str(p.get("name")) for p in m.peers.values()}
-    planned = mesh.plan(m.network, m.me, list(m.peers.values())).peers
+    try:
+        planned = mesh.plan(m.network, m.me, list(m.peers.values())).peers
+    except (KeyError, TypeError, ValueError):
+        return {}
     return {names.get(k, k): p.path for k, p in planned.items()}
 
 
