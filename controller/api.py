@@ -298,8 +298,22 @@ def create_app(settings: Settings) -> FastAPI:
         etcd = etcd_from_settings(settings)
         await etcd.connect()
         store = Store(etcd)
-        if await store.index_public_keys():
-            log.info("indexed the public keys of hosts that joined before keys were unique")
+
+        async def index_keys() -> None:
+            """Keys of hosts that joined before keys were unique, before serving; while
+            etcd is away the controller serves (unready) and indexes once it is back."""
+            while True:
+                try:
+                    if await store.index_public_keys():
+                        log.info("indexed the public keys of hosts from before unique keys")
+                    return
+                except ETCD_DOWN as exc:
+                    log.warning("etcd unavailable; indexing keys later", extra={"error": repr(exc)})
+                    await asyncio.sleep(5)
+
+        indexing = asyncio.create_task(index_keys(), name="index-keys")
+        with contextlib.suppress(TimeoutError):  # normally done before the first request
+            await asyncio.wait_for(asyncio.shield(indexing), 10)
         configured = None
         if settings.admin_token:  # configured: accepted as is, never written anywhere
             configured = tokens.hash_secret(settings.admin_token)
@@ -368,7 +382,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
-            await cancel_and_wait([background])
+            await cancel_and_wait([background, indexing])
             await drivers.close()
             await app.state.hubs.close()
             await etcd.close()

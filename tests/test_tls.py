@@ -457,7 +457,7 @@ def test_a_controller_on_mutual_tls_etcd_and_one_without_a_client_certificate(
                 except httpx.TransportError:
                     return None
 
-            ready = wait_until(answers, what="the refused controller to answer")
+            ready = wait_until(answers, 60, what="the refused controller to answer")
             assert ready.status_code == 503 and ready.json()["error"] == "etcd_unavailable"
             with refused.client() as admin:
                 r = admin.post("/v1/networks", json={"name": "nope", "cidr": "10.239.0.0/24"})
