@@ -104,6 +104,15 @@ class Driver(base.Driver):
     def _router(self, cloud: str) -> str:
         return f"cl-{self.tag}-r{cloud}"
 
+    def _wan(self, cloud: str) -> str:
+        return f"cl{self.tag}w{sorted(self.clouds).index(cloud)}"
+
+    async def _remove_router(self, cloud: str) -> None:
+        # The WAN veth is deleted first and synchronously: deleting only the namespace
+        # would leave its host end until the kernel's asynchronous namespace cleanup ran.
+        await self._run("ip", "link", "del", self._wan(cloud), check=False)
+        await self._run("ip", "netns", "del", self._router(cloud), check=False)
+
     def _namespace(self, name: str) -> str:
         return f"cl-{self.tag}-{name}"
 
@@ -148,9 +157,8 @@ class Driver(base.Driver):
             return
         await self.prepare()
         spec = self.clouds[cloud]
-        index = sorted(self.clouds).index(cloud)
         await self._run("ip", "netns", "add", router)
-        wan = f"cl{self.tag}w{index}"
+        wan = self._wan(cloud)
         await self._run(
             "ip", "link", "add", wan, "type", "veth", "peer", "name", "wan", "netns", router
         )
@@ -417,7 +425,7 @@ class Driver(base.Driver):
             if any(v["cloud"] == vm["cloud"] for v in state["vms"].values()):
                 await self._apply_nat(vm["cloud"], state)
             else:  # the cloud's last VM: its router (and NAT table) goes too
-                await self._run("ip", "netns", "del", self._router(vm["cloud"]), check=False)
+                await self._remove_router(vm["cloud"])
             shutil.rmtree(self._vm_dir(name), ignore_errors=True)
             self._save(state)
 
@@ -432,6 +440,6 @@ class Driver(base.Driver):
         for name in list(self._load()["vms"]):
             await self.terminate(name)
         for cloud in self.clouds:
-            await self._run("ip", "netns", "del", self._router(cloud), check=False)
+            await self._remove_router(cloud)
         await self._run("ip", "link", "del", self.bridge, check=False)
         self._state_file.unlink(missing_ok=True)
