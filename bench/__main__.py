@@ -24,6 +24,8 @@ from typing import Any
 
 from bench.common import machine_facts
 
+REPO = Path(__file__).resolve().parent.parent
+
 # name → (module, needs root, what it measures against)
 BENCHMARKS: dict[str, tuple[str, bool, str]] = {
     "addrspace": ("addrspace", False, "planner vs a naive enumeration"),
@@ -39,7 +41,6 @@ BENCHMARKS: dict[str, tuple[str, bool, str]] = {
     "policy": ("policy", False, "policy compile + nft load vs planning without a policy"),
     "dns": ("dns", False, "agent DNS server queries/s vs the bare codec"),
 }
-REPO = Path(__file__).resolve().parent.parent
 
 
 def run(name: str, smoke: bool) -> dict[str, Any]:

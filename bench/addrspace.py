@@ -41,16 +41,11 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from ipaddress import IPv4Network
-from pathlib import Path
 from typing import Any
 
 # A script, not a package: make `cladnet` importable from a plain checkout.
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from cladnet import addrspace  # noqa: E402
-from cladnet.addrspace import RFC1918_BLOCKS, plan_address_spaces  # noqa: E402
+from cladnet import addrspace
+from cladnet.addrspace import RFC1918_BLOCKS, plan_address_spaces
 
 SEED = 20240611
 CIDRS_PER_HOST = 3

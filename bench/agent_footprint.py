@@ -43,17 +43,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     clean_up_on_sigterm,
     cpu_seconds,
     machine_facts,
@@ -61,7 +57,9 @@ from bench.common import (  # noqa: E402
     runtime_only_python,
     wireguard_go_processes,
 )
-from tests.components import (  # noqa: E402
+from lab.agents import Agent
+from lab.api import make_network, make_token
+from lab.components import (
     MQTT_ADMIN_PASSWORD,
     Collector,
     Controller,
@@ -70,9 +68,9 @@ from tests.components import (  # noqa: E402
     free_port,
     wait_until,
 )
-from tests.netns import Lab  # noqa: E402
-from tests.test_agent_mesh import Agent  # noqa: E402
-from tests.test_controller_api import make_network, make_token  # noqa: E402
+from lab.netns import Lab
+
+REPO = Path(__file__).resolve().parent.parent
 
 NODE_EXPORTER = "prometheus-node-exporter"
 

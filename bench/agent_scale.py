@@ -42,13 +42,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from agent.daemon import NetworkAgent, Timing  # noqa: E402
-from agent.state import Membership, StateDir  # noqa: E402
-from bench.common import clean_up_on_sigterm, machine_facts, percentile, rss_bytes  # noqa: E402
-from cladnet.mesh import DeviceChanges, DeviceState, PeerState  # noqa: E402
+from agent.daemon import NetworkAgent, Timing
+from agent.state import Membership, StateDir
+from bench.common import clean_up_on_sigterm, machine_facts, percentile, rss_bytes
+from cladnet.mesh import DeviceChanges, DeviceState, PeerState
 
 TARGET_CPU_S = 5.0
 TARGET_WRITTEN_MB = 25.0

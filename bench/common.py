@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Agents a benchmark starts in namespaces must not write this machine's /etc/hosts.
 os.environ.setdefault("CLADNET_DNS", "off")

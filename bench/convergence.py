@@ -47,16 +47,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import aetcd
+import httpx
 
-import aetcd  # noqa: E402
-import httpx  # noqa: E402
-
-from bench import common  # noqa: E402
-from bench.common import cpu_seconds, percentile, rss_bytes  # noqa: E402
-from cladnet.keys import generate_keypair  # noqa: E402
-from tests.components import ADMIN_TOKEN, Controller, Etcd, free_port  # noqa: E402
+from bench import common
+from bench.common import cpu_seconds, percentile, rss_bytes
+from cladnet.keys import generate_keypair
+from lab.components import ADMIN_TOKEN, Controller, Etcd, free_port
 
 HOST = "127.0.0.1"
 TARGETS_P99_SECONDS = {1000: 1.0, 5000: 3.0}

@@ -71,10 +71,10 @@ from bench.common import (
 )
 from cladnet.keys import generate_keypair
 from cladnet.mesh import DEFAULT_MTU
-from tests.components import Controller, Etcd, free_port
-from tests.netns import Lab, sh
-from tests.test_agent_mesh import Agent
-from tests.test_controller_api import make_network, make_token
+from lab.agents import Agent
+from lab.api import make_network, make_token
+from lab.components import Controller, Etcd, free_port
+from lab.netns import Lab, sh
 
 TARGET_OVERLAY_VS_HAND = 0.95
 STREAMS = (1, 4)

@@ -29,14 +29,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dnslib import DNSRecord
+
+from bench.common import machine_facts
+from cladnet import dns
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from dnslib import DNSRecord  # noqa: E402
-
-from bench.common import machine_facts  # noqa: E402
-from cladnet import dns  # noqa: E402
 
 WINDOW = 32
 # On loopback: the server answers only sources inside the network, as on the overlay.

@@ -47,23 +47,20 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import aiomqtt
+import httpx
 
-import aiomqtt  # noqa: E402
-import httpx  # noqa: E402
-
-from agent.metrics.host import HostCollector  # noqa: E402
-from agent.metrics.overlay import peer_samples  # noqa: E402
-from agent.metrics.publisher import Broker, Publisher  # noqa: E402
-from agent.metrics.spool import Spool  # noqa: E402
-from bench import common  # noqa: E402
-from bench.common import cpu_seconds  # noqa: E402
-from cladnet import metrics  # noqa: E402
-from cladnet.mesh import DeviceState, PeerState  # noqa: E402
-from cladnet.tasks import cancel_and_wait  # noqa: E402
-from collector.store import open_store  # noqa: E402
-from tests.components import (  # noqa: E402
+from agent.metrics.host import HostCollector
+from agent.metrics.overlay import peer_samples
+from agent.metrics.publisher import Broker, Publisher
+from agent.metrics.spool import Spool
+from bench import common
+from bench.common import cpu_seconds
+from cladnet import metrics
+from cladnet.mesh import DeviceState, PeerState
+from cladnet.tasks import cancel_and_wait
+from collector.store import open_store
+from lab.components import (
     MQTT_ADMIN_PASSWORD,
     MQTT_COLLECTOR_PASSWORD,
     Collector,

@@ -40,17 +40,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import aetcd
+import httpx
+from aetcd import transactions as tx
 
-import aetcd  # noqa: E402
-import httpx  # noqa: E402
-from aetcd import transactions as tx  # noqa: E402
-
-from bench import common  # noqa: E402
-from bench.common import cpu_seconds, percentile  # noqa: E402
-from cladnet.keys import generate_keypair  # noqa: E402
-from tests.components import Controller, Etcd, free_port  # noqa: E402
+from bench import common
+from bench.common import cpu_seconds, percentile
+from cladnet.keys import generate_keypair
+from lab.components import Controller, Etcd, free_port
 
 TARGET_JOINS_PER_SECOND = 300.0
 CONNECTIONS_PER_CLIENT = 8

@@ -67,7 +67,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from agent.netlink import in_netns
 from bench.common import (
@@ -79,8 +78,8 @@ from bench.common import (
 from cladnet.keys import generate_keypair
 from cladnet.models import DEFAULT_KEEPALIVE
 from controller.drivers.local import Driver
-from tests.components import Controller, Etcd, free_port, wait_until
-from tests.netns import Lab, free_prefix, need_root, sh
+from lab.components import Controller, Etcd, free_port, wait_until
+from lab.netns import Lab, free_prefix, root_missing, sh
 
 PROBE_INTERVAL = 0.1  # seconds between echo requests of one pending pair
 API_POLL = 0.1  # seconds between reads of the group while waiting for a state
@@ -781,10 +780,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--sizes: comma-separated integers, not {args.sizes!r}")
     if not sizes or any(n < 2 or n > 60 for n in sizes):
         p.error("--sizes: each between 2 and 60")
-    try:
-        need_root()
-    except pytest.skip.Exception as exc:  # its message says what is missing
-        print(f"bench.mesh: {exc}", file=sys.stderr)
+    missing = root_missing()
+    if missing:
+        print(f"bench.mesh: {missing}", file=sys.stderr)
         return 2
     for tool in ("nft", "etcd"):
         if shutil.which(tool) is None:

@@ -27,16 +27,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from bench.common import machine_facts  # noqa: E402
-from cladnet import mesh  # noqa: E402
-from cladnet import policy as acl  # noqa: E402
+from bench.common import machine_facts
+from cladnet import mesh
+from cladnet import policy as acl
 
 RUNS = 5
 TAGS = 25

@@ -35,7 +35,7 @@ from bench.common import clean_up_on_sigterm, cpu_seconds, machine_facts
 from bench.dataplane import _daemon, _first_ping, _iperf, _uapi_answers, _wait
 from cladnet.keys import generate_keypair
 from cladnet.mesh import DEFAULT_MTU
-from tests.netns import Lab
+from lab.netns import Lab
 
 TARGET_RELAYED_VS_DIRECT = 0.8
 STREAMS = (1, 4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import httpx
 import pytest
 from hypothesis import settings
 
-from tests.components import (
+from lab.agents import Agent
+from lab.components import (
     ADMIN_TOKEN,
     MQTT_ADMIN_PASSWORD,
     Collector,
@@ -19,6 +21,8 @@ from tests.components import (
     Mosquitto,
     free_port,
 )
+from lab.netns import Lab
+from tests.support import need_root
 
 __all__ = ["ADMIN_TOKEN", "Controller", "Etcd"]
 
@@ -123,3 +127,45 @@ def make_collector(mosquitto: Mosquitto, tmp_path: Path) -> Iterator:
     yield make
     for c in started:
         c.stop()
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    need_root()
+    lab = Lab()
+    try:
+        yield lab
+    finally:
+        lab.cleanup()
+
+
+@pytest.fixture
+def mesh_controller(lab: Lab, etcd, tmp_path: Path) -> Iterator[Controller]:
+    ctl = Controller(
+        etcd_url=etcd.url, state_dir=tmp_path / "controller", port=free_port(), host=lab.gateway
+    )
+    ctl.start()
+    try:
+        yield ctl
+    finally:
+        ctl.stop()
+
+
+@pytest.fixture
+def agents(lab: Lab, tmp_path: Path) -> Iterator[list[Agent]]:
+    made: list[Agent] = []
+
+    def make(n: int) -> list[Agent]:
+        """Ensure hosts 1..n exist; return all of them."""
+        for i in range(len(made) + 1, n + 1):
+            ns = lab.add_host(i)
+            made.append(Agent(lab, i, ns, tmp_path / f"agent{i}", f"cl-{lab.tag}w{i}"))
+        return list(made)
+
+    yield make  # type: ignore[misc]
+    for a in made:
+        a.stop(signal.SIGKILL)
+    # Deleting the namespaces (lab fixture) deletes the tun devices, and wireguard-go
+    # exits when its device goes; only its socket file may be left behind.
+    for a in made:
+        Path(f"/var/run/wireguard/{a.interface}.sock").unlink(missing_ok=True)

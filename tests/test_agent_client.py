@@ -10,8 +10,8 @@ import pytest
 
 from agent.controller_client import ControllerClient
 from cladnet.keys import generate_keypair
-from tests.components import free_port
-from tests.test_controller_api import make_network, make_token
+from lab.api import make_network, make_token
+from lab.components import free_port
 
 
 async def test_join_and_watch_fail_over_between_controller_replicas(make_controller) -> None:

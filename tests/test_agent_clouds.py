@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.components import Controller, free_port, wait_until
-from tests.multicloud import MultiCloud
-from tests.netns import need_root
-from tests.test_agent_mesh import Agent
-from tests.test_controller_api import make_network, make_token
+from lab.agents import Agent
+from lab.api import make_network, make_token
+from lab.components import Controller, free_port, wait_until
+from lab.multicloud import MultiCloud
+from tests.support import need_root
 
 # cloud → (private subnet, public host number on the internet bridge, hosts)
 CLOUDS = {"a": ("192.168.1", 11, 2), "b": ("192.168.1", 12, 2), "c": ("10.77.0", 13, 1)}
@@ -27,7 +27,7 @@ def world(tmp_path_factory) -> Iterator[tuple[MultiCloud, Controller, list[Agent
     """One topology for the whole module (building it is the slow part); the tests
     run in file order and each leaves the mesh whole."""
     need_root()
-    from tests.components import Etcd
+    from lab.components import Etcd
 
     tmp = tmp_path_factory.mktemp("clouds")
     net = MultiCloud()

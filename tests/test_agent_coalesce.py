@@ -13,7 +13,7 @@ from typing import Any
 from agent.daemon import Timing
 from bench.agent_scale import MemoryBackend, make_agent, peer
 from cladnet import mesh
-from tests.test_mesh import NETWORK, host, key
+from lab.peers import NETWORK, host, key
 
 # --- the pure incremental path ---------------------------------------------------------
 

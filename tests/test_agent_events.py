@@ -9,7 +9,7 @@ import pytest
 
 from agent.daemon import NetworkAgent
 from agent.state import Membership, StateDir
-from tests.test_mesh import NETWORK, host
+from lab.peers import NETWORK, host
 
 
 @pytest.fixture

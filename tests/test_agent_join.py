@@ -27,8 +27,8 @@ from agent.controller_client import (
     with_retries,
 )
 from cladnet.keys import generate_keypair
-from tests.components import REPO, Controller, free_port, wait_until
-from tests.test_controller_api import make_network, make_token
+from lab.api import make_network, make_token
+from lab.components import REPO, Controller, free_port, wait_until
 
 # --- the retry policy (no I/O) -----------------------------------------------------------
 

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-
-from tests.components import (
+from lab.agents import full_mesh, setup_mesh
+from lab.api import make_network, make_token
+from lab.components import (
     MQTT_ADMIN_PASSWORD,
     Collector,
     Controller,
@@ -22,173 +18,11 @@ from tests.components import (
     free_port,
     wait_until,
 )
-from tests.netns import Lab, Namespaces, need_root
-from tests.test_controller_api import make_network, make_token
-
-
-@dataclass
-class Agent:
-    lab: Namespaces
-    index: int
-    ns: str
-    state_dir: Path
-    interface: str
-    proc: subprocess.Popen | None = None
-    logs: list[Path] = field(default_factory=list)
-    log_level: str = "debug"  # the benchmarks run at the default, info
-    python: str = sys.executable  # the footprint bench: a runtime-only venv
-
-    def start(self, *args: str, token: str | None = None) -> None:
-        """Run ``python -m agent.main ARGS``; a join token goes in its environment."""
-        log = self.state_dir.parent / f"agent-{self.index}-{len(self.logs)}.log"
-        env = {**os.environ, "CLADNET_JOIN_TOKEN": token} if token else None
-        self.logs.append(log)
-        self.proc = self.lab.popen(
-            self.ns,
-            [
-                self.python,
-                "-m",
-                "agent.main",
-                "--log-level",
-                self.log_level,
-                *args,
-                "--state-dir",
-                str(self.state_dir),
-                "--backend",
-                "userspace",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=log.open("ab"),
-            env=env,
-        )
-
-    def join(self, controller_url: str, token: str, *extra: str) -> None:
-        self.start(
-            "join",
-            "--controller",
-            controller_url,
-            "--hostname",
-            f"vm{self.index}",
-            "--interface",
-            self.interface,
-            *extra,
-            token=token,
-        )
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-
-    def wg_peers(self) -> dict[str, dict[str, str]]:
-        """``wg show <if> dump`` parsed: public key → endpoint / allowed ips / handshake."""
-        r = self.lab.run(self.ns, "wg", "show", self.interface, "dump", check=False)
-        if r.returncode != 0:
-            return {}
-        peers = {}
-        for line in r.stdout.strip().splitlines()[1:]:
-            pub, _psk, endpoint, allowed, handshake, rx, _tx, _ka = line.split("\t")
-            peers[pub] = {
-                "endpoint": endpoint,
-                "allowed": allowed,
-                "handshake": handshake,
-                "rx": rx,
-            }
-        return peers
-
-    def membership(self) -> dict | None:
-        """The saved membership, or None until the join has written it."""
-        files = list(self.state_dir.glob("networks/*/membership.json"))
-        return json.loads(files[0].read_text()) if files else None
-
-    def overlay_ip(self, timeout: float = 15) -> str:
-        """The overlay address, once the join has saved it."""
-        return wait_until(
-            lambda: (self.membership() or {}).get("me", {}).get("overlay_ip"),
-            timeout,
-            what=f"{self.ns} to join",
-        )
-
-    def log_text(self) -> str:
-        return "\n".join(p.read_text() for p in self.logs if p.exists())[-4000:]
-
-
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    need_root()
-    lab = Lab()
-    try:
-        yield lab
-    finally:
-        lab.cleanup()
-
-
-@pytest.fixture
-def mesh_controller(lab: Lab, etcd, tmp_path: Path) -> Iterator[Controller]:
-    ctl = Controller(
-        etcd_url=etcd.url, state_dir=tmp_path / "controller", port=free_port(), host=lab.gateway
-    )
-    ctl.start()
-    try:
-        yield ctl
-    finally:
-        ctl.stop()
-
-
-@pytest.fixture
-def agents(lab: Lab, tmp_path: Path) -> Iterator[list[Agent]]:
-    made: list[Agent] = []
-
-    def make(n: int) -> list[Agent]:
-        """Ensure hosts 1..n exist; return all of them."""
-        for i in range(len(made) + 1, n + 1):
-            ns = lab.add_host(i)
-            made.append(Agent(lab, i, ns, tmp_path / f"agent{i}", f"cl-{lab.tag}w{i}"))
-        return list(made)
-
-    yield make  # type: ignore[misc]
-    for a in made:
-        a.stop(signal.SIGKILL)
-    # Deleting the namespaces (lab fixture) deletes the tun devices, and wireguard-go
-    # exits when its device goes; only its socket file may be left behind.
-    for a in made:
-        Path(f"/var/run/wireguard/{a.interface}.sock").unlink(missing_ok=True)
-
-
-def _setup(mesh_controller: Controller, agents, n: int, **net) -> tuple[list[Agent], str]:
-    with mesh_controller.client() as admin:
-        make_network(admin, "mesh", cidr="10.213.0.0/24", keepalive=5, **net)
-        token = make_token(admin, "mesh")
-    hosts = agents(n)
-    for a in hosts:
-        a.join(mesh_controller.url, token)
-    return hosts, token
-
-
-def _full_mesh(hosts: list[Agent], timeout: float = 20) -> None:
-    ips = {a.index: a.overlay_ip() for a in hosts}
-    for a in hosts:
-        wait_until(
-            lambda a=a: len(a.wg_peers()) == len(hosts) - 1, timeout, what=f"peers on vm{a.index}"
-        )
-    for a in hosts:
-        for b in hosts:
-            if a is not b:
-                assert wait_until(
-                    lambda a=a, b=b: a.lab.ping(a.ns, ips[b.index]),
-                    timeout,
-                    what=f"ping vm{a.index} -> vm{b.index}",
-                ), a.log_text()
 
 
 def test_agents_build_a_full_mesh_and_follow_changes(mesh_controller, agents, lab) -> None:
-    hosts, token = _setup(mesh_controller, agents, 3)
-    _full_mesh(hosts)
+    hosts, token = setup_mesh(mesh_controller, agents, 3)
+    full_mesh(hosts)
     # Same site (same underlay subnet and observed address): private endpoints are used.
     peers = hosts[0].wg_peers()
     assert all(p["endpoint"].startswith(f"{lab.subnet_prefix}.") for p in peers.values()), peers
@@ -197,7 +31,7 @@ def test_agents_build_a_full_mesh_and_follow_changes(mesh_controller, agents, la
     before = {pub: p["handshake"] for pub, p in hosts[0].wg_peers().items()}
     new = agents(4)[-1]
     new.join(mesh_controller.url, token)
-    _full_mesh([*hosts, new])
+    full_mesh([*hosts, new])
     after = hosts[0].wg_peers()
     for pub, handshake in before.items():
         assert after[pub]["handshake"] == handshake or int(after[pub]["handshake"]) >= int(
@@ -230,8 +64,8 @@ def test_agents_build_a_full_mesh_and_follow_changes(mesh_controller, agents, la
 
 
 def test_underlay_address_change_recovers_without_restarts(mesh_controller, agents, lab) -> None:
-    hosts, _ = _setup(mesh_controller, agents, 2)
-    _full_mesh(hosts)
+    hosts, _ = setup_mesh(mesh_controller, agents, 2)
+    full_mesh(hosts)
     a, b = hosts
     ip_a = a.overlay_ip()
     # vm2's address changes (suspend/resume in a cloud): nobody is restarted.
@@ -262,8 +96,8 @@ def test_underlay_address_change_recovers_without_restarts(mesh_controller, agen
 
 
 def test_restart_restores_tunnels_while_controller_is_down(mesh_controller, agents, lab) -> None:
-    hosts, _ = _setup(mesh_controller, agents, 2)
-    _full_mesh(hosts)
+    hosts, _ = setup_mesh(mesh_controller, agents, 2)
+    full_mesh(hosts)
     a, b = hosts
     ip_b = b.overlay_ip()
     # The controller goes away: tunnels stay up.
@@ -281,7 +115,7 @@ def test_restart_restores_tunnels_while_controller_is_down(mesh_controller, agen
         token = make_token(admin, "mesh")
     c = agents(3)[-1]
     c.join(mesh_controller.url, token)
-    _full_mesh([a, b, c], timeout=40)
+    full_mesh([a, b, c], timeout=40)
 
 
 def test_join_with_a_bad_token_prints_one_line(mesh_controller, agents, lab) -> None:
@@ -321,7 +155,7 @@ def test_agents_push_host_and_overlay_metrics(lab, etcd, agents, tmp_path: Path)
         hosts = agents(3)
         for a in hosts:
             a.join(ctl.url, token)
-        _full_mesh(hosts)
+        full_mesh(hosts)
 
         def matrix() -> dict | None:
             with collector.client() as c:

@@ -29,12 +29,11 @@ from agent.daemon import NetworkAgent, Timing
 from agent.metrics.reporter import MetricsReporter
 from agent.standing import OK, REFUSED, UNREACHABLE, UNRECOGNISED, Standing, classify
 from agent.state import Membership, StateDir
-from tests import test_agent_mesh
-from tests.components import Controller, Etcd, free_port, wait_until
-from tests.netns import Lab
-from tests.test_agent_mesh import Agent, _full_mesh
-from tests.test_controller_api import make_network, make_token
-from tests.test_mesh import NETWORK, host
+from lab.agents import Agent, full_mesh
+from lab.api import make_network, make_token
+from lab.components import Controller, Etcd, free_port, wait_until
+from lab.netns import Lab
+from lab.peers import NETWORK, host
 
 # --- the decision logic (no root) ---------------------------------------------------------
 
@@ -229,9 +228,6 @@ async def _until(predicate: Any) -> None:
 
 # --- real agents, a real controller, real etcds (root) -----------------------------------
 
-lab = test_agent_mesh.lab
-agents = test_agent_mesh.agents
-mesh_controller = test_agent_mesh.mesh_controller
 
 # Retries are capped at Timing.backoff_max (30 s ±20 %): four caps is generous.
 RESUME_TIMEOUT = 4 * Timing().backoff_max
@@ -296,7 +292,7 @@ def test_controller_on_an_empty_etcd_tears_nothing_down(
     metrics = f"http://{lab.address(1)}:{port}/metrics"
     hosts[0].join(mesh_controller.url, token, "--metrics-listen", f"{lab.address(1)}:{port}")
     hosts[1].join(mesh_controller.url, token)
-    _full_mesh(hosts)
+    full_mesh(hosts)
     ips = {a.index: a.overlay_ip() for a in hosts}
     secrets = {a.index: _secrets(a) for a in hosts}
     assert all(_status(a)["controller"] == "ok" for a in hosts)
@@ -355,7 +351,7 @@ def test_controller_on_an_empty_etcd_tears_nothing_down(
     # They follow the controller again: a new host appears on both.
     new = agents(3)[-1]
     new.join(mesh_controller.url, token)
-    _full_mesh([*hosts, new], timeout=RESUME_TIMEOUT)
+    full_mesh([*hosts, new], timeout=RESUME_TIMEOUT)
     for a in hosts:
         assert _log_count(a, "controller answers again") >= 1, a.log_text()
 
@@ -368,7 +364,7 @@ def test_an_authenticated_removal_tears_down(mesh_controller: Controller, agents
     hosts = agents(2)
     for a in hosts:
         a.join(mesh_controller.url, token)
-    _full_mesh(hosts)
+    full_mesh(hosts)
     keep, gone = hosts
     host_id = (gone.membership() or {})["host_id"]
     # The admin removes the host: its own DELETED event reaches its watch.

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from agent.daemon import NetworkAgent
 from agent.state import Membership, StateDir
-from tests.test_mesh import NETWORK, host
+from lab.peers import NETWORK, host
 
 
 def _membership() -> Membership:

@@ -15,7 +15,7 @@ import pytest
 
 from agent.controller_client import ControllerClient
 from cladnet import keys
-from tests.components import ADMIN_TOKEN, Controller
+from lab.components import ADMIN_TOKEN, Controller
 
 REPO = Path(__file__).resolve().parent.parent
 DOCUMENT = REPO / "openapi.json"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from tests.components import ADMIN_TOKEN, Controller
+from lab.components import ADMIN_TOKEN, Controller
 
 # The watch stream never ends by design; a fuzzer cannot judge it.
 SKIP = {("GET", "/v1/networks/{ref}/peers")}

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import httpx
 
-from tests.components import ADMIN_TOKEN, Controller
-from tests.test_controller_api import join, make_network, make_token
+from lab.api import join, make_network, make_token
+from lab.components import ADMIN_TOKEN, Controller
 
 PUBLIC = {
     ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"), ("GET", "/v1/ca"),

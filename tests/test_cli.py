@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from cladnet.cli import app
 from cladnet.cli.status import pairs, summary, with_health
 from cladnet.keys import generate_keypair
-from tests.components import ADMIN_TOKEN, REPO, Controller, Mosquitto, free_port, wait_until
-from tests.test_scale_calls import publish_health
+from lab.components import ADMIN_TOKEN, REPO, Controller, Mosquitto, free_port, wait_until
+from lab.monitoring import publish_health
 
 
 @pytest.fixture

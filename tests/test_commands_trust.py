@@ -26,17 +26,17 @@ import pytest
 
 from agent import main as agent_main
 from agent.state import Membership, StateDir
-from tests.components import (
+from lab.api import join, make_network, make_token
+from lab.components import (
     MQTT_ADMIN_PASSWORD,
     MQTT_COLLECTOR_PASSWORD,
     Controller,
     Mosquitto,
     wait_until,
 )
-from tests.test_controller_api import join, make_network, make_token
-from tests.test_deploy import needs_systemd_analyze, unit_settings, verify_unit, with_real_binaries
-from tests.test_groups import _cloud, _drivers, _group, _wait_state
-from tests.test_monitoring import _host_credentials, _publish
+from lab.groups import create_group, mock_cloud, mock_drivers, wait_group_state
+from lab.monitoring import host_credentials, publish
+from tests.support import needs_systemd_analyze, unit_settings, verify_unit, with_real_binaries
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,18 +44,18 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_commands_are_off_unless_the_group_asks_for_them(make_controller, tmp_path: Path) -> None:
-    ctl = make_controller(extra_env=_drivers(tmp_path))
+    ctl = make_controller(extra_env=mock_drivers(tmp_path))
     with ctl.client() as admin:
-        assert _group(admin, "web", count=1)["allow_commands"] is False
-        assert _group(admin, "ops", count=1, allow_commands=True)["allow_commands"] is True
-        _wait_state(admin, "web", "Running")
-        _wait_state(admin, "ops", "Running")
+        assert create_group(admin, "web", count=1)["allow_commands"] is False
+        assert create_group(admin, "ops", count=1, allow_commands=True)["allow_commands"] is True
+        wait_group_state(admin, "web", "Running")
+        wait_group_state(admin, "ops", "Running")
         assert admin.get("/v1/groups/web").json()["allow_commands"] is False
         token = make_token(admin, "web")
 
     # What each VM boots with: only the opted-in group's VMs join with --allow-commands
     # and, under systemd, enable the commands unit.
-    boot = {name: vm["user_data"] for name, vm in _cloud(tmp_path).items()}
+    boot = {name: vm["user_data"] for name, vm in mock_cloud(tmp_path).items()}
     assert "--allow-commands" not in boot["web-1"]
     assert "cladnet-agent-commands" not in boot["web-1"]
     assert "--allow-commands" in boot["ops-1"]
@@ -112,7 +112,7 @@ def test_the_cli_opts_a_group_in_only_when_told(
 
     from cladnet.cli import app
 
-    ctl = make_controller(extra_env=_drivers(tmp_path))
+    ctl = make_controller(extra_env=mock_drivers(tmp_path))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     monkeypatch.setenv("CLADNET_CONTROLLER", ctl.url)
     monkeypatch.setenv("CLADNET_TOKEN", ctl.admin_token or "")
@@ -149,10 +149,10 @@ def _agent(*args: str) -> list[str]:
 
 
 def test_the_commands_process_runs_only_opted_in_networks(make_controller, tmp_path: Path) -> None:
-    ctl = make_controller(extra_env=_drivers(tmp_path))
+    ctl = make_controller(extra_env=mock_drivers(tmp_path))
     with ctl.client() as admin:
-        _group(admin, "ops", count=1, allow_commands=True)
-        _wait_state(admin, "ops", "Running")
+        create_group(admin, "ops", count=1, allow_commands=True)
+        wait_group_state(admin, "ops", "Running")
         token = make_token(admin, "ops")
     host = join(ctl, token, "ops-1").json()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -239,7 +239,7 @@ def test_commands_unit_verifies(tmp_path: Path) -> None:
 
 async def _refused(broker: Mosquitto, creds: dict) -> bool:
     try:
-        await _publish(broker, creds, creds["topic"], b"after deletion")
+        await publish(broker, creds, creds["topic"], b"after deletion")
     except aiomqtt.MqttError:
         return True
     return False
@@ -282,11 +282,11 @@ async def test_network_deletion_removes_its_hosts_broker_users(
     with metrics_controller.client() as admin:
         make_network(admin, "mon", cidr="10.230.0.0/24")
         make_network(admin, "other", cidr="10.231.0.0/24")
-    _, creds1 = _host_credentials(metrics_controller, "mon", "vm1")
-    _, creds2 = _host_credentials(metrics_controller, "mon", "vm2")
-    _, survivor = _host_credentials(metrics_controller, "other", "vm1")
+    _, creds1 = host_credentials(metrics_controller, "mon", "vm1")
+    _, creds2 = host_credentials(metrics_controller, "mon", "vm2")
+    _, survivor = host_credentials(metrics_controller, "other", "vm1")
     for creds in (creds1, creds2, survivor):
-        await _publish(mosquitto, creds, creds["topic"], b"before")
+        await publish(mosquitto, creds, creds["topic"], b"before")
     live = await _connected(mosquitto, creds1)  # an agent that stays connected
     try:
         async with metrics_controller.aclient() as admin:
@@ -301,7 +301,7 @@ async def test_network_deletion_removes_its_hosts_broker_users(
         except aiomqtt.MqttError:
             pass
     # Another network's host and the collector are untouched.
-    await _publish(mosquitto, survivor, survivor["topic"], b"after")
+    await publish(mosquitto, survivor, survivor["topic"], b"after")
     async with aiomqtt.Client(
         mosquitto.host,
         mosquitto.port,
@@ -316,16 +316,16 @@ async def test_group_deletion_removes_its_hosts_broker_users(
 ) -> None:
     ctl = make_controller(
         extra_env={
-            **_drivers(tmp_path),
+            **mock_drivers(tmp_path),
             "CLADNET_MQTT_URL": mosquitto.url,
             "CLADNET_MQTT_ADMIN_PASSWORD": MQTT_ADMIN_PASSWORD,
         }
     )
     with ctl.client() as admin:
-        _group(admin, "web", count=1)
-        _wait_state(admin, "web", "Running")
-    _, creds = _host_credentials(ctl, "web", "web-1")
-    await _publish(mosquitto, creds, creds["topic"], b"before")
+        create_group(admin, "web", count=1)
+        wait_group_state(admin, "web", "Running")
+    _, creds = host_credentials(ctl, "web", "web-1")
+    await publish(mosquitto, creds, creds["topic"], b"before")
     with ctl.client() as admin:
         assert admin.delete("/v1/groups/web").status_code == 202
         wait_until(lambda: admin.get("/v1/groups/web").status_code == 404, 30, what="removal")
@@ -340,7 +340,7 @@ async def test_leftover_broker_users_of_gone_hosts_are_pruned(
 
     broker = BrokerAdmin(mosquitto.url, mosquitto.url, "admin", MQTT_ADMIN_PASSWORD)
     orphan = await broker.register("h-00000000deadbeef", "gone", "vm9")  # no such host
-    await _publish(mosquitto, orphan, orphan["topic"], b"before")
+    await publish(mosquitto, orphan, orphan["topic"], b"before")
     ctl = make_controller(
         extra_env={
             "CLADNET_MQTT_URL": mosquitto.url,
@@ -350,9 +350,9 @@ async def test_leftover_broker_users_of_gone_hosts_are_pruned(
     )
     with ctl.client() as admin:
         make_network(admin, "mon", cidr="10.232.0.0/24")
-    _, alive = _host_credentials(ctl, "mon", "vm1")
+    _, alive = host_credentials(ctl, "mon", "vm1")
     await _wait_refused(mosquitto, orphan)
-    await _publish(mosquitto, alive, alive["topic"], b"a live host keeps its user")
+    await publish(mosquitto, alive, alive["topic"], b"a live host keeps its user")
     assert "h-00000000deadbeef" not in await broker.host_users()
     async with httpx.AsyncClient(base_url=ctl.url, timeout=10) as anyone:
         text = (await anyone.get("/metrics")).text

@@ -22,11 +22,11 @@ import httpx
 import pytest
 
 from agent.daemon import Timing
-from tests import test_agent_mesh
-from tests.components import Controller, Etcd, wait_until
-from tests.netns import Lab, need_root, sh
-from tests.test_agent_mesh import Agent, _full_mesh, _setup
-from tests.test_controller_api import make_token
+from lab.agents import Agent, full_mesh, setup_mesh
+from lab.api import make_token
+from lab.components import Controller, Etcd, wait_until
+from lab.netns import Lab, sh
+from tests.support import need_root
 
 pytestmark = pytest.mark.root
 
@@ -37,11 +37,6 @@ PING_EVERY = 15.0
 # cap, so the first retry after the restart comes within ~36 s. Four caps is generous
 # and still bounded.
 RECOVERY_TIMEOUT = 4 * Timing().backoff_max
-
-# The real-agent fixtures of the mesh tests (namespaces, controller, agents), by name.
-lab = test_agent_mesh.lab
-agents = test_agent_mesh.agents
-mesh_controller = test_agent_mesh.mesh_controller
 
 
 def _pairs(hosts: list[Agent]) -> list[tuple[Agent, Agent]]:
@@ -70,8 +65,8 @@ def _kill(proc, what: str) -> None:  # type: ignore[no-untyped-def]
 def test_whole_control_plane_down_overlay_keeps_working(
     mesh_controller: Controller, etcd: Etcd, agents, lab: Lab
 ) -> None:
-    hosts, _ = _setup(mesh_controller, agents, 3)
-    _full_mesh(hosts)
+    hosts, _ = setup_mesh(mesh_controller, agents, 3)
+    full_mesh(hosts)
     ips = {a.index: a.overlay_ip() for a in hosts}
     pids = {a.index: a.proc.pid for a in hosts if a.proc is not None}
 
@@ -127,7 +122,7 @@ def test_whole_control_plane_down_overlay_keeps_working(
         token = make_token(admin, "mesh")
     new = agents(4)[-1]
     new.join(mesh_controller.url, token)
-    _full_mesh([*hosts, new], timeout=RECOVERY_TIMEOUT)
+    full_mesh([*hosts, new], timeout=RECOVERY_TIMEOUT)
     print(
         f"after the restart: heartbeats from all old agents in {heartbeats:.1f}s, "
         f"a new agent in the full mesh in {time.monotonic() - back:.1f}s"
@@ -170,8 +165,8 @@ def test_full_state_disk_is_reported_and_tunnels_keep_working(
 ) -> None:
     first = agents(3)[0]
     tmpfs(first.state_dir)  # before the agent starts: it runs in its own mount namespace
-    hosts, token = _setup(mesh_controller, agents, 3)
-    _full_mesh(hosts)
+    hosts, token = setup_mesh(mesh_controller, agents, 3)
+    full_mesh(hosts)
     # The state is saved at most every 2 s (agent Timing.save_every), not per event.
     saved = wait_until(
         lambda: (m := first.membership()) and len(m["peers"]) == 2 and m, 10, what="the save"
@@ -185,7 +180,7 @@ def test_full_state_disk_is_reported_and_tunnels_keep_working(
     # A change the agent must save: a fourth host joins.
     new = agents(4)[-1]
     new.join(mesh_controller.url, token)
-    _full_mesh([*hosts, new])
+    full_mesh([*hosts, new])
     errors = wait_until(lambda: _save_errors(first), 10, what="the save error in the log")
     for entry in errors:  # one line each: a clear message and the reason, no traceback
         assert entry["level"] == "error" and "exc" not in entry, entry

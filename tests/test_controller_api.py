@@ -10,47 +10,9 @@ import httpx
 import pytest
 
 from cladnet.keys import generate_keypair
-from tests.components import ADMIN_TOKEN, Controller
-
-
-def make_network(admin: httpx.Client, name: str = "prod", **kw) -> dict:
-    r = admin.post("/v1/networks", json={"name": name, **kw})
-    assert r.status_code == 201, r.text
-    return r.json()
-
-
-def make_token(admin: httpx.Client, net: str, **kw) -> str:
-    r = admin.post(f"/v1/networks/{net}/tokens", json=kw)
-    assert r.status_code == 201, r.text
-    return r.json()["token"]
-
-
-def join(
-    ctl: Controller,
-    token: str,
-    hostname: str,
-    public_key: str | None = None,
-    transport: httpx.HTTPTransport | None = None,
-    **kw,
-) -> httpx.Response:
-    body = {
-        "token": token,
-        "hostname": hostname,
-        "public_key": public_key or generate_keypair()[1],
-        "listen_port": 51820,
-        **kw,
-    }
-    with ctl.client(token=None, transport=transport) as c:
-        return c.post("/v1/join", json=body)
-
-
-def assert_error(r: httpx.Response, status: int, code: str) -> dict:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert body["error"] == code, body
-    assert body["message"]
-    return body
-
+from lab.api import join, make_network, make_token
+from lab.components import ADMIN_TOKEN, Controller
+from tests.support import assert_error
 
 # --- networks ----------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ import ipaddress
 import httpx
 
 from cladnet.keys import generate_keypair
-from tests.test_controller_api import make_network, make_token
+from lab.api import make_network, make_token
 
 
 async def test_200_concurrent_joins_across_two_controllers(make_controller) -> None:

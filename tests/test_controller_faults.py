@@ -15,8 +15,8 @@ import httpx
 from aetcd.rtypes import EventKind
 
 from cladnet.keys import generate_keypair
-from tests.components import Controller, Etcd
-from tests.test_controller_api import make_network, make_token
+from lab.api import make_network, make_token
+from lab.components import Controller, Etcd
 
 HOSTS = 500
 

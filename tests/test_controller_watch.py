@@ -3,62 +3,14 @@
 from __future__ import annotations
 
 import json
-import queue
-import threading
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.components import Controller
-from tests.test_controller_api import join, make_network, make_token
-
-
-class Watcher:
-    """Reads an NDJSON watch stream in a thread and queues its events."""
-
-    def __init__(
-        self, ctl: Controller, net: str, since: int | None, token: str | None = None
-    ) -> None:
-        self.events: queue.Queue[dict] = queue.Queue()
-        self.status: int | None = None
-        self.error: Exception | None = None
-        self.body: dict = {}
-        params = {"watch": "true"} | ({"since": str(since)} if since is not None else {})
-        self._client = ctl.client(token) if token else ctl.client()
-        self._opened = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(net, params), daemon=True)
-        self._thread.start()
-        self._opened.wait(10)
-
-    def _run(self, net: str, params: dict) -> None:
-        try:
-            with self._client.stream(
-                "GET", f"/v1/networks/{net}/peers", params=params, timeout=None
-            ) as r:
-                if r.status_code != 200:
-                    self.body = json.loads(r.read())
-                self.status = r.status_code
-                self._opened.set()
-                if r.status_code != 200:
-                    return
-                for line in r.iter_lines():
-                    if line:
-                        self.events.put(json.loads(line))
-        except httpx.HTTPError as exc:  # the stream was cut
-            self.error = exc
-        finally:
-            self._opened.set()
-            self.events.put({"type": "CLOSED"})
-
-    def next(self, skip_bookmarks: bool = True, timeout: float = 10) -> dict:
-        while True:
-            event = self.events.get(timeout=timeout)
-            if not (skip_bookmarks and event["type"] == "BOOKMARK"):
-                return event
-
-    def close(self) -> None:
-        self._client.close()
+from lab.api import join, make_network, make_token
+from lab.components import Controller
+from tests.support import Watcher
 
 
 @pytest.fixture

@@ -17,7 +17,8 @@ import pytest
 
 from cladnet.keys import generate_keypair
 from cladnet.metrics import Batch
-from tests.components import (
+from lab.api import make_network, make_token
+from lab.components import (
     ADMIN_TOKEN,
     MQTT_ADMIN_PASSWORD,
     REPO,
@@ -27,9 +28,7 @@ from tests.components import (
     Mosquitto,
     free_port,
 )
-from tests.test_controller_api import make_network, make_token
-from tests.test_monitoring import _publish
-from tests.test_scale_calls import publish_health
+from lab.monitoring import publish, publish_health
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -88,7 +87,7 @@ def _publish_metrics(ctl: Controller, broker: Mosquitto, host: dict) -> None:
         b.add("network_receive_bytes_total", 1000.0 * seq * seq, interface="cl-web")
         b.add("network_receive_bytes_total", 5000.0 + 1000 * seq, interface="eth0")
         b.add("network_receive_bytes_total", 10.0, interface="lo")
-        asyncio.run(_publish(broker, creds, creds["topic"], b.encode()))
+        asyncio.run(publish(broker, creds, creds["topic"], b.encode()))
 
 
 def _seed(ctl: Controller, broker: Mosquitto) -> dict[str, dict]:
@@ -237,14 +236,14 @@ def test_the_dashboard_lists_groups_with_their_partial_state(
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from tests.test_groups import _drivers, _group, _wait_state
+    from lab.groups import create_group, mock_drivers, wait_group_state
 
-    ctl = make_controller(extra_env=_drivers(tmp_path))
+    ctl = make_controller(extra_env=mock_drivers(tmp_path))
     with ctl.client() as admin:
-        _group(admin, "shop", count=2)
-        _wait_state(admin, "shop", "Running")
+        create_group(admin, "shop", count=2)
+        wait_group_state(admin, "shop", "Running")
         admin.post("/v1/groups/shop/vms/shop-2/actions", json={"action": "suspend"})
-        _wait_state(admin, "shop", "Partial-Suspended")
+        wait_group_state(admin, "shop", "Partial-Suspended")
     wait = WebDriverWait(browser, 20)
     browser.get(f"{ctl.url}/ui/")
     wait.until(ec.visibility_of_element_located((By.ID, "token"))).send_keys(ADMIN_TOKEN)
@@ -258,7 +257,7 @@ def test_the_dashboard_lists_groups_with_their_partial_state(
     _click(wait, "#groups li[data-group='shop'] button[data-action='resume']")
     wait.until(lambda d: "shop: resume asked" in d.find_element(By.ID, "group-message").text)
     with ctl.client() as admin:
-        _wait_state(admin, "shop", "Running")
+        wait_group_state(admin, "shop", "Running")
         # A viewer sees the groups, and the API's refusal when it clicks.
         r = admin.post("/v1/admin-tokens", json={"role": "viewer", "description": "v"})
     browser.find_element(By.ID, "logout").click()

@@ -18,9 +18,10 @@ import pytest
 
 from cladnet.cli import config as cli_config
 from cladnet.cli import demo
-from tests.components import REPO, wait_until
+from lab.components import REPO, wait_until
+from lab.netns import sh
 from tests.markdown import sh_blocks
-from tests.netns import need_root, sh
+from tests.support import need_root
 
 CLI = [sys.executable, "-m", "cladnet.cli"]
 

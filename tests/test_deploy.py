@@ -19,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.components import (
+from lab.components import (
     MQTT_ADMIN_PASSWORD,
     MQTT_COLLECTOR_PASSWORD,
     REPO,
@@ -29,15 +29,15 @@ from tests.components import (
     free_port,
     wait_until,
 )
-
-DEPLOY = REPO / "deploy"
-OPT_BIN = "/opt/cladnet/venv/bin/"
-
-
-def run(cmd: list[str], timeout: float = 120, **kw) -> subprocess.CompletedProcess[str]:
-    """Run outside the checkout, so ``python -c`` cannot import the checkout's packages."""
-    kw.setdefault("cwd", "/")
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+from tests.support import (
+    DEPLOY,
+    OPT_BIN,
+    needs_systemd_analyze,
+    run,
+    unit_settings,
+    verify_unit,
+    with_real_binaries,
+)
 
 
 def output(r: subprocess.CompletedProcess[str]) -> str:
@@ -47,23 +47,6 @@ def output(r: subprocess.CompletedProcess[str]) -> str:
 # ---- systemd units ----------------------------------------------------------------------
 
 UNITS = sorted((DEPLOY / "systemd").glob("*.service"))
-needs_systemd_analyze = pytest.mark.skipif(
-    shutil.which("systemd-analyze") is None, reason="systemd-analyze missing (Debian: systemd)"
-)
-
-
-def verify_unit(path: Path) -> tuple[bool, str]:
-    """Clean means exit 0 and no line about the unit (unknown options are only warned)."""
-    r = run(["systemd-analyze", "verify", str(path)], timeout=60)
-    lines = (r.stdout + r.stderr).splitlines()
-    return r.returncode == 0 and not [x for x in lines if path.name in x], "\n".join(lines)
-
-
-def with_real_binaries(unit: Path, dest_dir: Path) -> Path:
-    """A copy whose ExecStart is this venv's script: verify also checks it exists."""
-    copy = dest_dir / unit.name
-    copy.write_text(unit.read_text().replace(OPT_BIN, f"{Path(sys.prefix)}/bin/"))
-    return copy
 
 
 @needs_systemd_analyze
@@ -82,11 +65,6 @@ def test_verify_catches_mistakes(tmp_path: Path) -> None:
     assert not verify_unit(copy)[0]
     copy.write_text(agent.read_text().replace(OPT_BIN, "/nonexistent/"))
     assert not verify_unit(copy)[0]
-
-
-def unit_settings(name: str) -> dict[str, str]:
-    text = (DEPLOY / "systemd" / name).read_text()
-    return dict(re.findall(r"^(\w+)=(.*)$", text, re.M))
 
 
 def test_units_are_hardened() -> None:

@@ -17,17 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from tests import test_agent_mesh
-from tests.components import Controller, wait_until
-from tests.netns import Lab
-from tests.test_agent_mesh import Agent, _full_mesh
-from tests.test_controller_api import make_network, make_token
+from lab.agents import Agent, full_mesh
+from lab.api import make_network, make_token
+from lab.components import Controller, wait_until
+from lab.netns import Lab
 
 pytestmark = pytest.mark.root
 
-lab = test_agent_mesh.lab
-agents = test_agent_mesh.agents
-mesh_controller = test_agent_mesh.mesh_controller
 
 DOMAIN = "mesh.cladnet.internal"
 BEGIN = "# BEGIN cladnet mesh"
@@ -94,7 +90,7 @@ def test_agents_answer_names_that_follow_joins_and_leaves(
     files = {a.index: netns_hosts(a.ns) for a in agents(3)}
     for a in hosts:
         _join(a, mesh_controller.url, token, files[a.index], monkeypatch)
-    _full_mesh(hosts)
+    full_mesh(hosts)
     vm1, vm2 = hosts
     ip1, ip2 = vm1.overlay_ip(), vm2.overlay_ip()
 

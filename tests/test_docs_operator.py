@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.components import REPO, Etcd, free_port, wait_until
+from lab.components import REPO, Etcd, free_port, wait_until
 from tests.markdown import sh_blocks
 
 

@@ -25,7 +25,7 @@ from moto.server import ThreadedMotoServer
 from cladnet import groups as lifecycle
 from controller.drivers import ec2, load
 from controller.drivers.base import RUNNING, SUSPENDED, DriverError, NoSuchVm, VmSpec
-from tests.components import wait_until
+from lab.components import wait_until
 
 REGION = "eu-west-1"
 

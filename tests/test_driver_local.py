@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from controller.drivers.local import Driver
-from tests.components import Controller, free_port, wait_until
-from tests.netns import need_root, sh
-from tests.test_groups import _wait_state
+from lab.components import Controller, free_port, wait_until
+from lab.groups import wait_group_state
+from lab.netns import sh
+from tests.support import need_root
 
 CLOUDS = {
     "a": {"regions": {"a-west": "192.168.1.0/24"}},
@@ -132,7 +133,7 @@ def test_group_over_three_clouds_meshes_survives_suspend_and_leaves_nothing(loca
         body = {"name": "demo", "members": members, "keepalive": 2, "allow_commands": True}
         r = admin.post("/v1/groups", json=body)
         assert r.status_code == 202, r.text
-        group = _wait_state(admin, "demo", "Running", 60)
+        group = wait_group_state(admin, "demo", "Running", 60)
         # Clouds a and b hand out the same private addresses: that is the point.
         private = {r: {vm["private_ip"] for vm in group["vms"] if vm["region"] == r}
                    for r in ("a-west", "b-east")}  # fmt: skip
@@ -163,12 +164,12 @@ def test_group_over_three_clouds_meshes_survives_suspend_and_leaves_nothing(loca
         victim = group["vms"][0]
         r = admin.post("/v1/groups/demo/vms/demo-1/actions", json={"action": "suspend"})
         assert r.status_code == 202
-        group = _wait_state(admin, "demo", "Partial-Suspended", 60)
+        group = wait_group_state(admin, "demo", "Partial-Suspended", 60)
         assert group["counts"] == {"Running": 5, "Suspended": 1}
         assert not _ping(group["vms"][1]["details"]["namespace"], victim["overlay_ip"])
 
         admin.post("/v1/groups/demo/vms/demo-1/actions", json={"action": "resume"})
-        group = _wait_state(admin, "demo", "Running", 60)
+        group = wait_group_state(admin, "demo", "Running", 60)
         resumed = group["vms"][0]
         assert resumed["public_ip"] and resumed["public_ip"] != victim["public_ip"]
         started = time.monotonic()

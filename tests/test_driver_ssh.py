@@ -24,8 +24,9 @@ import pytest
 
 from controller.drivers import load
 from controller.drivers.base import RUNNING, SUSPENDED, DriverError, NoSuchVm, VmSpec
-from tests.components import free_port, wait_until
-from tests.netns import Lab, need_root, sh
+from lab.components import free_port, wait_until
+from lab.netns import Lab, sh
+from tests.support import need_root
 
 TOKEN = f"clj_{secrets.token_hex(16)}"
 

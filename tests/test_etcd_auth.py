@@ -19,7 +19,7 @@ import pytest
 
 from cladnet.keys import generate_keypair
 from controller.config import parse_args
-from tests.components import Controller, _stop, free_port, wait_until
+from lab.components import Controller, _stop, free_port, wait_until
 
 pytestmark = pytest.mark.skipif(
     shutil.which("etcd") is None or shutil.which("etcdctl") is None,

@@ -15,8 +15,8 @@ import pytest
 
 from agent.controller_client import ControllerClient, ControllerError
 from cladnet.keys import generate_keypair
-from tests.components import Controller, EtcdCluster, free_port
-from tests.test_controller_api import make_network, make_token
+from lab.api import make_network, make_token
+from lab.components import Controller, EtcdCluster, free_port
 
 JOINS = 200
 

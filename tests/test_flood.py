@@ -18,8 +18,9 @@ from cladnet.ttlcache import TtlCache
 from controller.auth import Authenticator
 from controller.errors import ApiError
 from controller.telemetry import METHODS, method_label
-from tests.components import Controller, Etcd
-from tests.test_controller_api import assert_error, join, make_network, make_token
+from lab.api import join, make_network, make_token
+from lab.components import Controller, Etcd
+from tests.support import assert_error
 
 BODY_LIMIT = 4096  # the flood controller's; oversized junk is twice that
 WARM_UP, TOTAL = 2_000, 20_000

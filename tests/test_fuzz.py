@@ -16,7 +16,7 @@ from agent.daemon import NetworkAgent
 from agent.state import Membership, StateDir
 from cladnet import mesh, metrics
 from cladnet import policy as acl
-from tests.test_mesh import NETWORK, host
+from lab.peers import NETWORK, host
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),

@@ -19,9 +19,9 @@ from agent.commands import OUTPUT_LIMIT, run_shell
 from agent.daemon import NetworkAgent, Timing
 from agent.main import build_parser
 from agent.state import Membership, StateDir
-from tests.components import Controller
-from tests.test_controller_api import join, make_token
-from tests.test_groups import _drivers, _group, _wait_state
+from lab.api import join, make_token
+from lab.components import Controller
+from lab.groups import create_group, mock_drivers, wait_group_state
 
 
 def _gone(pid: int) -> bool:
@@ -83,8 +83,8 @@ async def _finished(admin: httpx.AsyncClient, group: str, cid: str) -> dict:
 def _group_with_hosts(ctl: Controller, count: int) -> list[dict]:
     """A running group ``web`` whose VMs joined its network under their names."""
     with ctl.client() as admin:
-        _group(admin, "web", count=count, allow_commands=True)
-        _wait_state(admin, "web", "Running")
+        create_group(admin, "web", count=count, allow_commands=True)
+        wait_group_state(admin, "web", "Running")
         token = make_token(admin, "web")
     hosts = []
     for i in range(1, count + 1):
@@ -97,7 +97,7 @@ def _group_with_hosts(ctl: Controller, count: int) -> list[dict]:
 async def test_command_runs_on_every_accepting_vm_and_is_audited(
     make_controller, tmp_path: Path
 ) -> None:
-    ctl = make_controller(extra_env=_drivers(tmp_path))
+    ctl = make_controller(extra_env=mock_drivers(tmp_path))
     web1, web2, _web3 = _group_with_hosts(ctl, 3)
     command = 'echo "$CLADNET_HOST says hi"; echo "o""ops" >&2; exit 3'
     async with ctl.aclient() as admin, _agents(ctl, [web1, web2]):  # web-3: no opt-in
@@ -150,7 +150,7 @@ async def test_command_runs_on_every_accepting_vm_and_is_audited(
 
 
 async def test_timeout_kills_the_whole_process_group(make_controller, tmp_path: Path) -> None:
-    ctl = make_controller(extra_env=_drivers(tmp_path))
+    ctl = make_controller(extra_env=mock_drivers(tmp_path))
     (web1,) = _group_with_hosts(ctl, 1)
     pids = tmp_path / "pids"
     # The shell and a background child: both must die at the timeout.

@@ -12,48 +12,20 @@ import httpx
 import pytest
 
 from cladnet import groups as lifecycle
-from tests.components import wait_until
-
-
-def _drivers(tmp_path: Path, **mock: object) -> dict[str, str]:
-    """Controller environment for a mock driver with ``mock`` options."""
-    options = {"state_file": str(tmp_path / "mock-cloud.json"), **mock}
-    path = tmp_path / "drivers.json"
-    path.write_text(json.dumps({"mock": options}))
-    return {"CLADNET_DRIVERS": str(path), "CLADNET_LEADER_TTL": "2"}
-
-
-def _cloud(tmp_path: Path) -> dict[str, dict]:
-    """What the mock cloud holds: VM name → record."""
-    path = tmp_path / "mock-cloud.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _group(admin, name: str = "web", count: int = 3, **extra) -> dict:
-    body = {"name": name, "members": [{"driver": "mock", "region": "mock-1", "count": count}]}
-    r = admin.post("/v1/groups", json={**body, **extra})
-    assert r.status_code == 202, r.text
-    return r.json()
-
-
-def _wait_state(admin, name: str, state: str, timeout: float = 20) -> dict:
-    def check():
-        group = admin.get(f"/v1/groups/{name}").json()
-        return group if group.get("state") == state else None
-
-    return wait_until(check, timeout, what=f"group {name} to be {state}")
+from lab.components import wait_until
+from lab.groups import create_group, mock_cloud, mock_drivers, wait_group_state
 
 
 def test_group_lifecycle_with_partial_states(make_controller, tmp_path: Path) -> None:
-    ctl = make_controller(extra_env=_drivers(tmp_path))
+    ctl = make_controller(extra_env=mock_drivers(tmp_path))
     with ctl.client() as admin:
-        created = _group(admin, count=3)
+        created = create_group(admin, count=3)
         assert created["state"] == lifecycle.CREATING
         assert [vm["name"] for vm in created["vms"]] == ["web-1", "web-2", "web-3"]
-        group = _wait_state(admin, "web", lifecycle.RUNNING)
+        group = wait_group_state(admin, "web", lifecycle.RUNNING)
         assert group["counts"] == {"Running": 3}
         assert all(vm["private_ip"] and vm["public_ip"] for vm in group["vms"])
-        assert set(_cloud(tmp_path)) == {"web-1", "web-2", "web-3"}
+        assert set(mock_cloud(tmp_path)) == {"web-1", "web-2", "web-3"}
 
         # The group got its own network, with a recommended private CIDR.
         net = admin.get("/v1/networks/web").json()
@@ -62,9 +34,9 @@ def test_group_lifecycle_with_partial_states(make_controller, tmp_path: Path) ->
 
         r = admin.post("/v1/groups/web/vms/web-2/actions", json={"action": "suspend"})
         assert r.status_code == 202, r.text
-        group = _wait_state(admin, "web", "Partial-Suspended")
+        group = wait_group_state(admin, "web", "Partial-Suspended")
         assert group["counts"] == {"Running": 2, "Suspended": 1}
-        assert _cloud(tmp_path)["web-2"]["power"] == "suspended"
+        assert mock_cloud(tmp_path)["web-2"]["power"] == "suspended"
 
         # Suspending again is refused for that VM (clear 409), and nothing changes.
         r = admin.post("/v1/groups/web/vms/web-2/actions", json={"action": "suspend"})
@@ -72,17 +44,20 @@ def test_group_lifecycle_with_partial_states(make_controller, tmp_path: Path) ->
 
         # A group-wide resume applies to the suspended VM only.
         admin.post("/v1/groups/web/actions", json={"action": "resume"})
-        _wait_state(admin, "web", lifecycle.RUNNING)
-        assert _cloud(tmp_path)["web-2"] == {**_cloud(tmp_path)["web-2"], "power": "running"}
+        wait_group_state(admin, "web", lifecycle.RUNNING)
+        assert mock_cloud(tmp_path)["web-2"] == {
+            **mock_cloud(tmp_path)["web-2"],
+            "power": "running",
+        }
 
         admin.post("/v1/groups/web/actions", json={"action": "reboot"})
-        group = _wait_state(admin, "web", lifecycle.RUNNING)
+        group = wait_group_state(admin, "web", lifecycle.RUNNING)
         assert all(int(vm["details"]["boots"]) >= 2 for vm in group["vms"])
 
         r = admin.delete("/v1/groups/web")
         assert r.status_code == 202
         wait_until(lambda: admin.get("/v1/groups/web").status_code == 404, 20, what="removal")
-        assert _cloud(tmp_path) == {}
+        assert mock_cloud(tmp_path) == {}
         assert admin.get("/v1/networks/web").status_code == 404
         audited = {(e["method"], e["path"]) for e in admin.get("/v1/audit").json()["entries"]}
         assert {("POST", "/v1/groups"), ("DELETE", "/v1/groups/web")} <= audited
@@ -91,29 +66,29 @@ def test_group_lifecycle_with_partial_states(make_controller, tmp_path: Path) ->
 def test_a_failing_vm_does_not_stop_the_others_and_can_be_retried(
     make_controller, tmp_path: Path
 ) -> None:
-    ctl = make_controller(extra_env=_drivers(tmp_path, failures={"db-2": ["create"]}))
+    ctl = make_controller(extra_env=mock_drivers(tmp_path, failures={"db-2": ["create"]}))
     with ctl.client() as admin:
-        _group(admin, "db", count=3)
-        group = _wait_state(admin, "db", "Partial-Failed")
+        create_group(admin, "db", count=3)
+        group = wait_group_state(admin, "db", "Partial-Failed")
         assert group["counts"] == {"Running": 2, "Failed": 1}
         failed = next(vm for vm in group["vms"] if vm["state"] == "Failed")
         assert failed["name"] == "db-2"
         assert failed["failed_op"] == "create" and "failed" in failed["error"]
-        assert set(_cloud(tmp_path)) == {"db-1", "db-3"}
+        assert set(mock_cloud(tmp_path)) == {"db-1", "db-3"}
 
     # The provider recovers (a controller with a healthy driver config): retry works.
     ctl.stop()
-    ctl.extra_env = _drivers(tmp_path)
+    ctl.extra_env = mock_drivers(tmp_path)
     ctl.start()
     with ctl.client() as admin:
         r = admin.post("/v1/groups/db/actions", json={"action": "retry"})
         assert r.status_code == 202, r.text
-        _wait_state(admin, "db", lifecycle.RUNNING)
-        assert set(_cloud(tmp_path)) == {"db-1", "db-2", "db-3"}
+        wait_group_state(admin, "db", lifecycle.RUNNING)
+        assert set(mock_cloud(tmp_path)) == {"db-1", "db-2", "db-3"}
 
 
 def test_bad_requests_get_clear_errors_and_write_nothing(make_controller, tmp_path) -> None:
-    ctl = make_controller(extra_env=_drivers(tmp_path))
+    ctl = make_controller(extra_env=mock_drivers(tmp_path))
     with ctl.client() as admin:
         cases = [
             # Well-formed, naming what this controller does not have: 404.
@@ -136,7 +111,7 @@ def test_bad_requests_get_clear_errors_and_write_nothing(make_controller, tmp_pa
             json={"name": "taken", "members": [{"driver": "mock", "region": "mock-1"}]},
         )
         assert r.status_code == 409 and r.json()["error"] == "network_exists"
-        _group(admin, "once", count=1)
+        create_group(admin, "once", count=1)
         r = admin.post(
             "/v1/groups", json={"name": "once", "members": [{"driver": "mock", "region": "mock-1"}]}
         )
@@ -161,7 +136,7 @@ def test_killing_the_leader_mid_creation_leaves_nothing_untracked(
     """Two replicas; the one running the reconciler is killed after the cloud made the
     VMs but before their create calls returned: the other takes over, adopts them
     (create is idempotent by name) and the cloud holds exactly the group's VMs."""
-    env = _drivers(tmp_path, delay=2)
+    env = mock_drivers(tmp_path, delay=2)
     replicas = [make_controller(extra_env=env), make_controller(extra_env=env)]
 
     def leader():
@@ -171,13 +146,13 @@ def test_killing_the_leader_mid_creation_leaves_nothing_untracked(
     first = wait_until(leader, 10, what="a leader")
     second = next(c for c in replicas if c is not first)
     with second.client() as admin:  # asked of the follower, done by the leader
-        _group(admin, "big", count=8)
-        wait_until(lambda: len(_cloud(tmp_path)) >= 1, 20, what="the first VM")
+        create_group(admin, "big", count=8)
+        wait_until(lambda: len(mock_cloud(tmp_path)) >= 1, 20, what="the first VM")
         assert admin.get("/v1/groups/big").json()["counts"] == {"Creating": 8}
     first.stop(sig)
     with second.client() as admin:
-        group = _wait_state(admin, "big", lifecycle.RUNNING, timeout=60)
-    assert set(_cloud(tmp_path)) == {vm["name"] for vm in group["vms"]}
+        group = wait_group_state(admin, "big", lifecycle.RUNNING, timeout=60)
+    assert set(mock_cloud(tmp_path)) == {vm["name"] for vm in group["vms"]}
     assert len(group["vms"]) == 8
 
 
@@ -186,7 +161,7 @@ def test_group_commands_of_the_cli(make_controller, tmp_path: Path, monkeypatch)
 
     from cladnet.cli import app
 
-    ctl = make_controller(extra_env=_drivers(tmp_path, failures={"app-3": ["create"]}))
+    ctl = make_controller(extra_env=mock_drivers(tmp_path, failures={"app-3": ["create"]}))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     monkeypatch.setenv("CLADNET_CONTROLLER", ctl.url)
     monkeypatch.setenv("CLADNET_TOKEN", ctl.admin_token or "")
@@ -218,4 +193,4 @@ def test_group_commands_of_the_cli(make_controller, tmp_path: Path, monkeypatch)
     assert code == 0 and [g["name"] for g in json.loads(out)] == ["app"]
     code, out = cli("group", "delete", "app", "--wait")
     assert code == 0, out
-    assert _cloud(tmp_path) == {}
+    assert mock_cloud(tmp_path) == {}

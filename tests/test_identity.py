@@ -19,8 +19,9 @@ import pytest
 
 from cladnet import keys
 from cladnet.keys import answer_challenge, generate_keypair
-from tests.components import Controller, Etcd
-from tests.test_controller_api import assert_error, join, make_network, make_token
+from lab.api import join, make_network, make_token
+from lab.components import Controller, Etcd
+from tests.support import assert_error
 
 # --- the proof, pure -------------------------------------------------------------------
 

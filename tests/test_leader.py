@@ -8,7 +8,7 @@ import time
 
 import httpx
 
-from tests.components import Controller, Etcd, wait_until
+from lab.components import Controller, Etcd, wait_until
 
 
 def _leading(ctl: Controller) -> bool | None:

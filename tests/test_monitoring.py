@@ -18,9 +18,9 @@ import pytest
 from agent.metrics.exposition import MetricsServer
 from agent.metrics.publisher import Broker
 from agent.metrics.reporter import MetricsReporter
-from cladnet.mesh import DeviceState
 from cladnet.metrics import Batch
-from tests.components import (
+from lab.api import join, make_network, make_token
+from lab.components import (
     MQTT_COLLECTOR_PASSWORD,
     Collector,
     Controller,
@@ -28,19 +28,8 @@ from tests.components import (
     Victoria,
     free_port,
 )
-from tests.test_controller_api import join, make_network, make_token
-
-
-def _host_credentials(ctl: Controller, net: str, hostname: str) -> tuple[dict, dict]:
-    with ctl.client() as admin:
-        token = make_token(admin, net)
-    joined = join(ctl, token, hostname)
-    assert joined.status_code == 200, joined.text
-    body = joined.json()
-    with ctl.client(token=body["credential"]) as host:
-        r = host.post(f"/v1/hosts/{body['host_id']}/metrics-credentials")
-    assert r.status_code == 200, r.text
-    return body, r.json()
+from lab.monitoring import host_credentials, publish
+from tests.support import no_device, until
 
 
 async def _collect(broker: Mosquitto, received: list[tuple[str, bytes]], ready: asyncio.Event):
@@ -53,24 +42,13 @@ async def _collect(broker: Mosquitto, received: list[tuple[str, bytes]], ready: 
             received.append((str(message.topic), bytes(message.payload)))  # type: ignore[arg-type]
 
 
-async def _publish(broker: Mosquitto, creds: dict, topic: str, payload: bytes) -> None:
-    async with aiomqtt.Client(
-        broker.host,
-        broker.port,
-        username=creds["username"],
-        password=creds["password"],
-        protocol=aiomqtt.ProtocolVersion.V5,
-    ) as client:
-        await client.publish(topic, payload, qos=1)
-
-
 async def test_a_host_may_publish_only_to_its_own_topic(
     metrics_controller: Controller, mosquitto: Mosquitto
 ) -> None:
     with metrics_controller.client() as admin:
         make_network(admin, "mon", cidr="10.220.0.0/24", metrics_interval=5)
-    vm1, creds1 = _host_credentials(metrics_controller, "mon", "vm1")
-    _, creds2 = _host_credentials(metrics_controller, "mon", "vm2")
+    vm1, creds1 = host_credentials(metrics_controller, "mon", "vm1")
+    _, creds2 = host_credentials(metrics_controller, "mon", "vm2")
     assert creds1["topic"] == "cladnet/metrics/mon/vm1"
     assert creds1["broker"] == mosquitto.url and creds1["interval"] == 5
     assert creds1["password"] != creds2["password"]
@@ -79,14 +57,14 @@ async def test_a_host_may_publish_only_to_its_own_topic(
     ready = asyncio.Event()
     listener = asyncio.create_task(_collect(mosquitto, received, ready))
     await asyncio.wait_for(ready.wait(), 10)
-    await _publish(mosquitto, creds1, "cladnet/metrics/mon/vm1", b"mine")
+    await publish(mosquitto, creds1, "cladnet/metrics/mon/vm1", b"mine")
     # vm1 pretending to be vm2, or writing elsewhere: the broker drops it.
     for topic in ("cladnet/metrics/mon/vm2", "cladnet/metrics/mon/vm1/x", "other"):
         try:
-            await _publish(mosquitto, creds1, topic, b"forged")
+            await publish(mosquitto, creds1, topic, b"forged")
         except aiomqtt.MqttError:
             pass  # refused outright is fine too
-    await _publish(mosquitto, creds2, "cladnet/metrics/mon/vm2", b"vm2's own")
+    await publish(mosquitto, creds2, "cladnet/metrics/mon/vm2", b"vm2's own")
     await asyncio.sleep(0.5)
     listener.cancel()
     assert sorted(received) == [
@@ -96,16 +74,16 @@ async def test_a_host_may_publish_only_to_its_own_topic(
     # A wrong password or no user at all cannot connect.
     for bad in ({**creds1, "password": "wrong"}, {"username": None, "password": None}):
         with pytest.raises(aiomqtt.MqttError):
-            await _publish(mosquitto, bad, "cladnet/metrics/mon/vm1", b"x")
+            await publish(mosquitto, bad, "cladnet/metrics/mon/vm1", b"x")
     # Asking again rotates the password; the old one stops working. Leaving removes the user.
     with metrics_controller.client(token=vm1["credential"]) as host:
         rotated = host.post(f"/v1/hosts/{vm1['host_id']}/metrics-credentials").json()
         with pytest.raises(aiomqtt.MqttError):
-            await _publish(mosquitto, creds1, creds1["topic"], b"old password")
-        await _publish(mosquitto, rotated, rotated["topic"], b"new password")
+            await publish(mosquitto, creds1, creds1["topic"], b"old password")
+        await publish(mosquitto, rotated, rotated["topic"], b"new password")
         assert host.delete(f"/v1/hosts/{vm1['host_id']}").status_code == 200
     with pytest.raises(aiomqtt.MqttError):
-        await _publish(mosquitto, rotated, rotated["topic"], b"after leaving")
+        await publish(mosquitto, rotated, rotated["topic"], b"after leaving")
 
 
 def test_metrics_credentials_need_the_hosts_own_credential(
@@ -113,8 +91,8 @@ def test_metrics_credentials_need_the_hosts_own_credential(
 ) -> None:
     with metrics_controller.client() as admin:
         make_network(admin, "mon", cidr="10.221.0.0/24")
-    vm1, _ = _host_credentials(metrics_controller, "mon", "vm1")
-    vm2, _ = _host_credentials(metrics_controller, "mon", "vm2")
+    vm1, _ = host_credentials(metrics_controller, "mon", "vm1")
+    vm2, _ = host_credentials(metrics_controller, "mon", "vm2")
     with metrics_controller.client(token=vm2["credential"]) as other:
         r = other.post(f"/v1/hosts/{vm1['host_id']}/metrics-credentials")
     assert r.status_code == 403, r.text
@@ -144,30 +122,13 @@ def _reporter(creds: dict, host: dict, spool: Path, **kw) -> MetricsReporter:
         overlay_ip="127.0.0.1",  # the latency prober binds here; there are no peers
         spool_dir=spool,
         interval=1.0,
-        device=_no_device,
+        device=no_device,
         peers=dict,
         broker=Broker(creds["broker"], creds["username"], creds["password"]),
         ack_topic=creds["ack_topic"],
         resend_after=3.0,
         **kw,
     )
-
-
-async def _no_device() -> DeviceState:
-    return DeviceState(listen_port=51820, peers={})
-
-
-async def _until(predicate, seconds: float = 20.0, what: str = "condition"):  # type: ignore[no-untyped-def]
-    """Poll a (blocking) predicate off the loop until it is truthy."""
-    try:
-        async with asyncio.timeout(seconds):
-            while True:
-                result = await asyncio.to_thread(predicate)
-                if result:
-                    return result
-                await asyncio.sleep(0.2)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {seconds}s waiting for {what}") from None
 
 
 def _ingest(collector: Collector) -> dict:
@@ -180,7 +141,7 @@ async def test_batches_reach_the_collector_and_survive_a_broker_outage(
 ) -> None:
     with metrics_controller.client() as admin:
         make_network(admin, "mon", cidr="10.223.0.0/24", metrics_interval=1)
-    host, creds = _host_credentials(metrics_controller, "mon", "vm1")
+    host, creds = host_credentials(metrics_controller, "mon", "vm1")
     host["name"] = "vm1"
     collector = make_collector()
     reporter = _reporter(creds, host, tmp_path / "spool")
@@ -192,7 +153,7 @@ async def test_batches_reach_the_collector_and_survive_a_broker_outage(
                 hosts = c.get("/v1/metrics/latest", params={"network": "mon"}).json()["hosts"]
             return hosts.get("vm1")
 
-        vm1 = await _until(latest, what="vm1's metrics in the collector")
+        vm1 = await until(latest, what="vm1's metrics in the collector")
         assert vm1["up"] is True and vm1["network"] == "mon"
         assert 0 <= vm1["metrics"]["cpu_usage_ratio"] <= 1
         assert vm1["metrics"]["memory_total_bytes"] > 0
@@ -200,12 +161,12 @@ async def test_batches_reach_the_collector_and_survive_a_broker_outage(
 
         # The broker goes away: batches wait on disk …
         mosquitto.stop()
-        await _until(lambda: len(reporter.spool) >= 3, what="batches to pile up in the spool")
+        await until(lambda: len(reporter.spool) >= 3, what="batches to pile up in the spool")
         # … and arrive, in order and complete, when it returns.
         mosquitto.start()
-        await _until(lambda: len(reporter.spool) == 0, 30, what="the spool to drain")
+        await until(lambda: len(reporter.spool) == 0, 30, what="the spool to drain")
         last_seq = reporter.spool._next_seq - 1
-        await _until(
+        await until(
             lambda: (
                 _ingest(collector)["hosts"].get("mon/vm1", {}).get("highest_seq", -1) >= last_seq
             ),
@@ -235,7 +196,7 @@ async def test_batches_reach_the_collector_and_survive_a_broker_outage(
             stats = _ingest(collector)["hosts"]["mon/vm1"]
             return stats["highest_seq"] >= last_seq + 3 and stats["gaps"] == 0
 
-        await _until(complete, 30, what="every batch after the restart")
+        await until(complete, 30, what="every batch after the restart")
         assert _ingest(collector)["hosts"]["mon/vm1"]["resets"] == 0
     finally:
         task.cancel()
@@ -248,16 +209,16 @@ async def test_a_batch_delivered_twice_is_stored_once(
 ) -> None:
     with metrics_controller.client() as admin:
         make_network(admin, "mon", cidr="10.224.0.0/24")
-    _, creds = _host_credentials(metrics_controller, "mon", "vm1")
+    _, creds = host_credentials(metrics_controller, "mon", "vm1")
     collector = make_collector()
     now = time.time()
     batch = Batch(network="mon", host="vm1", seq=0, ts=now - 5, interval=2.0)
     batch.add("load1", 0.5)
     for _ in range(2):
-        await _publish(mosquitto, creds, creds["topic"], batch.encode())
+        await publish(mosquitto, creds, creds["topic"], batch.encode())
     later = Batch(network="mon", host="vm1", seq=1, ts=now - 3, interval=2.0)
     later.add("load1", 1.5)
-    await _publish(mosquitto, creds, creds["topic"], later.encode())
+    await publish(mosquitto, creds, creds["topic"], later.encode())
 
     def points() -> list:
         with collector.client() as c:
@@ -266,7 +227,7 @@ async def test_a_batch_delivered_twice_is_stored_once(
                 params={"host": "vm1", "metric": "load1", "since": 60, "step": 1, "agg": "last"},
             ).json()["points"]
 
-    await _until(lambda: len(points()) >= 2, what="both batches stored")
+    await until(lambda: len(points()) >= 2, what="both batches stored")
     await asyncio.sleep(0.5)  # a stored duplicate would show up by now
     assert [v for _, v in points()] == [0.5, 1.5]
     counters = _ingest(collector)["counters"]
@@ -324,7 +285,7 @@ async def test_alarms_notify_once_per_episode_and_on_host_down(
     smtp_port, mails = smtp
     with metrics_controller.client() as admin:
         make_network(admin, "mon", cidr="10.225.0.0/24")
-    _, creds = _host_credentials(metrics_controller, "mon", "vm1")
+    _, creds = host_credentials(metrics_controller, "mon", "vm1")
     collector = make_collector(
         "--webhook",
         hook_url,
@@ -352,13 +313,13 @@ async def test_alarms_notify_once_per_episode_and_on_host_down(
     for seq, value in enumerate([0.6, 0.7, 0.8, 0.9, 0.1, 0.2]):
         b = Batch(network="mon", host="vm1", seq=seq, ts=start + seq, interval=1.0)
         b.add("memory_usage_ratio", value)
-        await _publish(mosquitto, creds, creds["topic"], b.encode())
+        await publish(mosquitto, creds, creds["topic"], b.encode())
     memory = lambda: [p for p in posts if p["cladnet"]["rule_name"] == "memory"]  # noqa: E731
-    await _until(lambda: len(memory()) == 2, what="firing and resolved webhooks")
+    await until(lambda: len(memory()) == 2, what="firing and resolved webhooks")
     assert [p["cladnet"]["state"] for p in memory()] == ["firing", "resolved"]
     assert "FIRING" in memory()[0]["text"] and "memory_usage_ratio" in memory()[0]["text"]
     # No more batches: the built-in host-down alarm fires, once.
-    await _until(
+    await until(
         lambda: any(p["cladnet"]["rule_id"] == "host_down" for p in posts), what="host down"
     )
     await asyncio.sleep(1.5)
@@ -366,7 +327,7 @@ async def test_alarms_notify_once_per_episode_and_on_host_down(
     with collector.client() as c:
         active = c.get("/v1/alarms").json()["alarms"]
     assert [a["rule_id"] for a in active] == ["host_down"]
-    await _until(lambda: len(mails) >= 3, what="alarm e-mails")
+    await until(lambda: len(mails) >= 3, what="alarm e-mails")
     assert all("ops@example.org" in m.rcpt_tos for m in mails)
 
 
@@ -402,7 +363,7 @@ async def test_collectors_in_one_group_share_the_batches(
 ) -> None:
     with metrics_controller.client() as admin:
         make_network(admin, "mon", cidr="10.226.0.0/24")
-    hosts = [_host_credentials(metrics_controller, "mon", f"vm{i}")[1] for i in range(4)]
+    hosts = [host_credentials(metrics_controller, "mon", f"vm{i}")[1] for i in range(4)]
     first, second = make_collector(), make_collector()
     await asyncio.sleep(0.5)
     now = time.time()
@@ -410,9 +371,9 @@ async def test_collectors_in_one_group_share_the_batches(
         for seq in range(10):
             b = Batch(network="mon", host=f"vm{i}", seq=seq, ts=now + seq, interval=2.0)
             b.add("load1", 1.0)
-            await _publish(mosquitto, creds, creds["topic"], b.encode())
+            await publish(mosquitto, creds, creds["topic"], b.encode())
     counts = lambda: [_ingest(c)["counters"].get("batches", 0) for c in (first, second)]  # noqa: E731
-    await _until(lambda: sum(counts()) == 40, what="all 40 batches")
+    await until(lambda: sum(counts()) == 40, what="all 40 batches")
     assert all(n > 0 for n in counts()), counts()
 
 
@@ -425,7 +386,7 @@ async def test_the_agent_serves_prometheus_text(tmp_path: Path) -> None:
         overlay_ip="127.0.0.1",
         spool_dir=tmp_path / "spool",
         interval=1.0,
-        device=_no_device,
+        device=no_device,
         peers=dict,
         server=server,
     )
@@ -462,13 +423,13 @@ async def test_the_collector_stores_in_victoriametrics(
     try:
         with metrics_controller.client() as admin:
             make_network(admin, "mon", cidr="10.227.0.0/24")
-        _, creds = _host_credentials(metrics_controller, "mon", "vm1")
+        _, creds = host_credentials(metrics_controller, "mon", "vm1")
         collector = make_collector(store=f"victoria:{vm.url}")
         now = time.time()
         for seq in range(3):
             b = Batch(network="mon", host="vm1", seq=seq, ts=now - 3 + seq, interval=1.0)
             b.add("load1", float(seq))
-            await _publish(mosquitto, creds, creds["topic"], b.encode())
+            await publish(mosquitto, creds, creds["topic"], b.encode())
 
         def stored() -> float | None:
             httpx.get(f"{vm.url}/internal/force_flush", timeout=5)
@@ -476,6 +437,6 @@ async def test_the_collector_stores_in_victoriametrics(
                 hosts = c.get("/v1/metrics/latest", params={"network": "mon"}).json()["hosts"]
             return hosts.get("vm1", {}).get("metrics", {}).get("load1")
 
-        assert await _until(lambda: stored() == 2.0, what="the newest value from VictoriaMetrics")
+        assert await until(lambda: stored() == 2.0, what="the newest value from VictoriaMetrics")
     finally:
         vm.stop()

@@ -37,7 +37,8 @@ from agent.state import Membership, StateDir
 from cladnet import metrics
 from cladnet.tasks import cancel_and_wait
 from controller.broker import BrokerAdmin
-from tests.components import (
+from lab.api import make_network
+from lab.components import (
     MQTT_ADMIN_PASSWORD,
     REPO,
     Collector,
@@ -47,8 +48,8 @@ from tests.components import (
     free_port,
     wait_until,
 )
-from tests.test_controller_api import make_network
-from tests.test_monitoring import _host_credentials, _no_device, _until
+from lab.monitoring import host_credentials
+from tests.support import no_device, until
 
 RATE = 5.0  # batches per second per host
 AGENTS = 2  # hosts per lane
@@ -207,8 +208,8 @@ class Lane:
         """Stop producing; wait until every spool is empty and the collector has it all."""
         for a in self.agents:
             await a.stop_producing()
-        await _until(lambda: all(len(a.spool) == 0 for a in self.agents), 90, what=f"{self.name}")
-        await _until(self.complete, 30, what=f"{self.name}: the last batches in the collector")
+        await until(lambda: all(len(a.spool) == 0 for a in self.agents), 90, what=f"{self.name}")
+        await until(self.complete, 30, what=f"{self.name}: the last batches in the collector")
 
     def check(self) -> None:
         """Every batch stored exactly once, apart from what the spool's bound dropped."""
@@ -245,7 +246,7 @@ async def _collector_killed(lane: Lane) -> None:
             a.spool_one()
     # Killed once part of the burst is stored: the rest is on the wire, at the broker,
     # in the collector's memory, or stored without its ack sent.
-    await _until(
+    await until(
         lambda: sum(a.publisher.acked for a in lane.agents) > before + 200, 60, what="the burst"
     )
     lane.collector.stop(signal.SIGKILL)
@@ -299,7 +300,7 @@ async def _restart_with_full_spool(lane: Lane, bound: int) -> None:
     restarts on it, makes more batches while it is full; the broker returns."""
     for a in lane.agents:
         await a.stop_producing()
-    await _until(lambda: all(len(a.spool) == 0 for a in lane.agents), 30, what="empty spools")
+    await until(lambda: all(len(a.spool) == 0 for a in lane.agents), 30, what="empty spools")
     lane.broker.kill()
     extra, more = 50, 10
     restarted = []
@@ -323,7 +324,7 @@ async def _restart_with_full_spool(lane: Lane, bound: int) -> None:
     lane.agents[:] = restarted
     lane.broker.start()
     # Production resumes once the backlog has room again (no further drops to count).
-    await _until(lambda: all(len(a.spool) < bound / 2 for a in lane.agents), 60, what="drain")
+    await until(lambda: all(len(a.spool) < bound / 2 for a in lane.agents), 60, what="drain")
     for a in lane.agents:
         a.start_producing()
 
@@ -336,7 +337,7 @@ def _lane_hosts(
         make_network(admin, network, cidr=f"10.231.{index}.0/24", metrics_interval=1)
     out = []
     for i in range(AGENTS):
-        host, creds = _host_credentials(ctl, network, f"vm{i}")
+        host, creds = host_credentials(ctl, network, f"vm{i}")
         assert creds["ack_topic"] == metrics.ack_topic(network, f"vm{i}"), creds
         if broker_url is not None:  # the anonymous lanes share one controller
             creds["broker"] = broker_url
@@ -412,7 +413,7 @@ async def test_monitoring_loses_and_duplicates_nothing_under_faults(
         for lane in lanes:
             for a in lane.agents:
                 a.start()
-        await _until(lambda: all(lane.flowing() for lane in lanes), 60, what="every lane")
+        await until(lambda: all(lane.flowing() for lane in lanes), 60, what="every lane")
 
         faults: dict[str, Callable[[Lane], Awaitable[None]]] = {
             "kill10": lambda lane: _broker_down(lane, 10),
@@ -452,7 +453,7 @@ async def test_an_agent_whose_ack_subscription_is_refused_says_so(
 ) -> None:
     with metrics_controller.client() as admin:
         make_network(admin, "noack", cidr="10.232.0.0/24", metrics_interval=1)
-    host, creds = _host_credentials(metrics_controller, "noack", "vm1")
+    host, creds = host_credentials(metrics_controller, "noack", "vm1")
     # A broker whose ACLs let the host publish but not hear the collectors' acks.
     admin = BrokerAdmin(mosquitto.url, mosquitto.url, "admin", MQTT_ADMIN_PASSWORD)
     answer = await admin.run(
@@ -486,7 +487,7 @@ async def test_an_agent_whose_ack_subscription_is_refused_says_so(
         overlay_ip="127.0.0.1",
         spool_dir=spool_dir(states.root, "n1"),
         interval=1.0,
-        device=_no_device,
+        device=no_device,
         peers=dict,
         broker=Broker(creds["broker"], creds["username"], creds["password"]),
         resend_after=RESEND,
@@ -501,9 +502,9 @@ async def test_an_agent_whose_ack_subscription_is_refused_says_so(
             return r.json()["metrics"] if r.status_code == 200 else None
 
         # Batches still flow (on the broker's PUBACK), and the batches say how.
-        shown = await _until(latest, what="vm1's metrics in the collector")
+        shown = await until(latest, what="vm1's metrics in the collector")
         assert reporter.publisher is not None and not reporter.publisher.end_to_end
-        await _until(lambda: (latest() or {}).get("agent_metrics_collector_ack") == 0.0)
+        await until(lambda: (latest() or {}).get("agent_metrics_collector_ack") == 0.0)
     finally:
         await cancel_and_wait([task])
     assert "agent_spool_dropped_batches_total" in shown

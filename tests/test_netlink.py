@@ -14,7 +14,8 @@ import pytest
 
 from agent import link
 from agent.netlink import Netlink
-from tests.netns import Namespaces, need_root, sh
+from lab.netns import Namespaces, sh
+from tests.support import need_root
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from typing import Any
 from cladnet import mesh, paths
 from cladnet.cli.status import summary
 from cladnet.paths import Relay
-from tests.test_mesh import NETWORK, host, key
+from lab.peers import NETWORK, host, key
 
 R1 = Relay("r1", "203.0.113.50", 40000, 40009)
 R2 = Relay("r2", "203.0.113.51", 40000, 40009)

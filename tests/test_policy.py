@@ -16,7 +16,7 @@ from agent.state import Membership, StateDir
 from cladnet import mesh
 from cladnet import policy as acl
 from cladnet.cli.status import summary
-from tests.test_mesh import NETWORK, host
+from lab.peers import NETWORK, host
 
 DOC: dict[str, Any] = {
     "groups": {"web": ["tag:web"], "db": ["tag:db", "host:legacy-db"]},

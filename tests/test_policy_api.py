@@ -10,9 +10,9 @@ import httpx
 import pytest
 
 from cladnet.keys import generate_keypair
-from tests.components import Controller
-from tests.test_controller_api import assert_error, join, make_network, make_token
-from tests.test_controller_watch import Watcher
+from lab.api import join, make_network, make_token
+from lab.components import Controller
+from tests.support import Watcher, assert_error
 
 POLICY: dict[str, Any] = {
     "groups": {"web": ["tag:web"], "db": ["tag:db"]},

@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cladnet.cli import app
-from tests.components import ADMIN_TOKEN, Controller
-from tests.test_controller_api import join, make_token
+from lab.api import join, make_token
+from lab.components import ADMIN_TOKEN, Controller
 
 
 @pytest.fixture

@@ -13,15 +13,9 @@ from typing import Any
 import pytest
 
 from cladnet import policy as acl
-from tests import test_agent_mesh
-from tests.components import Controller, wait_until
-from tests.netns import Lab
-from tests.test_agent_mesh import Agent, _full_mesh, _setup
-
-# The real-agent fixtures of the mesh tests (namespaces, controller, agents), by name.
-lab = test_agent_mesh.lab
-mesh_controller = test_agent_mesh.mesh_controller
-agents = test_agent_mesh.agents
+from lab.agents import Agent, full_mesh, setup_mesh
+from lab.components import Controller, wait_until
+from lab.netns import Lab
 
 PORT = 5432
 SERVER = (
@@ -72,8 +66,8 @@ def _keys(a: Agent) -> set[str]:
 def test_policy_is_enforced_by_peer_lists_and_packet_filters(
     mesh_controller: Controller, agents, lab: Lab, servers: list[subprocess.Popen]
 ) -> None:
-    hosts, _ = _setup(mesh_controller, agents, 3)
-    _full_mesh(hosts)
+    hosts, _ = setup_mesh(mesh_controller, agents, 3)
+    full_mesh(hosts)
     web, db, other = hosts
     ips = {a.index: a.overlay_ip() for a in hosts}
     # A new network's explicit allow-all policy is loaded as such on every host.
@@ -138,7 +132,7 @@ def test_policy_is_enforced_by_peer_lists_and_packet_filters(
     assert not _connects(db, ips[1])  # still no TCP that way
     # Back to allow-all: vm3 returns everywhere.
     assert admin.put("/v1/networks/mesh/policy", json=acl.ALLOW_ALL).status_code == 200
-    _full_mesh(hosts)
+    full_mesh(hosts)
     assert _connects(db, ips[1])
     assert [a.proc.pid for a in hosts if a.proc is not None] == pids
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from cladnet.ratelimit import RateLimiter
-from tests.components import Controller
-from tests.test_controller_api import assert_error, join, make_network, make_token
+from lab.api import join, make_network, make_token
+from lab.components import Controller
+from tests.support import assert_error
 
 
 def test_token_bucket_allows_bursts_then_the_rate() -> None:

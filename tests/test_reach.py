@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.components import Controller, Etcd, free_port, wait_until
-from tests.multicloud import MultiCloud
-from tests.netns import need_root
-from tests.test_agent_mesh import Agent
-from tests.test_controller_api import make_network, make_token
+from lab.agents import Agent
+from lab.api import make_network, make_token
+from lab.components import Controller, Etcd, free_port, wait_until
+from lab.multicloud import MultiCloud
+from tests.support import need_root
 
 NAT = "masquerade fully-random"
 CLOUDS = {"a": ("192.168.1", 11), "b": ("10.77.0", 12)}

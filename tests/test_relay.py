@@ -7,7 +7,7 @@ import asyncio
 import socket
 
 from agent.relay import PairForwarder, Side
-from tests.components import free_port
+from lab.components import free_port
 
 INIT = b"\x01\0\0\0" + bytes(144)
 DATA = b"\x04\0\0\0" + b"ciphertext-bytes" * 4

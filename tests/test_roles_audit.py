@@ -6,8 +6,9 @@ import time
 
 import httpx
 
-from tests.components import Controller
-from tests.test_controller_api import assert_error, join, make_network, make_token
+from lab.api import join, make_network, make_token
+from lab.components import Controller
+from tests.support import assert_error
 
 
 def _as(ctl: Controller, token: str) -> httpx.Client:

@@ -16,7 +16,6 @@ import pytest
 from aetcd import transactions as tx
 
 from cladnet import tokens
-from cladnet.metrics import Batch
 from cladnet.models import Group, GroupMember, JoinRequest, NetworkCreate, TokenCreate, Vm
 from controller import keyspace as ks
 from controller.audit import AuditLog
@@ -24,10 +23,10 @@ from controller.errors import ApiError
 from controller.etcd import Etcd
 from controller.groups import Drivers, GroupStore, Reconciler
 from controller.store import Store
-from tests.components import Controller, Mosquitto, wait_until
-from tests.components import Etcd as EtcdServer
-from tests.test_controller_api import join, make_network, make_token
-from tests.test_monitoring import _publish
+from lab.api import join, make_network, make_token
+from lab.components import Controller, Mosquitto, wait_until
+from lab.components import Etcd as EtcdServer
+from lab.monitoring import publish_health
 
 
 class CountingEtcd(Etcd):
@@ -231,26 +230,6 @@ async def test_the_group_reconciler_follows_a_watch_instead_of_rescanning(db) ->
 
 
 # --- telemetry out of etcd ---------------------------------------------------------------
-
-
-def publish_health(
-    ctl: Controller, broker: Mosquitto, network: str, host: dict, name: str, peers: dict
-) -> None:
-    """What an agent publishes about its peers (peer name → handshake_age_s, latency_ms):
-    the per-peer series of one metrics batch, over MQTT to the collector."""
-    with ctl.client(token=host["credential"]) as c:
-        r = c.post(f"/v1/hosts/{host['host_id']}/metrics-credentials")
-    r.raise_for_status()
-    creds = r.json()
-    batch = Batch(network=network, host=name, seq=0, ts=time.time(), interval=2.0)
-    for peer, figures in peers.items():
-        if figures.get("handshake_age_s") is not None:
-            batch.add("wireguard_peer_handshake_age_seconds", figures["handshake_age_s"], peer=peer)
-        batch.add("wireguard_peer_receive_bytes_total", 10.0, peer=peer)
-        batch.add("wireguard_peer_transmit_bytes_total", 10.0, peer=peer)
-        if figures.get("latency_ms") is not None:
-            batch.add("wireguard_peer_latency_seconds", figures["latency_ms"] / 1000, peer=peer)
-    asyncio.run(_publish(broker, creds, creds["topic"], batch.encode()))
 
 
 def etcd_revision(server: EtcdServer) -> int:

@@ -28,7 +28,8 @@ from controller import tls
 from controller.config import parse_args
 from controller.etcd import Etcd, parse_endpoints
 from controller.etcd_tls import UPSTREAM_CONNECT_SHA256, EtcdTls
-from tests.components import (
+from lab.api import join, make_network, make_token
+from lab.components import (
     ADMIN_TOKEN,
     MQTT_ADMIN_PASSWORD,
     REPO,
@@ -39,9 +40,8 @@ from tests.components import (
     free_port,
     wait_until,
 )
-from tests.components import Etcd as EtcdServer
-from tests.test_controller_api import join, make_network, make_token
-from tests.test_monitoring import _no_device, _until
+from lab.components import Etcd as EtcdServer
+from tests.support import no_device, until
 
 
 @pytest.fixture
@@ -353,7 +353,7 @@ async def test_metrics_travel_over_mqtt_tls_verified_with_the_cluster_ca(
             overlay_ip="127.0.0.1",
             spool_dir=tmp_path / "spool",
             interval=1.0,
-            device=_no_device,
+            device=no_device,
             peers=dict,
             broker=Broker(
                 creds["broker"], creds["username"], creds["password"], ca_file=str(ctl.ca_file)
@@ -368,7 +368,7 @@ async def test_metrics_travel_over_mqtt_tls_verified_with_the_cluster_ca(
                     hosts = c.get("/v1/metrics/latest", params={"network": "mon"}).json()
                 return "vm1" in hosts["hosts"]
 
-            await _until(arrived, 30, what="vm1's metrics over mqtts")
+            await until(arrived, 30, what="vm1's metrics over mqtts")
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tests.netns import Namespaces, free_prefix, sh
+from lab.netns import Namespaces, free_prefix, sh
 
 
 @dataclass

@@ -14,16 +14,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import pytest
 
-
-def need_root() -> None:
-    """Skip the calling test unless we can make namespaces and WireGuard devices."""
+def root_missing() -> str | None:
+    """Why namespaces and WireGuard devices cannot be made here, or None when they can."""
     if os.geteuid() != 0:
-        pytest.skip("needs root: creates network namespaces, veth pairs and WireGuard devices")
+        return "needs root: creates network namespaces, veth pairs and WireGuard devices"
     for tool in ("ip", "wireguard-go", "wg"):
         if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (run deploy/setup.sh)")
+            return f"{tool} is not installed (run deploy/setup.sh)"
+    return None
 
 
 def sh(*args: str, check: bool = True, timeout: float = 20) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,1 @@
+"""The lab tests and benchmarks share: real components, namespaces, agents."""
