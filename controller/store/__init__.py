@@ -10,10 +10,14 @@ concept, composed here into the ``Store`` the API and the services use.
 - :mod:`~controller.store.liveness` — last seen / address moved, apart from the peers;
 - :mod:`~controller.store.listing` — peers and hosts as read views.
 
-Every write that must be unique is one etcd transaction guarded by
-``create_revision == 0`` (a name, an overlay IP) or by "nothing in this range
-changed since I read it" (a network CIDR must not overlap another). Losers of a
-race re-read and retry; nothing is read-then-written without a guard.
+Every write that depends on what was read is one etcd transaction comparing what it
+read: ``create_revision == 0`` for a key that must not exist yet (a name, an overlay
+IP, a key, a token slot), ``mod_revision`` for a record that must not have changed (a
+peer, a host record, a liveness record, a token, a key's owner), or "nothing in this
+range changed since" (a network CIDR must not overlap another). Losers of a race
+re-read and retry (:func:`~controller.store.txn.retry`); nothing is read-then-written
+without a guard. The only writes without a compare are deletions that take whatever
+is there: the chunks a network deletion removes before its own guarded last one.
 """
 
 from __future__ import annotations

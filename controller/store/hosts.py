@@ -72,20 +72,17 @@ class Hosts:
         return {ks.last_segment(kv.key) for kv in res}
 
     async def _update_peer(self, host_id: str, changes: dict[str, Any]) -> tuple[Peer, bool]:
-        """Apply ``changes`` to a peer with a compare-and-swap; write only if something changed."""
+        """Apply ``changes`` to a peer with a compare-and-swap; write only if something
+        changed. A moved public address is noted in the host's liveness record after."""
 
-        async def attempt() -> tuple[Peer, bool] | Lost:
+        async def attempt() -> tuple[Peer, set[str]] | Lost:
             host, peer_kv = await self.load(host_id)
             peer = Peer.model_validate_json(peer_kv.value)
             current = peer.model_dump()
             changed = {k: v for k, v in changes.items() if v is not None and current[k] != v}
             if not changed:
-                return peer, False
+                return peer, set()
             net_id = host["network_id"]
-            if "public_address" in changed:
-                await self.liveness.merge(
-                    net_id, host_id, {"public_address_changed_at": time.time()}
-                )
             updated = peer.model_copy(update={**changed, "updated_at": time.time()})
             compare = [tx.Mod(ks.peer(net_id, host_id)) == peer_kv.mod_revision]
             success = [tx.Put(ks.peer(net_id, host_id), dump(updated))]
@@ -95,12 +92,21 @@ class Hosts:
                     raise publickeys.key_in_use(await self.networks.get(net_id))
                 compare.append(tx.Create(index) == 0)
                 success.append(tx.Put(index, host_id.encode()))
-                success += await publickeys.release(self.etcd, net_id, host_id, peer.public_key)
+                released = await publickeys.release(self.etcd, net_id, host_id, peer.public_key)
+                compare += released[0]
+                success += released[1]
             ok, _ = await self.etcd.txn(compare, success)
             if not ok:
                 return LOST
             log.info("peer updated", extra={"host": host_id, "fields": sorted(changed)})
-            return updated, True
+            return updated, set(changed)
+
+        peer, changed = await retry("update_peer", attempt, "host changed concurrently, try again")
+        if "public_address" in changed:
+            await self.liveness.merge(
+                peer.network_id, host_id, {"public_address_changed_at": time.time()}
+            )
+        return peer, bool(changed)
 
         return await retry("update_peer", attempt, "host changed concurrently, try again")
 
@@ -137,23 +143,43 @@ class Hosts:
         return peer
 
     async def leave(self, host_id: str) -> Peer:
-        """Remove a host and release its overlay IP, hostname and key."""
-        host, peer_kv = await self.load(host_id)
-        peer = Peer.model_validate_json(peer_kv.value)
-        net_id = host["network_id"]
-        await self.etcd.txn(
-            compare=[],
-            success=[
-                *await publickeys.release(self.etcd, net_id, host_id, peer.public_key),
-                tx.Delete(ks.challenge(net_id, host_id)),
-                tx.Delete(ks.peer(net_id, host_id)),
-                tx.Delete(ks.liveness(net_id, host_id)),
-                tx.Delete(ks.ip(net_id, peer.overlay_ip)),
-                tx.Delete(ks.hostname(net_id, peer.name)),
-                tx.Delete(ks.host(host_id)),
-            ],
-        )
+        """Remove a host and release its overlay IP, hostname and key — once: of two
+        concurrent leaves one succeeds, the other finds no host (404)."""
+
+        async def attempt() -> Peer | Lost:
+            host_kv = await self.etcd.get(ks.host(host_id))
+            if host_kv is None:
+                raise not_found("host", host_id)
+            net_id = json.loads(host_kv.value)["network_id"]
+            peer_kv = await self.etcd.get(ks.peer(net_id, host_id))
+            if peer_kv is None:
+                raise not_found("host", host_id)
+            peer = Peer.model_validate_json(peer_kv.value)
+            key_compare, key_ops = await publickeys.release(
+                self.etcd, net_id, host_id, peer.public_key
+            )
+            # Both records as read: the name, address and key deleted are still this
+            # host's, not those of a host that took them after it left.
+            ok, _ = await self.etcd.txn(
+                compare=[
+                    tx.Mod(ks.host(host_id)) == host_kv.mod_revision,
+                    tx.Mod(ks.peer(net_id, host_id)) == peer_kv.mod_revision,
+                    *key_compare,
+                ],
+                success=[
+                    *key_ops,
+                    tx.Delete(ks.challenge(net_id, host_id)),
+                    tx.Delete(ks.peer(net_id, host_id)),
+                    tx.Delete(ks.liveness(net_id, host_id)),
+                    tx.Delete(ks.ip(net_id, peer.overlay_ip)),
+                    tx.Delete(ks.hostname(net_id, peer.name)),
+                    tx.Delete(ks.host(host_id)),
+                ],
+            )
+            return peer if ok else LOST
+
+        peer = await retry("leave", attempt, "host changed concurrently, try again")
         self.liveness.forget(host_id)
-        self.addresses.release(net_id, peer.overlay_ip)
-        log.info("host left", extra={"host": host_id, "network_id": net_id})
+        self.addresses.release(peer.network_id, peer.overlay_ip)
+        log.info("host left", extra={"host": host_id, "network_id": peer.network_id})
         return peer

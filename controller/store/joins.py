@@ -113,7 +113,7 @@ class Joins:
 
         async def attempt() -> Joined | Lost:
             nonlocal fresh
-            token, _ = await self.tokens.check(req.token)
+            token, token_revision = await self.tokens.check(req.token)
             # The network, the hostname's and the key's owners in one round trip.
             net_id = token["network_id"]
             _, (net_kv, name_kv, key_kv) = await self.etcd.txn(
@@ -174,6 +174,9 @@ class Joins:
                 tx.Create(ks.hostname(net.id, name)) == 0,
                 tx.Create(ks.public_key(net.id, key_hex)) == 0,
                 tx.Create(ks.network(net.id)) > 0,  # not deleted meanwhile
+                # Not revoked meanwhile (a token record never changes, so joins do not
+                # contend on it): a revoked token's join must not count a use.
+                tx.Mod(ks.token(token["id"])) == token_revision,
             ]
             slot = None
             if token["max_uses"] is not None:
@@ -300,7 +303,11 @@ class Joins:
                 raise not_found("host", host_id)
             peer_value, peer_meta = peer_kv[0]
             peer = Peer.model_validate_json(peer_value)
-            compare = [tx.Mod(ks.peer(net.id, host_id)) == peer_meta.mod_revision]
+            compare = [
+                tx.Mod(ks.peer(net.id, host_id)) == peer_meta.mod_revision,
+                # The host record is rewritten from what was read (a new credential).
+                tx.Mod(ks.host(host_id)) == host_kv[0][1].mod_revision,
+            ]
             success: list[Any] = []
             if vouched_host is None:
                 _check_proof(req.proof, challenge_kv, peer)
@@ -315,7 +322,9 @@ class Joins:
                 compare.append(tx.Create(ks.public_key(net.id, new_hex)) == 0)
                 success.append(tx.Put(ks.public_key(net.id, new_hex), host_id.encode()))
             if req.public_key != peer.public_key:
-                success += await publickeys.release(self.etcd, net.id, host_id, peer.public_key)
+                released = await publickeys.release(self.etcd, net.id, host_id, peer.public_key)
+                compare += released[0]
+                success += released[1]
             host = json.loads(host_kv[0][0])
             credential, host["credential_hash"] = tokens.mint("clh", host_id)
             now = time.time()

@@ -8,9 +8,12 @@ import json
 import time
 from typing import Any
 
+from aetcd import transactions as tx
+
 from controller import keyspace as ks
+from controller.errors import not_found
 from controller.etcd import Etcd
-from controller.store.txn import dump
+from controller.store.txn import LOST, Lost, dump, retry, unchanged
 
 # The agents' heartbeat is 10 s; liveness is written at most this often per host.
 LIVENESS_EVERY = 5.0
@@ -26,13 +29,28 @@ class Liveness:
         self._seen_written: dict[str, float] = {}
 
     async def merge(self, net_id: str, host_id: str, fields: dict[str, Any]) -> None:
-        """Merge ``fields`` into the host's liveness record."""
-        key = ks.liveness(net_id, host_id)
-        kv = await self.etcd.get(key)
-        record = json.loads(kv.value) if kv is not None else {}
-        record.update(fields)
-        kept = {k: v for k, v in record.items() if k in LIVENESS_FIELDS}
-        await self.etcd.put(key, dump(kept))
+        """Merge ``fields`` into the host's liveness record, keeping what others wrote in
+        the meantime (a heartbeat's last_seen, an update's public_address_changed_at):
+        written only if the record is as read and the host is still there."""
+        key, peer = ks.liveness(net_id, host_id), ks.peer(net_id, host_id)
+
+        async def attempt() -> Lost | None:
+            _, (live_kv, peer_kv) = await self.etcd.txn([], [tx.Get(key), tx.Get(peer)])
+            if not peer_kv:  # left: no orphaned record
+                raise not_found("host", host_id)
+            record = json.loads(live_kv[0][0]) if live_kv else {}
+            record.update(fields)
+            kept = {k: v for k, v in record.items() if k in LIVENESS_FIELDS}
+            ok, _ = await self.etcd.txn(
+                compare=[
+                    unchanged(key, live_kv[0][1] if live_kv else None),
+                    tx.Create(peer) == peer_kv[0][1].create_revision,
+                ],
+                success=[tx.Put(key, dump(kept))],
+            )
+            return None if ok else LOST
+
+        await retry("liveness", attempt, "host changed concurrently, try again")
 
     async def seen(self, net_id: str, host_id: str, changed: bool) -> None:
         """Record that the host was seen now: at most once per ``LIVENESS_EVERY`` per host

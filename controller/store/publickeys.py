@@ -25,13 +25,16 @@ def key_in_use(net: Network) -> ApiError:
     )
 
 
-async def release(etcd: Etcd, net_id: str, host_id: str, public_key: str) -> list[Any]:
-    """The operations that free a host's old key for others (if it holds the index)."""
+async def release(
+    etcd: Etcd, net_id: str, host_id: str, public_key: str
+) -> tuple[list[Any], list[Any]]:
+    """The compares and operations that free a host's old key for others, if the host
+    holds its index (and still does when the transaction runs)."""
     index = ks.public_key(net_id, keys.key_to_hex(public_key))
     owner = await etcd.get(index)
     if owner is None or owner.value.decode() != host_id:
-        return []
-    return [tx.Delete(index)]
+        return [], []
+    return [tx.Mod(index) == owner.mod_revision], [tx.Delete(index)]
 
 
 async def index_public_keys(etcd: Etcd) -> int:

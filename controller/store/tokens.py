@@ -42,7 +42,13 @@ class Tokens:
             "description": req.description,
             "created_at": now,
         }
-        await self.etcd.put(ks.token(token_id), dump(record))
+        ok, _ = await self.etcd.txn(
+            # Not of a network deleted since it was read: no orphaned token.
+            compare=[tx.Create(ks.network(net.id)) > 0],
+            success=[tx.Put(ks.token(token_id), dump(record))],
+        )
+        if not ok:
+            raise not_found("network", net.id)
         return JoinTokenCreated(token=secret, uses=0, **public_token(record))
 
     async def of_network(self, net_id: str) -> list[JoinToken]:
@@ -58,9 +64,12 @@ class Tokens:
         if kv is None or json.loads(kv.value)["network_id"] != net.id:
             raise not_found("token", token_id)
         p = ks.prefix("token-uses", token_id)
-        await self.etcd.txn(
-            compare=[], success=[tx.Delete(ks.token(token_id)), tx.Delete(p, prefix_end(p))]
+        ok, _ = await self.etcd.txn(
+            compare=[tx.Mod(ks.token(token_id)) == kv.mod_revision],
+            success=[tx.Delete(ks.token(token_id)), tx.Delete(p, prefix_end(p))],
         )
+        if not ok:  # records never change: it was deleted meanwhile
+            raise not_found("token", token_id)
 
     async def delete_expired(self, now: float) -> int:
         """Remove join tokens past their expiry (and their use records); returns how many."""
@@ -69,11 +78,11 @@ class Tokens:
             record = json.loads(kv.value)
             if record["expires_at"] < now:
                 p = ks.prefix("token-uses", record["id"])
-                await self.etcd.txn(
+                ok, _ = await self.etcd.txn(
                     compare=[tx.Mod(ks.token(record["id"])) == kv.mod_revision],
                     success=[tx.Delete(ks.token(record["id"])), tx.Delete(p, prefix_end(p))],
                 )
-                removed += 1
+                removed += int(ok)
         return removed
 
     async def free_slot(self, token: dict[str, Any]) -> int:
