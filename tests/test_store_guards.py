@@ -232,3 +232,14 @@ async def test_tags_and_an_endpoint_update_written_in_between_both_survive(db) -
         ["192.168.9.9/24"],
         ["192.0.2.1:51820"],
     )
+
+
+async def test_a_heartbeat_racing_a_leave_leaves_no_orphaned_liveness_record(db) -> None:
+    etcd, store = db
+    net, token = await _network(store)
+    peer = await _join(store, token, "web")
+    etcd.before_write(ks.liveness(net.id, peer.id), lambda: store.leave(peer.id))
+    with pytest.raises(ApiError) as gone:
+        await store.heartbeat(peer.id, Heartbeat(), OBSERVED)
+    assert gone.value.status == 404, gone.value
+    assert await etcd.counts([ks.prefix("liveness", net.id), ks.prefix("peers", net.id)]) == [0, 0]
