@@ -15,6 +15,13 @@ Phases, all on one throwaway etcd:
 2. N joins through ONE controller;
 3. N joins through TWO controllers (the client's connections split evenly).
 
+Each controller limits joins per source address (``--join-rate``/``--join-burst``, left
+at their defaults here). A fleet joins from many addresses; so does the bench: each of
+its HTTP clients binds its own loopback source address (127.P.0.K, a fresh block per
+phase), so a phase's joins are spread over several sources, each well under the burst.
+The report names the limit, the sources and the most joins one source made (counted
+from the addresses the controller observed, not from what the bench meant to do).
+
 For each controller phase: joins/s, p50/p99/max latency, txn retries (scraped from
 each controller's ``/metrics``), etcd RPCs per join (from etcd's ``/metrics``), CPU
 seconds per process, and duplicates: overlay IPs / host ids repeated in the
@@ -47,10 +54,15 @@ from aetcd import transactions as tx
 from bench import common
 from bench.common import cpu_seconds, percentile
 from cladnet.keys import generate_keypair
+from controller.config import Settings
 from lab.components import Controller, Etcd, free_port
 
 TARGET_JOINS_PER_SECOND = 300.0
 CONNECTIONS_PER_CLIENT = 8
+# The controllers run with their default per-source join limit; no source may need
+# more than this share of its burst in one phase.
+LIMIT = Settings()
+MAX_SOURCE_SHARE = 0.5
 
 
 def log(message: str) -> None:
@@ -238,6 +250,13 @@ def cidr_for(count: int, index: int) -> str:
     return str(ipaddress.IPv4Network((base, prefix)))
 
 
+def source_address(phase: int, index: int) -> str:
+    """The loopback address a phase's ``index``-th client joins from: 127.<phase+1>.x.y
+    (never 127.0.0.1, which the admin calls use)."""
+    base = int(ipaddress.IPv4Address("127.0.0.0")) + (phase + 1) * 65536
+    return str(ipaddress.IPv4Address(base + 1 + index))
+
+
 def setup_network(admin: httpx.Client, name: str, cidr: str, hosts: int) -> tuple[str, str]:
     """Create a network and an unlimited join token; return (network id, token)."""
     r = admin.post("/v1/networks", json={"name": name, "cidr": cidr, "expected_hosts": hosts})
@@ -256,8 +275,10 @@ async def join_phase(
     count: int,
     concurrency: int,
     warmup: int,
+    phase: int,
 ) -> dict[str, Any]:
-    """``count`` joins spread round-robin over ``controllers``; figures + correctness checks."""
+    """``count`` joins spread round-robin over ``controllers``, from clients with their
+    own loopback source addresses; figures + correctness checks."""
     with controllers[0].client() as admin:
         net_id, token = setup_network(admin, name, cidr, count + warmup)
     # Keys up front: key generation is the agent's cost, not the controller's.
@@ -275,12 +296,23 @@ async def join_phase(
     # 64-connection pool cost the client ~9 ms CPU per join and starved the
     # controller of this 2-core machine. Worker w always uses clients[w % len].
     n_clients = max(len(controllers), math.ceil(concurrency / CONNECTIONS_PER_CLIENT))
+    # One source address per client, and enough of them that none needs more than
+    # MAX_SOURCE_SHARE of a controller's per-source burst.
+    n_clients = max(n_clients, math.ceil((count + warmup) / (MAX_SOURCE_SHARE * LIMIT.join_burst)))
     n_clients += -n_clients % len(controllers)  # the same number for every controller
     per_client = math.ceil(concurrency / n_clients)
-    limits = httpx.Limits(max_connections=per_client, max_keepalive_connections=per_client)
+    # Idle connections are dropped before uvicorn's 5-s keep-alive timeout closes them:
+    # at the same 5 s (httpx's default) a request can go out on a connection the server
+    # is closing, and fail with a ReadError that is no join's fault.
+    limits = httpx.Limits(
+        max_connections=per_client, max_keepalive_connections=per_client, keepalive_expiry=2.0
+    )
+    sources = [source_address(phase, k) for k in range(n_clients)]
     clients = [
         httpx.AsyncClient(
-            base_url=controllers[k % len(controllers)].url, limits=limits, timeout=120
+            base_url=controllers[k % len(controllers)].url,
+            transport=httpx.AsyncHTTPTransport(limits=limits, local_address=sources[k]),
+            timeout=120,
         )
         for k in range(n_clients)
     ]
@@ -338,6 +370,9 @@ async def join_phase(
             continue
         errors[key] = errors.get(key, 0) + 1
     ips = [j["overlay_ip"] for j in ok]
+    per_source: dict[str, int] = {}
+    for j in ok:
+        per_source[j["observed_address"]] = per_source.get(j["observed_address"], 0) + 1
     host_ids = [j["host_id"] for j in ok]
     with controllers[-1].client() as admin:
         peers = admin.get(f"/v1/networks/{net_id}/peers").json()["peers"]
@@ -354,6 +389,13 @@ async def join_phase(
         "responses_missing_from_peers": len(set(ips) - set(peer_ips)),
         "peers_not_in_responses": len(set(peer_ips) - set(ips)),
         "ips_outside_cidr": sum(1 for ip in ips if ipaddress.IPv4Address(ip) not in network),
+        # Sources as the controllers saw them: joins from elsewhere than the bench's own
+        # addresses would mean the spread did not happen as reported.
+        "sources_observed": len(per_source),
+        "joins_from_unexpected_sources": sum(
+            n for src, n in per_source.items() if src not in set(sources)
+        ),
+        "max_joins_per_source": max(per_source.values(), default=0),
     }
     figures = load.figures()
     rpc_delta = {
@@ -364,6 +406,7 @@ async def join_phase(
     return {
         "controllers": len(controllers),
         "http_clients": f"{n_clients} httpx.AsyncClient x max_connections={per_client}",
+        "source_addresses": f"{sources[0]}..{sources[-1]} (one per client)",
         "network_cidr": cidr,
         "warmup_joins": len(warm),
         "joins_per_second": figures["per_second"],
@@ -392,9 +435,12 @@ def phase_failures(label: str, phase: dict[str, Any]) -> list[str]:
             "responses_missing_from_peers",
             "peers_not_in_responses",
             "ips_outside_cidr",
+            "joins_from_unexpected_sources",
         )
         if c[key]
     ]
+    if c["joins_ok"] + c["joins_failed"] == 0:
+        problems.append(f"{label}: no joins were made")
     return problems
 
 
@@ -450,6 +496,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             args.joins,
             args.concurrency,
             args.warmup,
+            phase=0,
         )
         log(f"  {one['joins_per_second']} joins/s")
 
@@ -462,6 +509,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             args.joins,
             args.concurrency,
             args.warmup,
+            phase=1,
         )
         log(f"  {two['joins_per_second']} joins/s")
     finally:
@@ -506,6 +554,12 @@ def main(argv: list[str] | None = None) -> int:
             "client": f"httpx.AsyncClients of max_connections={CONNECTIONS_PER_CLIENT} "
             f"({args.concurrency} connections in all), split evenly between controllers; "
             "a fixed pool of workers keeps exactly `concurrency` joins in flight",
+            "join_limit_per_source": {
+                "rate_per_second": LIMIT.join_rate,
+                "burst": LIMIT.join_burst,
+                "how": "the controllers' defaults, unchanged; the bench's clients each "
+                "join from their own 127.x.y.z source address",
+            },
         },
         "machine": machine_facts(),
     }
