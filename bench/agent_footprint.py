@@ -290,20 +290,26 @@ def wheelhouses(tmp: Path) -> dict[str, dict[str, float | int | str]]:
     versions pinned; the two builds share one pip cache in ``tmp``."""
     freeze = subprocess.run(
         [sys.executable, "-m", "pip", "freeze", "--exclude-editable"],
-        capture_output=True, text=True, check=True, timeout=120,
-    ).stdout  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
     pins = tmp / "constraints.txt"
     pins.write_text("\n".join(x for x in freeze.splitlines() if "==" in x) + "\n")
-    env = {**os.environ, "PIP_CONSTRAINT": str(pins), "PIP_CACHE_DIR": str(tmp / "pip-cache"),
-           "PIP_DISABLE_PIP_VERSION_CHECK": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PIP_CONSTRAINT": str(pins),
+        "PIP_CACHE_DIR": str(tmp / "pip-cache"),
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+    }
     sizes: dict[str, dict[str, float | int | str]] = {}
     for name, extras in (("agent", "agent"), ("all_roles", ALL_ROLES)):
         out = tmp / f"wheelhouse-{name}"
+        wheel = [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(out)]
         built = subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(out),
-             f"{REPO}[{extras}]"],
-            capture_output=True, text=True, timeout=1800, env=env,
-        )  # fmt: skip
+            [*wheel, f"{REPO}[{extras}]"], capture_output=True, text=True, timeout=1800, env=env
+        )
         if built.returncode != 0:
             raise RuntimeError(f"pip wheel of cladnet[{extras}] failed: {built.stderr[-2000:]}")
         wheels = sorted(out.glob("*.whl"))
@@ -343,8 +349,9 @@ def main() -> None:
         sizes = wheelhouses(Path(tmp))
         with AgentMesh(Path(tmp), runtime) as mesh:
             imports = run("agent-imports", python(runtime, IMPORTS, tmp, 2), seconds, 2)
-            kernel = run("agent-imports-kernel", python(runtime, IMPORTS_KERNEL, tmp, 2),
-                         seconds, 2)  # fmt: skip
+            kernel = run(
+                "agent-imports-kernel", python(runtime, IMPORTS_KERNEL, tmp, 2), seconds, 2
+            )
             for interval in intervals:
                 results = [
                     run("baseline", python(runtime, BASELINE, tmp, interval), seconds, interval),
@@ -403,10 +410,14 @@ def main() -> None:
                     f"{a['cpu_percent']}% CPU{versus}")  # fmt: skip
     verdict = "met" if target["met"] else "NOT met"
     wheel_agent, wheel_all = sizes["agent"], sizes["all_roles"]
-    line.append(f"kernel backend (pyroute2) +{pyroute2_mib} MiB → agent ≈"
-                f"{report['kernel_backend']['agent_rss_mib_estimate']} MiB")  # fmt: skip
-    line.append(f"agent wheelhouse {wheel_agent['mib']} MiB ({wheel_agent['wheels']} wheels) "
-                f"vs every role {wheel_all['mib']} MiB ({wheel_all['wheels']})")  # fmt: skip
+    line.append(
+        f"kernel backend (pyroute2) +{pyroute2_mib} MiB → agent ≈"
+        f"{report['kernel_backend']['agent_rss_mib_estimate']} MiB"
+    )
+    line.append(
+        f"agent wheelhouse {wheel_agent['mib']} MiB ({wheel_agent['wheels']} wheels) "
+        f"vs every role {wheel_all['mib']} MiB ({wheel_all['wheels']})"
+    )
     print("; ".join(line) + f"; target ≤40 MB, ≤0.5% at 2 s: {verdict}")
 
 

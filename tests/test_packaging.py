@@ -18,10 +18,10 @@ from tests.components import REPO
 
 ROLES = ("agent", "controller", "collector", "cli", "relay")
 # What an agent never needs (its VM runs none of the services, nor the operator's CLI).
-NOT_IN_AGENT = {
-    "fastapi", "uvicorn", "starlette", "pydantic", "aetcd", "grpcio", "protobuf",
-    "prometheus-client", "typer", "rich", "click", "pygments", "pyyaml", "boto3",
-}  # fmt: skip
+NOT_IN_AGENT = set(
+    "fastapi uvicorn starlette pydantic aetcd grpcio protobuf prometheus-client typer rich click "
+    "pygments pyyaml boto3".split()
+)
 # The modules of each role, imported one by one in its venv; (packages, left out).
 MODULES = {
     # agent.relay is the relay's; cladnet.cli the CLI's; cladnet.models the controller's
@@ -92,8 +92,10 @@ def install(role: str, wheels: Path, venv: Path) -> Path:
     assert r.returncode == 0, output(r)
     python = venv / "bin" / "python"
     pip = [sys.executable, "-m", "pip", "--python", str(python)]
-    r = run([*pip, "install", "--quiet", "--no-index", "--find-links", str(wheels),
-             f"cladnet[{role}]"], env=offline_env())  # fmt: skip
+    r = run(
+        [*pip, "install", "--quiet", "--no-index", "--find-links", str(wheels), f"cladnet[{role}]"],
+        env=offline_env(),
+    )
     assert r.returncode == 0, output(r)
     r = run([*pip, "check"], env=offline_env())
     assert r.returncode == 0, output(r)
