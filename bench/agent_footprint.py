@@ -12,7 +12,10 @@ runs in its own fresh process for the same time:
 - ``metrics``: the agent's real ``MetricsReporter`` (every host figure, spool on
   disk, Prometheus pull server) with an empty WireGuard device;
 - ``agent-imports``: everything ``agent.daemon`` imports, idle (what the whole
-  agent holds before it does anything);
+  agent holds before it does anything), with the userspace backend (wireguard-go);
+- ``agent-imports-kernel``: the same plus the kernel backend's code path: pyroute2's
+  ``WireGuard`` and ``IPRoute`` imported and one netlink lookup made, as
+  ``agent.wireguard.kernel`` does on a host with the kernel module;
 - ``agent``: the whole ``cladnet-agent`` (root) in a network namespace with
   ``--peers`` real peers (every one a real agent on wireguard-go), joined through a real
   controller and etcd, pushing to a real Mosquitto and collector; joined with
@@ -24,15 +27,22 @@ runs in its own fresh process for the same time:
   would (install it with ``apt-get install prometheus-node-exporter``; an instance
   the package started as a service is left alone).
 
-Every measured Python process sees only the runtime dependencies of CLADNet (the dev
-venv's test extras are left out, see ``bench.common.runtime_only_python``): with selenium's
-trio installed, httpcore would import it and the agent would hold 4 MiB more than after
-``pip install cladnet``.
+Every measured Python process sees only the agent's install, ``cladnet[agent]`` (the
+dev venv's other roles and test tools are left out, see
+``bench.common.runtime_only_python``): with rich installed, httpx imports its own CLI,
+and with selenium's trio, httpcore imports trio; neither is on a VM.
+
+The agent's wheelhouse: ``pip wheel`` of ``cladnet[agent]`` (what
+``deploy/build-wheelhouse.sh`` ships to VMs) against every role's set
+(``cladnet[agent,controller,collector,cli,relay]``, what a VM installed before installs
+by role), through pip's configured index with the versions of this venv pinned.
 
 Reported: RSS at the end (VmRSS) and CPU seconds used (utime + stime) per process,
-the ratios to the baseline and to node_exporter, and the issue's target (whole agent at
-2 s: at most 40 MB RSS and 0.5 % of a core). One JSON object on stdout, then a summary
-line.
+the ratios to the baseline and to node_exporter, the wheelhouses' sizes, the whole
+agent's RSS with the kernel backend estimated as the measured agent plus what the
+kernel path adds to the idle imports (this machine may have no WireGuard module), and
+the issue's target (whole agent at 2 s: at most 40 MB RSS and 0.5 % of a core). One
+JSON object on stdout, then a summary line.
 """
 
 from __future__ import annotations
@@ -107,6 +117,21 @@ import asyncio
 import agent.daemon, agent.main  # noqa: F401
 asyncio.run(asyncio.sleep(3600))
 """
+
+IMPORTS_KERNEL = """
+import asyncio
+import agent.daemon, agent.main  # noqa: F401
+from pyroute2 import IPRoute, WireGuard  # noqa: F401  (what KernelBackend loads)
+from agent.wireguard.kernel import KernelBackend
+
+async def main():
+    await KernelBackend().exists("lo")  # one netlink round trip, in the worker thread
+    await asyncio.sleep(3600)
+asyncio.run(main())
+"""
+
+# What VMs installed before installs by role: every role but the ec2 driver's SDK.
+ALL_ROLES = "agent,controller,collector,cli,relay"
 
 
 def _status(pid: int) -> tuple[float, float]:
@@ -258,6 +283,45 @@ class AgentMesh:
                 Path(f"/var/run/wireguard/{a.interface}.sock").unlink(missing_ok=True)
 
 
+def wheelhouses(tmp: Path) -> dict[str, dict[str, float | int | str]]:
+    """Size of the agent's wheelhouse and of every role's, built by pip with this venv's
+    versions pinned; the two builds share one pip cache in ``tmp``."""
+    freeze = subprocess.run(
+        [sys.executable, "-m", "pip", "freeze", "--exclude-editable"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    pins = tmp / "constraints.txt"
+    pins.write_text("\n".join(x for x in freeze.splitlines() if "==" in x) + "\n")
+    env = {
+        **os.environ,
+        "PIP_CONSTRAINT": str(pins),
+        "PIP_CACHE_DIR": str(tmp / "pip-cache"),
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+    }
+    sizes: dict[str, dict[str, float | int | str]] = {}
+    for name, extras in (("agent", "agent"), ("all_roles", ALL_ROLES)):
+        out = tmp / f"wheelhouse-{name}"
+        wheel = [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(out)]
+        built = subprocess.run(
+            [*wheel, f"{REPO}[{extras}]"], capture_output=True, text=True, timeout=1800, env=env
+        )
+        if built.returncode != 0:
+            raise RuntimeError(f"pip wheel of cladnet[{extras}] failed: {built.stderr[-2000:]}")
+        wheels = sorted(out.glob("*.whl"))
+        sizes[name] = {
+            "extras": extras,
+            "wheels": len(wheels),
+            "mib": round(sum(w.stat().st_size for w in wheels) / 2**20, 1),
+        }
+    sizes["agent"]["ratio_to_all_roles"] = round(
+        float(sizes["agent"]["mib"]) / float(sizes["all_roles"]["mib"]), 2
+    )
+    return sizes
+
+
 def _measure_now(pid: int) -> dict[str, float]:
     rss, cpu = _status(pid)
     return {"rss_mib": round(rss, 1), "cpu_s_total": round(cpu, 3)}
@@ -279,9 +343,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cl-bench-") as tmp:
         # Every Python measured (agents included) sees only runtime dependencies, as
         # after `pip install cladnet`; the services the agents talk to see all.
-        runtime = runtime_only_python(Path(tmp) / "runtime-venv")
+        runtime = runtime_only_python(Path(tmp) / "runtime-venv", ("agent",))
+        sizes = wheelhouses(Path(tmp))
         with AgentMesh(Path(tmp), runtime) as mesh:
             imports = run("agent-imports", python(runtime, IMPORTS, tmp, 2), seconds, 2)
+            kernel = run(
+                "agent-imports-kernel", python(runtime, IMPORTS_KERNEL, tmp, 2), seconds, 2
+            )
             for interval in intervals:
                 results = [
                     run("baseline", python(runtime, BASELINE, tmp, interval), seconds, interval),
@@ -307,12 +375,20 @@ def main() -> None:
         "met": float(agent["rss_mib"]) * 2**20 <= TARGET_RSS_BYTES
         and float(agent["cpu_percent"]) <= TARGET_CPU_PERCENT,
     }
+    # The kernel backend adds pyroute2 to the same agent: its share of the idle imports.
+    pyroute2_mib = round(float(kernel["rss_mib"]) - float(imports["rss_mib"]), 1)
     report = {
         "benchmark": "cladnet.agent_footprint",
         "inputs": {"seconds": seconds, "intervals": intervals, "peers": peers, "smoke": args.smoke},
-        "machine": machine_facts("psutil", "aiomqtt"),
+        "machine": machine_facts("psutil", "aiomqtt", "pyroute2"),
         "node_exporter": exporter_binary and _version(exporter_binary),
+        "wheelhouse": sizes,
         "agent_imports": imports,
+        "agent_imports_kernel": kernel,
+        "kernel_backend": {
+            "pyroute2_mib": pyroute2_mib,
+            "agent_rss_mib_estimate": round(float(agent["rss_mib"]) + pyroute2_mib, 1),
+        },
         "by_interval": by_interval,
         "target": target,
     }
@@ -331,6 +407,15 @@ def main() -> None:
         line.append(f"at {interval} s agent with {a['peers']} peers {a['rss_mib']} MiB "
                     f"{a['cpu_percent']}% CPU{versus}")  # fmt: skip
     verdict = "met" if target["met"] else "NOT met"
+    wheel_agent, wheel_all = sizes["agent"], sizes["all_roles"]
+    line.append(
+        f"kernel backend (pyroute2) +{pyroute2_mib} MiB → agent ≈"
+        f"{report['kernel_backend']['agent_rss_mib_estimate']} MiB"
+    )
+    line.append(
+        f"agent wheelhouse {wheel_agent['mib']} MiB ({wheel_agent['wheels']} wheels) "
+        f"vs every role {wheel_all['mib']} MiB ({wheel_all['wheels']})"
+    )
     print("; ".join(line) + f"; target ≤40 MB, ≤0.5% at 2 s: {verdict}")
 
 

@@ -103,13 +103,19 @@ def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def runtime_only_python(directory: Path, dist: str = "cladnet") -> str:
-    """A Python whose site-packages holds only ``dist``'s runtime dependencies, as after
-    ``pip install cladnet``: a fresh venv in ``directory`` with those distributions linked
-    in from this one, and this checkout (not installed: on a ``.pth``) for ``dist`` itself.
-    The dev venv's test extras stay out (selenium's trio, which httpcore imports whenever
-    it is installed). Returns the venv's interpreter."""
+def runtime_only_python(directory: Path, extras: Sequence[str] = (), dist: str = "cladnet") -> str:
+    """A Python whose site-packages holds only ``dist``'s runtime dependencies with
+    ``extras`` (a role: ``("agent",)``), as after ``pip install 'cladnet[agent]'``: a fresh
+    venv in ``directory`` with those distributions linked in from this one, and this
+    checkout (not installed: on a ``.pth``) for ``dist`` itself. Everything else of the
+    dev venv stays out (the other roles, the test tools). Returns the venv's
+    interpreter."""
     keep, todo = set(), [dist]
+    wanted = set(extras)
+    for req in metadata.requires(dist) or []:  # `cladnet[a,b]` in an extra: a and b too
+        self_ref = re.match(rf"{re.escape(dist)}\[([^\]]+)\];.*extra == \"(\w+)\"", req)
+        if self_ref and self_ref.group(2) in wanted:
+            wanted |= {e.strip() for e in self_ref.group(1).split(",")}
     while todo:
         name = _norm(todo.pop())
         if name in keep:
@@ -117,7 +123,9 @@ def runtime_only_python(directory: Path, dist: str = "cladnet") -> str:
         keep.add(name)
         with contextlib.suppress(metadata.PackageNotFoundError):
             for req in metadata.requires(name) or []:
-                if "extra ==" not in req:  # other markers: kept (a superset is safe)
+                extra = re.search(r"extra == [\"']([\w-]+)[\"']", req)
+                # Other markers: kept (a superset is safe); extras only of dist's own.
+                if extra is None or (name == _norm(dist) and extra.group(1) in wanted):
                     todo.append(re.split(r"[ ;<>=!~\[(]", req, maxsplit=1)[0])
     keep.discard(_norm(dist))
     venv.EnvBuilder(symlinks=True).create(directory)

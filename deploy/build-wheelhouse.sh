@@ -1,22 +1,34 @@
 #!/usr/bin/env bash
-# Build the wheelhouse for offline agent installs: CLADNet and every dependency as
-# wheels in OUTDIR, plus install-agent.sh and the agent's systemd unit, so OUTDIR alone
-# (copied, or packed with `tar -C OUTDIR -czf wheelhouse.tar.gz .`) is all a machine
-# without package-index access needs:
+# Build a wheelhouse for offline installs: CLADNet and the dependencies of one role (the
+# agent's by default) as wheels in OUTDIR, plus install-agent.sh and the agent's systemd
+# units, so OUTDIR alone (copied, or packed with `tar -C OUTDIR -czf wheelhouse.tar.gz .`)
+# is all a machine without package-index access needs:
 #
 #   deploy/build-wheelhouse.sh OUTDIR
 #   # on the target (root):  CLADNET_JOIN_TOKEN=… bash OUTDIR/install-agent.sh --wheels OUTDIR --join …
 #
-# Wheels with compiled parts (grpcio, cryptography, psutil, pydantic-core, …) are built
+#   deploy/build-wheelhouse.sh --extras controller,collector deploy/compose/wheelhouse
+#
+# --extras picks the roles (pyproject.toml's extras: agent, controller, collector, cli,
+# relay, ec2); only their dependencies go in, so an agent's wheelhouse carries no
+# FastAPI, uvicorn, etcd client, gRPC or CLI libraries.
+# Wheels with compiled parts (cryptography, psutil, grpcio, pydantic-core, …) are built
 # for this machine's Python version and architecture: build on the same Python minor
 # version (Debian 12: 3.11) and CPU architecture as the targets. PYTHON selects the
 # interpreter (default python3); the build runs in a throw-away venv of it, with pip's
 # own configuration (index, proxy, constraints) as set on this machine.
 set -euo pipefail
 
-usage() { echo "usage: $0 OUTDIR" >&2; exit 2; }
+usage() { echo "usage: $0 [--extras ROLE[,ROLE…]] OUTDIR   (default role: agent)" >&2; exit 2; }
+EXTRAS=agent
+case "${1:-}" in -h|--help) usage ;; esac
+if [ "${1:-}" = --extras ]; then
+  [ $# -ge 2 ] || usage
+  EXTRAS="$2"
+  shift 2
+fi
 [ $# -eq 1 ] || usage
-case "$1" in -h|--help) usage ;; esac
+[[ "$EXTRAS" =~ ^[a-z0-9]+(,[a-z0-9]+)*$ ]] || { echo "$0: bad --extras: $EXTRAS" >&2; exit 2; }
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
 REPO="$(dirname "$HERE")"
@@ -39,8 +51,8 @@ tar -C "$REPO" --exclude='./.*' --exclude=./build --exclude='*.egg-info' \
     --exclude=__pycache__ --exclude=./artifacts --exclude=./deploy/compose/wheelhouse \
     -cf - . | tar -C "$work/src" -xf -
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-# The project itself and all its runtime dependencies (not the [test] extra).
-"$work/venv/bin/pip" wheel --quiet --wheel-dir "$OUT" "$work/src"
+# The project itself and the dependencies of the chosen roles, nothing else.
+"$work/venv/bin/pip" wheel --quiet --wheel-dir "$OUT" "$work/src[$EXTRAS]"
 
 # What the target needs besides the wheels.
 install -m 0755 "$HERE/install-agent.sh" "$OUT/install-agent.sh"
@@ -48,4 +60,4 @@ install -m 0644 "$HERE/systemd/cladnet-agent.service" "$OUT/cladnet-agent.servic
 install -m 0644 "$HERE/systemd/cladnet-agent-commands.service" \
   "$OUT/cladnet-agent-commands.service"
 (cd "$OUT" && ls ./*.whl | sed 's|^\./||' | sort > MANIFEST)
-echo "wheelhouse: $OUT ($(wc -l < "$OUT/MANIFEST") wheels)"
+echo "wheelhouse: $OUT ($EXTRAS: $(wc -l < "$OUT/MANIFEST") wheels)"

@@ -9,7 +9,7 @@
 # into it). Steps, each skipped when already done, so running it again is safe and is
 # also how to upgrade (a rebuilt wheelhouse is installed; the service is restarted):
 #   1. python3 -m venv PREFIX/venv                   (Debian: python3-venv)
-#   2. pip install --no-index --find-links DIR cladnet
+#   2. pip install --no-index --find-links DIR 'cladnet[agent]'   (the agent's set only)
 #   3. unless --no-systemd: cladnet-agent.service into /etc/systemd/system, its
 #      ExecStart pointing at PREFIX/venv/bin/cladnet-agent; systemctl daemon-reload
 #   4. with --join: cladnet-agent join --no-run … (skipped if this controller and token
@@ -106,7 +106,8 @@ fi
 
 # ---- 2. the package, from the wheelhouse only -------------------------------------------
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
-"$VENV/bin/pip" install --quiet --no-index --find-links "$WHEELS" --upgrade cladnet
+"$VENV/bin/pip" install --quiet --no-index --find-links "$WHEELS" --upgrade 'cladnet[agent]' \
+  || die "cladnet[agent] is not installable from $WHEELS alone (build it with deploy/build-wheelhouse.sh, role agent)"
 # A rebuilt wheel of the same version is not an upgrade to pip: compare the wheel itself.
 sum="$(sha256sum "$WHEELS/$wheel" | cut -d' ' -f1)"
 marker="$PREFIX/.cladnet-wheel.sha256"

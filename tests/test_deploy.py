@@ -127,6 +127,10 @@ def test_offline_install(installed: Path, wheelhouse: Path) -> None:
     r = run([str(venv / "bin/python"), "-c", "import agent.daemon; print(agent.__file__)"])
     assert r.returncode == 0 and r.stdout.startswith(str(venv)), output(r)
     assert run([str(venv / "bin/pip"), "check"]).returncode == 0
+    # The default wheelhouse is the agent's set: no server, etcd, gRPC or CLI wheels.
+    manifest = (wheelhouse / "MANIFEST").read_text().lower()
+    for server_side in ("fastapi", "uvicorn", "aetcd", "grpcio", "typer", "rich"):
+        assert f"\n{server_side}-" not in f"\n{manifest}", manifest
     unit = installed.parent / "units" / "cladnet-agent.service"
     original = (DEPLOY / "systemd" / "cladnet-agent.service").read_text()
     assert unit.read_text() == original.replace(OPT_BIN, f"{venv}/bin/")

@@ -541,11 +541,12 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)
-    except Exception as exc:  # click usage errors and the like: one line
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+    except Exception as exc:  # usage errors and the like: one line
+        # Usage errors are click's ClickException, or since typer 0.29 typer's own copy of
+        # it (click is then not even installed): both have show() and exit_code.
+        show, code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
+        if callable(show) and isinstance(code, int):
+            show()
+            sys.exit(code)
         print(f"cladnet: {exc}", file=sys.stderr)
         sys.exit(1)
