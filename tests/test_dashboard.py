@@ -43,7 +43,7 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1300,900"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1300,2000"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
     try:
@@ -88,6 +88,9 @@ def _publish_metrics(ctl: Controller, broker: Mosquitto, host: dict) -> None:
         b.add("network_receive_bytes_total", 1000.0 * seq * seq, interface="cl-web")
         b.add("network_receive_bytes_total", 5000.0 + 1000 * seq, interface="eth0")
         b.add("network_receive_bytes_total", 10.0, interface="lo")
+        # Per-peer latency over time, for the host panel's latency chart.
+        b.add("wireguard_peer_latency_seconds", 0.001 * (1 + seq), peer="vm2")
+        b.add("wireguard_peer_latency_seconds", 0.040, peer="vm1")
         asyncio.run(_publish(broker, creds, creds["topic"], b.encode()))
 
 
@@ -128,6 +131,11 @@ def test_the_dashboard_draws_the_mesh_a_broken_pair_and_charts(
                 "threshold": 0.05}  # fmt: skip
         c.post("/v1/alarms", json=rule).raise_for_status()
     _publish_metrics(controller, broker, hosts["vm3"])
+    # A one-way rule: vm1 may open connections to vm2, not the other way.
+    with controller.client() as admin:
+        one_way = {"rules": [{"src": "host:vm1", "dst": ["host:vm2", "host:vm3"]},
+                             {"src": "host:vm2", "dst": "host:vm3"}]}  # fmt: skip
+        admin.put("/v1/networks/web/policy", json=one_way).raise_for_status()
     wait = WebDriverWait(browser, 20)
     browser.get(f"{controller.url}/ui/")
     # A wrong token is refused with a message.
@@ -188,9 +196,36 @@ def test_the_dashboard_draws_the_mesh_a_broken_pair_and_charts(
     picker.select_by_visible_text("eth0")
     wait.until(lambda d: drawn(d) not in (None, wg_line))
     assert Select(browser.find_element(By.ID, "iface-picker")).first_selected_option.text == "eth0"
-    # The firing alarm, with its rule, through the controller's proxy.
+    # Latency per peer over time: one line per peer the host reports.
+    lines = wait.until(
+        lambda d: d.find_elements(
+            By.CSS_SELECTOR, "svg.chart[data-metric='wireguard_peer_latency_seconds'] path"
+        )
+    )
+    assert {p.get_attribute("data-series") for p in lines} == {"vm1", "vm2"}
+    # The firing alarm, with its rule, through the controller's proxy: in the host's
+    # panel and in the list of every alarm firing.
+    mine = wait.until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#host-alarms li[data-rule='hot']")
+    )
+    assert "(cpu_usage_ratio > 0.05)" in mine[0].text
     alarm = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#alarms li[data-rule='hot']"))
     assert "web/vm3" in alarm[0].text and "(cpu_usage_ratio > 0.05)" in alarm[0].text
+
+    # A pair: each direction's health, path and the policy rule that allows or blocks it.
+    _click(wait, "line[data-pair='vm1|vm2']")
+    wait.until(
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, "#pair-fields tr[data-direction]")) == 2
+    )
+    rows = {
+        r.get_attribute("data-direction"): [td.text for td in r.find_elements(By.TAG_NAME, "td")]
+        for r in browser.find_elements(By.CSS_SELECTOR, "#pair-fields tr[data-direction]")
+    }
+    assert rows["forward"][:2] == ["vm1 → vm2", "ok"] and rows["forward"][3] == "1.5 ms"
+    assert rows["forward"][4] in ("private", "direct") or rows["forward"][4].startswith("relayed")
+    assert rows["forward"][5] == "allowed by rule 0 (host:vm1 → host:vm2,host:vm3 any)"
+    assert rows["reverse"][5] == "default deny: no rule allows it"
+    assert "policy version 1" in browser.find_element(By.ID, "pair-panel").text
     # Nothing failed in the page (a CORS refusal or a failed fetch would be logged).
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert errors == []
@@ -198,7 +233,7 @@ def test_the_dashboard_draws_the_mesh_a_broken_pair_and_charts(
     artifacts.mkdir(exist_ok=True)
     browser.save_screenshot(str(artifacts / "dashboard.png"))
     assert (artifacts / "dashboard.png").stat().st_size > 10_000
-    for panel in ("mesh-section", "host-panel", "alarms"):  # one picture per panel
+    for panel in ("mesh-section", "pair-panel", "host-panel", "alarms-panel"):  # one per panel
         shot = artifacts / f"dashboard-{panel}.png"
         browser.find_element(By.ID, panel).screenshot(str(shot))
         assert shot.stat().st_size > 1_000
@@ -259,6 +294,24 @@ def test_the_dashboard_lists_groups_with_their_partial_state(
     wait.until(lambda d: "shop: resume asked" in d.find_element(By.ID, "group-message").text)
     with ctl.client() as admin:
         _wait_state(admin, "shop", "Running")
+    # Each VM's state is on the page, not only on hover; nothing failed in the page.
+    wait.until(
+        lambda d: (
+            {
+                (v.get_attribute("data-vm"), v.get_attribute("data-state"))
+                for v in d.find_elements(
+                    By.CSS_SELECTOR, "#groups li[data-group='shop'] li[data-vm]"
+                )
+            }
+            == {("shop-1", "Running"), ("shop-2", "Running")}
+        )
+    )
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+    shot = REPO / "artifacts" / "dashboard-groups.png"
+    shot.parent.mkdir(exist_ok=True)
+    browser.find_element(By.ID, "groups").screenshot(str(shot))
+    assert shot.stat().st_size > 1_000
+    with ctl.client() as admin:
         # A viewer sees the groups, and the API's refusal when it clicks.
         r = admin.post("/v1/admin-tokens", json={"role": "viewer", "description": "v"})
     browser.find_element(By.ID, "logout").click()
