@@ -455,6 +455,17 @@ def create_app(settings: Settings) -> FastAPI:
             raise ApiError(404, "tls_disabled", "this controller does not serve TLS")
         return CaCertificate(ca_pem=tls_files.ca_pem.decode(), ca_hash=tls_files.ca_hash)
 
+    @app.get("/v1/whoami", **contract(ANYONE_KNOWN))
+    async def whoami(p: Caller) -> dict[str, Any]:
+        """Who the token is: ``role`` admin, viewer or host (the dashboard shows an
+        admin's buttons only to admins; the API decides anyway)."""
+        return {
+            "role": p.kind,
+            "token_id": p.token_id,
+            "host_id": p.host_id,
+            "network_id": p.network_id,
+        }
+
     @app.post("/v1/admin-tokens", status_code=201, **contract(ADMIN_ONLY))
     async def create_admin_token(
         req: AdminTokenCreate, request: Request, _: Admin

@@ -5,7 +5,8 @@
 
 const DOWN_AFTER = 30, BROKEN_AFTER = 180, SVG = "http://www.w3.org/2000/svg";
 const state = { token: sessionStorage.getItem("cladnet-token"), network: null,
-                monitoring: false, host: null, pair: null, hosts: [], iface: null, drawing: 0,
+                monitoring: false, role: null, host: null, pair: null, hosts: [], iface: null,
+                drawing: 0,
                 timer: null };
 const $ = (id) => document.getElementById(id);
 
@@ -17,7 +18,7 @@ async function api(path) {
   return body;
 }
 
-// A group action (admin only: a viewer's click gets the API's "forbidden" message).
+// A group action (the buttons are an admin's; the API refuses anyone else anyway).
 async function groupAction(group, action) {
   const r = await fetch(`/v1/groups/${encodeURIComponent(group)}/actions`, { method: "POST",
     headers: { Authorization: "Bearer " + state.token, "Content-Type": "application/json" },
@@ -32,6 +33,7 @@ const monitoring = (path) => api("/v1/monitoring" + path);
 
 function showLogin(message) {
   $("login").hidden = false; $("main").hidden = true; $("logout").hidden = true;
+  $("who").textContent = "";
   $("error").textContent = message || "";
 }
 
@@ -40,6 +42,8 @@ async function start() {
     await api("/v1/networks");
   } catch (e) { showLogin(String(e.message)); return; }
   $("login").hidden = true; $("main").hidden = false; $("logout").hidden = false;
+  state.role = (await api("/v1/whoami")).role;
+  $("who").textContent = state.role;
   state.monitoring = (await (await fetch("/ui/config.json")).json()).monitoring;
   await loadNetworks();
   clearInterval(state.timer);
@@ -356,8 +360,8 @@ async function showAlarms() {
   } catch (e) { ul.replaceChildren(`alarms: ${e.message}`); }
 }
 
-// Groups of VMs: derived state (e.g. Partial-Suspended), each VM's state, and the admin's
-// buttons (a viewer's click gets the API's refusal); a click on the name shows its network.
+// Groups of VMs: derived state (e.g. Partial-Suspended), each VM's state, and for admins
+// the suspend/resume/terminate buttons; a click on the name shows the group's network.
 async function showGroups() {
   const ul = $("groups");
   try {
@@ -370,7 +374,7 @@ async function showGroups() {
       li.title = g.vms.map((vm) => `${vm.name} ${vm.state} ${vm.public_ip || ""}`).join("\n");
       li.classList.toggle("bad", g.state !== "Running");
       label.onclick = () => { state.network = g.network; state.host = null; state.pair = null; refresh(); };
-      for (const action of ["suspend", "resume", "terminate"]) {
+      for (const action of state.role === "admin" ? ["suspend", "resume", "terminate"] : []) {
         const b = Object.assign(document.createElement("button"), { textContent: action });
         b.dataset.action = action;
         b.onclick = () => {
@@ -436,5 +440,11 @@ $("login-form").onsubmit = (ev) => {
   sessionStorage.setItem("cladnet-token", state.token);
   start();
 };
-$("logout").onclick = () => { sessionStorage.removeItem("cladnet-token"); state.token = null; showLogin(); };
+$("logout").onclick = () => {
+  sessionStorage.removeItem("cladnet-token");
+  clearInterval(state.timer);  // no more calls without a token
+  Object.assign(state, { token: null, role: null, host: null, pair: null });
+  $("groups").replaceChildren();
+  showLogin();
+};
 if (state.token) { start(); } else { showLogin(); }
