@@ -132,10 +132,9 @@ def test_the_dashboard_draws_the_mesh_a_broken_pair_and_charts(
                 "threshold": 0.05}  # fmt: skip
         c.post("/v1/alarms", json=rule).raise_for_status()
     _publish_metrics(controller, broker, hosts["vm3"])
-    # A one-way rule: vm1 may open connections to vm2, not the other way.
+    # A one-way rule: vm1 may open connections to vm2, not the other way; vm3 is cut off.
     with controller.client() as admin:
-        one_way = {"rules": [{"src": "host:vm1", "dst": ["host:vm2", "host:vm3"]},
-                             {"src": "host:vm2", "dst": "host:vm3"}]}  # fmt: skip
+        one_way = {"rules": [{"src": "host:vm1", "dst": "host:vm2"}]}
         admin.put("/v1/networks/web/policy", json=one_way).raise_for_status()
     # The page redraws its panels every 5 s: a read that meets a replaced element retries.
     wait = WebDriverWait(browser, 20, ignored_exceptions=(StaleElementReferenceException,))
@@ -227,7 +226,7 @@ def test_the_dashboard_draws_the_mesh_a_broken_pair_and_charts(
         assert "web/vm3" in text and "(cpu_usage_ratio > 0.05)" in text, text
 
     # A pair: each direction's health, path and the policy rule that allows or blocks it.
-    _click(wait, "line[data-pair='vm1|vm2']")
+    _click(wait, "line[data-hit='vm1|vm2']")
     rows = wait.until(
         lambda d: {
             r.get_attribute("data-direction"): [
@@ -238,9 +237,22 @@ def test_the_dashboard_draws_the_mesh_a_broken_pair_and_charts(
     )
     assert rows["forward"][:2] == ["vm1 → vm2", "ok"] and rows["forward"][3] == "1.5 ms"
     assert rows["forward"][4] in ("private", "direct") or rows["forward"][4].startswith("relayed")
-    assert rows["forward"][5] == "allowed by rule 0 (host:vm1 → host:vm2,host:vm3 any)"
+    assert rows["forward"][5] == "allowed by rule 0 (host:vm1 → host:vm2 any)"
     assert rows["reverse"][5] == "default deny: no rule allows it"
     assert "policy version 1" in browser.find_element(By.ID, "pair-panel").text
+    # A pair the policy cuts off both ways is blocked (no tunnel expected), not broken.
+    _click(wait, "line[data-hit='vm1|vm3']")
+    cut = wait.until(
+        lambda d: [
+            [td.text for td in r.find_elements(By.TAG_NAME, "td")]
+            for r in d.find_elements(By.CSS_SELECTOR, "#pair-fields tr[data-direction]")
+            if "vm3" in r.text
+        ]
+    )
+    assert [row[1] for row in cut] == ["blocked", "blocked"], cut
+    assert "not in each other's peer lists" in browser.find_element(By.ID, "pair-panel").text
+    _click(wait, "line[data-hit='vm1|vm2']")  # the picture shows the one-way pair
+    wait.until(lambda d: "vm1 ↔ vm2" in d.find_element(By.ID, "pair-panel").text)
     # Nothing failed in the page (a CORS refusal or a failed fetch would be logged).
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert errors == []

@@ -113,8 +113,13 @@ function drawMesh(hosts) {
         "data-pair": `${hosts[i].name}|${hosts[j].name}`, "data-state": s });
       line.append(el("title", {}, `${hosts[i].name} ↔ ${hosts[j].name}: ${s}` +
         (lat.length ? ` ${Math.max(...lat).toFixed(1)} ms` : "")));
-      line.onclick = () => { state.pair = [hosts[i].id, hosts[j].id]; showPair(); };
-      svg.append(line);
+      // A wide transparent twin takes the clicks: a thin or dashed line is hard to hit.
+      const hit = el("line", { x1: pos[i][0], y1: pos[i][1], x2: pos[j][0], y2: pos[j][1],
+        stroke: "transparent", "stroke-width": 14, class: "hit",
+        "data-hit": `${hosts[i].name}|${hosts[j].name}` });
+      hit.append(line.firstChild.cloneNode(true));
+      hit.onclick = () => { state.pair = [hosts[i].id, hosts[j].id]; showPair(); };
+      svg.append(line, hit);
     }
   }
   hosts.forEach((h, i) => {
@@ -328,7 +333,8 @@ async function showPair() {
     head.append(Object.assign(document.createElement("th"), { textContent: t }));
   }
   for (const [key, x, y] of [["forward", a, b], ["reverse", b, a]]) {
-    const [s, p] = pairState(x, y, now);
+    // No flow either way: no tunnel is expected, so no handshake is not "broken".
+    const [s, p] = why.peers === false ? ["blocked", null] : pairState(x, y, now);
     const verdict = why.error ? { reason: why.error } : why[key];
     const tr = table.insertRow();
     tr.dataset.direction = key;
