@@ -98,9 +98,7 @@ class Policy:
     @property
     def allows_all(self) -> bool:
         """Whether some rule lets every host reach every other on everything."""
-        return any(
-            "*" in r.src and "*" in r.dst and r.proto == "any" and not r.ports for r in self.rules
-        )
+        return any(_allows_everything(r) for r in self.rules)
 
 
 @dataclass(frozen=True)
@@ -507,3 +505,71 @@ def nft_ruleset(policy: Policy, me: Host, peers: Iterable[Host], iface: str) -> 
                 lines.append(f"    {saddr}{_match_proto(rule, family)} accept{comment}")
     lines += ["    drop", "  }", "}", ""]
     return "\n".join(lines)
+
+
+# --- explanation -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One direction of a pair: allowed or not, every rule that allows it, and why."""
+
+    allowed: bool
+    rules: tuple[int, ...]  # indexes into ``Policy.rules``, in order
+    reason: str
+
+    def to_dict(self, policy: Policy) -> dict[str, Any]:
+        """The API's shape: the rules by index and as text."""
+        return {
+            "allowed": self.allowed,
+            "rules": [{"index": i, "text": policy.rules[i].describe()} for i in self.rules],
+            "reason": self.reason,
+        }
+
+
+def _allows_everything(rule: Rule) -> bool:
+    return "*" in rule.src and "*" in rule.dst and rule.proto == "any" and not rule.ports
+
+
+def _verdict(policy: Policy, src: Host, dst: Host, proto: str | None, port: int | None) -> Verdict:
+    of_src, of_dst = memberships(policy, src), memberships(policy, dst)
+    found = []
+    for index, rule in enumerate(policy.rules):
+        if proto is not None and rule.proto not in ("any", proto):
+            continue
+        # No port asked: a rule for some ports still allows "some" flow of its protocol.
+        if rule.ports and port is not None and not any(p.low <= port <= p.high for p in rule.ports):
+            continue
+        if not of_src.isdisjoint(rule.src) and not of_dst.isdisjoint(rule.dst):
+            found.append(index)
+    if not found:
+        return Verdict(False, (), "default deny: no rule allows it")
+    first = policy.rules[found[0]]
+    if _allows_everything(first):
+        return Verdict(True, tuple(found), f"allow-all policy (rule {found[0]})")
+    return Verdict(True, tuple(found), f"allowed by rule {found[0]} ({first.describe()})")
+
+
+def explain(
+    policy: Policy, a: Host, b: Host, proto: str | None = None, port: int | None = None
+) -> dict[str, Any]:
+    """Why ``a`` and ``b`` may or may not talk, both ways: ``forward`` (``a`` opens to
+    ``b``) and ``reverse`` as :class:`Verdict` dicts, and ``peers`` (whether each keeps
+    the other in its peer list: some flow either way, whatever ``proto``/``port``).
+
+    Without ``proto`` a direction is allowed when any rule allows any flow; with
+    ``proto`` but no ``port`` when a rule allows that protocol on some port.
+    """
+    if proto is not None and proto not in PROTOCOLS:
+        raise PolicyError(f"protocol must be one of {', '.join(PROTOCOLS)}")
+    if proto == "any":
+        proto = None
+    if port is not None and not (1 <= port <= 65535 and proto in ("tcp", "udp")):
+        raise PolicyError("a port needs proto tcp or udp and must be within 1-65535")
+    forward, reverse = _verdict(policy, a, b, proto, port), _verdict(policy, b, a, proto, port)
+    return {
+        "forward": forward.to_dict(policy),
+        "reverse": reverse.to_dict(policy),
+        "peers": has_flow(policy, a, b) or has_flow(policy, b, a),
+        "allows_all": policy.allows_all,
+    }

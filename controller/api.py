@@ -10,7 +10,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from aetcd import exceptions as etcd_errors
 from fastapi import Depends, FastAPI, Query, Request
@@ -19,7 +19,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cladnet import __version__, metrics, tokens
+from cladnet import __version__, mesh, metrics, tokens
+from cladnet import policy as acl
 from cladnet.models import (
     AddressSpaces,
     AdminToken,
@@ -65,7 +66,7 @@ from controller.bodylimit import BodyLimit
 from controller.broker import BrokerAdmin, BrokerError, BrokerJanitor
 from controller.commands import Commands, require_agent
 from controller.config import Settings
-from controller.errors import ApiError
+from controller.errors import ApiError, not_found
 from controller.etcd import from_settings as etcd_from_settings
 from controller.groups import Drivers, GroupStore, Reconciler
 from controller.leader import Leadership
@@ -453,6 +454,17 @@ def create_app(settings: Settings) -> FastAPI:
         if tls_files is None:
             raise ApiError(404, "tls_disabled", "this controller does not serve TLS")
         return CaCertificate(ca_pem=tls_files.ca_pem.decode(), ca_hash=tls_files.ca_hash)
+
+    @app.get("/v1/whoami", **contract(ANYONE_KNOWN))
+    async def whoami(p: Caller) -> dict[str, Any]:
+        """Who the token is: ``role`` admin, viewer or host (the dashboard shows an
+        admin's buttons only to admins; the API decides anyway)."""
+        return {
+            "role": p.kind,
+            "token_id": p.token_id,
+            "host_id": p.host_id,
+            "network_id": p.network_id,
+        }
 
     @app.post("/v1/admin-tokens", status_code=201, **contract(ADMIN_ONLY))
     async def create_admin_token(
@@ -922,6 +934,51 @@ def create_app(settings: Settings) -> FastAPI:
         net = await db.get_network(ref)
         parsed, failures = await policies.check(net.id, document)
         return {"passed": not failures, "failures": failures, "allows_all": parsed.allows_all}
+
+    @app.get(
+        "/v1/networks/{ref}/policy/explain",
+        **contract(READERS, {404: ["network_not_found", "host_not_found"], 400: ["invalid_query"]}),
+    )
+    async def explain_policy(
+        ref: str,
+        src: Annotated[str, Query(max_length=255, description="host name or id")],
+        dst: Annotated[str, Query(max_length=255, description="host name or id")],
+        _: Reader,
+        db: Db,
+        policies: Policies,
+        proto: Annotated[Literal["tcp", "udp", "icmp", "any"] | None, Query()] = None,
+        port: Annotated[int | None, Query(ge=1, le=65535)] = None,
+    ) -> dict[str, Any]:
+        """Why two hosts may or may not talk, each way: every rule that allows it, or
+        the default deny (the pair view of ``cladnet status`` and the dashboard). Without
+        ``proto``, any flow; ``port`` needs ``proto`` tcp or udp. ``path``: how each
+        side's agent reaches the other (private, direct or relayed)."""
+        net = await db.get_network(ref)
+        hosts = await db.list_hosts(net.id)
+
+        def find(wanted: str) -> dict[str, Any]:
+            found = [h for h in hosts if wanted in (h.id, h.name)]
+            if not found:
+                raise not_found("host", wanted)
+            return found[0].model_dump()
+
+        a, b = find(src), find(dst)
+        record = await policies.get(net.id)
+        try:
+            said = acl.explain(acl.parse(record["document"]), a, b, proto, port)
+        except acl.PolicyError as exc:
+            raise ApiError(400, "invalid_query", str(exc)) from None
+        return {
+            "network_id": net.id,
+            "version": record["version"],
+            "default": record["version"] == 0,
+            "src": a["name"],
+            "dst": b["name"],
+            "proto": proto,
+            "port": port,
+            **said,
+            "path": {"forward": mesh.choose_path(a, b)[1], "reverse": mesh.choose_path(b, a)[1]},
+        }
 
     @app.put("/v1/hosts/{host_id}/tags", **contract(ADMIN_ONLY, {**NOT_HOST, 503: ["contention"]}))
     async def set_tags(host_id: str, req: TagsUpdate, _: Admin, db: Db) -> Peer:

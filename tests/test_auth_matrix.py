@@ -30,6 +30,8 @@ ALLOWED: dict[tuple[str, str], set[str]] = {
     ("GET", "/v1/networks/{ref}/policy"): {"admin", "viewer", "member"},
     ("PUT", "/v1/networks/{ref}/policy"): {"admin"},
     ("POST", "/v1/networks/{ref}/policy/test"): {"admin", "viewer"},
+    ("GET", "/v1/networks/{ref}/policy/explain"): {"admin", "viewer"},
+    ("GET", "/v1/whoami"): {"admin", "viewer", "self", "member", "stranger"},
     ("PUT", "/v1/hosts/{host_id}/tags"): {"admin"},
     ("GET", "/v1/hosts/{host_id}"): {"admin", "viewer", "self"},
     ("POST", "/v1/hosts/{host_id}/heartbeat"): {"admin", "self"},

@@ -126,6 +126,9 @@ def test_status_shows_a_healthy_and_a_broken_pair(
     assert all(p["state"] == "ok" for p in view["pairs"][2:])
     code, out, _ = cli("status", "mesh")
     assert "mesh" in out and "broken" in out
+    # Which rule lets each pair talk: the new network's allow-all one.
+    assert all(p["policy"] == "rule 0" for p in view["pairs"])
+    assert "(rule 0)" in " ".join(out.split()), out
 
     code, out, _ = cli("peers", a["host_id"], "--json")
     assert {p["name"] for p in json.loads(out)} == {"vm2", "vm3"}

@@ -42,7 +42,7 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1300,900"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1300,2000"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
     try:
@@ -87,6 +87,9 @@ def _publish_metrics(ctl: Controller, broker: Mosquitto, host: dict) -> None:
         b.add("network_receive_bytes_total", 1000.0 * seq * seq, interface="cl-web")
         b.add("network_receive_bytes_total", 5000.0 + 1000 * seq, interface="eth0")
         b.add("network_receive_bytes_total", 10.0, interface="lo")
+        # Per-peer latency over time, for the host panel's latency chart.
+        b.add("wireguard_peer_latency_seconds", 0.001 * (1 + seq), peer="vm2")
+        b.add("wireguard_peer_latency_seconds", 0.040, peer="vm1")
         asyncio.run(publish(broker, creds, creds["topic"], b.encode()))
 
 
@@ -116,6 +119,7 @@ def _seed(ctl: Controller, broker: Mosquitto) -> dict[str, dict]:
 def test_the_dashboard_draws_the_mesh_a_broken_pair_and_charts(
     browser, dashboard: tuple[Controller, Mosquitto, Collector]
 ) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -127,7 +131,12 @@ def test_the_dashboard_draws_the_mesh_a_broken_pair_and_charts(
                 "threshold": 0.05}  # fmt: skip
         c.post("/v1/alarms", json=rule).raise_for_status()
     _publish_metrics(controller, broker, hosts["vm3"])
-    wait = WebDriverWait(browser, 20)
+    # A one-way rule: vm1 may open connections to vm2, not the other way; vm3 is cut off.
+    with controller.client() as admin:
+        one_way = {"rules": [{"src": "host:vm1", "dst": "host:vm2"}]}
+        admin.put("/v1/networks/web/policy", json=one_way).raise_for_status()
+    # The page redraws its panels every 5 s: a read that meets a replaced element retries.
+    wait = WebDriverWait(browser, 20, ignored_exceptions=(StaleElementReferenceException,))
     browser.get(f"{controller.url}/ui/")
     # A wrong token is refused with a message.
     wait.until(ec.visibility_of_element_located((By.ID, "token"))).send_keys("cla_wrong.token")
@@ -156,18 +165,22 @@ def test_the_dashboard_draws_the_mesh_a_broken_pair_and_charts(
     browser.find_element(By.CSS_SELECTOR, "circle[data-host='vm3']").click()
     wait.until(lambda d: "vm3" in d.find_element(By.ID, "host-panel").text)
     # Fields as a table of names and values, not JSON.
-    rows = {
-        r.get_attribute("data-field"): r.find_element(By.TAG_NAME, "td").text
-        for r in browser.find_elements(By.CSS_SELECTOR, "#host-fields tr")
-    }
+    rows = wait.until(
+        lambda d: {
+            r.get_attribute("data-field"): r.find_element(By.TAG_NAME, "td").text
+            for r in d.find_elements(By.CSS_SELECTOR, "#host-fields tr")
+        }
+    )
     assert rows["overlay IP"].startswith("10.70.0.")
     assert rows["labels"] == "cloud=gcp, region=r1"
     assert rows["last seen"].endswith("s ago")
-    assert "{" not in browser.find_element(By.ID, "host-fields").text
-    peers = {
-        r.get_attribute("data-peer"): r.text
-        for r in browser.find_elements(By.CSS_SELECTOR, "#host-peers tr[data-peer]")
-    }
+    assert wait.until(lambda d: "{" not in d.find_element(By.ID, "host-fields").text)
+    peers = wait.until(
+        lambda d: {
+            r.get_attribute("data-peer"): r.text
+            for r in d.find_elements(By.CSS_SELECTOR, "#host-peers tr[data-peer]")
+        }
+    )
     assert peers["vm2"].split()[-2:] == ["1.5", "ms"] and "none" not in peers["vm2"]
     net_path = "svg.chart[data-metric='network_receive_bytes_total'] path"
 
@@ -177,19 +190,68 @@ def test_the_dashboard_draws_the_mesh_a_broken_pair_and_charts(
 
     wg_line = wait.until(drawn)
     assert "ambiguous" not in browser.find_element(By.ID, "host-panel").text
+
+    def attribute(css: str, name: str) -> str:
+        return wait.until(lambda d: d.find_element(By.CSS_SELECTOR, css).get_attribute(name))
+
     for metric in ("cpu_usage_ratio", "memory_usage_ratio"):
-        chart = browser.find_element(By.CSS_SELECTOR, f"svg.chart[data-metric='{metric}']")
-        assert int(chart.get_attribute("data-points")) >= 2
-    picker = Select(browser.find_element(By.ID, "iface-picker"))
-    assert [o.text for o in picker.options] == ["cl-web", "eth0", "lo"]
-    assert picker.first_selected_option.text == "cl-web"
+        assert int(attribute(f"svg.chart[data-metric='{metric}']", "data-points")) >= 2
+
+    def picked(d) -> tuple[list[str], str]:
+        picker = Select(d.find_element(By.ID, "iface-picker"))
+        return [o.text for o in picker.options], picker.first_selected_option.text
+
+    assert wait.until(picked) == (["cl-web", "eth0", "lo"], "cl-web")
     # Another interface: the chart is redrawn from that interface's series.
-    picker.select_by_visible_text("eth0")
+    wait.until(
+        lambda d: (
+            Select(d.find_element(By.ID, "iface-picker")).select_by_visible_text("eth0") or True
+        )
+    )
     wait.until(lambda d: drawn(d) not in (None, wg_line))
-    assert Select(browser.find_element(By.ID, "iface-picker")).first_selected_option.text == "eth0"
-    # The firing alarm, with its rule, through the controller's proxy.
-    alarm = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#alarms li[data-rule='hot']"))
-    assert "web/vm3" in alarm[0].text and "(cpu_usage_ratio > 0.05)" in alarm[0].text
+    assert wait.until(picked)[1] == "eth0"
+    # Latency per peer over time: one line per peer the host reports.
+    latency = "svg.chart[data-metric='wireguard_peer_latency_seconds'] path"
+    lines = wait.until(
+        lambda d: {
+            p.get_attribute("data-series") for p in d.find_elements(By.CSS_SELECTOR, latency)
+        }
+    )
+    assert lines == {"vm1", "vm2"}
+    # The firing alarm, with its rule, through the controller's proxy: in the host's
+    # panel and in the list of every alarm firing.
+    for css in ("#host-alarms li[data-rule='hot']", "#alarms li[data-rule='hot']"):
+        text = wait.until(lambda d, css=css: d.find_element(By.CSS_SELECTOR, css).text)
+        assert "web/vm3" in text and "(cpu_usage_ratio > 0.05)" in text, text
+
+    # A pair: each direction's health, path and the policy rule that allows or blocks it.
+    _click(wait, "line[data-hit='vm1|vm2']")
+    rows = wait.until(
+        lambda d: {
+            r.get_attribute("data-direction"): [
+                td.text for td in r.find_elements(By.TAG_NAME, "td")
+            ]
+            for r in d.find_elements(By.CSS_SELECTOR, "#pair-fields tr[data-direction]")
+        }
+    )
+    assert rows["forward"][:2] == ["vm1 → vm2", "ok"] and rows["forward"][3] == "1.5 ms"
+    assert rows["forward"][4] in ("private", "direct") or rows["forward"][4].startswith("relayed")
+    assert rows["forward"][5] == "allowed by rule 0 (host:vm1 → host:vm2 any)"
+    assert rows["reverse"][5] == "default deny: no rule allows it"
+    assert "policy version 1" in browser.find_element(By.ID, "pair-panel").text
+    # A pair the policy cuts off both ways is blocked (no tunnel expected), not broken.
+    _click(wait, "line[data-hit='vm1|vm3']")
+    cut = wait.until(
+        lambda d: [
+            [td.text for td in r.find_elements(By.TAG_NAME, "td")]
+            for r in d.find_elements(By.CSS_SELECTOR, "#pair-fields tr[data-direction]")
+            if "vm3" in r.text
+        ]
+    )
+    assert [row[1] for row in cut] == ["blocked", "blocked"], cut
+    assert "not in each other's peer lists" in browser.find_element(By.ID, "pair-panel").text
+    _click(wait, "line[data-hit='vm1|vm2']")  # the picture shows the one-way pair
+    wait.until(lambda d: "vm1 ↔ vm2" in d.find_element(By.ID, "pair-panel").text)
     # Nothing failed in the page (a CORS refusal or a failed fetch would be logged).
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert errors == []
@@ -197,7 +259,7 @@ def test_the_dashboard_draws_the_mesh_a_broken_pair_and_charts(
     artifacts.mkdir(exist_ok=True)
     browser.save_screenshot(str(artifacts / "dashboard.png"))
     assert (artifacts / "dashboard.png").stat().st_size > 10_000
-    for panel in ("mesh-section", "host-panel", "alarms"):  # one picture per panel
+    for panel in ("mesh-section", "pair-panel", "host-panel", "alarms-panel"):  # one per panel
         shot = artifacts / f"dashboard-{panel}.png"
         browser.find_element(By.ID, panel).screenshot(str(shot))
         assert shot.stat().st_size > 1_000
@@ -254,11 +316,29 @@ def test_the_dashboard_lists_groups_with_their_partial_state(
     item[0].find_element(By.CSS_SELECTOR, "span").click()  # shows the group's network
     wait.until(lambda d: d.find_element(By.ID, "mesh-title").text.startswith("shop:"))
     # An admin resumes the suspended VM from the page.
+    assert browser.find_element(By.ID, "who").text == "admin"
     _click(wait, "#groups li[data-group='shop'] button[data-action='resume']")
     wait.until(lambda d: "shop: resume asked" in d.find_element(By.ID, "group-message").text)
     with ctl.client() as admin:
         wait_group_state(admin, "shop", "Running")
-        # A viewer sees the groups, and the API's refusal when it clicks.
+    # Each VM's state is on the page, not only on hover; nothing failed in the page.
+    wait.until(
+        lambda d: (
+            {
+                (v.get_attribute("data-vm"), v.get_attribute("data-state"))
+                for v in d.find_elements(
+                    By.CSS_SELECTOR, "#groups li[data-group='shop'] li[data-vm]"
+                )
+            }
+            == {("shop-1", "Running"), ("shop-2", "Running")}
+        )
+    )
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+    shot = REPO / "artifacts" / "dashboard-groups.png"
+    shot.parent.mkdir(exist_ok=True)
+    browser.find_element(By.ID, "groups").screenshot(str(shot))
+    assert shot.stat().st_size > 1_000
+    with ctl.client() as admin:
         r = admin.post("/v1/admin-tokens", json={"role": "viewer", "description": "v"})
     browser.find_element(By.ID, "logout").click()
     box = wait.until(ec.visibility_of_element_located((By.ID, "token")))
@@ -266,10 +346,14 @@ def test_the_dashboard_lists_groups_with_their_partial_state(
     box.send_keys(r.json()["token"])
     browser.find_element(By.CSS_SELECTOR, "#login-form button").click()
     wait.until(ec.visibility_of_element_located((By.ID, "main")))
-    _click(wait, "#groups li[data-group='shop'] button[data-action='suspend']")
-    wait.until(lambda d: "admin token" in d.find_element(By.ID, "group-message").text)
-    with ctl.client() as admin:
-        assert admin.get("/v1/groups/shop").json()["state"] == "Running"
+    # A viewer sees the groups and their VMs, not an admin's buttons.
+    wait.until(lambda d: d.find_element(By.ID, "who").text == "viewer")
+    wait.until(
+        lambda d: (
+            d.find_elements(By.CSS_SELECTOR, "#groups li[data-vm='shop-2']")
+            and not d.find_elements(By.CSS_SELECTOR, "#groups button")
+        )
+    )
 
 
 def test_the_monitoring_proxy_reads_for_readers_only_and_only_queries(

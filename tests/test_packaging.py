@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.components import REPO
+from lab.components import REPO
 
 ROLES = ("agent", "controller", "collector", "cli", "relay")
 # What an agent never needs (its VM runs none of the services, nor the operator's CLI).

@@ -245,3 +245,72 @@ def test_status_names_the_rule_and_blocked_pairs_are_not_broken() -> None:
     assert view["healthy"] and view["broken_pairs"] == 0
     # Without a policy the same hosts are unhealthy: vm4 never reports its pairs.
     assert not summary({"name": "n", "cidr": NETWORK["cidr"]}, hosts, now)["healthy"]
+
+
+def test_explain_names_the_rules_both_ways_and_the_default_deny() -> None:
+    policy = acl.parse(DOC)
+    said = acl.explain(policy, WEB, DB, "tcp", 5432)
+    assert said["forward"] == {
+        "allowed": True,
+        "rules": [{"index": 0, "text": "group:web → group:db tcp:5432,6000-6010"}],
+        "reason": "allowed by rule 0 (group:web → group:db tcp:5432,6000-6010)",
+    }
+    # One-way: db may not open to web, yet they stay each other's peers.
+    assert said["reverse"]["allowed"] is False and said["reverse"]["rules"] == []
+    assert said["reverse"]["reason"] == "default deny: no rule allows it"
+    assert said["peers"] is True and said["allows_all"] is False
+    assert not acl.explain(policy, WEB, DB, "tcp", 22)["forward"]["allowed"]
+    assert acl.explain(policy, WEB, DB, "tcp")["forward"]["allowed"]  # some tcp port
+    assert not acl.explain(policy, WEB, DB, "icmp")["forward"]["allowed"]
+    # Every host may ping the bastion: one rule; web and other share none.
+    assert acl.explain(policy, OTHER, BASTION)["forward"]["rules"][0]["index"] == 1
+    assert acl.explain(policy, WEB, OTHER)["peers"] is False
+    # A new network's policy says so.
+    everything = acl.explain(acl.parse(acl.ALLOW_ALL), WEB, OTHER, "udp", 53)
+    assert everything["forward"]["reason"] == "allow-all policy (rule 0)"
+    assert everything["reverse"]["allowed"] and everything["allows_all"]
+    for proto, port in (("sctp", None), ("icmp", 1), ("tcp", 0), (None, 80)):
+        with pytest.raises(acl.PolicyError):
+            acl.explain(policy, WEB, DB, proto, port)
+
+
+ported_rules = st.lists(
+    st.fixed_dictionaries(
+        {
+            "src": st.lists(selector, min_size=1, max_size=3),
+            "dst": st.lists(selector, min_size=1, max_size=3),
+            "proto": protocol,
+        }
+    ).map(lambda r: r if r["proto"] in ("icmp", "any") else {**r, "ports": [22, "5000-5010"]}),
+    max_size=6,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rules=ported_rules,
+    pair=hosts,
+    port=st.sampled_from([22, 80, 5005]),
+    proto=st.sampled_from(["tcp", "udp", "icmp"]),
+)
+def test_explain_agrees_with_evaluation_and_visibility(
+    rules: list[dict[str, Any]], pair: list[dict[str, Any]], port: int, proto: str
+) -> None:
+    policy = acl.parse({"groups": {"g": ["tag:c", "label:role=y"]}, "rules": rules})
+    a, b = pair[:2]
+    port_or_none = None if proto == "icmp" else port
+    said = acl.explain(policy, a, b, proto, port_or_none)
+    for key, src, dst in (("forward", a, b), ("reverse", b, a)):
+        decision = acl.evaluate(policy, src, dst, proto, port_or_none)
+        verdict = said[key]
+        # The same answer as the filter's, the first rule named is the one that decides,
+        # and every rule named allows that flow on its own.
+        assert verdict["allowed"] == decision.allowed == bool(verdict["rules"])
+        if decision.allowed:
+            assert verdict["rules"][0]["index"] == decision.rule
+        for named in verdict["rules"]:
+            alone = acl.Policy(groups=policy.groups, rules=(policy.rules[named["index"]],))
+            assert acl.evaluate(alone, src, dst, proto, port_or_none).allowed
+        # Without a protocol: allowed iff some flow is (what keeps them peers).
+        assert acl.explain(policy, a, b)[key]["allowed"] == acl.has_flow(policy, src, dst)
+    assert said["peers"] == (b["id"] in acl.peers_visible(policy, a, [b]))

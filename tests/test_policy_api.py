@@ -175,3 +175,45 @@ def test_deleting_a_network_takes_its_policy(admin: httpx.Client, net: str) -> N
     assert admin.delete(f"/v1/networks/{net}").status_code == 200
     make_network(admin, net, cidr="10.44.0.0/24")
     assert admin.get(f"/v1/networks/{net}/policy").json()["version"] == 0
+
+
+def test_explain_says_which_rule_allows_or_blocks_a_pair(
+    admin: httpx.Client, controller: Controller, net: str
+) -> None:
+    token = make_token(admin, net)
+    ids = {name: join(controller, token, name).json()["host_id"] for name in ("web-1", "db-1")}
+    url = f"/v1/networks/{net}/policy/explain"
+    # A new network: the allow-all policy, said as such, and the path each way.
+    body = admin.get(url, params={"src": "web-1", "dst": "db-1"}).json()
+    assert body["default"] and body["allows_all"] and body["peers"]
+    assert body["forward"]["reason"] == body["reverse"]["reason"] == "allow-all policy (rule 0)"
+    assert set(body["path"]) == {"forward", "reverse"}
+    for name, tags in (("web-1", ["web"]), ("db-1", ["db"])):
+        admin.put(f"/v1/hosts/{ids[name]}/tags", json={"tags": tags}).raise_for_status()
+    admin.put(f"/v1/networks/{net}/policy", json=POLICY).raise_for_status()
+    viewer = admin.post("/v1/admin-tokens", json={"role": "viewer", "description": "v"})
+    with controller.client(viewer.json()["token"]) as v:  # readers may ask; by id or name
+        q = {"src": ids["web-1"], "dst": "db-1", "proto": "tcp", "port": 5432}
+        body = v.get(url, params=q).json()
+    assert (body["src"], body["dst"], body["version"], body["default"]) == (
+        "web-1",
+        "db-1",
+        1,
+        False,
+    )
+    assert body["forward"]["allowed"] and body["forward"]["rules"][0]["index"] == 0
+    assert not body["reverse"]["allowed"] and body["reverse"]["reason"].startswith("default deny")
+    assert body["peers"]  # one-way: db keeps web in its peer list, its filter drops web
+    closed = admin.get(url, params={**q, "port": 22}).json()
+    assert not closed["forward"]["allowed"] and closed["peers"]
+    # Documented errors: unknown host or network, a port without tcp/udp, a bad protocol.
+    assert_error(admin.get(url, params={"src": "web-9", "dst": "db-1"}), 404, "host_not_found")
+    assert_error(
+        admin.get("/v1/networks/nope/policy/explain", params={"src": "a", "dst": "b"}),
+        404,
+        "network_not_found",
+    )
+    assert_error(admin.get(url, params={**q, "proto": "icmp"}), 400, "invalid_query")
+    assert_error(admin.get(url, params={**q, "proto": "sctp"}), 422, "invalid_request")
+    with controller.client(join(controller, token, "vm9").json()["credential"]) as host:
+        assert_error(host.get(url, params=q), 403, "forbidden")

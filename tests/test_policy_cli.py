@@ -88,3 +88,13 @@ def test_policy_get_set_test_diff_check_and_tag(
     assert code == 0 and "allowed by rule 0" in out
     code, out, _ = cli("policy", "check", "prod", "db-1", "web-1", "--port", "5432")
     assert code == 1
+
+    # explain: both ways, through the controller; by name, with the rule and the deny.
+    code, out, _ = cli(
+        "policy", "explain", "prod", "web-1", "db-1", "--proto", "tcp", "--port", "5432"
+    )
+    assert code == 0 and out.startswith("policy version 1 of prod, tcp:5432:\n"), out
+    assert "  web-1 → db-1: allowed by rule 0 (group:web → group:db tcp:5432)" in out
+    assert "  db-1 → web-1: default deny: no rule allows it" in out and "peers: yes" in out
+    code, _, err = cli("policy", "explain", "prod", "web-1", "db-9")
+    assert code == 1 and "host_not_found" in err

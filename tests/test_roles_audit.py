@@ -29,6 +29,14 @@ def test_viewers_read_everything_and_change_nothing(controller: Controller, admi
         assert viewer.get(f"/v1/hosts/{host['host_id']}").status_code == 200
         assert viewer.get("/v1/networks/roles/peers").status_code == 200
         assert viewer.get("/v1/address-spaces").status_code == 200
+        # Each token says who it is (the dashboard hides an admin's buttons from viewers).
+        me = viewer.get("/v1/whoami").json()
+        assert me["role"] == "viewer" and me["token_id"] == created.json()["id"]
+    assert admin.get("/v1/whoami").json()["role"] == "admin"
+    with _as(controller, host["credential"]) as agent:
+        me = agent.get("/v1/whoami").json()
+        assert (me["role"], me["host_id"]) == ("host", host["host_id"]) and me["network_id"]
+    with _as(controller, viewer_token) as viewer:
         for method, path, body in [
             ("POST", "/v1/networks", {"name": "nope"}),
             ("DELETE", "/v1/networks/roles", None),

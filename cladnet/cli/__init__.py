@@ -379,6 +379,8 @@ def _render_status(views: list[dict[str, Any]]) -> Table:
         worst = [
             f"{p['from']}→{p['to']} {p['state']} {p['path']}"
             + (f" {p['latency_ms']:.1f}ms" if p["latency_ms"] is not None else "")
+            # Which rule lets the pair talk (`cladnet policy explain` says more).
+            + (f" ({p['policy']})" if p.get("policy") else "")
             for p in v["pairs"][:3]
         ]
         t.add_row(

@@ -140,6 +140,35 @@ def policy_check(
         raise typer.Exit(1)
 
 
+@policy_app.command("explain")
+def policy_explain(
+    network: str,
+    src: Annotated[str, typer.Argument(help="a host name or id")],
+    dst: Annotated[str, typer.Argument(help="a host name or id")],
+    proto: Annotated[str | None, typer.Option(help="tcp, udp or icmp (default: any flow)")] = None,
+    port: Annotated[int | None, typer.Option(help="destination port (tcp, udp)")] = None,
+    as_json: Json = False,
+) -> None:
+    """Why SRC and DST may or may not talk, each way: the rules that allow it (or the
+    default deny), whether they stay peers, and the path each way (the controller says)."""
+    body = _api().get(
+        f"/v1/networks/{network}/policy/explain", src=src, dst=dst, proto=proto, port=port
+    )
+    if as_json:
+        print(json.dumps(body, indent=2, sort_keys=True))
+        return
+    what = (proto or "any") + ("" if port is None else f":{port}")
+    version = "default" if body["default"] else f"version {body['version']}"
+    print(f"policy {version} of {network}, {what}:")
+    for key, a, b in (("forward", body["src"], body["dst"]), ("reverse", body["dst"], body["src"])):
+        verdict = body[key]
+        also = [r["index"] for r in verdict["rules"][1:]]
+        more = f"; also rule {', '.join(map(str, also))}" if also else ""
+        print(f"  {a} → {b}: {verdict['reason']}{more} [path {body['path'][key]}]")
+    peers = "yes" if body["peers"] else "no (no flow either way: not in each other's lists)"
+    print(f"  peers: {peers}")
+
+
 def tag(
     host: Annotated[str, typer.Argument(help="host id")],
     tags: Annotated[list[str] | None, typer.Argument(help="its tags (none: remove all)")] = None,

@@ -5,7 +5,9 @@
 
 const DOWN_AFTER = 30, BROKEN_AFTER = 180, SVG = "http://www.w3.org/2000/svg";
 const state = { token: sessionStorage.getItem("cladnet-token"), network: null,
-                monitoring: false, host: null, hosts: [], iface: null, timer: null };
+                monitoring: false, role: null, host: null, pair: null, hosts: [], iface: null,
+                drawing: 0,
+                timer: null };
 const $ = (id) => document.getElementById(id);
 
 async function api(path) {
@@ -16,7 +18,7 @@ async function api(path) {
   return body;
 }
 
-// A group action (admin only: a viewer's click gets the API's "forbidden" message).
+// A group action (the buttons are an admin's; the API refuses anyone else anyway).
 async function groupAction(group, action) {
   const r = await fetch(`/v1/groups/${encodeURIComponent(group)}/actions`, { method: "POST",
     headers: { Authorization: "Bearer " + state.token, "Content-Type": "application/json" },
@@ -31,6 +33,7 @@ const monitoring = (path) => api("/v1/monitoring" + path);
 
 function showLogin(message) {
   $("login").hidden = false; $("main").hidden = true; $("logout").hidden = true;
+  $("who").textContent = "";
   $("error").textContent = message || "";
 }
 
@@ -39,6 +42,8 @@ async function start() {
     await api("/v1/networks");
   } catch (e) { showLogin(String(e.message)); return; }
   $("login").hidden = true; $("main").hidden = false; $("logout").hidden = false;
+  state.role = (await api("/v1/whoami")).role;
+  $("who").textContent = state.role;
   state.monitoring = (await (await fetch("/ui/config.json")).json()).monitoring;
   await loadNetworks();
   clearInterval(state.timer);
@@ -52,7 +57,7 @@ async function loadNetworks() {
   for (const n of nets) {
     const li = document.createElement("li");
     li.textContent = n.name; li.title = n.cidr; li.dataset.network = n.name;
-    li.onclick = () => { state.network = n.name; state.host = null; refresh(); };
+    li.onclick = () => { state.network = n.name; state.host = null; state.pair = null; refresh(); };
     ul.append(li);
   }
   if (!state.network && nets.length) { state.network = nets[0].name; }
@@ -108,7 +113,13 @@ function drawMesh(hosts) {
         "data-pair": `${hosts[i].name}|${hosts[j].name}`, "data-state": s });
       line.append(el("title", {}, `${hosts[i].name} ↔ ${hosts[j].name}: ${s}` +
         (lat.length ? ` ${Math.max(...lat).toFixed(1)} ms` : "")));
-      svg.append(line);
+      // A wide transparent twin takes the clicks: a thin or dashed line is hard to hit.
+      const hit = el("line", { x1: pos[i][0], y1: pos[i][1], x2: pos[j][0], y2: pos[j][1],
+        stroke: "transparent", "stroke-width": 14, class: "hit",
+        "data-hit": `${hosts[i].name}|${hosts[j].name}` });
+      hit.append(line.firstChild.cloneNode(true));
+      hit.onclick = () => { state.pair = [hosts[i].id, hosts[j].id]; showPair(); };
+      svg.append(line, hit);
     }
   }
   hosts.forEach((h, i) => {
@@ -120,30 +131,51 @@ function drawMesh(hosts) {
   });
 }
 
-function chart(metric, points) {
+const LINE_COLOURS = ["#1d3557", "#e76f51", "#2a9d8f", "#e9c46a", "#8338ec", "#6c757d"];
+
+// A line chart of one or more series ([{name, points: [[t, v], …]}]) on one time axis;
+// ``top`` is the scale's top (a ratio's is 1) and ``unit`` formats the largest value.
+function chart(metric, series, top, unit) {
+  const total = series.reduce((n, x) => n + x.points.length, 0);
   const svg = el("svg", { class: "chart", viewBox: "0 0 300 70", preserveAspectRatio: "none",
-                          "data-metric": metric, "data-points": points.length });
-  if (points.length > 1) {
-    const ts = points.map((p) => p[0]), vs = points.map((p) => p[1]);
-    const [t0, t1] = [Math.min(...ts), Math.max(...ts)], top = Math.max(...vs, 1);
-    const d = points.map(([t, v], k) => `${k ? "L" : "M"}${(300 * (t - t0)) / (t1 - t0 || 1)},${
-      65 - (60 * v) / top}`).join(" ");
-    svg.append(el("path", { d, fill: "none", stroke: "#1d3557", "stroke-width": 1.5 }));
-  }
-  return svg;
+                          "data-metric": metric, "data-points": total });
+  const all = series.flatMap((x) => x.points), ts = all.map((p) => p[0]);
+  const [t0, t1] = [Math.min(...ts), Math.max(...ts)];
+  const high = Math.max(top || 0, ...all.map((p) => p[1]), 1e-9);
+  series.forEach((x, k) => {
+    if (x.points.length < 2) { return; }
+    const d = x.points.map(([t, v], n) => `${n ? "L" : "M"}${(300 * (t - t0)) / (t1 - t0 || 1)},${
+      65 - (60 * v) / high}`).join(" ");
+    svg.append(el("path", { d, fill: "none", stroke: LINE_COLOURS[k % LINE_COLOURS.length],
+                            "stroke-width": 1.5, "data-series": x.name }));
+  });
+  const figure = Object.assign(document.createElement("figure"), { className: "chart" });
+  const caption = document.createElement("figcaption");
+  caption.append(`top ${unit(high)}`, ...series.filter((x) => x.name).map((x, k) => {
+    const key = Object.assign(document.createElement("span"), { textContent: ` ■ ${x.name}` });
+    key.style.color = LINE_COLOURS[k % LINE_COLOURS.length];
+    return key;
+  }));
+  if (!all.length) { caption.replaceChildren("no data in the last 10 min"); }
+  figure.append(svg, caption);
+  return figure;
 }
+
+// Counter → per-second rate between consecutive points (a reset counts as 0).
+const rate = (points) => points.slice(1).map(([t, v], k) =>
+  [t, Math.max(0, (v - points[k][1]) / ((t - points[k][0]) || 1))]);
+const percent = (v) => `${(100 * v).toFixed(0)} %`;
+const bytesPerS = (v) => (v >= 1e6 ? `${(v / 1e6).toFixed(1)} MB/s`
+  : v >= 1e3 ? `${(v / 1e3).toFixed(1)} kB/s` : `${v.toFixed(0)} B/s`);
+const millis = (v) => `${v.toFixed(1)} ms`;
 
 // The agent names its WireGuard interface like agent/main.py's interface_name().
 const wgInterface = (network) => ("cl-" + network.replace(/[^a-zA-Z0-9-]/g, "")).slice(0, 15);
 
 // A host has one network_receive_bytes_total per interface; the collector refuses to
 // guess (ambiguous series), so the chart asks for the interface picked here.
-async function interfacePicker(h) {
-  const latest = await monitoring(`/hosts/${encodeURIComponent(h.name)}/latest?network=${
-    encodeURIComponent(state.network)}`);
-  const names = Object.keys(latest.metrics)
-    .map((k) => /^network_receive_bytes_total\{interface="(.*)"\}$/.exec(k))
-    .filter((m) => m).map((m) => m[1]).sort();
+function interfacePicker(h, latest) {
+  const names = labelValues(latest, "network_receive_bytes_total", "interface");
   if (!names.includes(state.iface)) {
     const wg = wgInterface(state.network);
     state.iface = names.includes(wg) ? wg : names[0] || null;
@@ -197,24 +229,131 @@ function peerTable(h) {
   return table;
 }
 
+// The names a labelled metric has in the host's latest values (``metric{key="name"}``).
+function labelValues(latest, metric, key) {
+  const re = new RegExp(`^${metric}\\{${key}="(.*)"\\}$`);
+  return Object.keys(latest).map((k) => re.exec(k)).filter((m) => m).map((m) => m[1]).sort();
+}
+
+// A titled chart of one metric: ``series`` ([{name, labels}]) are fetched in parallel.
+async function metricChart(h, title, metric, series, shape) {
+  const q = (labels) => `/series?host=${encodeURIComponent(h.name)}&metric=${metric}` +
+    `&since=600&step=10` + (labels ? `&labels=${encodeURIComponent(labels)}` : "");
+  const data = await Promise.all(series.map(async (x) =>
+    ({ name: x.name, points: shape.map((await monitoring(q(x.labels))).points) })));
+  const heading = Object.assign(document.createElement("h3"), { textContent: title });
+  return [heading, chart(metric, data, shape.top, shape.unit)];
+}
+
+// Drawn off-page and swapped in at once: a refresh that overtakes a slow one wins.
 async function showHost(h) {
-  const panel = $("host-panel");
-  panel.replaceChildren(Object.assign(document.createElement("h2"), { textContent: h.name }),
-                        hostTable(h), peerTable(h));
-  if (!state.monitoring) { panel.append("Charts need a collector (--collector-url)."); return; }
-  for (const metric of ["cpu_usage_ratio", "memory_usage_ratio", "network_receive_bytes_total"]) {
-    try {
-      const title = Object.assign(document.createElement("h3"), { textContent: metric });
-      let q = `/series?host=${encodeURIComponent(h.name)}&metric=${metric}&since=600&step=10`;
-      if (metric === "network_receive_bytes_total") {
-        const picker = await interfacePicker(h);
-        title.append(" ", picker);
-        if (state.iface) { q += `&labels=${encodeURIComponent("interface=" + state.iface)}`; }
-      }
-      const data = await monitoring(q);
-      panel.append(title, chart(metric, data.points));
-    } catch (e) { panel.append(`${metric}: ${e.message}`); }
+  const panel = $("host-panel"), ticket = ++state.drawing;
+  const parts = [Object.assign(document.createElement("h2"), { textContent: h.name }),
+                 hostTable(h), peerTable(h)];
+  if (!panel.querySelector("h2") || panel.querySelector("h2").textContent !== h.name) {
+    panel.replaceChildren(...parts, "Loading charts…");
   }
+  if (!state.monitoring) {
+    panel.replaceChildren(...parts, "Charts need a collector (--collector-url).");
+    return;
+  }
+  let latest = {};
+  try {
+    latest = (await monitoring(`/hosts/${encodeURIComponent(h.name)}/latest?network=${
+      encodeURIComponent(state.network)}`)).metrics;
+  } catch (e) { panel.replaceChildren(...parts, `latest values: ${e.message}`); return; }
+  const asRatio = { map: (p) => p, top: 1, unit: percent };
+  const charts = [
+    ["CPU", "cpu_usage_ratio", [{ name: "" }], asRatio],
+    ["Memory", "memory_usage_ratio", [{ name: "" }], asRatio],
+  ];
+  const picker = interfacePicker(h, latest);
+  if (state.iface) {
+    charts.push(["Network received", "network_receive_bytes_total",
+      [{ name: "", labels: "interface=" + state.iface }], { map: rate, top: 0, unit: bytesPerS }]);
+  }
+  const peers = labelValues(latest, "wireguard_peer_latency_seconds", "peer");
+  charts.push(["Latency per peer", "wireguard_peer_latency_seconds",
+    peers.map((p) => ({ name: p, labels: "peer=" + p })),
+    { map: (ps) => ps.map(([t, v]) => [t, 1000 * v]), top: 0, unit: millis }]);
+  const drawn = await Promise.all(charts.map(([title, metric, series, shape]) =>
+    metricChart(h, title, metric, series, shape).catch((e) => [`${metric}: ${e.message}`])));
+  drawn.forEach((one, k) => {
+    if (charts[k][1] === "network_receive_bytes_total") { one[0].append(" ", picker); }
+    parts.push(...one);
+  });
+  if (!state.iface) { parts.push("Network: no interface reported yet."); }
+  parts.push(await hostAlarms(h));
+  if (ticket === state.drawing) { panel.replaceChildren(...parts); }
+}
+
+// The alarms firing now on this host, each with its rule.
+async function hostAlarms(h) {
+  const box = Object.assign(document.createElement("div"), { id: "host-alarms" });
+  box.append(Object.assign(document.createElement("h3"), { textContent: "Alarms firing" }));
+  try {
+    const data = await monitoring("/alarms");
+    const mine = data.alarms.filter((a) => a.host === h.name && a.network === state.network);
+    box.append(alarmList(mine, data.rules));
+  } catch (e) { box.append(`alarms: ${e.message}`); }
+  return box;
+}
+
+function alarmList(alarms, rules) {
+  const byId = Object.fromEntries(rules.map((r) => [r.id, r]));
+  const ul = document.createElement("ul");
+  ul.className = "alarms";
+  ul.append(...alarms.map((a) => {
+    const r = byId[a.rule_id];
+    const rule = r ? ` (${r.metric} ${r.op} ${r.threshold})` : "";
+    const li = Object.assign(document.createElement("li"), { textContent:
+      `${a.rule_name} on ${a.network}/${a.host}: ${a.series} = ${Number(a.value).toFixed(2)}${rule}` });
+    li.dataset.rule = a.rule_name;
+    return li;
+  }));
+  if (!alarms.length) { ul.append("none firing"); }
+  return ul;
+}
+
+// A pair: both directions' health (as each side reports it) and path, and which policy
+// rule allows or blocks each (the controller's /policy/explain).
+async function showPair() {
+  const panel = $("pair-panel");
+  const [a, b] = state.pair.map((id) => state.hosts.find((x) => x.id === id));
+  if (!a || !b) { panel.replaceChildren("The pair left the network."); return; }
+  const now = Date.now() / 1000;
+  let why;
+  try {
+    why = await api(`/v1/networks/${encodeURIComponent(state.network)}/policy/explain?src=${
+      encodeURIComponent(a.id)}&dst=${encodeURIComponent(b.id)}`);
+  } catch (e) { why = { error: e.message }; }
+  const table = Object.assign(document.createElement("table"), { id: "pair-fields" });
+  const head = table.insertRow();
+  for (const t of ["direction", "state", "handshake", "latency", "path", "policy"]) {
+    head.append(Object.assign(document.createElement("th"), { textContent: t }));
+  }
+  for (const [key, x, y] of [["forward", a, b], ["reverse", b, a]]) {
+    // No flow either way: no tunnel is expected, so no handshake is not "broken".
+    const [s, p] = why.peers === false ? ["blocked", null] : pairState(x, y, now);
+    const verdict = why.error ? { reason: why.error } : why[key];
+    const tr = table.insertRow();
+    tr.dataset.direction = key;
+    tr.dataset.allowed = String(!!verdict.allowed);
+    for (const t of [`${x.name} → ${y.name}`, s,
+      p && p.handshake_age_s !== null ? `${Math.round(p.handshake_age_s)} s ago` : "none",
+      p && p.latency_ms !== null && p.latency_ms !== undefined ? `${p.latency_ms.toFixed(1)} ms` : "—",
+      why.error ? "—" : why.path[key], verdict.reason]) {
+      tr.append(Object.assign(document.createElement("td"), { textContent: t }));
+    }
+  }
+  const notes = [];
+  if (!why.error) {
+    notes.push(`policy ${why.default ? "default (allows everything)" : `version ${why.version}`}`);
+    if (!why.peers) { notes.push("not in each other's peer lists: no flow either way"); }
+  }
+  panel.replaceChildren(Object.assign(document.createElement("h2"),
+    { textContent: `${a.name} ↔ ${b.name}` }), table,
+    Object.assign(document.createElement("p"), { textContent: notes.join("; ") }));
 }
 
 async function showAlarms() {
@@ -222,21 +361,13 @@ async function showAlarms() {
   if (!state.monitoring) { ul.replaceChildren("collector not configured"); return; }
   try {
     const data = await monitoring("/alarms");
-    const rules = Object.fromEntries(data.rules.map((r) => [r.id, r]));
-    ul.replaceChildren(...data.alarms.map((a) => {
-      const r = rules[a.rule_id];
-      const rule = r ? ` (${r.metric} ${r.op} ${r.threshold})` : "";
-      const li = Object.assign(document.createElement("li"), { textContent:
-        `${a.rule_name} on ${a.network}/${a.host}: ${a.series} = ${Number(a.value).toFixed(2)}${rule}` });
-      li.dataset.rule = a.rule_name;
-      return li;
-    }));
+    ul.replaceChildren(...alarmList(data.alarms, data.rules).children);
     if (!data.alarms.length) { ul.replaceChildren("no alarm firing"); }
   } catch (e) { ul.replaceChildren(`alarms: ${e.message}`); }
 }
 
-// Groups of VMs: derived state (e.g. Partial-Suspended) and each VM's state on hover;
-// a click shows the group's network.
+// Groups of VMs: derived state (e.g. Partial-Suspended), each VM's state, and for admins
+// the suspend/resume/terminate buttons; a click on the name shows the group's network.
 async function showGroups() {
   const ul = $("groups");
   try {
@@ -248,8 +379,8 @@ async function showGroups() {
       li.dataset.group = g.name; li.dataset.state = g.state;
       li.title = g.vms.map((vm) => `${vm.name} ${vm.state} ${vm.public_ip || ""}`).join("\n");
       li.classList.toggle("bad", g.state !== "Running");
-      label.onclick = () => { state.network = g.network; state.host = null; refresh(); };
-      for (const action of ["suspend", "resume", "terminate"]) {
+      label.onclick = () => { state.network = g.network; state.host = null; state.pair = null; refresh(); };
+      for (const action of state.role === "admin" ? ["suspend", "resume", "terminate"] : []) {
         const b = Object.assign(document.createElement("button"), { textContent: action });
         b.dataset.action = action;
         b.onclick = () => {
@@ -259,6 +390,17 @@ async function showGroups() {
         };
         li.append(" ", b);
       }
+      // Each VM's state in plain sight (a failed one with the cloud's message).
+      const vms = Object.assign(document.createElement("ul"), { className: "vms" });
+      vms.append(...g.vms.map((vm) => {
+        const item = Object.assign(document.createElement("li"), { textContent:
+          `${vm.name}: ${vm.state}${vm.public_ip ? " " + vm.public_ip : ""}${
+            vm.error ? " — " + vm.error : ""}` });
+        item.dataset.vm = vm.name; item.dataset.state = vm.state;
+        item.classList.toggle("bad", vm.state !== "Running");
+        return item;
+      }));
+      li.append(vms);
       return li;
     }));
     if (!groups.length) { ul.replaceChildren("no groups"); }
@@ -293,6 +435,7 @@ async function refresh() {
     state.hosts = hosts;
     drawMesh(hosts);
     if (state.host) { const h = hosts.find((x) => x.id === state.host.id); if (h) { showHost(h); } }
+    if (state.pair) { showPair(); }
   } catch (e) { $("mesh-title").textContent = `${state.network}: ${e.message}`; }
   showAlarms();
 }
@@ -303,5 +446,11 @@ $("login-form").onsubmit = (ev) => {
   sessionStorage.setItem("cladnet-token", state.token);
   start();
 };
-$("logout").onclick = () => { sessionStorage.removeItem("cladnet-token"); state.token = null; showLogin(); };
+$("logout").onclick = () => {
+  sessionStorage.removeItem("cladnet-token");
+  clearInterval(state.timer);  // no more calls without a token
+  Object.assign(state, { token: null, role: null, host: null, pair: null });
+  $("groups").replaceChildren();
+  showLogin();
+};
 if (state.token) { start(); } else { showLogin(); }
