@@ -110,9 +110,10 @@ class KernelFlows:
         if self.flows:
             listing = json.loads(await nft("-j", "list", "table", "ip", self.table))
             now = time.monotonic()
+            by_port = {ports[0]: pair for ports, pair in pairs.items()}
             for (port, index), (p, n) in relay_nft.counters(listing).items():
                 old_p, old_b = self._seen.get((port, index), (0, 0))
-                pair = next((v for k, v in pairs.items() if k[0] == port), None)
+                pair = by_port.get(port)
                 if p > old_p and pair is not None:
                     pair.sides[index].last_seen = now
                 packets, nbytes = packets + p - old_p, nbytes + n - old_b
