@@ -328,6 +328,10 @@ class NetworkAgent:
         port at once, so the relay latches this side now instead of at the next
         keepalive. Failover after a relay dies waits for both sides' first packets."""
         targets, self._kicks = self._kicks, set()
+        try:
+            socket.if_nametoindex(self.iface)
+        except OSError:
+            return  # no such device here (an in-memory backend): nothing to kick through
         for ip in targets:
             try:
                 with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
