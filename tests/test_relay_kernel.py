@@ -178,3 +178,22 @@ def test_a_crashed_relays_table_is_replaced_on_restart(world: World) -> None:
     world.relay.send_signal(signal.SIGTERM)
     world.relay.wait(10)
     assert f"cl-relay-{RELAY_ID}" not in world.table()
+
+
+def test_a_rebound_side_is_relatched_and_its_flow_replaced(world: World) -> None:
+    """A's source port changes (a NAT rebinding): the old flow no longer matches, the
+    new source reaches Python as a stranger until the old one was silent for 10 s (the
+    kernel's counters say when it was last heard), then it is latched and the pair goes
+    back into the kernel with the new address."""
+    world.start_relay()
+    peer = world.tunnel()
+    assert wait_until(lambda: world.lab.ping(world.a, peer), 30, what="first ping")
+    wait_until(lambda: world.counts()["flows"] == 1, 10, what="kernel flow")
+    before = world.counts()
+    world.lab.run(world.a, "wg", "set", f"cl-{world.lab.tag}k0", "listen-port", "51821")
+    assert wait_until(lambda: world.lab.ping(world.a, peer, wait=0.5), 40, what="relatched")
+    wait_until(lambda: world.counts()["flows"] == 1, 10, what="new kernel flow")
+    after = world.counts()
+    assert after["python"].get("stranger", 0) > before["python"].get("stranger", 0), after
+    rules = world.lab.run(world.r, "nft", "list", "table", "ip", f"cl-relay-{RELAY_ID}").stdout
+    assert "udp sport 51821" in rules and "udp sport 51820 udp dport 40000" not in rules, rules
