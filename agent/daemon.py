@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -113,6 +114,7 @@ class NetworkAgent:
         self._last_save = 0.0
         self._save_task: asyncio.Task[None] | None = None
         self._paths: dict[str, str] = {}  # public key → planned path, to log changes
+        self._kicks: set[str] = set()  # overlay IPs of peers just moved to a relay
         # Peer id → monotonic time until which its direct path is not tried (it failed).
         self._direct_failed: dict[str, float] = {}
         # Public key → (rx bytes, monotonic time rx last grew or direct was planned).
@@ -187,6 +189,7 @@ class NetworkAgent:
         except BaseException:
             self._full_due = True  # the device is not what we believe: read it next time
             raise
+        self._kick_relayed()
         await self._enforce(policy)
         # Names need the overlay IP (after the device); only peers the device holds.
         await self.names.refresh(self.m, self._device_peers())
@@ -223,6 +226,7 @@ class NetworkAgent:
             except BaseException:
                 self._full_due = True
                 raise
+            self._kick_relayed()
             await self._enforce(policy)
             # Names need the overlay IP (after the device); only peers the device holds.
             await self.names.refresh(self.m, self._device_peers())
@@ -315,6 +319,25 @@ class NetworkAgent:
                 name = self.m.peers.get(pid, {}).get("name")
                 log.info("peer path", extra={"peer": name, "path": config.path, "was": was})
                 self._paths[config.public_key] = config.path
+                if config.path.startswith("relayed via") and config.allowed_ips:
+                    self._kicks.add(config.allowed_ips[0].partition("/")[0])
+
+    def _kick_relayed(self) -> None:
+        """One empty datagram into the tunnel to each peer just moved to a relay (port 9,
+        discard; the peer drops it): WireGuard sends it, or a handshake, to the new relay
+        port at once, so the relay latches this side now instead of at the next
+        keepalive. Failover after a relay dies waits for both sides' first packets."""
+        targets, self._kicks = self._kicks, set()
+        try:
+            socket.if_nametoindex(self.iface)
+        except OSError:
+            return  # no such device here (an in-memory backend): nothing to kick through
+        for ip in targets:
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    s.sendto(b"", (ip, 9))
+            except OSError as exc:
+                log.debug("could not kick a relayed peer", extra={"ip": ip, "error": str(exc)})
 
     async def path_loop(self) -> None:
         """Fall back to the relay when a direct path over reflexive addresses stops.

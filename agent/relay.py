@@ -28,6 +28,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from agent import relay_kernel
 from cladnet import logs, mesh, paths
 from controller import relays as store
 from controller.etcd import Etcd, parse_endpoints
@@ -45,12 +46,23 @@ PACKETS = Counter(
 )
 BYTES = Counter("cladnet_relay_forwarded_bytes_total", "Bytes forwarded.", registry=REGISTRY)
 PAIRS = Gauge("cladnet_relay_pairs", "Pairs this relay serves.", registry=REGISTRY)
+KERNEL_PACKETS = Counter(
+    "cladnet_relay_kernel_packets_total",
+    "Datagrams of latched pairs forwarded by the kernel (nftables), not by Python.",
+    registry=REGISTRY,
+)
+KERNEL_PAIRS = Gauge(
+    "cladnet_relay_kernel_pairs", "Pairs forwarded in the kernel.", registry=REGISTRY
+)
 
 # A latched source silent this long may be replaced (its NAT mapping was rebound).
 RELATCH_AFTER = 10.0
 # A freed port is given to another pair only after this long, if the range allows: the
 # old pair's hosts send there until their agents hear of the change.
 REUSE_AFTER = 60.0
+# Between passes the set of live relays is read this often: a dead relay's pairs are
+# taken over as soon as its lease is gone, not at the next pass.
+RELAYS_POLL = 0.25
 
 
 @dataclass
@@ -148,10 +160,17 @@ class RelayService:
     """Registration, pair assignment and observations, in one loop over etcd."""
 
     def __init__(
-        self, etcd: Etcd, relay: paths.Relay, bind: str, interval: float, ttl: int
+        self,
+        etcd: Etcd,
+        relay: paths.Relay,
+        bind: str,
+        interval: float,
+        ttl: int,
+        kernel: relay_kernel.KernelFlows | None = None,
     ) -> None:
         self.etcd, self.relay, self.bind = etcd, relay, bind
-        self.interval, self.ttl = interval, ttl
+        self.interval, self.ttl, self.kernel = interval, ttl, kernel
+        self.live_ids: set[str] = set()
         # (host id, peer id) → forwarder, its key: the two ports
         self.pairs: dict[tuple[int, int], PairForwarder] = {}
         self.seen: dict[str, dict[str, str]] = {}  # host id → observer → endpoint
@@ -185,7 +204,7 @@ class RelayService:
         await self._open_pairs(wanted, by_id)
         for pair in self.pairs.values():
             pair.flush()
-        live_ids = {r.id for r in live}
+        live_ids = self.live_ids = {r.id for r in live}
         for host_id, host in by_id.items():
             await self._write(host, wanted.get(host_id, {}), live, live_ids)
 
@@ -252,23 +271,75 @@ class RelayService:
             return
         await store.update_peer(self.etcd, str(host["network_id"]), str(host["id"]), change)
 
+    async def sync_kernel(self) -> None:
+        """Move latched pairs into the kernel and closed ones out; on an nft failure the
+        table is removed and Python forwards everything from then on."""
+        if self.kernel is None:
+            return
+        try:
+            packets, nbytes = await self.kernel.sync(self.pairs)
+        except (relay_kernel.NftError, OSError, ValueError) as exc:
+            log.error("kernel forwarding failed; forwarding in Python", extra={"error": str(exc)})
+            await self.kernel.stop()
+            self.kernel = None
+            KERNEL_PAIRS.set(0)
+            return
+        KERNEL_PACKETS.inc(packets)
+        BYTES.inc(nbytes)
+        KERNEL_PAIRS.set(len(self.kernel.flows))
+
+    async def _keep_alive(self, lease: Any, stop: asyncio.Event) -> None:
+        """Refresh the lease every third of its TTL, apart from the passes (a slow pass
+        must not let it lapse: the other relays would take our pairs)."""
+        while not stop.is_set():
+            try:
+                await lease.refresh()
+            except Exception as exc:  # etcd away: step() re-registers once it answers
+                log.warning("relay lease refresh failed", extra={"error": repr(exc)})
+            try:
+                await asyncio.wait_for(stop.wait(), self.ttl / 3)
+            except TimeoutError:
+                pass
+
+    async def _wait(self, stop: asyncio.Event) -> None:
+        """Until the next pass: ``interval``, or sooner when a relay came or went."""
+        deadline = time.monotonic() + self.interval
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                await asyncio.wait_for(stop.wait(), min(left, RELAYS_POLL))
+                return
+            except TimeoutError:
+                pass
+            try:
+                if {r.id for r in await store.live_relays(self.etcd)} != self.live_ids:
+                    return
+            except Exception:  # etcd away: the pass will say so
+                continue
+
     async def run(self, stop: asyncio.Event) -> None:
         """Register, then one pass per ``interval`` until ``stop``; the lease is kept alive."""
+        if self.kernel is not None:
+            try:
+                await self.kernel.start()
+            except (relay_kernel.NftError, OSError) as exc:
+                log.error("no kernel forwarding", extra={"error": str(exc)})
+                self.kernel = None
         await self.etcd.connect()
         lease = await store.register(self.etcd, self.relay, self.ttl)
         log.info("relay registered", extra={"id": self.relay.id, "address": self.relay.address})
+        keeper = asyncio.create_task(self._keep_alive(lease, stop))
         try:
             while not stop.is_set():
                 try:
-                    await lease.refresh()
                     await self.step()
                 except Exception as exc:  # etcd away: keep forwarding what is open
                     log.warning("relay pass failed", extra={"error": repr(exc)})
-                try:
-                    await asyncio.wait_for(stop.wait(), self.interval)
-                except TimeoutError:
-                    pass
+                await self.sync_kernel()
+                await self._wait(stop)
         finally:
+            keeper.cancel()
+            if self.kernel is not None:
+                await self.kernel.stop()
             for pair in self.pairs.values():
                 pair.close()
             try:  # our pairs move at once instead of after the lease's TTL
@@ -298,7 +369,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--etcd-cert", type=Path, default=None)
     p.add_argument("--etcd-key", type=Path, default=None)
     p.add_argument("--interval", type=float, default=1.0, help="seconds between passes")
-    p.add_argument("--ttl", type=int, default=10, help="registration lease (seconds)")
+    p.add_argument(
+        "--ttl",
+        type=int,
+        default=3,
+        help="registration lease (seconds): a dead relay's pairs move after it",
+    )
+    p.add_argument("--kernel", choices=("auto", "off"), default="auto",
+                   help="forward latched pairs in the kernel (nftables) when root, nft "
+                        "and net.ipv4.ip_forward=1 allow (auto), or always in Python")  # fmt: skip
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
@@ -316,7 +395,15 @@ def main(argv: list[str] | None = None) -> None:
     relay = paths.Relay(args.id, args.address, *args.ports)
     if args.metrics_port is not None:
         start_http_server(args.metrics_port, registry=REGISTRY)
-    service = RelayService(etcd, relay, args.bind, args.interval, args.ttl)
+    kernel = None
+    if args.kernel == "auto":
+        why = relay_kernel.unavailable()
+        if why is None:
+            snat = None if args.bind == "0.0.0.0" else args.bind
+            kernel = relay_kernel.KernelFlows(args.id, args.ports, snat)
+        else:
+            log.warning("forwarding in Python only", extra={"reason": why})
+    service = RelayService(etcd, relay, args.bind, args.interval, args.ttl, kernel)
 
     async def run() -> None:
         stop = asyncio.Event()

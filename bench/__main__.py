@@ -33,7 +33,7 @@ BENCHMARKS: dict[str, tuple[str, bool, str]] = {
     "convergence": ("convergence", False, "watch fan-out vs etcd's own watch"),
     "mesh": ("mesh", True, "group to full mesh vs a hand-configured wireguard-go mesh"),
     "dataplane": ("dataplane", True, "overlay vs underlay, hand wireguard-go, nebula"),
-    "relay": ("relay", True, "a tunnel through cladnet-relay vs the same tunnel direct"),
+    "relay": ("relay", True, "a tunnel through cladnet-relay (kernel, Python) vs direct; failover"),
     "ingest": ("ingest", False, "collector ingest vs broker-only and store-only"),
     "store": ("store", False, "SQLite store writes vs one INSERT per row"),
     "agent-footprint": ("agent_footprint", True, "agent RSS/CPU vs node_exporter, psutil"),
