@@ -193,7 +193,7 @@ def failover(rounds: int, tmp: Path) -> list[float]:
     from lab.api import make_network, make_token
     from lab.components import Controller, Etcd, free_port
     from lab.multicloud import MultiCloud
-    from tests.test_reach import Relay
+    from lab.relays import Relay
 
     net = MultiCloud()
     port = free_port()

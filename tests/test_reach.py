@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from lab.agents import Agent
 from lab.api import make_network, make_token
 from lab.components import Controller, Etcd, free_port, wait_until
 from lab.multicloud import MultiCloud
+from lab.relays import RELAY_PORTS, Relay
 from tests.support import need_root
 
 NAT = "masquerade fully-random"
@@ -29,8 +29,6 @@ CLOUDS = {"a": ("192.168.1", 11), "b": ("10.77.0", 12)}
 # Plain masquerade keeps the source port when it can: endpoint-independent mapping.
 EASY = {"c": ("10.88.0", 13), "d": ("10.99.0", 14)}
 PUBLIC_HOST = 20
-RELAY_PORTS = (40000, 40099)
-METRICS_PORT = 9465
 
 # Sends from ONE socket to two destinations and prints the source ports each saw.
 PROBE_SERVER = textwrap.dedent("""
@@ -57,54 +55,6 @@ def eventually(predicate, timeout: float) -> bool:  # type: ignore[no-untyped-de
         return bool(wait_until(predicate, timeout))
     except TimeoutError:
         return False
-
-
-class Relay:
-    """``python -m agent.relay`` in a namespace, stopped by the fixture."""
-
-    def __init__(
-        self, net: MultiCloud, ns: str, relay_id: str, host_no: int, etcd_url: str, log: Path
-    ) -> None:
-        self.log, self.id, self.net, self.ns = log, relay_id, net, ns
-        self.address = f"{net.inet}.{host_no}"
-        # Forwarding on: latched pairs are forwarded by the kernel (--kernel auto).
-        net.run(ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        # A short lease: a killed relay's pairs move within ~3 s.
-        self.proc = net.popen(ns, [
-            sys.executable, "-m", "agent.relay", "--id", relay_id, "--address", self.address,
-            "--ports", f"{RELAY_PORTS[0]}-{RELAY_PORTS[1]}", "--etcd", etcd_url, "--ttl", "3",
-            "--metrics-port", str(METRICS_PORT), "--log-level", "debug",
-        ], stdout=subprocess.DEVNULL, stderr=log.open("ab"))  # fmt: skip
-
-    def counts(self) -> dict[str, float]:
-        """The relay's packet counters by outcome, from its /metrics; ``kernel``: the
-        packets its kernel flows forwarded."""
-        url = f"http://{self.address}:{METRICS_PORT}/metrics"
-        text = urllib.request.urlopen(url, timeout=5).read().decode()
-        out = {}
-        for line in text.splitlines():
-            if line.startswith("cladnet_relay_packets_total{"):
-                label, value = line.split("}")
-                out[label.split('"')[1]] = float(value)
-            elif line.startswith("cladnet_relay_kernel_packets_total "):
-                out["kernel"] = float(line.split()[1])
-        return out
-
-    def kill(self) -> None:
-        """Die as a relay machine does: no lease revoke, and its kernel flows gone with it
-        (a SIGKILLed process alone leaves its table forwarding until the pairs move)."""
-        self.proc.kill()
-        self.proc.wait(5)
-        self.net.run(self.ns, "nft", "delete", "table", "ip", f"cl-relay-{self.id}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
 
 
 @pytest.fixture(scope="module")
