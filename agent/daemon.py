@@ -12,6 +12,7 @@ from typing import Any
 from agent import addresses, firewall
 from agent.commands import CommandRunner, command_env
 from agent.controller_client import NETWORK_ERRORS, ControllerClient, ControllerError, WatchGone
+from agent.handshake import HandshakeStarter
 from agent.metrics.exposition import MetricsServer
 from agent.metrics.publisher import Broker
 from agent.metrics.reporter import MetricsReporter
@@ -40,6 +41,10 @@ class Timing:
     commands: float = 5.0
     # After adding a peer whose keepalive waits for the peer's handshake (mesh.diff).
     keepalive_delay: float = 1.0
+    # A new peer gets a datagram that starts a handshake (agent.handshake): at once from
+    # the host with the lower key, and from both if still silent this long after the
+    # add. None: no datagrams (WireGuard starts on traffic and retries after 5 s).
+    handshake_retry: float | None = 1.0
     # Watch events are applied together, at most this long after the first of them;
     # None applies each one at once (with a full reconcile: the old path, for benchmarks).
     coalesce: float | None = 0.05
@@ -128,6 +133,15 @@ class NetworkAgent:
             self._standing_changed, membership.controller_state, membership.controller_state_since
         )
         self.names = Names(states.root / "networks" / membership.network_id, membership.interface)
+        self.handshakes = (
+            HandshakeStarter(
+                membership.interface,
+                lambda: self.backend.get(self.iface),
+                self.timing.handshake_retry,
+            )
+            if self.timing.handshake_retry is not None
+            else None
+        )
 
     @property
     def iface(self) -> str:
@@ -235,6 +249,8 @@ class NetworkAgent:
             log.info(
                 "device updated", extra={"iface": self.iface, "changes": mesh.summary(changes)}
             )
+            if self.handshakes is not None and changes.peers_to_add:
+                self.handshakes.peers_added(changes.peers_to_add, self.m.me.get("public_key"))
         if changes.keepalive_deferred:
             deferred = set(changes.keepalive_deferred)
             for pid in list(planned):
@@ -711,5 +727,7 @@ class NetworkAgent:
             )
             if not self.removed.is_set():
                 self._save()  # what a bounded-rate save had not written yet
+            if self.handshakes is not None:
+                await self.handshakes.close()
             await self.names.close()
             await self.client.close()
