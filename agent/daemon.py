@@ -90,6 +90,7 @@ class NetworkAgent:
         backend: WireGuardBackend,
         timing: Timing | None = None,
         metrics_server: MetricsServer | None = None,
+        tune_host: bool = False,
     ) -> None:
         self.states = states
         self.m = membership
@@ -97,6 +98,10 @@ class NetworkAgent:
         self.backend = backend
         self.timing = timing or Timing()
         self.metrics_server = metrics_server
+        # --tune-host: raise the device's socket buffers (agent/tuning.py) once its
+        # sockets are final: after the first apply and after each listen port change.
+        self.tune_host = tune_host
+        self._device_tuned = False
         self.client = ControllerClient(
             membership.controller, credential, verify=membership.ca_file or True
         )
@@ -201,9 +206,25 @@ class NetworkAgent:
         except BaseException:
             self._full_due = True  # the device is not what we believe: read it next time
             raise
+        if self.tune_host and (not self._device_tuned or changes.listen_port is not None):
+            self._tune_device(desired.listen_port)
         await self._enforce(policy)
         # Names need the overlay IP (after the device); only peers the device holds.
         await self.names.refresh(self.m, self._device_peers())
+
+    def _tune_device(self, port: int) -> None:
+        """Larger socket buffers for a wireguard-go device (the kernel's socket takes
+        the host's default, which ``--tune-host`` raised where it could)."""
+        self._device_tuned = True
+        if self.backend.kind != "userspace":
+            return
+        from agent import tuning
+
+        try:
+            count = tuning.tune_device(tuning.wireguard_go_pid(self.iface), port)
+            log.info("device socket buffers raised", extra={"iface": self.iface, "sockets": count})
+        except OSError as exc:
+            log.warning("cannot raise the device's socket buffers", extra={"error": str(exc)})
 
     async def _apply_changed(self) -> None:
         """Bring the device up to date with the peers changed since the last apply:
