@@ -13,6 +13,7 @@ from typing import Any
 from agent import addresses, firewall
 from agent.commands import CommandRunner, command_env
 from agent.controller_client import NETWORK_ERRORS, ControllerClient, ControllerError, WatchGone
+from agent.handshake import HandshakeStarter
 from agent.metrics.exposition import MetricsServer
 from agent.metrics.publisher import Broker
 from agent.metrics.reporter import MetricsReporter
@@ -41,6 +42,10 @@ class Timing:
     commands: float = 5.0
     # After adding a peer whose keepalive waits for the peer's handshake (mesh.diff).
     keepalive_delay: float = 1.0
+    # A new peer gets a datagram that starts a handshake (agent.handshake): at once from
+    # the host with the lower key, and from both if still silent this long after the
+    # add. None: no datagrams (WireGuard starts on traffic and retries after 5 s).
+    handshake_retry: float | None = 1.0
     # Watch events are applied together, at most this long after the first of them;
     # None applies each one at once (with a full reconcile: the old path, for benchmarks).
     coalesce: float | None = 0.05
@@ -86,6 +91,7 @@ class NetworkAgent:
         backend: WireGuardBackend,
         timing: Timing | None = None,
         metrics_server: MetricsServer | None = None,
+        tune_host: bool = False,
     ) -> None:
         self.states = states
         self.m = membership
@@ -93,6 +99,10 @@ class NetworkAgent:
         self.backend = backend
         self.timing = timing or Timing()
         self.metrics_server = metrics_server
+        # --tune-host: raise the device's socket buffers (agent/tuning.py) once its
+        # sockets are final: after the first apply and after each listen port change.
+        self.tune_host = tune_host
+        self._device_tuned = False
         self.client = ControllerClient(
             membership.controller, credential, verify=membership.ca_file or True
         )
@@ -130,6 +140,15 @@ class NetworkAgent:
             self._standing_changed, membership.controller_state, membership.controller_state_since
         )
         self.names = Names(states.root / "networks" / membership.network_id, membership.interface)
+        self.handshakes = (
+            HandshakeStarter(
+                membership.interface,
+                lambda: self.backend.get(self.iface),
+                self.timing.handshake_retry,
+            )
+            if self.timing.handshake_retry is not None
+            else None
+        )
 
     @property
     def iface(self) -> str:
@@ -190,9 +209,25 @@ class NetworkAgent:
             self._full_due = True  # the device is not what we believe: read it next time
             raise
         self._kick_relayed()
+        if self.tune_host and (not self._device_tuned or changes.listen_port is not None):
+            self._tune_device(desired.listen_port)
         await self._enforce(policy)
         # Names need the overlay IP (after the device); only peers the device holds.
         await self.names.refresh(self.m, self._device_peers())
+
+    def _tune_device(self, port: int) -> None:
+        """Larger socket buffers for a wireguard-go device (the kernel's socket takes
+        the host's default, which ``--tune-host`` raised where it could)."""
+        self._device_tuned = True
+        if self.backend.kind != "userspace":
+            return
+        from agent import tuning
+
+        try:
+            count = tuning.tune_device(tuning.wireguard_go_pid(self.iface), port)
+            log.info("device socket buffers raised", extra={"iface": self.iface, "sockets": count})
+        except OSError as exc:
+            log.warning("cannot raise the device's socket buffers", extra={"error": str(exc)})
 
     async def _apply_changed(self) -> None:
         """Bring the device up to date with the peers changed since the last apply:
@@ -239,6 +274,8 @@ class NetworkAgent:
             log.info(
                 "device updated", extra={"iface": self.iface, "changes": mesh.summary(changes)}
             )
+            if self.handshakes is not None and changes.peers_to_add:
+                self.handshakes.peers_added(changes.peers_to_add, self.m.me.get("public_key"))
         if changes.keepalive_deferred:
             deferred = set(changes.keepalive_deferred)
             for pid in list(planned):
@@ -734,5 +771,7 @@ class NetworkAgent:
             )
             if not self.removed.is_set():
                 self._save()  # what a bounded-rate save had not written yet
+            if self.handshakes is not None:
+                await self.handshakes.close()
             await self.names.close()
             await self.client.close()

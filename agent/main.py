@@ -64,13 +64,20 @@ async def _run_networks(
     metrics_listen: str | None = None,
     allow_commands: bool = False,
     in_process_commands: bool = True,
+    tune_host: bool = False,
 ) -> int:
+    from agent import tuning
     from agent.daemon import NetworkAgent
     from agent.metrics.exposition import MetricsServer
 
     ids = only or states.network_ids()
     if not ids:
         raise UsageError(f"no joined network in {states.root}; run 'cladnet-agent join' first")
+    # Before the devices are made: a new device's socket gets the raised default size.
+    if tune_host:
+        tuning.tune(states.root)
+    else:  # the switch was turned off: put back what a tuned run changed
+        tuning.restore(states.root)
     server = None
     if metrics_listen:
         host, _, port = metrics_listen.rpartition(":")
@@ -87,7 +94,13 @@ async def _run_networks(
         backend = _backend(backend_name or membership.backend)
         agents.append(
             NetworkAgent(
-                states, membership, credential, private_key, backend, metrics_server=server
+                states,
+                membership,
+                credential,
+                private_key,
+                backend,
+                metrics_server=server,
+                tune_host=tune_host,
             )
         )
     stop = asyncio.Event()
@@ -244,7 +257,12 @@ async def cmd_join(args: argparse.Namespace) -> int:
     if args.no_run:
         return 0
     return await _run_networks(
-        states, args.backend, [net["id"]], args.metrics_listen, args.allow_commands
+        states,
+        args.backend,
+        [net["id"]],
+        args.metrics_listen,
+        args.allow_commands,
+        tune_host=args.tune_host,
     )
 
 
@@ -255,6 +273,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
         metrics_listen=args.metrics_listen,
         allow_commands=args.allow_commands,
         in_process_commands=not args.no_commands,
+        tune_host=args.tune_host,
     )
 
 
@@ -307,6 +326,10 @@ async def cmd_leave(args: argparse.Namespace) -> int:
             await firewall.remove(membership.interface)
         states.remove(net_id)
         print(f"left {membership.network['name']} (released {membership.me['overlay_ip']})")
+    if not states.network_ids():  # the last network: put back what --tune-host raised
+        from agent import tuning
+
+        tuning.restore(states.root)
     return 0
 
 
@@ -393,6 +416,14 @@ def build_parser() -> argparse.ArgumentParser:
             default=os.environ.get("CLADNET_ALLOW_COMMANDS") == "1",
             help="run the shell commands an admin sends to this host's group, as this "
             "agent's user (env CLADNET_ALLOW_COMMANDS=1; saved by join)",
+        )
+        sp.add_argument(
+            "--tune-host",
+            action="store_true",
+            default=os.environ.get("CLADNET_TUNE_HOST") == "1",
+            help="raise the UDP socket buffer sysctls net.core.{r,w}mem_{max,default} to "
+            "7 MiB (fewer dropped tunnel packets); the old values come back on leave, or "
+            "on a run without it (env CLADNET_TUNE_HOST=1)",
         )
 
     j = sub.add_parser("join", help="join a network and keep running")

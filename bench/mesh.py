@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Full mesh over real agents and real WireGuard: from ``POST /v1/groups`` to every
-ordered pair answering a ping, for groups of 4 / 8 / 16 VMs of the ``local`` driver
+ordered pair answering a ping, for groups of 4 / 8 / 16 (up to 64) VMs of the ``local`` driver
 spread over three clouds (two with the same private subnet), and from a VM's public
 address change to restored pings; against a hand-configured wireguard-go mesh of the
 same size measured in the same run (root; wireguard-go).
 
     python -m bench.mesh                    # sizes 4, 8, 16; in-place NAT change + resume
-    python -m bench.mesh --sizes 4,8        # other sizes
+    python -m bench.mesh --sizes 16,64      # other sizes (2 to 64 VMs)
     python -m bench.mesh --smoke            # 4 VMs, one address change (resume); < 90 s
 
 Method:
@@ -18,7 +18,8 @@ Method:
   ICMP echo over the overlay. The group is then deleted and gone (records and
   namespaces) before the next size;
 - pings: one raw ICMP socket opened inside each source namespace; every pair not yet
-  answered gets an echo request every ``PROBE_INTERVAL`` s, all pairs in parallel,
+  answered gets an echo request every ``PROBE_INTERVAL`` s (stretched so that all
+  pairs together get at most ``PROBE_RATE`` a second: 64 VMs), all pairs in parallel,
   from one loop. ``ip netns exec … ping`` per probe would fork 240 processes a round
   for 16 VMs on the 2 cores being measured. For the full mesh (CladNet and baseline
   alike) b→a is first probed once a→b answered: echoes both ways at once make both
@@ -31,6 +32,11 @@ Method:
   re-assigning an elastic IP) → pings both ways between it and every other VM; (2)
   suspend, then resume, which gives the VM a NEW public address (the driver's own way)
   → the same pings, timed from the resume request;
+- worst-order pair (first, once): two wireguard-go hosts; the one with the lower key
+  adds the other and sends it a packet, which is dropped there (the other does not know
+  it yet); 0.3 s later the other adds it. Seconds from that add until both hold a
+  handshake, with the agent's handshake trigger (``agent.handshake``) and without it
+  (WireGuard's own retry of the first initiation, 5 s): the tail the trigger removes;
 - baseline, per size: N fresh namespaces on one bridge (tests/netns.Lab), one
   ``wireguard-go`` each configured by this script with ``wg set`` for all N-1 peers
   (hosts in parallel), from the first wireguard-go start to the full mesh with the
@@ -45,6 +51,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import os
@@ -68,7 +75,11 @@ from typing import Any
 
 import httpx
 
+from agent.daemon import Timing
+from agent.handshake import HandshakeStarter
+from agent.handshake import send as handshake_send
 from agent.netlink import in_netns
+from agent.wireguard.userspace import UserspaceBackend
 from bench.common import (
     clean_up_on_sigterm,
     machine_facts,
@@ -76,12 +87,17 @@ from bench.common import (
     wireguard_go_processes,
 )
 from cladnet.keys import generate_keypair
+from cladnet.mesh import DeviceChanges, PeerConfig
 from cladnet.models import DEFAULT_KEEPALIVE
 from controller.drivers.local import Driver
 from lab.components import Controller, Etcd, free_port, wait_until
 from lab.netns import Lab, free_prefix, root_missing, sh
 
 PROBE_INTERVAL = 0.1  # seconds between echo requests of one pending pair
+# At most this many echo requests a second over all pairs: 64 VMs have 4,032 pairs, and
+# 10 echoes a second to each flooded the 2 cores (1.6 million sent, the hand-made mesh's
+# p50 91 s); up to 16 VMs (240 pairs) every pending pair still gets PROBE_INTERVAL.
+PROBE_RATE = 2500
 API_POLL = 0.1  # seconds between reads of the group while waiting for a state
 REGIONS = ("a-west", "b-east", "c-north")  # clouds a, b (same subnet) and c
 WG_PORT = 51820
@@ -149,7 +165,8 @@ def probe(
     pairs: dict[Pair, tuple[str, str]], started: float, timeout: float, ordered: bool = False
 ) -> Probe:
     """Ping ``pairs`` ((from, to) → (source namespace, target address)) until every pair
-    has answered once; an echo every ``PROBE_INTERVAL`` s to each pair still silent.
+    has answered once; an echo every ``PROBE_INTERVAL`` s to each pair still silent
+    (less often when that would exceed ``PROBE_RATE`` echoes a second in all).
 
     ``ordered``: (b, a) is first probed when (a, b), earlier in ``pairs``, has answered.
     Echoes sent both ways at once make both WireGuard ends initiate a handshake; each
@@ -184,6 +201,7 @@ def probe(
                     f"{len(pending)} of {len(pairs)} pairs did not answer within "
                     f"{timeout:.0f}s (e.g. {silent})"
                 )
+            interval = max(PROBE_INTERVAL, len(pending) / PROBE_RATE)
             for pair in pending:
                 if due[pair] <= now:
                     ns, ip = pairs[pair]
@@ -192,7 +210,7 @@ def probe(
                     with contextlib.suppress(OSError):
                         sockets[ns].sendto(_echo_request(ident, seq), (ip, 0))
                     sent += 1
-                    due[pair] = now + PROBE_INTERVAL
+                    due[pair] = now + interval
             wait = min(1.0, max(0.0, min(due[p] for p in pending) - time.monotonic()))
             for fd, _ in poller.poll(math.ceil(wait * 1000)):
                 while True:
@@ -365,6 +383,8 @@ def cladnet_mesh(admin: httpx.Client, n: int, timeout: float) -> dict[str, Any]:
         "post_to_running_s": round(running, 3),
         "post_to_overlay_ips_s": round(overlay, 3),
         "post_to_full_mesh_s": round(mesh, 3),
+        # The part after the last join: agents' devices, first handshakes, the probe.
+        "overlay_ips_to_full_mesh_s": round(mesh - overlay, 3),
         **result.summary(),
     }
 
@@ -602,6 +622,87 @@ def hand_mesh(run: Run, n: int, timeout: float) -> dict[str, Any]:
         lab.cleanup()
 
 
+def pair_handshake(run: Run, trigger: bool, timeout: float = 30) -> float:
+    """Two wireguard-go hosts added in the worst order: the host with the lower key adds
+    the other and sends it a packet (dropped: the other does not know it yet), then
+    the other adds it. Seconds from that second add until both hold a handshake, with
+    the agent's handshake trigger (``agent.handshake``, its default retry) on both
+    hosts or without it (then WireGuard's own retry of the first initiation)."""
+    lab = Lab(subnet_prefix=free_prefix([f"192.168.{k}" for k in range(254, 239, -1)]))
+    run.labs.append(lab)
+    procs: list[subprocess.Popen[bytes]] = []
+    iface = {i: f"cl-{lab.tag}p{i}" for i in (1, 2)}
+    run.hand_ifaces += iface.values()
+    try:
+        hosts = {i: lab.add_host(i) for i in iface}
+        keys = {i: generate_keypair() for i in hosts}
+        low, high = sorted(hosts, key=lambda i: keys[i][1])
+        overlay = {i: f"10.199.0.{i}" for i in hosts}
+        for i in hosts:
+            key_file = run.tmp / f"pair-{lab.tag}-{i}.key"
+            key_file.touch(mode=0o600)
+            key_file.write_text(keys[i][0])
+            proc = lab.popen(hosts[i], ["wireguard-go", "-f", iface[i]],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+            procs.append(proc)
+            run.wireguard.append(proc)
+            sock = Path(f"/var/run/wireguard/{iface[i]}.sock")
+            wait_until(sock.exists, 10, interval=0.005, what=f"wireguard-go {iface[i]}")
+            lab.run(hosts[i], "wg", "set", iface[i], "listen-port", str(WG_PORT),
+                    "private-key", str(key_file))  # fmt: skip
+            lab.run(hosts[i], "ip", "addr", "add", f"{overlay[i]}/24", "dev", iface[i])
+            lab.run(hosts[i], "ip", "link", "set", iface[i], "mtu", "1420", "up")
+        backend = {i: UserspaceBackend(netns=hosts[i]) for i in hosts}
+        retry = Timing().handshake_retry or 1.0
+
+        async def scenario() -> float:
+            starters = {
+                i: HandshakeStarter(
+                    iface[i], functools.partial(backend[i].get, iface[i]), retry, hosts[i]
+                )
+                for i in hosts
+            }
+
+            async def add(i: int, j: int) -> None:
+                peer = PeerConfig(keys[j][1], (f"{overlay[j]}/32",),
+                                  f"{lab.address(j)}:{WG_PORT}", 0)  # fmt: skip
+                await backend[i].apply(iface[i], DeviceChanges(peers_to_add=(peer,)))
+                if trigger:
+                    starters[i].peers_added([peer], keys[i][1])
+                elif i == low:  # its first packet, as traffic would send it
+                    handshake_send(iface[i], [overlay[j]], hosts[i])
+
+            async def done() -> bool:
+                for i, j in ((low, high), (high, low)):
+                    state = (await backend[i].get(iface[i])).peers.get(keys[j][1])
+                    if state is None or state.last_handshake is None:
+                        return False
+                return True
+
+            try:
+                await add(low, high)
+                await asyncio.sleep(0.3)  # the initiation reaches a host that lacks the peer
+                started = time.monotonic()
+                await add(high, low)
+                while not await done():
+                    if time.monotonic() - started > timeout:
+                        raise BenchError(f"pair handshake (trigger {trigger}): none in {timeout}s")
+                    await asyncio.sleep(0.02)
+                return time.monotonic() - started
+            finally:
+                for starter in starters.values():
+                    await starter.close()
+
+        took = asyncio.run(scenario())
+        _log(f"worst-order pair, handshake trigger {'on' if trigger else 'off'}: {took:.2f}s")
+        return round(took, 3)
+    finally:
+        _stop_wireguard(procs)
+        for name in iface.values():
+            Path(f"/var/run/wireguard/{name}.sock").unlink(missing_ok=True)
+        lab.cleanup()
+
+
 def _stop_wireguard(procs: list[subprocess.Popen[bytes]]) -> None:
     """Our wireguard-go processes, by PID (``ip netns exec`` execs, so it is theirs)."""
     for proc in procs:
@@ -699,11 +800,13 @@ def bench(run: Run, sizes: list[int], smoke: bool) -> dict[str, Any]:
             },
             "vms_per_region": "round-robin a-west, b-east, c-north",
             "keepalive_s": DEFAULT_KEEPALIVE,
+            "agent_handshake_retry_s": Timing().handshake_retry,
             "wireguard": "wireguard-go (userspace) for both CladNet and the baseline",
             "ping": (
                 "ICMP echo from a raw socket opened in the source namespace; each pair not "
-                f"yet answered is probed every {PROBE_INTERVAL} s, all pairs in parallel; a "
-                "pair counts at its first reply"
+                f"yet answered is probed every {PROBE_INTERVAL} s (at most {PROBE_RATE} "
+                "echoes/s in all: pending pairs / that rate when longer), all pairs in "
+                "parallel; a pair counts at its first reply"
             ),
             "ping_order": (
                 "full mesh (CladNet and baseline): b->a is first probed once a->b answered, "
@@ -714,6 +817,18 @@ def bench(run: Run, sizes: list[int], smoke: bool) -> dict[str, Any]:
         },
         "machine": machine_facts("httpx", "pydantic"),
         "sizes": {},
+    }
+    on, off = pair_handshake(run, trigger=True), pair_handshake(run, trigger=False)
+    result["worst_order_pair"] = {
+        "with_trigger_s": on,
+        "without_trigger_s": off,
+        "ratio_without_to_with": round(off / on, 1),
+        "how": (
+            "two wireguard-go hosts; the lower key adds the other and sends it one packet "
+            "(dropped there), 0.3 s later the other adds it; seconds from that add until "
+            "both hold a handshake: with agent.handshake on both hosts vs without it "
+            "(WireGuard's own 5-s retry of the first initiation)"
+        ),
     }
     with ctl.client() as admin:
         for index, n in enumerate(sizes):
@@ -759,7 +874,10 @@ def summary(result: dict[str, Any]) -> str:
     change = result["address_change"]
     in_place = change["public_ip_change_to_pings_s"]
     in_place_text = f"{in_place:.2f}s" if isinstance(in_place, float) else "not measured"
+    pair = result["worst_order_pair"]
     return (
+        f"worst-order pair handshake {pair['with_trigger_s']:.2f}s with the agent's trigger "
+        f"vs {pair['without_trigger_s']:.2f}s without; "
         f"full mesh of {names} VMs {cl}s after POST /v1/groups (hand-configured wireguard-go "
         f"{hand}s = {ratios}); {change['size']} VMs: resume with new public IP -> pings "
         f"{change['resume_new_public_ip_to_mesh_s']:.2f}s, in-place public IP change -> "
@@ -778,8 +896,8 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [4] if args.smoke else [int(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError:
         p.error(f"--sizes: comma-separated integers, not {args.sizes!r}")
-    if not sizes or any(n < 2 or n > 60 for n in sizes):
-        p.error("--sizes: each between 2 and 60")
+    if not sizes or any(n < 2 or n > 64 for n in sizes):
+        p.error("--sizes: each between 2 and 64")
     missing = root_missing()
     if missing:
         print(f"bench.mesh: {missing}", file=sys.stderr)

@@ -1,0 +1,180 @@
+"""Start WireGuard handshakes with newly added peers instead of waiting for traffic.
+
+WireGuard initiates a handshake only when it has a packet for a peer (or a keepalive
+is turned on). When two hosts learn of each other a moment apart, the first one's
+initiation reaches a host that does not know it yet and is dropped; WireGuard retries
+only after REKEY_TIMEOUT (5 s), so a new pair waits that long for its first packet.
+
+Here the agent sends one small UDP datagram to a new peer's overlay address (port 9,
+discard) through the WireGuard interface, which makes WireGuard initiate at once:
+
+- the host whose public key sorts lower sends it as soon as the peer is added; the
+  other host waits ``retry`` seconds (as ``cladnet.mesh.diff`` defers keepalives), so
+  two hosts that learn of each other at the same moment do not both initiate:
+  crossed initiations leave both ends as responders until the 5-s retry;
+- ``retry`` seconds after the add, every such peer still without a handshake gets one
+  datagram (again). The host that learned of the pair last has sent no initiation
+  yet, so its datagram starts one at once (an end that initiated less than 5 s ago is
+  held back by WireGuard itself): the side that learned last completes the pair.
+
+The decisions (:func:`plan`, :func:`silent`) are pure; :class:`HandshakeStarter` does
+the I/O: the datagrams and one device read per retry round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from agent.netlink import in_netns
+from agent.wireguard.backend import WireGuardError
+from cladnet.mesh import DeviceState, PeerConfig
+from cladnet.tasks import cancel_and_wait
+
+log = logging.getLogger("cladnet.agent")
+
+DISCARD_PORT = 9  # RFC 863: nothing answers; an ICMP error back at most
+PAYLOAD = b"cladnet: start handshake"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Whom to trigger now and whom to check after the retry delay (key → overlay IP)."""
+
+    now: dict[str, str]
+    check: dict[str, str]
+
+
+def target(peer: PeerConfig) -> str | None:
+    """The overlay address a trigger goes to: the peer's first host route (/32, /128),
+    or None when there is none or no endpoint (WireGuard could not initiate)."""
+    if peer.endpoint is None:
+        return None
+    for allowed in peer.allowed_ips:
+        with contextlib.suppress(ValueError):
+            network = ipaddress.ip_network(allowed, strict=False)
+            if network.num_addresses == 1:
+                return str(network.network_address)
+    return None
+
+
+def plan(added: Iterable[PeerConfig], own_key: str | None) -> Plan:
+    """Of the peers just added: those this host triggers now (its key sorts lower, or
+    it does not know its key) and all of them, to check after the retry delay."""
+    now: dict[str, str] = {}
+    check: dict[str, str] = {}
+    for peer in added:
+        address = target(peer)
+        if address is None:
+            continue
+        check[peer.public_key] = address
+        if own_key is None or own_key < peer.public_key:
+            now[peer.public_key] = address
+    return Plan(now=now, check=check)
+
+
+def silent(check: Mapping[str, str], device: DeviceState) -> dict[str, str]:
+    """The peers of ``check`` the device holds without a handshake yet (a removed
+    peer is left alone)."""
+    return {
+        key: address
+        for key, address in check.items()
+        if key in device.peers and device.peers[key].last_handshake is None
+    }
+
+
+def send(iface: str, addresses: Iterable[str], netns: str | None = None) -> int:
+    """One datagram to each address through ``iface`` only (never along another route);
+    how many were sent. Raises ``OSError`` when ``iface`` does not exist."""
+    by_family: dict[socket.AddressFamily, list[str]] = {}
+    for address in addresses:
+        family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+        by_family.setdefault(family, []).append(address)
+    sent = 0
+    # Even with nothing to send: binding the socket checks that ``iface`` exists.
+    for family, group in (by_family or {socket.AF_INET: []}).items():
+        with _socket(family, iface, netns) as sock:
+            for address in group:
+                try:
+                    sock.sendto(PAYLOAD, (address, DISCARD_PORT))
+                    sent += 1
+                except OSError as exc:  # one unroutable peer must not stop the others
+                    log.debug("no handshake trigger", extra={"to": address, "error": str(exc)})
+    return sent
+
+
+def _socket(family: socket.AddressFamily, iface: str, netns: str | None) -> socket.socket:
+    """A non-blocking UDP socket bound to ``iface`` (in ``netns`` when given)."""
+
+    def make() -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, iface.encode())
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    return in_netns(netns, make) if netns else make()
+
+
+class HandshakeStarter:
+    """Triggers handshakes with the peers an apply added, and once more after ``retry``
+    seconds with those still silent (see the module docstring).
+
+    ``device`` reads the device (one read per retry round, for all peers due).
+    """
+
+    def __init__(
+        self,
+        iface: str,
+        device: Callable[[], Awaitable[DeviceState]],
+        retry: float,
+        netns: str | None = None,
+    ) -> None:
+        self.iface, self.device, self.retry, self.netns = iface, device, retry, netns
+        self._due: dict[str, tuple[float, str]] = {}  # key → (monotonic due time, address)
+        self._task: asyncio.Task[None] | None = None
+        self.sent = 0  # datagrams sent, for tests and logs
+
+    def peers_added(self, added: Iterable[PeerConfig], own_key: str | None) -> None:
+        """Trigger now whom this host starts; check all of them after ``retry`` s."""
+        chosen = plan(added, own_key)
+        if not chosen.check:
+            return
+        try:
+            self.sent += send(self.iface, chosen.now.values(), self.netns)
+        except OSError as exc:  # no such interface (yet): nothing to trigger through
+            log.debug("no handshake triggers", extra={"iface": self.iface, "error": str(exc)})
+            return
+        due = time.monotonic() + self.retry
+        for key, address in chosen.check.items():
+            self._due[key] = (due, address)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._retry_loop(), name=f"handshakes-{self.iface}")
+
+    async def _retry_loop(self) -> None:
+        while self._due:
+            await asyncio.sleep(max(0.0, min(d for d, _ in self._due.values()) - time.monotonic()))
+            now = time.monotonic()
+            ready = {k: a for k, (d, a) in self._due.items() if d <= now}
+            for key in ready:
+                del self._due[key]
+            try:
+                quiet = silent(ready, await self.device())
+                if quiet:
+                    self.sent += send(self.iface, quiet.values(), self.netns)
+                    log.debug("handshakes triggered again", extra={"peers": len(quiet)})
+            except (WireGuardError, OSError) as exc:  # the peers' own retries remain
+                log.debug("handshake retry skipped", extra={"error": str(exc)})
+
+    async def close(self) -> None:
+        """Stop the pending retry round."""
+        await cancel_and_wait([self._task])
