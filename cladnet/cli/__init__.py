@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 try:
     import typer
@@ -25,8 +25,10 @@ except ModuleNotFoundError as missing:  # an agent-only install: one line, not a
     ) from None
 
 from cladnet import __version__, mesh
+from cladnet.api_client import ApiClientError, SyncClient, TrustError, fetch_ca
+from cladnet.api_client import endpoints as ep
 from cladnet.cli import config
-from cladnet.cli.client import Api, CliError, fetch_ca
+from cladnet.cli.api import CliError, connect, one_line
 from cladnet.cli.hosts import find_host
 from cladnet.cli.status import summary, with_health
 from cladnet.dns import domain_of, host_name
@@ -58,14 +60,16 @@ def _global(
     State["context"] = context
 
 
-def controller() -> Api:
+def controller() -> SyncClient:
+    """The current context's controller."""
     ctx = config.resolve(State["context"])
-    return Api(ctx.controller, ctx.token, "controller", ca_pem=ctx.ca_pem)
+    return connect(ctx.controller, ctx.token, "controller", ca_pem=ctx.ca_pem)
 
 
-def collector() -> Api:
+def collector() -> SyncClient:
+    """The current context's collector."""
     ctx = config.resolve(State["context"])
-    return Api(ctx.collector, ctx.token, "collector")
+    return connect(ctx.collector, ctx.token, "collector")
 
 
 def emit(data: Any, as_json: bool, table: Table | None = None) -> None:
@@ -126,7 +130,7 @@ def login(
     if not token:
         raise CliError("no token: pass --token-file FILE (or set CLADNET_TOKEN)")
     ca_pem = fetch_ca(url, ca_hash) if ca_hash else None
-    Api(url, token, ca_pem=ca_pem).get("/v1/networks")
+    connect(url, token, ca_pem=ca_pem).call(ep.NETWORKS)
     data = config.load()
     data["contexts"][name] = {
         "controller": url,
@@ -145,8 +149,8 @@ def version(as_json: Json = False) -> None:
     """The CLI's version (and the controller's, if reachable)."""
     info: dict[str, Any] = {"cli": __version__}
     try:
-        info["controller"] = controller().get("/healthz").get("version")
-    except CliError:
+        info["controller"] = controller().call(ep.HEALTH).get("version")
+    except (CliError, ApiClientError):
         info["controller"] = None
     if as_json:
         emit(info, True)
@@ -170,7 +174,9 @@ def net_create(
     """Create a network."""
     body = {"name": name, "cidr": cidr, "expected_hosts": hosts, "mtu": mtu,
             "listen_port": listen_port, "keepalive": keepalive}  # fmt: skip
-    net = controller().call("POST", "/v1/networks", json={k: v for k, v in body.items() if v})
+    net = controller().call(
+        ep.NETWORK_CREATE, cast(ep.NetworkCreateBody, {k: v for k, v in body.items() if v})
+    )
     if as_json:
         emit(net, True)
     else:
@@ -180,7 +186,7 @@ def net_create(
 @net_app.command("list")
 def net_list(as_json: Json = False) -> None:
     """All networks."""
-    nets = controller().get("/v1/networks")
+    nets = controller().call(ep.NETWORKS)
     rows = [[n["name"], n["id"], n["cidr"], n["mtu"], n["listen_port"]] for n in nets]
     emit(nets, as_json, _table("networks", ["NAME", "ID", "CIDR", "MTU", "PORT"], rows))
 
@@ -189,8 +195,8 @@ def net_list(as_json: Json = False) -> None:
 def net_show(network: str, as_json: Json = False) -> None:
     """One network and its hosts."""
     api = controller()
-    net = api.get(f"/v1/networks/{network}")
-    hosts = api.get(f"/v1/networks/{network}/hosts")
+    net = api.call(ep.NETWORK, ref=network)
+    hosts = api.call(ep.NETWORK_HOSTS, ref=network)
     if as_json:
         emit({"network": net, "hosts": hosts}, True)
         return
@@ -205,7 +211,7 @@ def net_delete(
     as_json: Json = False,
 ) -> None:
     """Delete a network."""
-    net = controller().call("DELETE", f"/v1/networks/{network}", params={"force": force})
+    net = controller().call(ep.NETWORK_DELETE, query={"force": force}, ref=network)
     if as_json:
         emit(net, True)
     else:
@@ -218,7 +224,7 @@ def address_spaces(
     as_json: Json = False,
 ) -> None:
     """Free private address space and the recommended prefix."""
-    spaces = controller().get("/v1/address-spaces", hosts=hosts)
+    spaces = controller().call(ep.ADDRESS_SPACES, query={"hosts": hosts})
     rows = [[b["block"], b["free_addresses"], ", ".join(b["free"][:6])] for b in spaces["blocks"]]
     if not as_json:
         out.print(f"recommended for {hosts} hosts: [bold]{spaces['recommended']}[/]")
@@ -236,10 +242,10 @@ def token_create(
     as_json: Json = False,
 ) -> None:
     """A join token (shown once)."""
-    body: dict[str, Any] = {"ttl_seconds": ttl}
+    body: ep.TokenCreateBody = {"ttl_seconds": ttl}
     if max_uses:
         body["max_uses"] = max_uses
-    tok = controller().call("POST", f"/v1/networks/{network}/tokens", json=body)
+    tok = controller().call(ep.TOKEN_CREATE, body, ref=network)
     if as_json:
         emit(tok, True)
         return
@@ -253,7 +259,7 @@ def token_create(
 @token_app.command("list")
 def token_list(network: str, as_json: Json = False) -> None:
     """Join tokens of a network (never their secrets)."""
-    toks = controller().get(f"/v1/networks/{network}/tokens")
+    toks = controller().call(ep.TOKENS, ref=network)
     expires = [time.strftime("%Y-%m-%d %H:%M", time.localtime(t["expires_at"])) for t in toks]
     rows = [
         [t["id"], t["uses"], t.get("max_uses") or "-", e]
@@ -265,7 +271,7 @@ def token_list(network: str, as_json: Json = False) -> None:
 @token_app.command("revoke")
 def token_revoke(network: str, token_id: str) -> None:
     """Revoke a join token."""
-    controller().call("DELETE", f"/v1/networks/{network}/tokens/{token_id}")
+    controller().call(ep.TOKEN_REVOKE, ref=network, token_id=token_id)
     out.print(f"revoked {token_id}")
 
 
@@ -286,7 +292,7 @@ def _print_hosts(hosts: list[dict[str, Any]]) -> None:
 @hosts_app.command("list")
 def hosts_list(network: str, as_json: Json = False) -> None:
     """Hosts of a network."""
-    hosts = controller().get(f"/v1/networks/{network}/hosts")
+    hosts = controller().call(ep.NETWORK_HOSTS, ref=network)
     if as_json:
         emit(hosts, True)
     else:
@@ -306,8 +312,8 @@ def hosts_show(host: str, network: InNetwork = None, as_json: Json = False) -> N
 
 def _hosts_with_health(net: dict[str, Any]) -> list[dict[str, Any]]:
     """A network's hosts (controller: liveness) with their pair health (collector)."""
-    hosts = controller().get(f"/v1/networks/{net['id']}/hosts")
-    health = collector().get(f"/v1/networks/{net['name']}/pairs")["hosts"]
+    hosts = controller().call(ep.NETWORK_HOSTS, ref=net["id"])
+    health = collector().call(ep.PAIRS, name=net["name"])["hosts"]
     return with_health(hosts, health)
 
 
@@ -316,7 +322,7 @@ def peers(host: str, network: InNetwork = None, as_json: Json = False) -> None:
     """A host's peers (by name or id): handshake age and latency as it reports them (collector)."""
     api = controller()
     found = find_host(api, host, network)
-    net = api.get(f"/v1/networks/{found['network_id']}")
+    net = api.call(ep.NETWORK, ref=found["network_id"])
     hosts = _hosts_with_health(net)
     others = {h["id"]: h for h in hosts}
     reported = others[found["id"]]["status"]["peers"] if found["id"] in others else []
@@ -340,10 +346,10 @@ def resolve(name: str, as_json: Json = False) -> None:
     """A host's overlay IP from its name (<host>.<network>.<zone>), as the agents answer it."""
     api = controller()
     wanted = name.lower().rstrip(".")
-    for net in api.get("/v1/networks"):
+    for net in api.call(ep.NETWORKS):
         if not wanted.endswith("." + domain_of(net)):
             continue
-        for h in api.get(f"/v1/networks/{net['id']}/hosts"):
+        for h in api.call(ep.NETWORK_HOSTS, ref=net["id"]):
             if host_name(h["name"], net) == wanted:
                 data = {"name": wanted, "overlay_ip": h["overlay_ip"], "host_id": h["id"]}
                 if as_json:
@@ -356,18 +362,18 @@ def resolve(name: str, as_json: Json = False) -> None:
 
 def _status_views(network: str | None) -> list[dict[str, Any]]:
     api = controller()
-    nets = [api.get(f"/v1/networks/{network}")] if network else api.get("/v1/networks")
+    nets = [api.call(ep.NETWORK, ref=network)] if network else api.call(ep.NETWORKS)
     now = time.time()
     return [summary(n, _hosts_with_health(n), now, _policy_of(api, n["id"])) for n in nets]
 
 
-def _policy_of(api: Api, network_id: str) -> Any:
+def _policy_of(api: SyncClient, network_id: str) -> Any:
     """The network's policy, or None from a controller without policies."""
     from cladnet import policy as acl
 
     try:
-        return acl.parse(api.get(f"/v1/networks/{network_id}/policy")["policy"])
-    except CliError:
+        return acl.parse(api.call(ep.POLICY, ref=network_id)["policy"])
+    except ApiClientError:
         return None
 
 
@@ -430,7 +436,7 @@ def metrics_top(
     network: Annotated[str | None, typer.Argument()] = None, as_json: Json = False
 ) -> None:
     """Latest CPU, memory and load per host."""
-    data = collector().get("/v1/metrics/latest", network=network)["hosts"]
+    data = collector().call(ep.METRICS_LATEST, query={"network": network})["hosts"]
 
     def pct(value: float | None) -> str | None:
         return None if value is None else f"{100 * value:.1f}"
@@ -452,8 +458,8 @@ def metrics_show(
     host: str, metric: str, since: str = "10m", step: str = "10s", as_json: Json = False
 ) -> None:
     """One metric of one host over time."""
-    data = collector().get("/v1/series", host=host, metric=metric,
-                           since=_seconds(since), step=_seconds(step))  # fmt: skip
+    query = {"host": host, "metric": metric, "since": _seconds(since), "step": _seconds(step)}
+    data = collector().call(ep.SERIES, query=query)
     rows = [[time.strftime("%H:%M:%S", time.localtime(t)), f"{v:g}"] for t, v in data["points"]]
     emit(data, as_json, _table(f"{metric} on {host}", ["TIME", "VALUE"], rows))
 
@@ -464,7 +470,7 @@ def metrics_names(
     as_json: Json = False,
 ) -> None:
     """The metric names the collector knows (what alarm rules may use)."""
-    data = collector().get("/v1/metrics/names", network=network)
+    data = collector().call(ep.METRIC_NAMES, query={"network": network})
     if as_json:
         emit(data, True)
     else:
@@ -474,7 +480,7 @@ def metrics_names(
 @alarms_app.command("list")
 def alarms_list(as_json: Json = False) -> None:
     """Rules and the alarms firing now."""
-    data = collector().get("/v1/alarms")
+    data = collector().call(ep.ALARMS)
     if as_json:
         emit(data, True)
         return
@@ -504,7 +510,7 @@ def alarms_create(
     ``cladnet alarms create hot cpu_usage_ratio '>' 0.9 --network prod --for 1m``."""
     body = {"name": name, "metric": metric, "op": op, "threshold": threshold, "network": network,
             "host": host, "for_s": _seconds(for_)}  # fmt: skip
-    rule = collector().call("POST", "/v1/alarms", json=body)
+    rule = collector().call(ep.ALARM_CREATE, body)
     if as_json:
         emit(rule, True)
     else:
@@ -514,7 +520,7 @@ def alarms_create(
 @alarms_app.command("delete")
 def alarms_delete(rule_id: str) -> None:
     """Delete an alarm rule."""
-    collector().call("DELETE", f"/v1/alarms/{rule_id}")
+    collector().call(ep.ALARM_DELETE, rule_id=rule_id)
     out.print(f"deleted {rule_id}")
 
 
@@ -534,8 +540,8 @@ def main() -> None:
         code = app(standalone_mode=False)
         if isinstance(code, int) and code:
             sys.exit(code)
-    except CliError as exc:
-        print(f"cladnet: {exc}", file=sys.stderr)
+    except (CliError, ApiClientError, TrustError) as exc:
+        print(f"cladnet: {one_line(exc)}", file=sys.stderr)
         sys.exit(1)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
