@@ -181,7 +181,7 @@ TOKENS: Endpoint[None, list[Json]] = Endpoint("GET", "/v1/networks/{ref}/tokens"
 TOKEN_CREATE: Endpoint[TokenCreateBody, TokenCreated] = Endpoint(
     "POST", "/v1/networks/{ref}/tokens"
 )
-TOKEN_REVOKE: Endpoint[None, Json] = Endpoint("DELETE", "/v1/networks/{ref}/tokens/{token_id}")
+TOKEN_REVOKE: Endpoint[None, None] = Endpoint("DELETE", "/v1/networks/{ref}/tokens/{token_id}")
 POLICY: Endpoint[None, Json] = Endpoint("GET", "/v1/networks/{ref}/policy")
 POLICY_PUT: Endpoint[Json, Json] = Endpoint("PUT", "/v1/networks/{ref}/policy")
 POLICY_TEST: Endpoint[Json, Json] = Endpoint("POST", "/v1/networks/{ref}/policy/test")
@@ -189,12 +189,12 @@ POLICY_TEST: Endpoint[Json, Json] = Endpoint("POST", "/v1/networks/{ref}/policy/
 JOIN: Endpoint[JoinBody, Joined] = Endpoint("POST", "/v1/join")
 JOIN_CHALLENGE: Endpoint[ChallengeBody, Challenge] = Endpoint("POST", "/v1/join/challenge")
 HOST: Endpoint[None, Host] = Endpoint("GET", "/v1/hosts/{host_id}")
-HOST_LEAVE: Endpoint[None, None] = Endpoint("DELETE", "/v1/hosts/{host_id}")
-HOST_TAGS: Endpoint[TagsBody, Host] = Endpoint("PUT", "/v1/hosts/{host_id}/tags")
+HOST_LEAVE: Endpoint[None, Peer] = Endpoint("DELETE", "/v1/hosts/{host_id}")
+HOST_TAGS: Endpoint[TagsBody, Peer] = Endpoint("PUT", "/v1/hosts/{host_id}/tags")
 HEARTBEAT: Endpoint[HeartbeatBody, HeartbeatReply] = Endpoint(
     "POST", "/v1/hosts/{host_id}/heartbeat"
 )
-ENDPOINTS: Endpoint[EndpointsBody, Json] = Endpoint("PUT", "/v1/hosts/{host_id}/endpoints")
+ENDPOINTS: Endpoint[EndpointsBody, Peer] = Endpoint("PUT", "/v1/hosts/{host_id}/endpoints")
 METRICS_CREDENTIALS: Endpoint[None, MetricsCredentials] = Endpoint(
     "POST", "/v1/hosts/{host_id}/metrics-credentials"
 )
@@ -204,11 +204,11 @@ COMMAND_REPORT: Endpoint[Json, None] = Endpoint("POST", "/v1/hosts/{host_id}/com
 GROUPS: Endpoint[None, list[Group]] = Endpoint("GET", "/v1/groups")
 GROUP_CREATE: Endpoint[Json, Group] = Endpoint("POST", "/v1/groups")
 GROUP: Endpoint[None, Group] = Endpoint("GET", "/v1/groups/{name}")
-GROUP_DELETE: Endpoint[None, Json] = Endpoint("DELETE", "/v1/groups/{name}")
+GROUP_DELETE: Endpoint[None, Group] = Endpoint("DELETE", "/v1/groups/{name}")
 GROUP_ACTION: Endpoint[ActionBody, Group] = Endpoint("POST", "/v1/groups/{name}/actions")
 VM_ACTION: Endpoint[ActionBody, Json] = Endpoint("POST", "/v1/groups/{name}/vms/{vm}/actions")
 GROUP_COMMAND: Endpoint[Json, Json] = Endpoint("POST", "/v1/groups/{name}/commands")
-GROUP_COMMAND_RUN: Endpoint[None, Json] = Endpoint("GET", "/v1/groups/{name}/commands/{run_id}")
+GROUP_COMMAND_RUN: Endpoint[None, Json] = Endpoint("GET", "/v1/groups/{name}/commands/{command_id}")
 
 # --- the collector ----------------------------------------------------------------------
 
@@ -219,3 +219,6 @@ SERIES: Endpoint[None, Json] = Endpoint("GET", "/v1/series")
 ALARMS: Endpoint[None, Json] = Endpoint("GET", "/v1/alarms")
 ALARM_CREATE: Endpoint[Json, Json] = Endpoint("POST", "/v1/alarms")
 ALARM_DELETE: Endpoint[None, Json] = Endpoint("DELETE", "/v1/alarms/{rule_id}")
+
+# The collector's API is not in the controller's openapi.json (tests check the others are).
+COLLECTOR = (PAIRS, METRICS_LATEST, METRIC_NAMES, SERIES, ALARMS, ALARM_CREATE, ALARM_DELETE)

@@ -180,7 +180,7 @@ def exec_command(
         if time.monotonic() > deadline:
             raise CliError(f"command {run['id']} did not finish on every VM")
         time.sleep(1)
-        run = api.call(ep.GROUP_COMMAND_RUN, name=name, run_id=run["id"])
+        run = api.call(ep.GROUP_COMMAND_RUN, name=name, command_id=run["id"])
     if as_json:
         print(json.dumps(run, indent=2, sort_keys=True))
     else:
