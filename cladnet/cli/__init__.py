@@ -12,11 +12,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, NoReturn, cast
 
 try:
     import typer
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 except ModuleNotFoundError as missing:  # an agent-only install: one line, not a traceback
     raise SystemExit(
@@ -51,6 +52,10 @@ Json = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 InNetwork = Annotated[
     str | None, typer.Option("--network", help="the host's network, when its name is in several")
 ]
+Watch = Annotated[
+    bool, typer.Option("--watch", help="refresh every --interval (with --json: one line each)")
+]
+Interval = Annotated[float, typer.Option(help="seconds between refreshes with --watch")]
 
 
 @app.callback()
@@ -79,18 +84,64 @@ def emit(data: Any, as_json: bool, table: Table | None = None) -> None:
         out.print(table)
 
 
-def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
-    t = Table(title=title)
-    for c in columns:
-        t.add_column(c)
-    for r in rows:
-        t.add_row(*["" if v is None else str(v) for v in r])
+def _table(
+    title: str,
+    columns: list[str],
+    rows: list[list[Any]],
+    drop: tuple[str, ...] = (),
+    styles: list[str] | None = None,
+) -> Table:
+    """A table that fits the terminal: the ``drop`` columns go first, in that order,
+    when the table would be wider (so 80 columns keep what people read first; ``--json``
+    keeps everything), and the caption says which went. ``styles``: one per row."""
+    cells = [["" if v is None else str(v) for v in r] for r in rows]  # plain: widths count
+    keep = list(range(len(columns)))
+
+    def width() -> int:  # rich's default box: a border and 3 characters per column
+        longest = (
+            max(len(line) for r in [columns, *cells] for line in r[i].split("\n")) for i in keep
+        )
+        return 1 + sum(w + 3 for w in longest)
+
+    hidden = []
+    for name in drop:
+        if width() <= out.width:
+            break
+        keep.remove(columns.index(name))
+        hidden.append(name)
+    caption = f"{', '.join(hidden)} hidden at this width (--json has all)" if hidden else None
+    t = Table(title=title, caption=caption)
+    for i in keep:
+        t.add_column(columns[i])
+    for n, r in enumerate(cells):
+        # Escaped: an IPv6 endpoint ("[fd00::1]:51820") is not rich markup.
+        t.add_row(*[escape(r[i]) for i in keep], style=styles[n] if styles else None)
     return t
+
+
+def _watch(render: Any, data: Any, as_json: bool, interval: float) -> NoReturn:
+    """Refresh ``render(data())`` in place every ``interval`` seconds until interrupted;
+    with ``as_json`` one compact JSON document per line instead (for scripts)."""
+    if as_json:
+        while True:
+            print(json.dumps(data(), sort_keys=True), flush=True)
+            time.sleep(interval)
+    from rich.live import Live
+
+    with Live(render(data()), console=out) as live:
+        while True:
+            time.sleep(interval)
+            live.update(render(data()))
 
 
 def _ms(value: float | None) -> str:
     """Milliseconds for people (exact in --json)."""
     return "—" if value is None else f"{value:.1f}"
+
+
+def _num(value: float) -> str:
+    """A measured value for people: 4 significant digits (exact in --json)."""
+    return f"{value:.4g}"
 
 
 def _age(seconds: float | None) -> str:
@@ -286,7 +337,8 @@ def _print_hosts(hosts: list[dict[str, Any]]) -> None:
          _age(now - h["last_seen"]) if h.get("last_seen") else "never"]
         for h in hosts
     ]  # fmt: skip
-    out.print(_table("hosts", ["NAME", "ID", "OVERLAY", "PUBLIC", "LABELS", "SEEN"], rows))
+    columns = ["NAME", "ID", "OVERLAY", "PUBLIC", "LABELS", "SEEN"]
+    out.print(_table("hosts", columns, rows, drop=("LABELS", "ID", "PUBLIC")))
 
 
 @hosts_app.command("list")
@@ -318,11 +370,27 @@ def _hosts_with_health(net: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 @app.command()
-def peers(host: str, network: InNetwork = None, as_json: Json = False) -> None:
+def peers(
+    host: str,
+    network: InNetwork = None,
+    watch: Watch = False,
+    interval: Interval = 2.0,
+    as_json: Json = False,
+) -> None:
     """A host's peers (by name or id): handshake age and latency as it reports them (collector)."""
     api = controller()
     found = find_host(api, host, network)
     net = api.call(ep.NETWORK, ref=found["network_id"])
+    if watch:
+        _watch(
+            lambda data: _peers_table(found, data), lambda: _peers_of(found, net), as_json, interval
+        )
+    data = _peers_of(found, net)
+    emit(data, as_json, _peers_table(found, data))
+
+
+def _peers_of(found: dict[str, Any], net: dict[str, Any]) -> list[dict[str, Any]]:
+    """``found``'s peers as it reports them, with their names, addresses and path."""
     hosts = _hosts_with_health(net)
     others = {h["id"]: h for h in hosts}
     reported = others[found["id"]]["status"]["peers"] if found["id"] in others else []
@@ -335,10 +403,15 @@ def peers(host: str, network: InNetwork = None, as_json: Json = False) -> None:
                      "overlay_ip": other.get("overlay_ip") if other else None,
                      "dns_name": host_name(name, net) if name else None,
                      "path": mesh.choose_path(found, other)[1] if other else None})  # fmt: skip
+    return data
+
+
+def _peers_table(found: dict[str, Any], data: list[dict[str, Any]]) -> Table:
     rows = [[d["dns_name"] or d["name"], d["overlay_ip"], d["endpoint"], d["path"],
              _age(d["handshake_age_s"]), _ms(d["latency_ms"])] for d in data]  # fmt: skip
     columns = ["PEER", "OVERLAY", "PUBLIC", "PATH", "HANDSHAKE", "RTT MS"]
-    emit(data, as_json, _table(f"peers of {found['name']}", columns, rows))
+    drop = ("PUBLIC", "OVERLAY", "PATH")
+    return _table(f"peers of {found['name']}", columns, rows, drop=drop)
 
 
 @app.command()
@@ -378,42 +451,38 @@ def _policy_of(api: SyncClient, network_id: str) -> Any:
 
 
 def _render_status(views: list[dict[str, Any]]) -> Table:
-    t = Table(title="CLADNet status")
-    for c in ("NETWORK", "NAMES", "UP", "DOWN", "BROKEN PAIRS", "WORST PAIRS", "MOVED"):
-        t.add_column(c)
+    """One row per network; at 80 columns the names and moved hosts give way."""
+    columns = ["NETWORK", "NAMES", "UP", "DOWN", "BROKEN", "WORST PAIRS", "MOVED"]
+    rows = []
     for v in views:
         worst = [
             f"{p['from']}→{p['to']} {p['state']} {p['path']}"
             + (f" {p['latency_ms']:.1f}ms" if p["latency_ms"] is not None else "")
             for p in v["pairs"][:3]
         ]
-        t.add_row(
-            ("[green]" if v["healthy"] else "[red]") + v["network"],
+        rows.append([
+            v["network"],
             f"<host>.{v['domain']}",
-            str(len(v["hosts_up"])),
+            len(v["hosts_up"]),
             ", ".join(v["hosts_down"]) or "-",
-            str(v["broken_pairs"]),
+            v["broken_pairs"],
             "\n".join(worst) or "-",
             ", ".join(v["endpoint_changed"]) or "-",
-        )
-    return t
+        ])  # fmt: skip
+    styles = ["green" if v["healthy"] else "red" for v in views]
+    return _table("CLADNet status", columns, rows, drop=("NAMES", "MOVED"), styles=styles)
 
 
 @app.command()
 def status(
     network: Annotated[str | None, typer.Argument()] = None,
-    watch: Annotated[bool, typer.Option(help="refresh in place")] = False,
-    interval: float = 2.0,
+    watch: Watch = False,
+    interval: Interval = 2.0,
     as_json: Json = False,
 ) -> None:
     """Is my overlay healthy? Hosts up/down, broken pairs first, moved endpoints."""
-    if watch and not as_json:
-        from rich.live import Live
-
-        with Live(_render_status(_status_views(network)), console=out) as live:
-            while True:
-                time.sleep(interval)
-                live.update(_render_status(_status_views(network)))
+    if watch:
+        _watch(_render_status, lambda: _status_views(network), as_json, interval)
     views = _status_views(network)
     emit(views, as_json, _render_status(views))
     if not all(v["healthy"] for v in views):
@@ -450,7 +519,7 @@ def metrics_top(
         for h, d in sorted(data.items())
     ]  # fmt: skip
     columns = ["HOST", "NETWORK", "STATE", "CPU %", "MEM %", "LOAD"]
-    emit(data, as_json, _table("hosts", columns, rows))
+    emit(data, as_json, _table("hosts", columns, rows, drop=("NETWORK",)))
 
 
 @metrics_app.command("show")
@@ -460,7 +529,7 @@ def metrics_show(
     """One metric of one host over time."""
     query = {"host": host, "metric": metric, "since": _seconds(since), "step": _seconds(step)}
     data = collector().call(ep.SERIES, query=query)
-    rows = [[time.strftime("%H:%M:%S", time.localtime(t)), f"{v:g}"] for t, v in data["points"]]
+    rows = [[time.strftime("%H:%M:%S", time.localtime(t)), _num(v)] for t, v in data["points"]]
     emit(data, as_json, _table(f"{metric} on {host}", ["TIME", "VALUE"], rows))
 
 
@@ -486,8 +555,8 @@ def alarms_list(as_json: Json = False) -> None:
         return
     rules = [[r["id"], r["name"], _rule_text(r), f"{r['for_s']:g}s"] for r in data["rules"]]
     out.print(_table("rules", ["ID", "NAME", "RULE", "FOR"], rules))
-    firing = [[a["rule_name"], a["host"], a["series"], f"{a['value']:.4g}"] for a in data["alarms"]]
-    out.print(_table("firing", ["RULE", "HOST", "SERIES", "VALUE"], firing))
+    firing = [[a["rule_name"], a["host"], a["series"], _num(a["value"])] for a in data["alarms"]]
+    out.print(_table("firing", ["RULE", "HOST", "SERIES", "VALUE"], firing, drop=("SERIES",)))
 
 
 def _rule_text(r: dict[str, Any]) -> str:

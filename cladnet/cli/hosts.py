@@ -23,7 +23,11 @@ def pick_host(ref: str, hosts_by_network: dict[str, list[dict[str, Any]]]) -> di
         return found[0][1]
     if found:
         networks = ", ".join(sorted(n for n, _ in found))
-        raise CliError(f"host {ref!r} is in several networks ({networks}): add --network NAME")
+        ids = ", ".join(f"{h['id']} ({n})" for n, h in sorted(found, key=lambda f: f[0]))
+        raise CliError(
+            f"host {ref!r} is in several networks ({networks}): add --network NAME, "
+            f"or name it by id: {ids}"
+        )
     names = sorted({h["name"] for hosts in hosts_by_network.values() for h in hosts})
     close = difflib.get_close_matches(ref, names, n=3, cutoff=0.5)
     where = f" in network {next(iter(hosts_by_network))}" if len(hosts_by_network) == 1 else ""
