@@ -14,6 +14,7 @@ import httpx
 
 from cladnet.api_client.errors import ApiClientError, GaveUp
 
+# The agent is the one that retries: its log lines stay under its logger.
 log = logging.getLogger("cladnet.agent")
 
 T = TypeVar("T")
