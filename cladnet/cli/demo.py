@@ -366,7 +366,7 @@ def env(root: Dir = Path("/var/lib/cladnet-demo")) -> None:
 @demo_app.command("status")
 def status(root: Dir = Path("/var/lib/cladnet-demo"), as_json: Json = False) -> None:
     """Every VM (cloud, region, state, addresses) and every pair's connectivity."""
-    from cladnet.cli import out
+    from cladnet.cli import _table, out
 
     m = _matrix(Demo(root))
     group = m["group"]
@@ -374,14 +374,14 @@ def status(root: Dir = Path("/var/lib/cladnet-demo"), as_json: Json = False) -> 
         print(json.dumps({"group": group, "pairs": m["pairs"]}, indent=2, sort_keys=True))
     else:
         counts = ", ".join(f"{n} {s}" for s, n in sorted(group["counts"].items()))
-        t = Table(title=f"group {group['name']}: {group['state']} ({counts})")
-        for c in ("VM", "CLOUD", "REGION", "STATE", "PRIVATE", "PUBLIC", "OVERLAY"):
-            t.add_column(c, no_wrap=True)
-        for vm in group["vms"]:
-            cells = [vm["name"], vm["details"].get("cloud", ""), vm["region"], vm["state"]]
-            cells += [vm[k] or "-" for k in ("private_ip", "public_ip", "overlay_ip")]
-            t.add_row(*cells)
-        out.print(t)
+        columns = ["VM", "CLOUD", "REGION", "STATE", "PRIVATE", "PUBLIC", "OVERLAY"]
+        rows = [
+            [vm["name"], vm["details"].get("cloud", ""), vm["region"], vm["state"]]
+            + [vm[k] or "-" for k in ("private_ip", "public_ip", "overlay_ip")]
+            for vm in group["vms"]
+        ]
+        title = f"group {group['name']}: {group['state']} ({counts})"
+        out.print(_table(title, columns, rows, drop=("PRIVATE", "REGION")))
         names = [vm["name"] for vm in group["vms"]]
         pairs = {(p["from"], p["to"]): p for p in m["pairs"]}
         grid = Table(title="overlay ping (ms)")

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from cladnet.api_client import SyncClient
 from cladnet.api_client import endpoints as ep
@@ -41,20 +40,21 @@ def _member(text: str) -> dict[str, Any]:
 
 
 def _show(group: dict[str, Any], as_json: bool) -> None:
-    from cladnet.cli import out
+    from cladnet.cli import _table, out
 
     if as_json:
         print(json.dumps(group, indent=2, sort_keys=True))
         return
     counts = ", ".join(f"{n} {s}" for s, n in sorted(group["counts"].items()))
-    t = Table(title=f"group {group['name']}: {group['state']} ({counts or 'no VMs'})")
-    for c in ("VM", "DRIVER", "REGION", "STATE", "PRIVATE", "PUBLIC", "OVERLAY", "ERROR"):
-        t.add_column(c, no_wrap=c != "ERROR")
-    for vm in group["vms"]:
-        cells = [vm["name"], vm["driver"], vm["region"], vm["state"]]
-        cells += [vm[k] or "-" for k in ("private_ip", "public_ip", "overlay_ip")]
-        t.add_row(*cells, vm.get("error") or "")
-    out.print(t)
+    columns = ["VM", "DRIVER", "REGION", "STATE", "PRIVATE", "PUBLIC", "OVERLAY", "ERROR"]
+    rows = [
+        [vm["name"], vm["driver"], vm["region"], vm["state"]]
+        + [vm[k] or "-" for k in ("private_ip", "public_ip", "overlay_ip")]
+        + [vm.get("error") or ""]
+        for vm in group["vms"]
+    ]
+    title = f"group {group['name']}: {group['state']} ({counts or 'no VMs'})"
+    out.print(_table(title, columns, rows, drop=("DRIVER", "PRIVATE", "REGION", "PUBLIC")))
 
 
 def find(api: SyncClient, name: str) -> dict[str, Any] | None:
@@ -109,19 +109,18 @@ def create(
 @group_app.command("list")
 def list_groups(as_json: Json = False) -> None:
     """Groups with their derived state."""
-    from cladnet.cli import out
+    from cladnet.cli import _table, out
 
     groups = _api().call(ep.GROUPS)
     if as_json:
         print(json.dumps(groups, indent=2, sort_keys=True))
         return
-    t = Table(title="groups")
-    for c in ("GROUP", "STATE", "VMS", "NETWORK"):
-        t.add_column(c)
-    for g in groups:
-        counts = ", ".join(f"{n} {s}" for s, n in sorted(g["counts"].items()))
-        t.add_row(g["name"], g["state"], counts, g["network"])
-    out.print(t)
+    rows = [
+        [g["name"], g["state"], ", ".join(f"{n} {s}" for s, n in sorted(g["counts"].items())),
+         g["network"]]
+        for g in groups
+    ]  # fmt: skip
+    out.print(_table("groups", ["GROUP", "STATE", "VMS", "NETWORK"], rows, drop=("NETWORK",)))
 
 
 @group_app.command("show")
