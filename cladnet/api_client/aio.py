@@ -174,10 +174,6 @@ class AsyncClient:
         """I am alive, at these addresses."""
         return await self.call(ep.HEARTBEAT, cast(ep.HeartbeatBody, fields), host_id=host_id)
 
-    async def update_endpoints(self, host_id: str, **fields: Any) -> ep.Json:
-        """Change this host's addresses, port, key or endpoints."""
-        return await self.call(ep.ENDPOINTS, cast(ep.EndpointsBody, fields), host_id=host_id)
-
     async def metrics_credentials(self, host_id: str) -> ep.MetricsCredentials:
         """Where and as whom to publish metrics (a fresh broker password each call)."""
         return await self.call(ep.METRICS_CREDENTIALS, host_id=host_id)
