@@ -20,8 +20,9 @@ import signal
 from collections.abc import Mapping
 from typing import Any
 
-from agent.controller_client import NETWORK_ERRORS, ControllerClient, ControllerError
 from agent.state import Membership, StateDir
+from cladnet.api_client import NETWORK_ERRORS, ApiClientError, AsyncClient
+from cladnet.api_client.endpoints import QueuedCommand
 from cladnet.tasks import cancel_and_wait
 
 log = logging.getLogger("cladnet.agent.commands")
@@ -131,7 +132,7 @@ async def serve(states: StateDir, poll: float = 5.0) -> None:
         if not m.allow_commands:
             log.info("network does not accept commands", extra={"network": m.network["name"]})
             continue
-        client = ControllerClient(m.controller, credential, verify=m.ca_file or True)
+        client = AsyncClient(m.controller, credential, verify=m.ca_file or True)
         runners.append(CommandRunner(client, m.host_id, command_env(m), poll=poll))
     if not runners:
         raise NotOptedIn(
@@ -152,7 +153,7 @@ class CommandRunner:
 
     def __init__(
         self,
-        client: ControllerClient,
+        client: AsyncClient,
         host_id: str,
         env: Mapping[str, str],
         poll: float = 5.0,
@@ -170,7 +171,7 @@ class CommandRunner:
                 delay = self.poll
                 for command in pending:
                     await self.execute(command)
-            except ControllerError as exc:
+            except ApiClientError as exc:
                 # The daemon's watch and heartbeat report the standing, once per change.
                 log.debug("controller refused the command poll", extra={"error": str(exc)})
                 delay = min(delay * 2, self.retry_max)
@@ -179,12 +180,12 @@ class CommandRunner:
                 delay = min(delay * 2, self.retry_max)
             await asyncio.sleep(delay)
 
-    async def execute(self, command: dict[str, Any]) -> None:
+    async def execute(self, command: QueuedCommand) -> None:
         """Claim ``command`` (it may already be taken), run it and report the outcome."""
         command_id = str(command["id"])
         try:
             await self.client.report_command(self.host_id, command_id, {"state": "running"})
-        except ControllerError as exc:
+        except ApiClientError as exc:
             if exc.status in (404, 409):  # started before (a restart) or gone: skip it
                 log.info("command not taken", extra={"id": command_id, "error": exc.code})
                 return
@@ -211,7 +212,7 @@ class CommandRunner:
             try:
                 await self.client.report_command(self.host_id, command_id, report)
                 return
-            except ControllerError as exc:
+            except ApiClientError as exc:
                 log.warning("command result refused", extra={"id": command_id, "error": str(exc)})
                 return
             except NETWORK_ERRORS as exc:

@@ -12,7 +12,6 @@ from typing import Any
 
 from agent import addresses, firewall
 from agent.commands import CommandRunner, command_env
-from agent.controller_client import NETWORK_ERRORS, ControllerClient, ControllerError, WatchGone
 from agent.handshake import HandshakeStarter
 from agent.metrics.exposition import MetricsServer
 from agent.metrics.publisher import Broker
@@ -24,6 +23,7 @@ from agent.state import Membership, StateDir
 from agent.wireguard.backend import WireGuardBackend, WireGuardError
 from cladnet import mesh, paths
 from cladnet import policy as acl
+from cladnet.api_client import NETWORK_ERRORS, ApiClientError, AsyncClient, WatchGone
 from cladnet.tasks import cancel_and_wait
 
 log = logging.getLogger("cladnet.agent")
@@ -103,7 +103,7 @@ class NetworkAgent:
         # sockets are final: after the first apply and after each listen port change.
         self.tune_host = tune_host
         self._device_tuned = False
-        self.client = ControllerClient(
+        self.client = AsyncClient(
             membership.controller, credential, verify=membership.ca_file or True
         )
         self._lock = asyncio.Lock()
@@ -614,7 +614,7 @@ class NetworkAgent:
                 log.info("watch revision compacted, listing again")
                 need_list = True
                 continue
-            except (ControllerError, HostNotListed, *NETWORK_ERRORS) as exc:
+            except (ApiClientError, HostNotListed, *NETWORK_ERRORS) as exc:
                 # Logged once per change of standing by _standing_changed.
                 log.debug("watch failed", extra={"error": repr(exc)})
                 if self.standing.failed("watch", exc) == UNRECOGNISED:
@@ -673,7 +673,7 @@ class NetworkAgent:
                             extra={"observed": reply["observed_address"]},
                         )
                         await self.reconcile(force_endpoints=True)
-                except (ControllerError, *NETWORK_ERRORS) as exc:
+                except (ApiClientError, *NETWORK_ERRORS) as exc:
                     log.debug("heartbeat failed", extra={"error": repr(exc)})
                     self.standing.failed("heartbeat", exc)
                     next_heartbeat = time.monotonic() + backoff.next_delay()
@@ -687,9 +687,9 @@ class NetworkAgent:
         backoff = Backoff(self.timing.backoff_min, self.timing.backoff_max)
         while self.m.metrics is None:
             try:
-                self.m.metrics = await self.client.metrics_credentials(self.m.host_id)
+                self.m.metrics = dict(await self.client.metrics_credentials(self.m.host_id))
                 self._save()
-            except ControllerError as exc:
+            except ApiClientError as exc:
                 if exc.status == 404 and exc.code == "metrics_disabled":
                     self.m.metrics = {}
                 else:  # the watch and heartbeat report the standing

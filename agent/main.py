@@ -24,7 +24,8 @@ from cladnet import mesh
 from cladnet.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
-    from agent.controller_client import ControllerClient
+    from cladnet.api_client import AsyncClient
+    from cladnet.api_client.endpoints import Joined
 
 log = logging.getLogger("cladnet.agent")
 
@@ -140,14 +141,14 @@ def join_token(args: argparse.Namespace) -> str:
 
 
 async def _join_or_rejoin(
-    client: ControllerClient, token: str, states: StateDir, fields: dict[str, Any], new_key: str
-) -> tuple[dict[str, Any], str]:
+    client: AsyncClient, token: str, states: StateDir, fields: dict[str, Any], new_key: str
+) -> tuple[Joined, str]:
     """Join, and the private key joined with. A host that already has state for the
     token's network re-joins as itself with a proof of its saved key (same key, IP and
     name); otherwise ``new_key`` joins as a new host. Safe to retry with the same
     ``new_key``: a join that went through but whose answer was lost is proven, not
     repeated."""
-    from agent.controller_client import ControllerError
+    from cladnet.api_client import ApiClientError
     from cladnet.keys import public_key_of
 
     urls = set(client.urls)
@@ -160,7 +161,7 @@ async def _join_or_rejoin(
                 return result, saved
     try:
         return await client.join(token, public_key=public_key_of(new_key), **fields), new_key
-    except ControllerError as exc:
+    except ApiClientError as exc:
         if exc.code != "key_in_use":
             raise
         # A retried join whose first answer was lost: the host exists, with this very key.
@@ -172,7 +173,7 @@ async def _join_or_rejoin(
 
 async def cmd_join(args: argparse.Namespace) -> int:
     from agent import addresses
-    from agent.controller_client import ControllerClient, fetch_pinned_ca, with_retries
+    from cladnet.api_client import AsyncClient, fetch_pinned_ca, with_retries
     from cladnet.keys import generate_keypair, public_key_of
 
     token = join_token(args)
@@ -185,7 +186,7 @@ async def cmd_join(args: argparse.Namespace) -> int:
             lambda: fetch_pinned_ca(args.controller, args.ca_hash), args.join_timeout, "fetch CA"
         )
         verify = ssl.create_default_context(cadata=ca_pem)
-    client = ControllerClient(args.controller, verify=verify)
+    client = AsyncClient(args.controller, verify=verify)
     try:
         fields: dict[str, Any] = {
             "hostname": args.hostname or socket.gethostname(),
@@ -296,8 +297,8 @@ async def cmd_commands(args: argparse.Namespace) -> int:
 
 
 async def cmd_leave(args: argparse.Namespace) -> int:
-    from agent.controller_client import ControllerClient, ControllerError
     from agent.names import undo
+    from cladnet.api_client import ApiClientError, AsyncClient
 
     states = StateDir(Path(args.state_dir))
     ids = states.network_ids()
@@ -309,12 +310,10 @@ async def cmd_leave(args: argparse.Namespace) -> int:
             raise UsageError(f"not a member of network {args.network!r}")
     for net_id in ids:
         membership, credential, _ = states.load(net_id)
-        client = ControllerClient(
-            membership.controller, credential, verify=membership.ca_file or True
-        )
+        client = AsyncClient(membership.controller, credential, verify=membership.ca_file or True)
         try:
             await client.leave(membership.host_id)
-        except ControllerError as exc:
+        except ApiClientError as exc:
             if exc.status not in (401, 404):  # already gone is fine
                 raise
         finally:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from agent.controller_client import TRANSIENT_STATUS, ControllerError
+from cladnet.api_client import TRANSIENT_STATUS, ApiClientError
 
 OK = "ok"
 # No answer, or "not now" (429, 5xx): the controller restarts or its etcd is away.
@@ -33,7 +33,7 @@ def classify(exc: BaseException) -> str:
     """The standing an error from a call to the controller implies."""
     if isinstance(exc, HostNotListed):
         return UNRECOGNISED
-    if isinstance(exc, ControllerError):
+    if isinstance(exc, ApiClientError):
         if exc.status in (401, 403, 404):
             return UNRECOGNISED
         if exc.status in TRANSIENT_STATUS:

@@ -8,7 +8,7 @@ import signal
 import httpx
 import pytest
 
-from agent.controller_client import ControllerClient
+from cladnet.api_client import AsyncClient
 from cladnet.keys import generate_keypair
 from lab.api import make_network, make_token
 from lab.components import free_port
@@ -20,7 +20,7 @@ async def test_join_and_watch_fail_over_between_controller_replicas(make_control
         make_network(admin, "ha", cidr="10.230.0.0/24")
         token = make_token(admin, "ha")
     dead = f"http://127.0.0.1:{free_port()}"
-    client = ControllerClient(f"{dead},{first.url},{second.url}")
+    client = AsyncClient(f"{dead},{first.url},{second.url}")
     try:
         joined = await client.join(token, hostname="vm1", public_key=generate_keypair()[1])
         assert client.url == first.url  # the dead one was skipped
@@ -42,7 +42,7 @@ async def test_join_and_watch_fail_over_between_controller_replicas(make_control
             await asyncio.wait_for(watching, 30)
         assert client.url == second.url
         # vm2 joins through the other replica; the resumed watch sees it.
-        other = ControllerClient(second.url)
+        other = AsyncClient(second.url)
         await other.join(token, hostname="vm2", public_key=generate_keypair()[1])
         await other.close()
         event = await asyncio.wait_for(first_event(), 30)
@@ -52,11 +52,11 @@ async def test_join_and_watch_fail_over_between_controller_replicas(make_control
 
 
 async def test_a_single_dead_controller_is_a_clear_error() -> None:
-    client = ControllerClient(f"http://127.0.0.1:{free_port()}")
+    client = AsyncClient(f"http://127.0.0.1:{free_port()}")
     try:
         with pytest.raises(httpx.ConnectError):
             await client.heartbeat("h-1")
     finally:
         await client.close()
     with pytest.raises(ValueError, match="no controller"):
-        ControllerClient(" , ")
+        AsyncClient(" , ")

@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from agent.controller_client import (
-    ControllerError,
+from cladnet.api_client import (
+    ApiClientError,
     GaveUp,
     is_transient,
     retry_after,
@@ -64,8 +64,8 @@ def failing(*errors: Exception):  # type: ignore[no-untyped-def]
 
 async def test_transient_failures_are_retried_with_capped_jittered_backoff() -> None:
     t = FakeTime()
-    errors = [httpx.ConnectError("refused")] * 5 + [ControllerError(503, "etcd_unavailable", "")]
-    errors += [httpx.ReadTimeout("slow"), ControllerError(500, "internal", "")]
+    errors = [httpx.ConnectError("refused")] * 5 + [ApiClientError(503, "etcd_unavailable", "")]
+    errors += [httpx.ReadTimeout("slow"), ApiClientError(500, "internal", "")]
     call, calls = failing(*errors)
     result = await with_retries(call, 600, "join", low=1, high=8, sleep=t.sleep, clock=t.clock)
     assert result == "joined" and len(calls) == 9
@@ -77,7 +77,7 @@ async def test_transient_failures_are_retried_with_capped_jittered_backoff() -> 
 
 async def test_retry_after_is_honoured() -> None:
     t = FakeTime()
-    call, _ = failing(ControllerError(429, "rate_limited", "slow down", retry_after=17))
+    call, _ = failing(ApiClientError(429, "rate_limited", "slow down", retry_after=17))
     assert await with_retries(call, 600, "join", low=1, sleep=t.sleep, clock=t.clock) == "joined"
     assert t.sleeps[0] >= 17
 
@@ -85,8 +85,8 @@ async def test_retry_after_is_honoured() -> None:
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 422])
 async def test_other_client_errors_fail_at_once(status: int) -> None:
     t = FakeTime()
-    call, calls = failing(ControllerError(status, "nope", "no"))
-    with pytest.raises(ControllerError):
+    call, calls = failing(ApiClientError(status, "nope", "no"))
+    with pytest.raises(ApiClientError):
         await with_retries(call, 600, "join", sleep=t.sleep, clock=t.clock)
     assert len(calls) == 1 and t.sleeps == []
 
@@ -99,7 +99,7 @@ async def test_gives_up_when_time_is_up() -> None:
     assert t.now <= 60 and sum(t.sleeps) == pytest.approx(t.now)
     # A Retry-After beyond the deadline is not waited for.
     t = FakeTime()
-    call, calls = failing(ControllerError(429, "rate_limited", "", retry_after=3600))
+    call, calls = failing(ApiClientError(429, "rate_limited", "", retry_after=3600))
     with pytest.raises(GaveUp):
         await with_retries(call, 60, "join", sleep=t.sleep, clock=t.clock)
     assert t.sleeps == [] and len(calls) == 1
@@ -108,8 +108,8 @@ async def test_gives_up_when_time_is_up() -> None:
 def test_what_is_transient() -> None:
     assert is_transient(httpx.ConnectError("refused"))
     assert is_transient(httpx.ConnectTimeout("slow"))
-    assert is_transient(ControllerError(429, "rate_limited", ""))
-    assert not is_transient(ControllerError(401, "invalid_token", ""))
+    assert is_transient(ApiClientError(429, "rate_limited", ""))
+    assert not is_transient(ApiClientError(401, "invalid_token", ""))
     assert not is_transient(ValueError("a bug"))
     # A certificate that does not verify now will not verify on a retry either.
     try:

@@ -24,11 +24,11 @@ from typing import Any
 import httpx
 import pytest
 
-from agent.controller_client import ControllerError
 from agent.daemon import NetworkAgent, Timing
 from agent.metrics.reporter import MetricsReporter
 from agent.standing import OK, REFUSED, UNREACHABLE, UNRECOGNISED, Standing, classify
 from agent.state import Membership, StateDir
+from cladnet.api_client import ApiClientError
 from lab.agents import Agent, full_mesh
 from lab.api import make_network, make_token
 from lab.components import Controller, Etcd, free_port, wait_until
@@ -41,14 +41,14 @@ from lab.peers import NETWORK, host
 @pytest.mark.parametrize(
     ("exc", "state"),
     [
-        (ControllerError(401, "unauthorized", "invalid token"), UNRECOGNISED),
-        (ControllerError(404, "network_not_found", "gone"), UNRECOGNISED),
-        (ControllerError(404, "not_found", "wrong URL"), UNRECOGNISED),
-        (ControllerError(403, "forbidden", "not a member"), UNRECOGNISED),
-        (ControllerError(429, "rate_limited", ""), UNREACHABLE),
-        (ControllerError(503, "etcd_unavailable", ""), UNREACHABLE),
-        (ControllerError(500, "internal", ""), UNREACHABLE),
-        (ControllerError(422, "invalid_request", ""), REFUSED),
+        (ApiClientError(401, "unauthorized", "invalid token"), UNRECOGNISED),
+        (ApiClientError(404, "network_not_found", "gone"), UNRECOGNISED),
+        (ApiClientError(404, "not_found", "wrong URL"), UNRECOGNISED),
+        (ApiClientError(403, "forbidden", "not a member"), UNRECOGNISED),
+        (ApiClientError(429, "rate_limited", ""), UNREACHABLE),
+        (ApiClientError(503, "etcd_unavailable", ""), UNREACHABLE),
+        (ApiClientError(500, "internal", ""), UNREACHABLE),
+        (ApiClientError(422, "invalid_request", ""), REFUSED),
         (httpx.ConnectError("refused"), UNREACHABLE),
         (httpx.ReadTimeout("slow"), UNREACHABLE),
     ],
@@ -61,8 +61,8 @@ def test_standing_changes_once_per_change_not_per_retry() -> None:
     changes: list[tuple[str, str]] = []
     s = Standing(lambda old, new, _: changes.append((old, new)), clock=lambda: 5.0)
     for _ in range(10):  # retries in the same state: nothing new to say
-        s.failed("watch", ControllerError(401, "unauthorized", ""))
-    s.failed("heartbeat", ControllerError(404, "host_not_found", ""))
+        s.failed("watch", ApiClientError(401, "unauthorized", ""))
+    s.failed("heartbeat", ApiClientError(404, "host_not_found", ""))
     assert changes == [(OK, UNRECOGNISED)] and s.since == 5.0
     # The worst channel wins: the watch answering again is not enough …
     s.ok("watch")
@@ -173,15 +173,15 @@ def _said(caplog: pytest.LogCaptureFixture, text: str) -> int:
 async def test_ambiguous_answers_keep_everything_and_resume(tmp_path, caplog) -> None:
     caplog.set_level(logging.DEBUG, logger="cladnet.agent")
     unknown = [
-        ControllerError(401, "unauthorized", "invalid token"),  # an empty etcd
-        ControllerError(404, "network_not_found", "network 'n-1' does not exist"),
-        ControllerError(404, "not_found", "Not Found"),  # a wrong URL
+        ApiClientError(401, "unauthorized", "invalid token"),  # an empty etcd
+        ApiClientError(404, "network_not_found", "network 'n-1' does not exist"),
+        ApiClientError(404, "not_found", "Not Found"),  # a wrong URL
         ([host(2)], 3),  # a restored etcd that predates this host
     ]
     controller = FakeController(
         lists=[*unknown, ([host(1), host(2)], 20)],
         watches=[
-            ControllerError(503, "etcd_unavailable", ""),
+            ApiClientError(503, "etcd_unavailable", ""),
             [{"type": "ADDED", "revision": 21, "peer": host(3)}],
         ],
     )

@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from agent.controller_client import ControllerClient
 from cladnet import keys
+from cladnet.api_client import AsyncClient
 from lab.components import ADMIN_TOKEN, Controller
 
 REPO = Path(__file__).resolve().parent.parent
@@ -167,7 +167,7 @@ def test_hosts_peers_and_audit_page_through_one_snapshot(controller: Controller)
 
         # The agent pages through the list and gets every peer at one revision.
         async def agent_list() -> tuple[list[dict], int]:
-            agent = ControllerClient(controller.url, credential=joined[1]["credential"])
+            agent = AsyncClient(controller.url, credential=joined[1]["credential"])
             try:
                 return await agent.list_peers(net["id"], page=2)
             finally:

@@ -138,7 +138,6 @@ def test_status_shows_a_healthy_and_a_broken_pair(
     }
     assert view["domain"] == "mesh.cladnet.internal"
     assert view["names"]["vm1"] == "vm1.mesh.cladnet.internal"
-    assert "NAMES" in cli("status", "mesh")[1]  # the table may wrap the domain
     code, out, _ = cli("resolve", "VM2.mesh.cladnet.internal.")
     assert code == 0 and out.strip() == b["overlay_ip"]
     assert cli("resolve", "nope.mesh.cladnet.internal")[0] == 1  # CliError: one line via main()
@@ -243,7 +242,7 @@ def test_hosts_by_name_with_rounded_rtts_and_clear_errors(
         cli("net", "create", net, "--cidr", cidr)
         tokens[net] = json.loads(cli("token", "create", net, "--json")[1])["token"]
     a, b = (_fake_host(controller, tokens["east"], n) for n in ("demo-1", "demo-2"))
-    _fake_host(controller, tokens["west"], "demo-2")  # the same name in another network
+    twin = _fake_host(controller, tokens["west"], "demo-2")  # the same name elsewhere
     latency = 0.812345678901234
     health = {"demo-2": {"handshake_age_s": 5, "latency_ms": latency}}
     _report(controller, mosquitto, a, "demo-1", health, network="east")
@@ -263,11 +262,68 @@ def test_hosts_by_name_with_rounded_rtts_and_clear_errors(
     ambiguous = _run_cli(tmp_path, controller, "peers", "demo-2")
     assert ambiguous.returncode == 1 and ambiguous.stderr.count("\n") == 1
     assert "several networks (east, west): add --network NAME" in ambiguous.stderr
+    assert f"{b['host_id']} (east), {twin['host_id']} (west)" in ambiguous.stderr  # candidates
     unknown = _run_cli(tmp_path, controller, "peers", "demo-3")
     assert unknown.returncode == 1 and unknown.stderr.count("\n") == 1
     assert "no host named 'demo-3'" in unknown.stderr and "demo-1" in unknown.stderr
     elsewhere = _run_cli(tmp_path, controller, "hosts", "show", "demo-1", "--network", "west")
     assert "no host named 'demo-1' in network west" in elsewhere.stderr
+
+
+def _lines(run: subprocess.CompletedProcess[str]) -> list[str]:
+    assert run.returncode in (0, 3), run.stderr
+    return run.stdout.splitlines()
+
+
+def test_tables_fit_80_columns_and_watch_refreshes(
+    cli, metrics_controller: Controller, mosquitto: Mosquitto, make_collector, tmp_path: Path
+) -> None:
+    controller, collector = metrics_controller, make_collector()
+    _login(cli, controller, collector=collector.url)
+    cli("net", "create", "east", "--cidr", "10.66.0.0/24")
+    token = json.loads(cli("token", "create", "east", "--json")[1])["token"]
+    a = _fake_host(controller, token, "demo-1")
+    labels = {"role": "database-primary", "zone": "eu-west-1a", "team": "payments"}
+    with httpx.Client(base_url=controller.url, timeout=10) as c:
+        body = {"token": token, "hostname": "demo-2", "public_key": generate_keypair()[1],
+                "labels": labels}  # fmt: skip
+        assert c.post("/v1/join", json=body).status_code == 200
+    latency = 1.23456789
+    _report(controller, mosquitto, a, "demo-1", {"demo-2": {"handshake_age_s": 5,
+            "latency_ms": latency}}, network="east")  # fmt: skip
+    with collector.client() as col:
+        wait_until(lambda: "demo-1" in col.get("/v1/networks/east/pairs").json()["hosts"])
+    env = {"CLADNET_COLLECTOR": collector.url}
+
+    # 80 columns: every line fits; the columns read first stay, the caption names the rest.
+    narrow = _lines(_run_cli(tmp_path, controller, "hosts", "list", "east", COLUMNS="80", **env))
+    assert max(len(line) for line in narrow) <= 80
+    header = next(line for line in narrow if "NAME" in line)
+    assert all(c in header for c in ("NAME", "OVERLAY", "SEEN")) and "LABELS" not in header
+    assert any("LABELS" in line and "hidden" in line for line in narrow)
+    wide = _lines(_run_cli(tmp_path, controller, "hosts", "list", "east", COLUMNS="200", **env))
+    assert any("role=database-primary" in line for line in wide)
+    assert not any("hidden" in line for line in wide)
+    for command in (["peers", "demo-1"], ["status", "east"]):
+        lines = _lines(_run_cli(tmp_path, controller, *command, COLUMNS="80", **env))
+        assert lines and max(len(line) for line in lines) <= 80, "\n".join(lines)
+    peers_table = "\n".join(
+        _lines(_run_cli(tmp_path, controller, "peers", "demo-1", COLUMNS="80", **env))
+    )
+    assert "demo-2" in peers_table and "1.2" in peers_table and "1.23" not in peers_table
+
+    # --watch --json: one exact document per refresh, until interrupted.
+    cmd = [sys.executable, "-m", "cladnet.cli", "peers", "demo-1", "--watch", "--interval",
+           "0.2", "--json"]  # fmt: skip
+    environ = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path), "CLADNET_CONTROLLER":
+               controller.url, "CLADNET_TOKEN": ADMIN_TOKEN, **env}  # fmt: skip
+    with subprocess.Popen(cmd, cwd=REPO, env=environ, stdout=subprocess.PIPE, text=True) as w:
+        try:
+            assert w.stdout is not None
+            documents = [json.loads(w.stdout.readline()) for _ in range(2)]
+        finally:
+            w.terminate()
+    assert [[p["latency_ms"] for p in d] for d in documents] == [[latency], [latency]]
 
 
 def test_alarm_rules_need_a_metric_the_collector_knows(

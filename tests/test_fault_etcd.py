@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from agent.controller_client import ControllerClient, ControllerError
+from cladnet.api_client import ApiClientError, AsyncClient
 from cladnet.keys import generate_keypair
 from lab.api import make_network, make_token
 from lab.components import Controller, EtcdCluster, free_port
@@ -41,12 +41,12 @@ async def _join(client: httpx.AsyncClient, token: str, name: str, outcomes: Coun
                 # An earlier try joined but its answer was lost (etcd applied the txn
                 # as the leader died): prove the key and re-join, as the agent does.
                 outcomes["rejoined_with_key_proof"] += 1
-                agent = ControllerClient(str(client.base_url))
+                agent = AsyncClient(str(client.base_url))
                 try:
                     joined = await agent.rejoin(token, private, hostname=name)
                     assert joined is not None, "key_in_use, yet no host has the key"
                     return joined
-                except ControllerError as exc:
+                except ApiClientError as exc:
                     assert exc.status >= 500, exc
                     r = httpx.Response(exc.status, json={"error": exc.code})
                 finally:

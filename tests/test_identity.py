@@ -374,15 +374,15 @@ async def test_a_proof_is_spent_once_even_concurrently_and_a_used_up_token_still
 async def test_an_agent_join_retried_after_a_lost_answer_is_the_same_host(
     admin: httpx.Client, controller: Controller, tmp_path: Path
 ) -> None:
-    from agent.controller_client import ControllerClient
     from agent.main import _join_or_rejoin
     from agent.state import StateDir
+    from cladnet.api_client import AsyncClient
 
     make_network(admin, "prod", cidr="10.69.0.0/24")
     token = make_token(admin, "prod", max_uses=1)
     new_key = generate_keypair()[0]
     fields = {"hostname": "vm", "explicit_hostname": False}
-    client = ControllerClient(controller.url)
+    client = AsyncClient(controller.url)
     try:
         states = StateDir(tmp_path)  # nothing saved: the first answer never arrived
         first, key1 = await _join_or_rejoin(client, token, states, fields, new_key)

@@ -80,10 +80,8 @@ def test_policy_get_set_test_diff_check_and_tag(
     code, out, _ = cli("policy", "check", "prod", "web-1", "db-1", "--port", "5432")
     assert code == 1 and "denied: no rule allows it" in out  # not tagged yet
     assert cli("tag", web, "web")[:2] == (0, "web-1: tags web\n")
-    db = next(
-        h for h in controller.client().get("/v1/networks/prod/hosts").json() if h["name"] == "db-1"
-    )
-    cli("tag", db["id"], "db")
+    # By name too (--network: the one network it is in).
+    assert cli("tag", "db-1", "db", "--network", "prod")[:2] == (0, "db-1: tags db\n")
     code, out, _ = cli("policy", "check", "prod", "web-1", "db-1", "--port", "5432")
     assert code == 0 and "allowed by rule 0" in out
     code, out, _ = cli("policy", "check", "prod", "db-1", "web-1", "--port", "5432")

@@ -20,9 +20,9 @@ import aetcd
 import httpx
 import pytest
 
-from agent.controller_client import ControllerClient, TrustError, fetch_pinned_ca
 from agent.metrics.publisher import Broker
 from agent.metrics.reporter import MetricsReporter
+from cladnet.api_client import AsyncClient, TrustError, fetch_pinned_ca
 from cladnet.keys import ca_hash, generate_keypair
 from controller import tls
 from controller.config import parse_args
@@ -155,7 +155,7 @@ async def _two_replicas(a: Controller, b: Controller) -> None:
         created = admin.post("/v1/networks/ha/tokens", json={}).json()
     urls = f"{a.url},{b.url}"
     pem = await fetch_pinned_ca(urls, created["ca_cert_hash"])
-    client = ControllerClient(urls, verify=ssl.create_default_context(cadata=pem))
+    client = AsyncClient(urls, verify=ssl.create_default_context(cadata=pem))
     try:
         joined = await client.join(
             created["token"], hostname="vm1", public_key=generate_keypair()[1]
@@ -172,9 +172,7 @@ async def _two_replicas(a: Controller, b: Controller) -> None:
     assert await fetch_pinned_ca(urls, created["ca_cert_hash"]) == pem
     # A client that pinned another CA is refused by every replica.
     other = tls.new_ca("someone else's CA")
-    stranger = ControllerClient(
-        b.url, verify=ssl.create_default_context(cadata=other.cert_pem.decode())
-    )
+    stranger = AsyncClient(b.url, verify=ssl.create_default_context(cadata=other.cert_pem.decode()))
     try:
         with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
             await stranger.network(joined["network"]["id"])
@@ -189,7 +187,7 @@ async def test_an_agent_trusts_the_controller_only_with_the_right_hash(
         make_network(admin, "sec", cidr="10.233.0.0/24")
         created = admin.post("/v1/networks/sec/tokens", json={}).json()
     pem = await fetch_pinned_ca(tls_controller.url, created["ca_cert_hash"])
-    client = ControllerClient(tls_controller.url, verify=ssl.create_default_context(cadata=pem))
+    client = AsyncClient(tls_controller.url, verify=ssl.create_default_context(cadata=pem))
     try:
         joined = await client.join(
             created["token"], hostname="vm1", public_key=generate_keypair()[1]

@@ -12,11 +12,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn, cast
 
 try:
     import typer
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 except ModuleNotFoundError as missing:  # an agent-only install: one line, not a traceback
     raise SystemExit(
@@ -25,8 +26,10 @@ except ModuleNotFoundError as missing:  # an agent-only install: one line, not a
     ) from None
 
 from cladnet import __version__, mesh
+from cladnet.api_client import ApiClientError, SyncClient, TrustError, fetch_ca
+from cladnet.api_client import endpoints as ep
 from cladnet.cli import config
-from cladnet.cli.client import Api, CliError, fetch_ca
+from cladnet.cli.api import CliError, connect, one_line
 from cladnet.cli.hosts import find_host
 from cladnet.cli.status import summary, with_health
 from cladnet.dns import domain_of, host_name
@@ -49,6 +52,10 @@ Json = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 InNetwork = Annotated[
     str | None, typer.Option("--network", help="the host's network, when its name is in several")
 ]
+Watch = Annotated[
+    bool, typer.Option("--watch", help="refresh every --interval (with --json: one line each)")
+]
+Interval = Annotated[float, typer.Option(help="seconds between refreshes with --watch")]
 
 
 @app.callback()
@@ -58,14 +65,16 @@ def _global(
     State["context"] = context
 
 
-def controller() -> Api:
+def controller() -> SyncClient:
+    """The current context's controller."""
     ctx = config.resolve(State["context"])
-    return Api(ctx.controller, ctx.token, "controller", ca_pem=ctx.ca_pem)
+    return connect(ctx.controller, ctx.token, "controller", ca_pem=ctx.ca_pem)
 
 
-def collector() -> Api:
+def collector() -> SyncClient:
+    """The current context's collector."""
     ctx = config.resolve(State["context"])
-    return Api(ctx.collector, ctx.token, "collector")
+    return connect(ctx.collector, ctx.token, "collector")
 
 
 def emit(data: Any, as_json: bool, table: Table | None = None) -> None:
@@ -75,18 +84,64 @@ def emit(data: Any, as_json: bool, table: Table | None = None) -> None:
         out.print(table)
 
 
-def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
-    t = Table(title=title)
-    for c in columns:
-        t.add_column(c)
-    for r in rows:
-        t.add_row(*["" if v is None else str(v) for v in r])
+def _table(
+    title: str,
+    columns: list[str],
+    rows: list[list[Any]],
+    drop: tuple[str, ...] = (),
+    styles: list[str] | None = None,
+) -> Table:
+    """A table that fits the terminal: the ``drop`` columns go first, in that order,
+    when the table would be wider (so 80 columns keep what people read first; ``--json``
+    keeps everything), and the caption says which went. ``styles``: one per row."""
+    cells = [["" if v is None else str(v) for v in r] for r in rows]  # plain: widths count
+    keep = list(range(len(columns)))
+
+    def width() -> int:  # rich's default box: a border and 3 characters per column
+        longest = (
+            max(len(line) for r in [columns, *cells] for line in r[i].split("\n")) for i in keep
+        )
+        return 1 + sum(w + 3 for w in longest)
+
+    hidden = []
+    for name in drop:
+        if width() <= out.width:
+            break
+        keep.remove(columns.index(name))
+        hidden.append(name)
+    caption = f"{', '.join(hidden)} hidden at this width (--json has all)" if hidden else None
+    t = Table(title=title, caption=caption)
+    for i in keep:
+        t.add_column(columns[i])
+    for n, r in enumerate(cells):
+        # Escaped: an IPv6 endpoint ("[fd00::1]:51820") is not rich markup.
+        t.add_row(*[escape(r[i]) for i in keep], style=styles[n] if styles else None)
     return t
+
+
+def _watch(render: Any, data: Any, as_json: bool, interval: float) -> NoReturn:
+    """Refresh ``render(data())`` in place every ``interval`` seconds until interrupted;
+    with ``as_json`` one compact JSON document per line instead (for scripts)."""
+    if as_json:
+        while True:
+            print(json.dumps(data(), sort_keys=True), flush=True)
+            time.sleep(interval)
+    from rich.live import Live
+
+    with Live(render(data()), console=out) as live:
+        while True:
+            time.sleep(interval)
+            live.update(render(data()))
 
 
 def _ms(value: float | None) -> str:
     """Milliseconds for people (exact in --json)."""
     return "—" if value is None else f"{value:.1f}"
+
+
+def _num(value: float) -> str:
+    """A measured value for people: 4 significant digits (exact in --json)."""
+    return f"{value:.4g}"
 
 
 def _age(seconds: float | None) -> str:
@@ -126,7 +181,7 @@ def login(
     if not token:
         raise CliError("no token: pass --token-file FILE (or set CLADNET_TOKEN)")
     ca_pem = fetch_ca(url, ca_hash) if ca_hash else None
-    Api(url, token, ca_pem=ca_pem).get("/v1/networks")
+    connect(url, token, ca_pem=ca_pem).call(ep.NETWORKS)
     data = config.load()
     data["contexts"][name] = {
         "controller": url,
@@ -145,8 +200,8 @@ def version(as_json: Json = False) -> None:
     """The CLI's version (and the controller's, if reachable)."""
     info: dict[str, Any] = {"cli": __version__}
     try:
-        info["controller"] = controller().get("/healthz").get("version")
-    except CliError:
+        info["controller"] = controller().call(ep.HEALTH).get("version")
+    except (CliError, ApiClientError):
         info["controller"] = None
     if as_json:
         emit(info, True)
@@ -170,7 +225,9 @@ def net_create(
     """Create a network."""
     body = {"name": name, "cidr": cidr, "expected_hosts": hosts, "mtu": mtu,
             "listen_port": listen_port, "keepalive": keepalive}  # fmt: skip
-    net = controller().call("POST", "/v1/networks", json={k: v for k, v in body.items() if v})
+    net = controller().call(
+        ep.NETWORK_CREATE, cast(ep.NetworkCreateBody, {k: v for k, v in body.items() if v})
+    )
     if as_json:
         emit(net, True)
     else:
@@ -180,7 +237,7 @@ def net_create(
 @net_app.command("list")
 def net_list(as_json: Json = False) -> None:
     """All networks."""
-    nets = controller().get("/v1/networks")
+    nets = controller().call(ep.NETWORKS)
     rows = [[n["name"], n["id"], n["cidr"], n["mtu"], n["listen_port"]] for n in nets]
     emit(nets, as_json, _table("networks", ["NAME", "ID", "CIDR", "MTU", "PORT"], rows))
 
@@ -189,8 +246,8 @@ def net_list(as_json: Json = False) -> None:
 def net_show(network: str, as_json: Json = False) -> None:
     """One network and its hosts."""
     api = controller()
-    net = api.get(f"/v1/networks/{network}")
-    hosts = api.get(f"/v1/networks/{network}/hosts")
+    net = api.call(ep.NETWORK, ref=network)
+    hosts = api.call(ep.NETWORK_HOSTS, ref=network)
     if as_json:
         emit({"network": net, "hosts": hosts}, True)
         return
@@ -205,7 +262,7 @@ def net_delete(
     as_json: Json = False,
 ) -> None:
     """Delete a network."""
-    net = controller().call("DELETE", f"/v1/networks/{network}", params={"force": force})
+    net = controller().call(ep.NETWORK_DELETE, query={"force": force}, ref=network)
     if as_json:
         emit(net, True)
     else:
@@ -218,7 +275,7 @@ def address_spaces(
     as_json: Json = False,
 ) -> None:
     """Free private address space and the recommended prefix."""
-    spaces = controller().get("/v1/address-spaces", hosts=hosts)
+    spaces = controller().call(ep.ADDRESS_SPACES, query={"hosts": hosts})
     rows = [[b["block"], b["free_addresses"], ", ".join(b["free"][:6])] for b in spaces["blocks"]]
     if not as_json:
         out.print(f"recommended for {hosts} hosts: [bold]{spaces['recommended']}[/]")
@@ -236,10 +293,10 @@ def token_create(
     as_json: Json = False,
 ) -> None:
     """A join token (shown once)."""
-    body: dict[str, Any] = {"ttl_seconds": ttl}
+    body: ep.TokenCreateBody = {"ttl_seconds": ttl}
     if max_uses:
         body["max_uses"] = max_uses
-    tok = controller().call("POST", f"/v1/networks/{network}/tokens", json=body)
+    tok = controller().call(ep.TOKEN_CREATE, body, ref=network)
     if as_json:
         emit(tok, True)
         return
@@ -253,7 +310,7 @@ def token_create(
 @token_app.command("list")
 def token_list(network: str, as_json: Json = False) -> None:
     """Join tokens of a network (never their secrets)."""
-    toks = controller().get(f"/v1/networks/{network}/tokens")
+    toks = controller().call(ep.TOKENS, ref=network)
     expires = [time.strftime("%Y-%m-%d %H:%M", time.localtime(t["expires_at"])) for t in toks]
     rows = [
         [t["id"], t["uses"], t.get("max_uses") or "-", e]
@@ -265,7 +322,7 @@ def token_list(network: str, as_json: Json = False) -> None:
 @token_app.command("revoke")
 def token_revoke(network: str, token_id: str) -> None:
     """Revoke a join token."""
-    controller().call("DELETE", f"/v1/networks/{network}/tokens/{token_id}")
+    controller().call(ep.TOKEN_REVOKE, ref=network, token_id=token_id)
     out.print(f"revoked {token_id}")
 
 
@@ -280,13 +337,14 @@ def _print_hosts(hosts: list[dict[str, Any]]) -> None:
          _age(now - h["last_seen"]) if h.get("last_seen") else "never"]
         for h in hosts
     ]  # fmt: skip
-    out.print(_table("hosts", ["NAME", "ID", "OVERLAY", "PUBLIC", "LABELS", "SEEN"], rows))
+    columns = ["NAME", "ID", "OVERLAY", "PUBLIC", "LABELS", "SEEN"]
+    out.print(_table("hosts", columns, rows, drop=("LABELS", "ID", "PUBLIC")))
 
 
 @hosts_app.command("list")
 def hosts_list(network: str, as_json: Json = False) -> None:
     """Hosts of a network."""
-    hosts = controller().get(f"/v1/networks/{network}/hosts")
+    hosts = controller().call(ep.NETWORK_HOSTS, ref=network)
     if as_json:
         emit(hosts, True)
     else:
@@ -306,17 +364,33 @@ def hosts_show(host: str, network: InNetwork = None, as_json: Json = False) -> N
 
 def _hosts_with_health(net: dict[str, Any]) -> list[dict[str, Any]]:
     """A network's hosts (controller: liveness) with their pair health (collector)."""
-    hosts = controller().get(f"/v1/networks/{net['id']}/hosts")
-    health = collector().get(f"/v1/networks/{net['name']}/pairs")["hosts"]
+    hosts = controller().call(ep.NETWORK_HOSTS, ref=net["id"])
+    health = collector().call(ep.PAIRS, name=net["name"])["hosts"]
     return with_health(hosts, health)
 
 
 @app.command()
-def peers(host: str, network: InNetwork = None, as_json: Json = False) -> None:
+def peers(
+    host: str,
+    network: InNetwork = None,
+    watch: Watch = False,
+    interval: Interval = 2.0,
+    as_json: Json = False,
+) -> None:
     """A host's peers (by name or id): handshake age and latency as it reports them (collector)."""
     api = controller()
     found = find_host(api, host, network)
-    net = api.get(f"/v1/networks/{found['network_id']}")
+    net = api.call(ep.NETWORK, ref=found["network_id"])
+    if watch:
+        _watch(
+            lambda data: _peers_table(found, data), lambda: _peers_of(found, net), as_json, interval
+        )
+    data = _peers_of(found, net)
+    emit(data, as_json, _peers_table(found, data))
+
+
+def _peers_of(found: dict[str, Any], net: dict[str, Any]) -> list[dict[str, Any]]:
+    """``found``'s peers as it reports them, with their names, addresses and path."""
     hosts = _hosts_with_health(net)
     others = {h["id"]: h for h in hosts}
     reported = others[found["id"]]["status"]["peers"] if found["id"] in others else []
@@ -329,10 +403,15 @@ def peers(host: str, network: InNetwork = None, as_json: Json = False) -> None:
                      "overlay_ip": other.get("overlay_ip") if other else None,
                      "dns_name": host_name(name, net) if name else None,
                      "path": mesh.choose_path(found, other)[1] if other else None})  # fmt: skip
+    return data
+
+
+def _peers_table(found: dict[str, Any], data: list[dict[str, Any]]) -> Table:
     rows = [[d["dns_name"] or d["name"], d["overlay_ip"], d["endpoint"], d["path"],
              _age(d["handshake_age_s"]), _ms(d["latency_ms"])] for d in data]  # fmt: skip
     columns = ["PEER", "OVERLAY", "PUBLIC", "PATH", "HANDSHAKE", "RTT MS"]
-    emit(data, as_json, _table(f"peers of {found['name']}", columns, rows))
+    drop = ("PUBLIC", "OVERLAY", "PATH")
+    return _table(f"peers of {found['name']}", columns, rows, drop=drop)
 
 
 @app.command()
@@ -340,10 +419,10 @@ def resolve(name: str, as_json: Json = False) -> None:
     """A host's overlay IP from its name (<host>.<network>.<zone>), as the agents answer it."""
     api = controller()
     wanted = name.lower().rstrip(".")
-    for net in api.get("/v1/networks"):
+    for net in api.call(ep.NETWORKS):
         if not wanted.endswith("." + domain_of(net)):
             continue
-        for h in api.get(f"/v1/networks/{net['id']}/hosts"):
+        for h in api.call(ep.NETWORK_HOSTS, ref=net["id"]):
             if host_name(h["name"], net) == wanted:
                 data = {"name": wanted, "overlay_ip": h["overlay_ip"], "host_id": h["id"]}
                 if as_json:
@@ -356,25 +435,25 @@ def resolve(name: str, as_json: Json = False) -> None:
 
 def _status_views(network: str | None) -> list[dict[str, Any]]:
     api = controller()
-    nets = [api.get(f"/v1/networks/{network}")] if network else api.get("/v1/networks")
+    nets = [api.call(ep.NETWORK, ref=network)] if network else api.call(ep.NETWORKS)
     now = time.time()
     return [summary(n, _hosts_with_health(n), now, _policy_of(api, n["id"])) for n in nets]
 
 
-def _policy_of(api: Api, network_id: str) -> Any:
+def _policy_of(api: SyncClient, network_id: str) -> Any:
     """The network's policy, or None from a controller without policies."""
     from cladnet import policy as acl
 
     try:
-        return acl.parse(api.get(f"/v1/networks/{network_id}/policy")["policy"])
-    except CliError:
+        return acl.parse(api.call(ep.POLICY, ref=network_id)["policy"])
+    except ApiClientError:
         return None
 
 
 def _render_status(views: list[dict[str, Any]]) -> Table:
-    t = Table(title="CLADNet status")
-    for c in ("NETWORK", "NAMES", "UP", "DOWN", "BROKEN PAIRS", "WORST PAIRS", "MOVED"):
-        t.add_column(c)
+    """One row per network; at 80 columns the names and moved hosts give way."""
+    columns = ["NETWORK", "NAMES", "UP", "DOWN", "BROKEN", "WORST PAIRS", "MOVED"]
+    rows = []
     for v in views:
         worst = [
             f"{p['from']}→{p['to']} {p['state']} {p['path']}"
@@ -383,33 +462,29 @@ def _render_status(views: list[dict[str, Any]]) -> Table:
             + (f" ({p['policy']})" if p.get("policy") else "")
             for p in v["pairs"][:3]
         ]
-        t.add_row(
-            ("[green]" if v["healthy"] else "[red]") + v["network"],
+        rows.append([
+            v["network"],
             f"<host>.{v['domain']}",
-            str(len(v["hosts_up"])),
+            len(v["hosts_up"]),
             ", ".join(v["hosts_down"]) or "-",
-            str(v["broken_pairs"]),
+            v["broken_pairs"],
             "\n".join(worst) or "-",
             ", ".join(v["endpoint_changed"]) or "-",
-        )
-    return t
+        ])  # fmt: skip
+    styles = ["green" if v["healthy"] else "red" for v in views]
+    return _table("CLADNet status", columns, rows, drop=("NAMES", "MOVED"), styles=styles)
 
 
 @app.command()
 def status(
     network: Annotated[str | None, typer.Argument()] = None,
-    watch: Annotated[bool, typer.Option(help="refresh in place")] = False,
-    interval: float = 2.0,
+    watch: Watch = False,
+    interval: Interval = 2.0,
     as_json: Json = False,
 ) -> None:
     """Is my overlay healthy? Hosts up/down, broken pairs first, moved endpoints."""
-    if watch and not as_json:
-        from rich.live import Live
-
-        with Live(_render_status(_status_views(network)), console=out) as live:
-            while True:
-                time.sleep(interval)
-                live.update(_render_status(_status_views(network)))
+    if watch:
+        _watch(_render_status, lambda: _status_views(network), as_json, interval)
     views = _status_views(network)
     emit(views, as_json, _render_status(views))
     if not all(v["healthy"] for v in views):
@@ -432,7 +507,7 @@ def metrics_top(
     network: Annotated[str | None, typer.Argument()] = None, as_json: Json = False
 ) -> None:
     """Latest CPU, memory and load per host."""
-    data = collector().get("/v1/metrics/latest", network=network)["hosts"]
+    data = collector().call(ep.METRICS_LATEST, query={"network": network})["hosts"]
 
     def pct(value: float | None) -> str | None:
         return None if value is None else f"{100 * value:.1f}"
@@ -446,7 +521,7 @@ def metrics_top(
         for h, d in sorted(data.items())
     ]  # fmt: skip
     columns = ["HOST", "NETWORK", "STATE", "CPU %", "MEM %", "LOAD"]
-    emit(data, as_json, _table("hosts", columns, rows))
+    emit(data, as_json, _table("hosts", columns, rows, drop=("NETWORK",)))
 
 
 @metrics_app.command("show")
@@ -454,9 +529,9 @@ def metrics_show(
     host: str, metric: str, since: str = "10m", step: str = "10s", as_json: Json = False
 ) -> None:
     """One metric of one host over time."""
-    data = collector().get("/v1/series", host=host, metric=metric,
-                           since=_seconds(since), step=_seconds(step))  # fmt: skip
-    rows = [[time.strftime("%H:%M:%S", time.localtime(t)), f"{v:g}"] for t, v in data["points"]]
+    query = {"host": host, "metric": metric, "since": _seconds(since), "step": _seconds(step)}
+    data = collector().call(ep.SERIES, query=query)
+    rows = [[time.strftime("%H:%M:%S", time.localtime(t)), _num(v)] for t, v in data["points"]]
     emit(data, as_json, _table(f"{metric} on {host}", ["TIME", "VALUE"], rows))
 
 
@@ -466,7 +541,7 @@ def metrics_names(
     as_json: Json = False,
 ) -> None:
     """The metric names the collector knows (what alarm rules may use)."""
-    data = collector().get("/v1/metrics/names", network=network)
+    data = collector().call(ep.METRIC_NAMES, query={"network": network})
     if as_json:
         emit(data, True)
     else:
@@ -476,14 +551,14 @@ def metrics_names(
 @alarms_app.command("list")
 def alarms_list(as_json: Json = False) -> None:
     """Rules and the alarms firing now."""
-    data = collector().get("/v1/alarms")
+    data = collector().call(ep.ALARMS)
     if as_json:
         emit(data, True)
         return
     rules = [[r["id"], r["name"], _rule_text(r), f"{r['for_s']:g}s"] for r in data["rules"]]
     out.print(_table("rules", ["ID", "NAME", "RULE", "FOR"], rules))
-    firing = [[a["rule_name"], a["host"], a["series"], f"{a['value']:.4g}"] for a in data["alarms"]]
-    out.print(_table("firing", ["RULE", "HOST", "SERIES", "VALUE"], firing))
+    firing = [[a["rule_name"], a["host"], a["series"], _num(a["value"])] for a in data["alarms"]]
+    out.print(_table("firing", ["RULE", "HOST", "SERIES", "VALUE"], firing, drop=("SERIES",)))
 
 
 def _rule_text(r: dict[str, Any]) -> str:
@@ -506,7 +581,7 @@ def alarms_create(
     ``cladnet alarms create hot cpu_usage_ratio '>' 0.9 --network prod --for 1m``."""
     body = {"name": name, "metric": metric, "op": op, "threshold": threshold, "network": network,
             "host": host, "for_s": _seconds(for_)}  # fmt: skip
-    rule = collector().call("POST", "/v1/alarms", json=body)
+    rule = collector().call(ep.ALARM_CREATE, body)
     if as_json:
         emit(rule, True)
     else:
@@ -516,7 +591,7 @@ def alarms_create(
 @alarms_app.command("delete")
 def alarms_delete(rule_id: str) -> None:
     """Delete an alarm rule."""
-    collector().call("DELETE", f"/v1/alarms/{rule_id}")
+    collector().call(ep.ALARM_DELETE, rule_id=rule_id)
     out.print(f"deleted {rule_id}")
 
 
@@ -536,8 +611,8 @@ def main() -> None:
         code = app(standalone_mode=False)
         if isinstance(code, int) and code:
             sys.exit(code)
-    except CliError as exc:
-        print(f"cladnet: {exc}", file=sys.stderr)
+    except (CliError, ApiClientError, TrustError) as exc:
+        print(f"cladnet: {one_line(exc)}", file=sys.stderr)
         sys.exit(1)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

@@ -25,7 +25,9 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from cladnet.cli.client import Api, CliError
+from cladnet.api_client import ApiClientError, SyncClient
+from cladnet.api_client import endpoints as ep
+from cladnet.cli.api import CliError
 from cladnet.cli.groups import find
 
 demo_app = typer.Typer(
@@ -80,11 +82,11 @@ class Demo:
         ca = self.root / "controller" / "tls" / "ca.crt"
         return ca.read_text() if ca.exists() else None
 
-    def api(self) -> Api:
+    def api(self) -> SyncClient:
         data = self.load()
         if not data.get("controller"):
             raise CliError(f"the demo is not up (nothing in {self.root}); run: cladnet demo up")
-        return Api(data["controller"], data["token"], "controller", ca_pem=self.ca_pem())
+        return SyncClient(data["controller"], data["token"], "controller", ca_pem=self.ca_pem())
 
     def driver(self) -> Any:
         from controller.drivers.local import Driver
@@ -124,7 +126,7 @@ def _wait(check: Any, timeout: float, what: str) -> Any:
     while time.monotonic() < deadline:
         try:
             result = check()
-        except (CliError, OSError):
+        except (CliError, ApiClientError, OSError):
             result = None
         if result:
             return result
@@ -212,7 +214,7 @@ def _services(demo: Demo) -> None:
             # The dashboard's monitoring goes through the controller's proxy.
             "CLADNET_COLLECTOR_TOKEN": secret["admin"]})  # fmt: skip
     # Until the controller has written the CA, the check fails verification: retried.
-    _wait(lambda: demo.api().get("/readyz"), 30, "the controller")
+    _wait(lambda: demo.api().call(ep.READY), 30, "the controller")
 
 
 @demo_app.command("up")
@@ -261,12 +263,12 @@ def up(
         api = demo.api()
         if find(api, GROUP) is None:
             out.print("==> group 'demo': 6 VMs over clouds a, b (both 192.168.1.0/24) and c")
-            api.call("POST", "/v1/groups", json={"name": GROUP, "members": MEMBERS, "keepalive": 5})
-        _wait(lambda: api.get(f"/v1/groups/{GROUP}")["state"] == "Running", timeout, "6 VMs")
+            api.call(ep.GROUP_CREATE, {"name": GROUP, "members": MEMBERS, "keepalive": 5})
+        _wait(lambda: api.call(ep.GROUP, name=GROUP)["state"] == "Running", timeout, "6 VMs")
         _wait(lambda: _matrix(demo)["complete"], timeout, "the full mesh")
         # Agents publish their peers' handshakes with their metrics: wait for them.
         _wait(lambda: _healthy(demo), timeout, "every agent to report its peers")
-    except (CliError, subprocess.CalledProcessError, OSError) as e:
+    except (CliError, ApiClientError, subprocess.CalledProcessError, OSError) as e:
         out.print(f"[red]demo up failed: {e}; cleaning up[/]")
         _down(demo)
         raise CliError(f"demo up failed: {e}") from e
@@ -284,9 +286,9 @@ def _views(demo: Demo) -> list[dict[str, Any]]:
     from cladnet.cli.status import summary, with_health
 
     api, data = demo.api(), demo.load()
-    net = api.get(f"/v1/networks/{GROUP}")
-    health = Api(data["collector"], data["token"], "collector").get(f"/v1/networks/{GROUP}/pairs")
-    hosts = with_health(api.get(f"/v1/networks/{net['id']}/hosts"), health["hosts"])
+    net = api.call(ep.NETWORK, ref=GROUP)
+    health = SyncClient(data["collector"], data["token"], "collector").call(ep.PAIRS, name=GROUP)
+    hosts = with_health(api.call(ep.NETWORK_HOSTS, ref=net["id"]), health["hosts"])
     return [summary(net, hosts, time.time())]
 
 
@@ -312,7 +314,7 @@ def _write_context(demo: Demo) -> None:
 
 def _matrix(demo: Demo) -> dict[str, Any]:
     """Ping every VM's overlay address from every other running VM (in parallel)."""
-    group = demo.api().get(f"/v1/groups/{GROUP}")
+    group = demo.api().call(ep.GROUP, name=GROUP)
     vms = [vm for vm in group["vms"] if vm["state"] == "Running"]
     probes = {}
     for a in vms:
@@ -364,7 +366,7 @@ def env(root: Dir = Path("/var/lib/cladnet-demo")) -> None:
 @demo_app.command("status")
 def status(root: Dir = Path("/var/lib/cladnet-demo"), as_json: Json = False) -> None:
     """Every VM (cloud, region, state, addresses) and every pair's connectivity."""
-    from cladnet.cli import out
+    from cladnet.cli import _table, out
 
     m = _matrix(Demo(root))
     group = m["group"]
@@ -372,14 +374,14 @@ def status(root: Dir = Path("/var/lib/cladnet-demo"), as_json: Json = False) -> 
         print(json.dumps({"group": group, "pairs": m["pairs"]}, indent=2, sort_keys=True))
     else:
         counts = ", ".join(f"{n} {s}" for s, n in sorted(group["counts"].items()))
-        t = Table(title=f"group {group['name']}: {group['state']} ({counts})")
-        for c in ("VM", "CLOUD", "REGION", "STATE", "PRIVATE", "PUBLIC", "OVERLAY"):
-            t.add_column(c, no_wrap=True)
-        for vm in group["vms"]:
-            cells = [vm["name"], vm["details"].get("cloud", ""), vm["region"], vm["state"]]
-            cells += [vm[k] or "-" for k in ("private_ip", "public_ip", "overlay_ip")]
-            t.add_row(*cells)
-        out.print(t)
+        columns = ["VM", "CLOUD", "REGION", "STATE", "PRIVATE", "PUBLIC", "OVERLAY"]
+        rows = [
+            [vm["name"], vm["details"].get("cloud", ""), vm["region"], vm["state"]]
+            + [vm[k] or "-" for k in ("private_ip", "public_ip", "overlay_ip")]
+            for vm in group["vms"]
+        ]
+        title = f"group {group['name']}: {group['state']} ({counts})"
+        out.print(_table(title, columns, rows, drop=("PRIVATE", "REGION")))
         names = [vm["name"] for vm in group["vms"]]
         pairs = {(p["from"], p["to"]): p for p in m["pairs"]}
         grid = Table(title="overlay ping (ms)")
@@ -406,10 +408,11 @@ def _act(root: Path, vm: str, action: str) -> None:
     from cladnet.cli import out
 
     api = Demo(root).api()
-    api.call("POST", f"/v1/groups/{GROUP}/vms/{vm}/actions", json={"action": action})
+    body: ep.ActionBody = {"action": action}
+    api.call(ep.VM_ACTION, body, name=GROUP, vm=vm)
 
     def settled() -> dict[str, Any] | None:
-        record = next(v for v in api.get(f"/v1/groups/{GROUP}")["vms"] if v["name"] == vm)
+        record = next(v for v in api.call(ep.GROUP, name=GROUP)["vms"] if v["name"] == vm)
         return record if record["state"] in ("Running", "Suspended", "Failed") else None
 
     record = _wait(settled, 120, f"{vm} to {action}")
@@ -434,9 +437,9 @@ def _down(demo: Demo) -> None:
         try:
             api = demo.api()
             if find(api, GROUP) is not None:
-                api.call("DELETE", f"/v1/groups/{GROUP}")
+                api.call(ep.GROUP_DELETE, name=GROUP)
                 _wait(lambda: find(api, GROUP) is None, 60, "removal")
-        except CliError:
+        except (CliError, ApiClientError):
             pass  # the controller is gone: the driver's records remove the rest
     for name in ("controller", "collector", "mosquitto", "etcd"):
         pid = data.get("pids", {}).get(name)

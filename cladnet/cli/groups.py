@@ -8,9 +8,10 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
-from cladnet.cli.client import CliError
+from cladnet.api_client import SyncClient
+from cladnet.api_client import endpoints as ep
+from cladnet.cli.api import CliError
 
 group_app = typer.Typer(
     help="Groups of VMs made by the controller's drivers.", no_args_is_help=True
@@ -20,7 +21,7 @@ Wait = Annotated[bool, typer.Option("--wait", help="until no VM is in a transiti
 SETTLED = {"Running", "Suspended", "Terminated", "Failed"}
 
 
-def _api() -> Any:
+def _api() -> SyncClient:
     from cladnet.cli import controller
 
     return controller()
@@ -39,25 +40,26 @@ def _member(text: str) -> dict[str, Any]:
 
 
 def _show(group: dict[str, Any], as_json: bool) -> None:
-    from cladnet.cli import out
+    from cladnet.cli import _table, out
 
     if as_json:
         print(json.dumps(group, indent=2, sort_keys=True))
         return
     counts = ", ".join(f"{n} {s}" for s, n in sorted(group["counts"].items()))
-    t = Table(title=f"group {group['name']}: {group['state']} ({counts or 'no VMs'})")
-    for c in ("VM", "DRIVER", "REGION", "STATE", "PRIVATE", "PUBLIC", "OVERLAY", "ERROR"):
-        t.add_column(c, no_wrap=c != "ERROR")
-    for vm in group["vms"]:
-        cells = [vm["name"], vm["driver"], vm["region"], vm["state"]]
-        cells += [vm[k] or "-" for k in ("private_ip", "public_ip", "overlay_ip")]
-        t.add_row(*cells, vm.get("error") or "")
-    out.print(t)
+    columns = ["VM", "DRIVER", "REGION", "STATE", "PRIVATE", "PUBLIC", "OVERLAY", "ERROR"]
+    rows = [
+        [vm["name"], vm["driver"], vm["region"], vm["state"]]
+        + [vm[k] or "-" for k in ("private_ip", "public_ip", "overlay_ip")]
+        + [vm.get("error") or ""]
+        for vm in group["vms"]
+    ]
+    title = f"group {group['name']}: {group['state']} ({counts or 'no VMs'})"
+    out.print(_table(title, columns, rows, drop=("DRIVER", "PRIVATE", "REGION", "PUBLIC")))
 
 
-def find(api: Any, name: str) -> dict[str, Any] | None:
+def find(api: SyncClient, name: str) -> dict[str, Any] | None:
     """The group called ``name``, or None (a GET of a missing group is an error)."""
-    return next((g for g in api.get("/v1/groups") if g["name"] == name), None)
+    return next((g for g in api.call(ep.GROUPS) if g["name"] == name), None)
 
 
 def _settle(name: str, until_gone: bool = False, timeout: float = 600) -> dict[str, Any] | None:
@@ -100,32 +102,31 @@ def create(
         body["cidr"] = cidr
     if allow_commands:
         body["allow_commands"] = True
-    group = _api().call("POST", "/v1/groups", json=body)
+    group = _api().call(ep.GROUP_CREATE, body)
     _show(_settle(name) if wait else group, as_json)  # type: ignore[arg-type]
 
 
 @group_app.command("list")
 def list_groups(as_json: Json = False) -> None:
     """Groups with their derived state."""
-    from cladnet.cli import out
+    from cladnet.cli import _table, out
 
-    groups = _api().get("/v1/groups")
+    groups = _api().call(ep.GROUPS)
     if as_json:
         print(json.dumps(groups, indent=2, sort_keys=True))
         return
-    t = Table(title="groups")
-    for c in ("GROUP", "STATE", "VMS", "NETWORK"):
-        t.add_column(c)
-    for g in groups:
-        counts = ", ".join(f"{n} {s}" for s, n in sorted(g["counts"].items()))
-        t.add_row(g["name"], g["state"], counts, g["network"])
-    out.print(t)
+    rows = [
+        [g["name"], g["state"], ", ".join(f"{n} {s}" for s, n in sorted(g["counts"].items())),
+         g["network"]]
+        for g in groups
+    ]  # fmt: skip
+    out.print(_table("groups", ["GROUP", "STATE", "VMS", "NETWORK"], rows, drop=("NETWORK",)))
 
 
 @group_app.command("show")
 def show(name: str, as_json: Json = False) -> None:
     """Every VM of a group: state, addresses, the last error."""
-    _show(_api().get(f"/v1/groups/{name}"), as_json)
+    _show(_api().call(ep.GROUP, name=name), as_json)
 
 
 def _action(action: str) -> Callable[..., None]:
@@ -135,8 +136,11 @@ def _action(action: str) -> Callable[..., None]:
         wait: Wait = False,
         as_json: Json = False,
     ) -> None:
-        path = f"/v1/groups/{name}/vms/{vm}/actions" if vm else f"/v1/groups/{name}/actions"
-        group = _api().call("POST", path, json={"action": action})
+        body: ep.ActionBody = {"action": action}
+        if vm:
+            group = _api().call(ep.VM_ACTION, body, name=name, vm=vm)
+        else:
+            group = _api().call(ep.GROUP_ACTION, body, name=name)
         _show(_settle(name) if wait else group, as_json)  # type: ignore[arg-type]
 
     command.__doc__ = f"{action.capitalize()} the group's VMs (or one, --vm) where it applies."
@@ -152,7 +156,7 @@ def delete(name: str, wait: Wait = False) -> None:
     """Terminate every VM, then remove the group and its network."""
     from cladnet.cli import out
 
-    _api().call("DELETE", f"/v1/groups/{name}")
+    _api().call(ep.GROUP_DELETE, name=name)
     if wait:
         _settle(name, until_gone=True)
     out.print(f"group {name} {'deleted' if wait else 'being deleted'}")
@@ -169,15 +173,13 @@ def exec_command(
     from cladnet.cli import out
 
     api = _api()
-    run = api.call(
-        "POST", f"/v1/groups/{name}/commands", json={"command": command, "timeout": timeout}
-    )
+    run = api.call(ep.GROUP_COMMAND, {"command": command, "timeout": timeout}, name=name)
     deadline = time.monotonic() + timeout + 120
     while any(vm["state"] in ("pending", "running") for vm in run["vms"].values()):
         if time.monotonic() > deadline:
             raise CliError(f"command {run['id']} did not finish on every VM")
         time.sleep(1)
-        run = api.get(f"/v1/groups/{name}/commands/{run['id']}")
+        run = api.call(ep.GROUP_COMMAND_RUN, name=name, command_id=run["id"])
     if as_json:
         print(json.dumps(run, indent=2, sort_keys=True))
     else:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-from cladnet.cli.client import Api, CliError
+from cladnet.api_client import ApiClientError, SyncClient
+from cladnet.api_client import endpoints as ep
+from cladnet.cli.api import CliError
 
 
 def pick_host(ref: str, hosts_by_network: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -21,7 +23,11 @@ def pick_host(ref: str, hosts_by_network: dict[str, list[dict[str, Any]]]) -> di
         return found[0][1]
     if found:
         networks = ", ".join(sorted(n for n, _ in found))
-        raise CliError(f"host {ref!r} is in several networks ({networks}): add --network NAME")
+        ids = ", ".join(f"{h['id']} ({n})" for n, h in sorted(found, key=lambda f: f[0]))
+        raise CliError(
+            f"host {ref!r} is in several networks ({networks}): add --network NAME, "
+            f"or name it by id: {ids}"
+        )
     names = sorted({h["name"] for hosts in hosts_by_network.values() for h in hosts})
     close = difflib.get_close_matches(ref, names, n=3, cutoff=0.5)
     where = f" in network {next(iter(hosts_by_network))}" if len(hosts_by_network) == 1 else ""
@@ -29,16 +35,14 @@ def pick_host(ref: str, hosts_by_network: dict[str, list[dict[str, Any]]]) -> di
     raise CliError(f"no host named {ref!r}{where}{hint}")
 
 
-def find_host(api: Api, ref: str, network: str | None = None) -> dict[str, Any]:
+def find_host(api: SyncClient, ref: str, network: str | None = None) -> dict[str, Any]:
     """A host by id or name (within ``network`` when given), as ``GET /v1/hosts/{id}``."""
     if ref.startswith("h-") and network is None:
         try:
-            host: dict[str, Any] = api.get(f"/v1/hosts/{ref}")
-            return host
-        except CliError:
+            return api.call(ep.HOST, host_id=ref)
+        except ApiClientError:
             pass  # not an id after all: a name that looks like one
-    nets = [api.get(f"/v1/networks/{network}")] if network else api.get("/v1/networks")
-    by_network = {n["name"]: api.get(f"/v1/networks/{n['id']}/hosts") for n in nets}
+    nets = [api.call(ep.NETWORK, ref=network)] if network else api.call(ep.NETWORKS)
+    by_network = {n["name"]: api.call(ep.NETWORK_HOSTS, ref=n["id"]) for n in nets}
     picked = pick_host(ref, by_network)
-    full: dict[str, Any] = api.get(f"/v1/hosts/{picked['id']}")
-    return full
+    return api.call(ep.HOST, host_id=picked["id"])

@@ -11,7 +11,9 @@ import typer
 import yaml
 
 from cladnet import policy as acl
-from cladnet.cli.client import CliError
+from cladnet.api_client import SyncClient
+from cladnet.api_client import endpoints as ep
+from cladnet.cli.api import CliError
 
 policy_app = typer.Typer(
     help="A network's access policy (YAML or JSON files).", no_args_is_help=True
@@ -19,7 +21,7 @@ policy_app = typer.Typer(
 Json = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 
 
-def _api() -> Any:
+def _api() -> SyncClient:
     from cladnet.cli import controller
 
     return controller()
@@ -55,7 +57,7 @@ def _header(body: dict[str, Any]) -> str:
 @policy_app.command("get")
 def policy_get(network: str, as_json: Json = False) -> None:
     """Show the policy (a new network's is the explicit allow-all default)."""
-    body = _api().get(f"/v1/networks/{network}/policy")
+    body = _api().call(ep.POLICY, ref=network)
     if as_json:
         print(json.dumps(body, indent=2, sort_keys=True))
     else:
@@ -73,7 +75,7 @@ def policy_set(
 ) -> None:
     """Replace the policy; refused (nothing written) if one of its tests fails."""
     params = {"if_version": if_version} if if_version is not None else {}
-    body = _api().call("PUT", f"/v1/networks/{network}/policy", json=load(file), params=params)
+    body = _api().call(ep.POLICY_PUT, load(file), query=params, ref=network)
     if as_json:
         print(json.dumps(body, indent=2, sort_keys=True))
     else:
@@ -83,7 +85,7 @@ def policy_set(
 @policy_app.command("test")
 def policy_test(network: str, file: Path, as_json: Json = False) -> None:
     """Check a policy file and run its tests against the network's hosts; write nothing."""
-    body = _api().call("POST", f"/v1/networks/{network}/policy/test", json=load(file))
+    body = _api().call(ep.POLICY_TEST, load(file), ref=network)
     if as_json:
         print(json.dumps(body, indent=2, sort_keys=True))
     elif body["passed"]:
@@ -98,7 +100,7 @@ def policy_test(network: str, file: Path, as_json: Json = False) -> None:
 @policy_app.command("diff")
 def policy_diff(network: str, file: Path) -> None:
     """What ``set FILE`` would change (exit 1 if anything)."""
-    current = _api().get(f"/v1/networks/{network}/policy")
+    current = _api().call(ep.POLICY, ref=network)
     wanted = acl.to_doc(acl.parse(load(file)))
     lines = list(
         difflib.unified_diff(
@@ -124,8 +126,8 @@ def policy_check(
 ) -> None:
     """Which rule allows SRC to open a connection to DST, or that none does (exit 1)."""
     api = _api()
-    current = api.get(f"/v1/networks/{network}/policy")
-    hosts = {h["name"]: h for h in api.get(f"/v1/networks/{network}/hosts")}
+    current = api.call(ep.POLICY, ref=network)
+    hosts = {h["name"]: h for h in api.call(ep.NETWORK_HOSTS, ref=network)}
     for name in (src, dst):
         if name not in hosts:
             raise CliError(f"no host {name!r} in {network}")
@@ -151,9 +153,8 @@ def policy_explain(
 ) -> None:
     """Why SRC and DST may or may not talk, each way: the rules that allow it (or the
     default deny), whether they stay peers, and the path each way (the controller says)."""
-    body = _api().get(
-        f"/v1/networks/{network}/policy/explain", src=src, dst=dst, proto=proto, port=port
-    )
+    query = {"src": src, "dst": dst, "proto": proto, "port": port}
+    body = _api().call(ep.POLICY_EXPLAIN, query=query, ref=network)
     if as_json:
         print(json.dumps(body, indent=2, sort_keys=True))
         return
@@ -170,9 +171,17 @@ def policy_explain(
 
 
 def tag(
-    host: Annotated[str, typer.Argument(help="host id")],
+    host: Annotated[str, typer.Argument(help="host name or id")],
     tags: Annotated[list[str] | None, typer.Argument(help="its tags (none: remove all)")] = None,
+    network: Annotated[
+        str | None, typer.Option(help="the host's network, when its name is in several")
+    ] = None,
 ) -> None:
     """Set a host's tags (admins only; a host cannot tag itself). Policies trust tags."""
-    body = _api().call("PUT", f"/v1/hosts/{host}/tags", json={"tags": tags or []})
+    from cladnet.cli.hosts import find_host
+
+    api = _api()
+    found = find_host(api, host, network)
+    wanted: ep.TagsBody = {"tags": tags or []}
+    body = api.call(ep.HOST_TAGS, wanted, host_id=found["id"])
     print(f"{body['name']}: tags {', '.join(body['tags']) or '(none)'}")
