@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -22,6 +22,7 @@ from lab.components import (
     free_port,
 )
 from lab.netns import Lab
+from lab.wgpair import Node, node_pair, wireguard_missing
 from tests.support import need_root
 
 __all__ = ["ADMIN_TOKEN", "Controller", "Etcd"]
@@ -169,3 +170,13 @@ def agents(lab: Lab, tmp_path: Path) -> Iterator[list[Agent]]:
     # exits when its device goes; only its socket file may be left behind.
     for a in made:
         Path(f"/var/run/wireguard/{a.interface}.sock").unlink(missing_ok=True)
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[Node, Node]]:
+    """Two namespaces on a veth pair, a configured wireguard-go device in each."""
+    reason = wireguard_missing()
+    if reason:
+        pytest.skip(reason)
+    async with node_pair() as nodes:
+        yield nodes

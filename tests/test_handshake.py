@@ -15,7 +15,7 @@ import pytest
 from agent.handshake import HandshakeStarter, plan, silent, target
 from cladnet import mesh
 from cladnet.mesh import DeviceState, PeerConfig, PeerState
-from tests.test_wireguard_userspace import Node, pair  # noqa: F401 (a fixture)
+from lab.wgpair import Node
 
 
 def peer(key: str, ip: str = "10.1.0.2/32", endpoint: str | None = "192.0.2.1:51820") -> PeerConfig:
@@ -97,7 +97,7 @@ async def until(check: Callable[[], Awaitable[bool] | bool], what: str, limit: f
 
 @pytest.fixture
 async def starters(
-    pair: tuple[Node, Node],  # noqa: F811
+    pair: tuple[Node, Node],
 ) -> AsyncIterator[tuple[tuple[Node, HandshakeStarter], tuple[Node, HandshakeStarter]]]:
     """The pair ordered by public key (lower first), each with its starter, counters on."""
     low, high = sorted(pair, key=lambda n: n.host["public_key"])

@@ -14,12 +14,6 @@ from cladnet.tuning import BUFFER_BYTES, SETTINGS, raised, to_restore
 from lab.agents import Agent, full_mesh
 from lab.api import make_network, make_token
 from lab.netns import Lab
-from tests import test_agent_mesh
-
-# The real-agent fixtures of the mesh tests (namespaces, controller, agents), by name.
-lab = test_agent_mesh.lab
-mesh_controller = test_agent_mesh.mesh_controller
-agents = test_agent_mesh.agents
 
 
 def test_only_smaller_values_are_raised() -> None:
