@@ -98,8 +98,9 @@ class Netlink:
         """Send one request; its answers (type, payload) until done, acknowledged or the
         single reply. A negative acknowledgement raises ``OSError`` with its errno."""
         self._seq += 1
-        self.sock.send(_HEADER.pack(_HEADER.size + len(body), kind, flags | NLM_F_REQUEST,
-                                    self._seq, 0) + body)  # fmt: skip
+        self.sock.send(
+            _HEADER.pack(_HEADER.size + len(body), kind, flags | NLM_F_REQUEST, self._seq, 0) + body
+        )
         answers: list[tuple[int, bytes]] = []
         while True:
             for mkind, mflags, seq, payload in _messages(self.sock.recv(1 << 16)):
@@ -143,8 +144,9 @@ class Netlink:
     def addresses(self, family: int = socket.AF_INET) -> list[Address]:
         """Every address of ``family`` on every interface."""
         found = []
-        for kind, payload in self.request(RTM_GETADDR, _IFADDR.pack(family, 0, 0, 0, 0),
-                                          flags=NLM_F_DUMP):  # fmt: skip
+        for kind, payload in self.request(
+            RTM_GETADDR, _IFADDR.pack(family, 0, 0, 0, 0), flags=NLM_F_DUMP
+        ):
             if kind != RTM_NEWADDR:
                 continue
             fam, prefixlen, _, scope, index = _IFADDR.unpack_from(payload)
@@ -173,8 +175,9 @@ class Netlink:
     def routes(self, index: int, family: int = socket.AF_INET) -> set[tuple[str | None, int]]:
         """(destination, prefix length) of the main table's routes through ``index``."""
         found = set()
-        for kind, payload in self.request(RTM_GETROUTE, _RTMSG.pack(family, *[0] * 8),
-                                          flags=NLM_F_DUMP):  # fmt: skip
+        for kind, payload in self.request(
+            RTM_GETROUTE, _RTMSG.pack(family, *[0] * 8), flags=NLM_F_DUMP
+        ):
             if kind != RTM_NEWROUTE:
                 continue
             fam, dst_len, _, _, table, *_ = _RTMSG.unpack_from(payload)
@@ -190,8 +193,9 @@ class Netlink:
     def add_route(self, index: int, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> None:
         """A link-scope route to ``network`` through interface ``index`` (main table)."""
         family = socket.AF_INET if network.version == 4 else socket.AF_INET6
-        body = _RTMSG.pack(family, network.prefixlen, 0, 0, MAIN_TABLE, RTPROT_BOOT,
-                           SCOPE_LINK, RTN_UNICAST, 0)  # fmt: skip
+        body = _RTMSG.pack(
+            family, network.prefixlen, 0, 0, MAIN_TABLE, RTPROT_BOOT, SCOPE_LINK, RTN_UNICAST, 0
+        )
         body += _attr(RTA_DST, network.network_address.packed)
         body += _attr(RTA_OIF, struct.pack("=I", index))
         self.request(RTM_NEWROUTE, body, flags=NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL)

@@ -229,8 +229,9 @@ class RelayService:
                     await pair.open(self.bind, ports)
                 except OSError as exc:
                     pair.close()
-                    log.error("cannot open a pair's ports", extra={"ports": ports,
-                              "error": str(exc)})  # fmt: skip
+                    log.error(
+                        "cannot open a pair's ports", extra={"ports": ports, "error": str(exc)}
+                    )
                     continue
                 self.pairs[ports] = pair
                 log.info("pair opened", extra={"hosts": [a_id, b_id], "ports": ports})
@@ -375,9 +376,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=3,
         help="registration lease (seconds): a dead relay's pairs move after it",
     )
-    p.add_argument("--kernel", choices=("auto", "off"), default="auto",
-                   help="forward latched pairs in the kernel (nftables) when root, nft "
-                        "and net.ipv4.ip_forward=1 allow (auto), or always in Python")  # fmt: skip
+    p.add_argument(
+        "--kernel",
+        choices=("auto", "off"),
+        default="auto",
+        help="forward latched pairs in the kernel (nftables) when root, nft "
+        "and net.ipv4.ip_forward=1 allow (auto), or always in Python",
+    )
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
@@ -390,8 +395,12 @@ def main(argv: list[str] | None = None) -> None:
     tls = None
     if args.etcd_ca or "https://" in args.etcd:
         tls = EtcdTls(args.etcd_ca, args.etcd_cert, args.etcd_key)
-    etcd = Etcd(parse_endpoints(args.etcd), user=args.etcd_user,
-                password=os.environ.get("CLADNET_ETCD_PASSWORD"), tls=tls)  # fmt: skip
+    etcd = Etcd(
+        parse_endpoints(args.etcd),
+        user=args.etcd_user,
+        password=os.environ.get("CLADNET_ETCD_PASSWORD"),
+        tls=tls,
+    )
     relay = paths.Relay(args.id, args.address, *args.ports)
     if args.metrics_port is not None:
         start_http_server(args.metrics_port, registry=REGISTRY)

@@ -43,10 +43,12 @@ class NftError(Exception):
 async def nft(*args: str, stdin: str | None = None) -> str:
     """Run ``nft ARGS`` (the ruleset on stdin when given); its stdout, or NftError."""
     proc = await asyncio.create_subprocess_exec(
-        "nft", *args,
+        "nft",
+        *args,
         stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
     if proc.returncode != 0:
         raise NftError(err.decode(errors="replace").strip() or f"nft exited {proc.returncode}")

@@ -95,9 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"{name} ({result.get('seconds', 0)} s): {state}", flush=True)
     if args.out:
-        args.out.write_text(json.dumps(
-            {"machine": machine_facts(), "smoke": args.smoke, "results": results}, indent=1
-        ))  # fmt: skip
+        args.out.write_text(
+            json.dumps(
+                {"machine": machine_facts(), "smoke": args.smoke, "results": results}, indent=1
+            )
+        )
     failed = [r["name"] for r in results if r.get("returncode") or r.get("error")]
     return 1 if failed else 0
 

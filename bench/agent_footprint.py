@@ -210,8 +210,12 @@ class AgentMesh:
         self.tmp, self.python = tmp, python  # the agents' interpreter
         self.lab = Lab()
         etcd_port = free_port()
-        self.etcd = Etcd(url=f"http://127.0.0.1:{etcd_port}", data_dir=tmp / "etcd",
-                         client_port=etcd_port, peer_port=free_port())  # fmt: skip
+        self.etcd = Etcd(
+            url=f"http://127.0.0.1:{etcd_port}",
+            data_dir=tmp / "etcd",
+            client_port=etcd_port,
+            peer_port=free_port(),
+        )
         self.broker = Mosquitto(data_dir=tmp / "mosquitto", port=free_port(), host=self.lab.gateway)
         self.collector = Collector(self.broker, tmp / "collector", free_port())
         self.ctl = Controller(
@@ -219,9 +223,11 @@ class AgentMesh:
             state_dir=tmp / "controller",
             port=free_port(),
             host=self.lab.gateway,
-            extra_env={"CLADNET_MQTT_URL": self.broker.url,
-                       "CLADNET_MQTT_ADMIN_PASSWORD": MQTT_ADMIN_PASSWORD},
-        )  # fmt: skip
+            extra_env={
+                "CLADNET_MQTT_URL": self.broker.url,
+                "CLADNET_MQTT_ADMIN_PASSWORD": MQTT_ADMIN_PASSWORD,
+            },
+        )
         self.hosts = 0
 
     def __enter__(self) -> AgentMesh:
@@ -248,9 +254,15 @@ class AgentMesh:
         for _ in range(peers + 1):
             self.hosts += 1
             ns = self.lab.add_host(self.hosts)
-            a = Agent(self.lab, self.hosts, ns, self.tmp / f"agent{self.hosts}",
-                      f"cl-{self.lab.tag}w{self.hosts}", log_level="info",
-                      python=self.python)  # fmt: skip
+            a = Agent(
+                self.lab,
+                self.hosts,
+                ns,
+                self.tmp / f"agent{self.hosts}",
+                f"cl-{self.lab.tag}w{self.hosts}",
+                log_level="info",
+                python=self.python,
+            )
             agents.append(a)
         try:
             # As deployed: a one-shot join, then `cladnet-agent run` as the service.
@@ -359,12 +371,19 @@ def main() -> None:
                 ]
                 if exporter_binary is not None:
                     port = free_port()
-                    results.append(run(
-                        "node-exporter",
-                        [exporter_binary, f"--web.listen-address=127.0.0.1:{port}",
-                         "--log.level=warn"],
-                        seconds, interval, scrape=f"http://127.0.0.1:{port}/metrics",
-                    ))  # fmt: skip
+                    results.append(
+                        run(
+                            "node-exporter",
+                            [
+                                exporter_binary,
+                                f"--web.listen-address=127.0.0.1:{port}",
+                                "--log.level=warn",
+                            ],
+                            seconds,
+                            interval,
+                            scrape=f"http://127.0.0.1:{port}/metrics",
+                        )
+                    )
                 _ratios(results)
                 by_interval[f"{interval:g}"] = results
     default = {r["variant"]: r for r in by_interval.get("2", next(iter(by_interval.values())))}
@@ -405,8 +424,10 @@ def main() -> None:
             if exporter
             else f" (node_exporter missing: apt-get install {NODE_EXPORTER})"
         )
-        line.append(f"at {interval} s agent with {a['peers']} peers {a['rss_mib']} MiB "
-                    f"{a['cpu_percent']}% CPU{versus}")  # fmt: skip
+        line.append(
+            f"at {interval} s agent with {a['peers']} peers {a['rss_mib']} MiB "
+            f"{a['cpu_percent']}% CPU{versus}"
+        )
     verdict = "met" if target["met"] else "NOT met"
     wheel_agent, wheel_all = sizes["agent"], sizes["all_roles"]
     line.append(

@@ -127,8 +127,14 @@ def _daemon(lab: Lab, ns: str, args: list[str], log_file: Path) -> subprocess.Po
     module docstring: the session decides the scheduling group). ``ip netns exec`` execs,
     so the PID is the daemon's own and we can stop it by PID."""
     with log_file.open("ab") as out:
-        return lab.popen(ns, args, stdin=subprocess.DEVNULL, stdout=out,
-                         stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        return lab.popen(
+            ns,
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def _hand_tunnel(
@@ -148,10 +154,22 @@ def _hand_tunnel(
         key_file = tmp / f"{name}.key"
         key_file.write_text(keys[ns][0])
         key_file.chmod(0o600)
-        lab.run(ns, "wg", "set", name, "listen-port", str(HAND_PORT),
-                "private-key", str(key_file), "peer", keys[other][1],
-                "allowed-ips", f"{tunnel[other]}/32",
-                "endpoint", f"{ends[other]}:{HAND_PORT}")  # fmt: skip
+        lab.run(
+            ns,
+            "wg",
+            "set",
+            name,
+            "listen-port",
+            str(HAND_PORT),
+            "private-key",
+            str(key_file),
+            "peer",
+            keys[other][1],
+            "allowed-ips",
+            f"{tunnel[other]}/32",
+            "endpoint",
+            f"{ends[other]}:{HAND_PORT}",
+        )
         lab.run(ns, "ip", "addr", "add", f"{tunnel[ns]}/24", "dev", name)
         lab.run(ns, "ip", "link", "set", name, "mtu", str(DEFAULT_MTU), "up")
     return _first_ping(lab, a, tunnel[b], started), tunnel[b]
@@ -167,17 +185,40 @@ def _nebula(
         raise RuntimeError("nebula/nebula-cert not installed (Debian package nebula)")
     pki = tmp / "nebula"
     pki.mkdir(mode=0o700)
-    sh("nebula-cert", "ca", "-name", f"cl-{lab.tag}", "-duration", "24h",
-       "-out-crt", str(pki / "ca.crt"), "-out-key", str(pki / "ca.key"))  # fmt: skip
+    sh(
+        "nebula-cert",
+        "ca",
+        "-name",
+        f"cl-{lab.tag}",
+        "-duration",
+        "24h",
+        "-out-crt",
+        str(pki / "ca.crt"),
+        "-out-key",
+        str(pki / "ca.key"),
+    )
     a, b = ends
     address = {a: f"{NEBULA_NET}.1", b: f"{NEBULA_NET}.2"}
     hosts = {a: f"cl-{lab.tag}na", b: f"cl-{lab.tag}nb"}  # also the tun device names
     configs = {}
     for ns, other in ((a, b), (b, a)):
         host = hosts[ns]
-        sh("nebula-cert", "sign", "-ca-crt", str(pki / "ca.crt"), "-ca-key", str(pki / "ca.key"),
-           "-name", host, "-ip", f"{address[ns]}/24",
-           "-out-crt", str(pki / f"{host}.crt"), "-out-key", str(pki / f"{host}.key"))  # fmt: skip
+        sh(
+            "nebula-cert",
+            "sign",
+            "-ca-crt",
+            str(pki / "ca.crt"),
+            "-ca-key",
+            str(pki / "ca.key"),
+            "-name",
+            host,
+            "-ip",
+            f"{address[ns]}/24",
+            "-out-crt",
+            str(pki / f"{host}.crt"),
+            "-out-key",
+            str(pki / f"{host}.key"),
+        )
         anything = [{"port": "any", "proto": "any", "host": "any"}]
         config = {
             "pki": {
@@ -197,8 +238,11 @@ def _nebula(
         configs[ns].write_text(json.dumps(config))  # JSON is YAML
     started = time.monotonic()
     for ns in ends:
-        procs.append(_daemon(lab, ns, ["nebula", "-config", str(configs[ns])],
-                             tmp / f"{configs[ns].stem}.log"))  # fmt: skip
+        procs.append(
+            _daemon(
+                lab, ns, ["nebula", "-config", str(configs[ns])], tmp / f"{configs[ns].stem}.log"
+            )
+        )
     try:
         return _first_ping(lab, a, address[b], started, 20), address[b]
     except TimeoutError as exc:
@@ -212,9 +256,21 @@ def _iperf(lab: Lab, client_ns: str, address: str, streams: int, seconds: int) -
     iperf3 reports a failed run (a server not listening yet, a busy one) as an ``error``
     in its JSON: tried three times, then raised with iperf3's own words."""
     for attempt in range(3):
-        r = lab.run(client_ns, "iperf3", "-c", address, "-p", str(IPERF_PORT), "-t",
-                    str(seconds), "-P", str(streams), "-J", check=False,
-                    timeout=seconds + 30)  # fmt: skip
+        r = lab.run(
+            client_ns,
+            "iperf3",
+            "-c",
+            address,
+            "-p",
+            str(IPERF_PORT),
+            "-t",
+            str(seconds),
+            "-P",
+            str(streams),
+            "-J",
+            check=False,
+            timeout=seconds + 30,
+        )
         result = json.loads(r.stdout or "{}")
         if "error" not in result and "sum_received" in result.get("end", {}):
             return result["end"]["sum_received"]["bits_per_second"] / 1e9
@@ -256,10 +312,12 @@ def _figures(
     seconds apart) show how much of the spread is drift that hit both alike."""
     variants = ("underlay", "overlay", "hand_wireguard_go", "nebula")
     medians = {
-        n: {v: round(statistics.median(gbits[v, n]), 4) if (v, n) in gbits else None
-            for v in variants}
+        n: {
+            v: round(statistics.median(gbits[v, n]), 4) if (v, n) in gbits else None
+            for v in variants
+        }
         for n in STREAMS
-    }  # fmt: skip
+    }
     ratios = {
         n: {
             "overlay_vs_hand": _ratio(m["overlay"], m["hand_wireguard_go"]),
@@ -364,10 +422,13 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="cl-bench-"))
     lab = Lab()
     port = free_port()
-    etcd = Etcd(url=f"http://127.0.0.1:{port}", data_dir=tmp / "etcd", client_port=port,
-                peer_port=free_port())  # fmt: skip
-    ctl = Controller(etcd_url=etcd.url, state_dir=tmp / "ctl", port=free_port(),
-                     host=lab.gateway)  # fmt: skip
+    etcd = Etcd(
+        url=f"http://127.0.0.1:{port}",
+        data_dir=tmp / "etcd",
+        client_port=port,
+        peer_port=free_port(),
+    )
+    ctl = Controller(etcd_url=etcd.url, state_dir=tmp / "ctl", port=free_port(), host=lab.gateway)
     agents: list[Agent] = []
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -415,8 +476,10 @@ def main() -> int:
             _first_ping(lab, b.ns, ips[a.index], started, 60)
             _first_ping(lab, a.ns, ips[b.index], started, 60)
             recover.append(time.monotonic() - started)
-        result["address_change_recovery_s"] = {"median": round(statistics.median(recover), 3),
-                                               "max": round(max(recover), 3)}  # fmt: skip
+        result["address_change_recovery_s"] = {
+            "median": round(statistics.median(recover), 3),
+            "max": round(max(recover), 3),
+        }
 
         ends = {a.ns: lab.address(a.index), b.ns: lab.address(b.index, reps % 2)}
         log("hand-configured wireguard-go and nebula between the same two hosts")
@@ -433,10 +496,18 @@ def main() -> int:
         except (RuntimeError, OSError) as exc:
             result["nebula_unavailable"] = str(exc)
 
-        procs.append(lab.popen(b.ns, ["iperf3", "-s", "-p", str(IPERF_PORT)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
-        _wait("iperf3 server", lambda: bool(
-            lab.run(b.ns, "ss", "-Hltn", f"sport = :{IPERF_PORT}").stdout.strip()))  # fmt: skip
+        procs.append(
+            lab.popen(
+                b.ns,
+                ["iperf3", "-s", "-p", str(IPERF_PORT)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        _wait(
+            "iperf3 server",
+            lambda: bool(lab.run(b.ns, "ss", "-Hltn", f"sport = :{IPERF_PORT}").stdout.strip()),
+        )
         log(f"throughput: {rounds} rounds of {len(targets) - 1} tunnels, then the underlay")
         agent_cpu = sum(cpu_seconds(x.proc.pid) for x in agents if x.proc)
         phase = time.monotonic()

@@ -200,8 +200,18 @@ class Agents:
 
 def make_agent_user(broker: Mosquitto) -> None:
     """One broker user for every simulated agent: publish metrics, read acks."""
-    ctl = ["mosquitto_ctrl", "-h", broker.host, "-p", str(broker.port), "-u", "admin",
-           "-P", MQTT_ADMIN_PASSWORD, "dynsec"]  # fmt: skip
+    ctl = [
+        "mosquitto_ctrl",
+        "-h",
+        broker.host,
+        "-p",
+        str(broker.port),
+        "-u",
+        "admin",
+        "-P",
+        MQTT_ADMIN_PASSWORD,
+        "dynsec",
+    ]
     for cmd in (
         ["createRole", "bench-agents"],
         ["addRoleACL", "bench-agents", "publishClientSend", "cladnet/metrics/#", "allow", "5"],

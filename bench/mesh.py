@@ -117,8 +117,9 @@ def _log(message: str) -> None:
 
 def _socket_in(namespace: str) -> socket.socket:
     """A raw ICMP socket living in ``namespace``, so one loop can ping from every VM."""
-    sock = in_netns(namespace, lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW,
-                                                     socket.IPPROTO_ICMP))  # fmt: skip
+    sock = in_netns(
+        namespace, lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    )
     sock.setblocking(False)
     return sock
 
@@ -279,10 +280,13 @@ def start_cloud(run: Run) -> tuple[Driver, Controller]:
     clouds = {
         name: {"public": f"{inet}.{i + 1}.0/24", "regions": {region: subnet}}
         for i, (name, region, subnet) in enumerate(
-            [("a", "a-west", "192.168.1.0/24"), ("b", "b-east", "192.168.1.0/24"),
-             ("c", "c-north", "10.77.0.0/24")]
+            [
+                ("a", "a-west", "192.168.1.0/24"),
+                ("b", "b-east", "192.168.1.0/24"),
+                ("c", "c-north", "10.77.0.0/24"),
+            ]
         )
-    }  # fmt: skip
+    }
     options = {
         "state_dir": str(run.tmp / "cloud"),
         "clouds": clouds,
@@ -293,8 +297,12 @@ def start_cloud(run: Run) -> tuple[Driver, Controller]:
     (run.tmp / "drivers.json").write_text(json.dumps({"local": options}))
     asyncio.run(driver.prepare())
     port = free_port()
-    run.etcd = Etcd(url=f"http://127.0.0.1:{port}", data_dir=run.tmp / "etcd",
-                    client_port=port, peer_port=free_port())  # fmt: skip
+    run.etcd = Etcd(
+        url=f"http://127.0.0.1:{port}",
+        data_dir=run.tmp / "etcd",
+        client_port=port,
+        peer_port=free_port(),
+    )
     run.etcd.start()
     ctl_port = free_port()
     run.ctl = Controller(
@@ -521,9 +529,12 @@ def resume_change(
     r = admin.post(actions, json={"action": "suspend"})
     if r.status_code != 202:
         raise BenchError(f"suspend {victim}: {r.status_code} {r.text[:200]}")
-    _wait_group(admin, name,
-                lambda g: any(v["name"] == victim and v["state"] == "Suspended" for v in g["vms"]),
-                time.monotonic() + timeout)  # fmt: skip
+    _wait_group(
+        admin,
+        name,
+        lambda g: any(v["name"] == victim and v["state"] == "Suspended" for v in g["vms"]),
+        time.monotonic() + timeout,
+    )
 
     def running(client: httpx.Client) -> bool:
         vm = next(v for v in _group(client, name)["vms"] if v["name"] == victim)
@@ -586,18 +597,35 @@ def hand_mesh(run: Run, n: int, timeout: float) -> dict[str, Any]:
             key_files[i].write_text(keys[i][0])
 
         def bring_up(i: int) -> None:
-            proc = lab.popen(hosts[i], ["wireguard-go", "-f", iface[i]],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+            proc = lab.popen(
+                hosts[i],
+                ["wireguard-go", "-f", iface[i]],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             procs.append(proc)
             run.wireguard.append(proc)
             sock = Path(f"/var/run/wireguard/{iface[i]}.sock")
             wait_until(sock.exists, 10, interval=0.005, what=f"wireguard-go {iface[i]}")
-            args = ["wg", "set", iface[i], "listen-port", str(WG_PORT),
-                    "private-key", str(key_files[i])]  # fmt: skip
+            args = [
+                "wg",
+                "set",
+                iface[i],
+                "listen-port",
+                str(WG_PORT),
+                "private-key",
+                str(key_files[i]),
+            ]
             for j in hosts:
                 if j != i:
-                    args += ["peer", keys[j][1], "allowed-ips", f"{overlay[j]}/32",
-                             "endpoint", f"{lab.address(j)}:{WG_PORT}"]  # fmt: skip
+                    args += [
+                        "peer",
+                        keys[j][1],
+                        "allowed-ips",
+                        f"{overlay[j]}/32",
+                        "endpoint",
+                        f"{lab.address(j)}:{WG_PORT}",
+                    ]
             lab.run(hosts[i], *args)
             lab.run(hosts[i], "ip", "addr", "add", f"{overlay[i]}/24", "dev", iface[i])
             lab.run(hosts[i], "ip", "link", "set", iface[i], "mtu", "1420", "up")
@@ -642,14 +670,26 @@ def pair_handshake(run: Run, trigger: bool, timeout: float = 30) -> float:
             key_file = run.tmp / f"pair-{lab.tag}-{i}.key"
             key_file.touch(mode=0o600)
             key_file.write_text(keys[i][0])
-            proc = lab.popen(hosts[i], ["wireguard-go", "-f", iface[i]],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+            proc = lab.popen(
+                hosts[i],
+                ["wireguard-go", "-f", iface[i]],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             procs.append(proc)
             run.wireguard.append(proc)
             sock = Path(f"/var/run/wireguard/{iface[i]}.sock")
             wait_until(sock.exists, 10, interval=0.005, what=f"wireguard-go {iface[i]}")
-            lab.run(hosts[i], "wg", "set", iface[i], "listen-port", str(WG_PORT),
-                    "private-key", str(key_file))  # fmt: skip
+            lab.run(
+                hosts[i],
+                "wg",
+                "set",
+                iface[i],
+                "listen-port",
+                str(WG_PORT),
+                "private-key",
+                str(key_file),
+            )
             lab.run(hosts[i], "ip", "addr", "add", f"{overlay[i]}/24", "dev", iface[i])
             lab.run(hosts[i], "ip", "link", "set", iface[i], "mtu", "1420", "up")
         backend = {i: UserspaceBackend(netns=hosts[i]) for i in hosts}
@@ -664,8 +704,9 @@ def pair_handshake(run: Run, trigger: bool, timeout: float = 30) -> float:
             }
 
             async def add(i: int, j: int) -> None:
-                peer = PeerConfig(keys[j][1], (f"{overlay[j]}/32",),
-                                  f"{lab.address(j)}:{WG_PORT}", 0)  # fmt: skip
+                peer = PeerConfig(
+                    keys[j][1], (f"{overlay[j]}/32",), f"{lab.address(j)}:{WG_PORT}", 0
+                )
                 await backend[i].apply(iface[i], DeviceChanges(peers_to_add=(peer,)))
                 if trigger:
                     starters[i].peers_added([peer], keys[i][1])

@@ -110,9 +110,24 @@ def _tunnel(
         key_file = tmp / f"{dev}.key"
         key_file.write_text(keys[ns][0])
         key_file.chmod(0o600)
-        lab.run(ns, "wg", "set", dev, "listen-port", str(port), "private-key", str(key_file),
-                "peer", keys[other][1], "allowed-ips", f"{tunnel[other]}/32",
-                "endpoint", endpoints[ns], "persistent-keepalive", "5")  # fmt: skip
+        lab.run(
+            ns,
+            "wg",
+            "set",
+            dev,
+            "listen-port",
+            str(port),
+            "private-key",
+            str(key_file),
+            "peer",
+            keys[other][1],
+            "allowed-ips",
+            f"{tunnel[other]}/32",
+            "endpoint",
+            endpoints[ns],
+            "persistent-keepalive",
+            "5",
+        )
         lab.run(ns, "ip", "addr", "add", f"{tunnel[ns]}/24", "dev", dev)
         lab.run(ns, "ip", "link", "set", dev, "mtu", str(DEFAULT_MTU), "up")
     _first_ping(lab, a, tunnel[b], time.monotonic())
@@ -137,16 +152,32 @@ def throughput(rounds: int, seconds: int) -> dict[str, Any]:
                 relays[variant] = _daemon(lab, r, command, tmp / f"{variant}.log")
                 procs.append(relays[variant])
             targets = {
-                "direct": _tunnel(lab, ends, "d", "10.199.0", 51999,
-                                  {a: f"{ends[b]}:51999", b: f"{ends[a]}:51999"}, tmp, procs),
-            }  # fmt: skip
+                "direct": _tunnel(
+                    lab,
+                    ends,
+                    "d",
+                    "10.199.0",
+                    51999,
+                    {a: f"{ends[b]}:51999", b: f"{ends[a]}:51999"},
+                    tmp,
+                    procs,
+                ),
+            }
             for i, (variant, ports) in enumerate(RELAY_PORTS.items()):
-                targets[variant] = _tunnel(lab, ends, f"r{i}", f"10.19{7 - i}.0", 51998 - i,
-                                           {a: f"{relay_ip}:{ports[0]}",
-                                            b: f"{relay_ip}:{ports[1]}"}, tmp, procs)  # fmt: skip
+                targets[variant] = _tunnel(
+                    lab,
+                    ends,
+                    f"r{i}",
+                    f"10.19{7 - i}.0",
+                    51998 - i,
+                    {a: f"{relay_ip}:{ports[0]}", b: f"{relay_ip}:{ports[1]}"},
+                    tmp,
+                    procs,
+                )
             time.sleep(1.5)  # the kernel relay's next sync installs the latched flow
-            procs.append(_daemon(lab, b, ["iperf3", "-s", "-p", str(IPERF_PORT)],
-                                 tmp / "iperf3.log"))  # fmt: skip
+            procs.append(
+                _daemon(lab, b, ["iperf3", "-s", "-p", str(IPERF_PORT)], tmp / "iperf3.log")
+            )
             time.sleep(0.5)
             gbits: dict[tuple[str, int], list[float]] = {
                 (v, n): [] for v in targets for n in STREAMS
@@ -197,10 +228,15 @@ def failover(rounds: int, tmp: Path) -> list[float]:
 
     net = MultiCloud()
     port = free_port()
-    etcd = Etcd(url=f"http://{net.gateway}:{port}", data_dir=tmp / "etcd", client_port=port,
-                peer_port=free_port())  # fmt: skip
-    ctl = Controller(etcd_url=etcd.url, state_dir=tmp / "controller", port=free_port(),
-                     host=net.gateway)  # fmt: skip
+    etcd = Etcd(
+        url=f"http://{net.gateway}:{port}",
+        data_dir=tmp / "etcd",
+        client_port=port,
+        peer_port=free_port(),
+    )
+    ctl = Controller(
+        etcd_url=etcd.url, state_dir=tmp / "controller", port=free_port(), host=net.gateway
+    )
     agents: list[Agent] = []
     relays: dict[str, Relay] = {}
     times: list[float] = []
@@ -215,14 +251,32 @@ def failover(rounds: int, tmp: Path) -> list[float]:
             net.add_cloud(name, subnet, 11 + n, nat="masquerade fully-random")
         for n, rid in enumerate(("r1", "r2")):
             spots[rid] = (net.add_public_host(f"p{n}", 20 + n), 20 + n)
-            relays[rid] = Relay(net, spots[rid][0], rid, spots[rid][1], etcd.url,
-                                tmp / f"{rid}.log")  # fmt: skip
+            relays[rid] = Relay(
+                net, spots[rid][0], rid, spots[rid][1], etcd.url, tmp / f"{rid}.log"
+            )
         for n, name in enumerate(("a", "b"), start=1):
-            agent = Agent(net, n, net.add_host(name, 1), tmp / f"agent-{name}1",
-                          f"cl-{net.tag}{name}1", log_level="info")  # fmt: skip
-            agent.start("join", "--controller", ctl.url, "--hostname", f"{name}1",
-                        "--interface", agent.interface, "--listen-port", "51820",
-                        "--label", f"site={name}", token=token)  # fmt: skip
+            agent = Agent(
+                net,
+                n,
+                net.add_host(name, 1),
+                tmp / f"agent-{name}1",
+                f"cl-{net.tag}{name}1",
+                log_level="info",
+            )
+            agent.start(
+                "join",
+                "--controller",
+                ctl.url,
+                "--hostname",
+                f"{name}1",
+                "--interface",
+                agent.interface,
+                "--listen-port",
+                "51820",
+                "--label",
+                f"site={name}",
+                token=token,
+            )
             agents.append(agent)
         a1, b1 = agents
         target = b1.overlay_ip(60)
@@ -238,8 +292,9 @@ def failover(rounds: int, tmp: Path) -> list[float]:
             log(f"failover {i + 1}: {times[-1]:.2f} s after {victim.id} was killed")
             if i + 1 < rounds:
                 ns, host_no = spots[victim.id]
-                relays[victim.id] = Relay(net, ns, victim.id, host_no, etcd.url,
-                                          tmp / f"{victim.id}.log")  # fmt: skip
+                relays[victim.id] = Relay(
+                    net, ns, victim.id, host_no, etcd.url, tmp / f"{victim.id}.log"
+                )
                 time.sleep(5)  # registered; the pair may move back to it
                 _ping_until(net, a1.ns, target, time.monotonic(), limit=90)
     finally:

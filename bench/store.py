@@ -328,9 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     print_table(report, args)
     print(json.dumps(report, separators=(",", ":")))
     q = report["queries"]["series 1h step 10s avg (rollups)"]
-    print(f"store: SQLite writes {report['store']['samples_per_s']:,} samples/s "
-          f"(x{report['store']['x_naive']} one-INSERT-per-row), a 1-h series at a 10-s step "
-          f"in {q['median_ms']} ms median")  # fmt: skip
+    print(
+        f"store: SQLite writes {report['store']['samples_per_s']:,} samples/s "
+        f"(x{report['store']['x_naive']} one-INSERT-per-row), a 1-h series at a 10-s step "
+        f"in {q['median_ms']} ms median"
+    )
     return 0
 
 

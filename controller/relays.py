@@ -55,8 +55,9 @@ async def live_relays(etcd: Etcd) -> list[Relay]:
     for kv in await etcd.get_prefix(RELAYS):
         try:
             r = json.loads(kv.value)
-            out.append(Relay(str(r["id"]), str(r["address"]), int(r["port_min"]),
-                             int(r["port_max"])))  # fmt: skip
+            out.append(
+                Relay(str(r["id"]), str(r["address"]), int(r["port_min"]), int(r["port_max"]))
+            )
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring a malformed relay record", extra={"key": kv.key.decode()})
     return out

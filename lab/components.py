@@ -87,8 +87,14 @@ class Etcd:
         tls: list[str] = []
         if self.pki is not None:
             assert self.url.startswith("https://"), "a TLS etcd needs an https:// url"
-            tls = ["--cert-file", str(self.pki.server_cert), "--key-file", str(self.pki.server_key),
-                   "--trusted-ca-file", str(self.pki.ca)]  # fmt: skip
+            tls = [
+                "--cert-file",
+                str(self.pki.server_cert),
+                "--key-file",
+                str(self.pki.server_key),
+                "--trusted-ca-file",
+                str(self.pki.ca),
+            ]
             if self.client_cert_auth:
                 tls.append("--client-cert-auth")
         self.proc = subprocess.Popen(
@@ -152,8 +158,11 @@ class Etcd:
         """Run etcdctl against this etcd (v3 API)."""
         tls: list[str] = []
         if self.pki is not None:
-            tls = [f"--cacert={self.pki.ca}", f"--cert={self.pki.client_cert}",
-                   f"--key={self.pki.client_key}"]  # fmt: skip
+            tls = [
+                f"--cacert={self.pki.ca}",
+                f"--cert={self.pki.client_cert}",
+                f"--key={self.pki.client_key}",
+            ]
         out = subprocess.run(
             ["etcdctl", "--endpoints", self.url, *tls, *args],
             env={**os.environ, "ETCDCTL_API": "3"},
@@ -295,8 +304,10 @@ class Mosquitto:
         conf = conf.replace("/var/lib/mosquitto/", f"{self.data_dir}/")
         if self.tls_port is not None and self.tls_files is not None:
             cert, key, ca = self.tls_files
-            conf += (f"\nlistener {self.tls_port} {self.host}\n"
-                     f"certfile {cert}\nkeyfile {key}\ncafile {ca}\n")  # fmt: skip
+            conf += (
+                f"\nlistener {self.tls_port} {self.host}\n"
+                f"certfile {cert}\nkeyfile {key}\ncafile {ca}\n"
+            )
         if not self.persistence:
             conf = conf.replace("persistence true", "persistence false")
         conf_path = self.data_dir / "mosquitto.conf"
@@ -441,19 +452,37 @@ class EtcdCluster:
         log = self.base_dir / f"{name}.log"
         self.procs[name] = subprocess.Popen(
             [
-                "etcd", "--name", name, "--data-dir", str(data),
-                "--listen-client-urls", f"http://127.0.0.1:{client}",
-                "--advertise-client-urls", f"http://127.0.0.1:{client}",
-                "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-                "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-                "--initial-cluster", initial, "--initial-cluster-state", "new",
-                "--initial-cluster-token", f"cl-{self.base_dir.name}",
-                "--heartbeat-interval", "50", "--election-timeout", "500",
-                "--log-level", "warn", "--logger", "zap",
+                "etcd",
+                "--name",
+                name,
+                "--data-dir",
+                str(data),
+                "--listen-client-urls",
+                f"http://127.0.0.1:{client}",
+                "--advertise-client-urls",
+                f"http://127.0.0.1:{client}",
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{peer}",
+                "--initial-advertise-peer-urls",
+                f"http://127.0.0.1:{peer}",
+                "--initial-cluster",
+                initial,
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                f"cl-{self.base_dir.name}",
+                "--heartbeat-interval",
+                "50",
+                "--election-timeout",
+                "500",
+                "--log-level",
+                "warn",
+                "--logger",
+                "zap",
             ],
             stdout=subprocess.DEVNULL,
             stderr=log.open("ab"),
-        )  # fmt: skip
+        )
 
     def healthy(self, name: str) -> bool:
         client, _ = self.ports[name]
@@ -469,11 +498,20 @@ class EtcdCluster:
             if name not in self.procs or self.procs[name].poll() is not None:
                 continue
             out = subprocess.run(
-                ["etcdctl", "--endpoints", f"http://127.0.0.1:{client}", "endpoint", "status",
-                 "-w", "json"],
-                env={**os.environ, "ETCDCTL_API": "3"}, capture_output=True, text=True,
+                [
+                    "etcdctl",
+                    "--endpoints",
+                    f"http://127.0.0.1:{client}",
+                    "endpoint",
+                    "status",
+                    "-w",
+                    "json",
+                ],
+                env={**os.environ, "ETCDCTL_API": "3"},
+                capture_output=True,
+                text=True,
                 timeout=10,
-            )  # fmt: skip
+            )
             if out.returncode == 0:
                 status = json.loads(out.stdout)[0]["Status"]
                 if status["header"]["member_id"] == status["leader"]:

@@ -47,8 +47,19 @@ class MultiCloud(Namespaces):
         sh("ip", "netns", "add", cloud.router)
         self.namespaces.append(cloud.router)
         outside = f"cl-{self.tag}-w{name}"
-        sh("ip", "link", "add", outside, "type", "veth", "peer", "name", "wan", "netns",
-           cloud.router)  # fmt: skip
+        sh(
+            "ip",
+            "link",
+            "add",
+            outside,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "wan",
+            "netns",
+            cloud.router,
+        )
         self.links.append(outside)
         sh("ip", "link", "set", outside, "master", self.bridge, "up")
         r = cloud.router
@@ -73,12 +84,26 @@ class MultiCloud(Namespaces):
         host = f"cl-{self.tag}-{cloud_name}{index}"
         sh("ip", "netns", "add", host)
         self.namespaces.append(host)
-        sh("ip", "link", "add", "eth0", "netns", host, "type", "veth", "peer", "name",
-           f"h{index}", "netns", cloud.router)  # fmt: skip
+        sh(
+            "ip",
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            host,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            f"h{index}",
+            "netns",
+            cloud.router,
+        )
         self.run(cloud.router, "ip", "link", "set", f"h{index}", "master", "lan", "up")
         self.run(host, "ip", "link", "set", "lo", "up")
-        self.run(host, "ip", "addr", "add", f"{self.host_address(cloud_name, index)}/24", "dev",
-                "eth0")  # fmt: skip
+        self.run(
+            host, "ip", "addr", "add", f"{self.host_address(cloud_name, index)}/24", "dev", "eth0"
+        )
         self.run(host, "ip", "link", "set", "eth0", "up")
         self.run(host, "ip", "route", "add", "default", "via", f"{cloud.subnet}.1")
         cloud.hosts.append(host)

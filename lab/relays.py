@@ -25,11 +25,30 @@ class Relay:
         # Forwarding on: latched pairs are forwarded by the kernel (--kernel auto).
         net.run(ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         # A short lease: a killed relay's pairs move within ~3 s.
-        self.proc = net.popen(ns, [
-            sys.executable, "-m", "agent.relay", "--id", relay_id, "--address", self.address,
-            "--ports", f"{RELAY_PORTS[0]}-{RELAY_PORTS[1]}", "--etcd", etcd_url, "--ttl", "3",
-            "--metrics-port", str(METRICS_PORT), "--log-level", "debug",
-        ], stdout=subprocess.DEVNULL, stderr=log.open("ab"))  # fmt: skip
+        self.proc = net.popen(
+            ns,
+            [
+                sys.executable,
+                "-m",
+                "agent.relay",
+                "--id",
+                relay_id,
+                "--address",
+                self.address,
+                "--ports",
+                f"{RELAY_PORTS[0]}-{RELAY_PORTS[1]}",
+                "--etcd",
+                etcd_url,
+                "--ttl",
+                "3",
+                "--metrics-port",
+                str(METRICS_PORT),
+                "--log-level",
+                "debug",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("ab"),
+        )
 
     def counts(self) -> dict[str, float]:
         """The relay's packet counters by outcome, from its /metrics; ``kernel``: the

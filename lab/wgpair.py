@@ -73,10 +73,17 @@ class Node:
     async def ping(self, address: str, attempts: int = 5) -> bool:
         for _ in range(attempts):
             proc = await asyncio.create_subprocess_exec(
-                "ip", "netns", "exec", self.ns, "ping", "-c1", "-W1", address,
+                "ip",
+                "netns",
+                "exec",
+                self.ns,
+                "ping",
+                "-c1",
+                "-W1",
+                address,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
-            )  # fmt: skip
+            )
             if await proc.wait() == 0:
                 return True
         return False

@@ -32,10 +32,13 @@ def world(tmp_path_factory) -> Iterator[tuple[MultiCloud, Controller, list[Agent
     tmp = tmp_path_factory.mktemp("clouds")
     net = MultiCloud()
     port = free_port()
-    etcd = Etcd(url=f"http://127.0.0.1:{port}", data_dir=tmp / "etcd", client_port=port,
-                peer_port=free_port())  # fmt: skip
-    ctl = Controller(etcd_url="", state_dir=tmp / "controller", port=free_port(),
-                     host=net.gateway)  # fmt: skip
+    etcd = Etcd(
+        url=f"http://127.0.0.1:{port}",
+        data_dir=tmp / "etcd",
+        client_port=port,
+        peer_port=free_port(),
+    )
+    ctl = Controller(etcd_url="", state_dir=tmp / "controller", port=free_port(), host=net.gateway)
     agents: list[Agent] = []
     try:
         etcd.start()
@@ -50,15 +53,29 @@ def world(tmp_path_factory) -> Iterator[tuple[MultiCloud, Controller, list[Agent
             for i in range(1, count + 1):
                 ns = net.add_host(name, i)
                 net.forward(name, port_no, net.host_address(name, i))
-                agent = Agent(net, len(agents) + 1, ns, tmp / f"agent-{name}{i}",
-                              f"cl-{net.tag}{name}{i}")  # fmt: skip
+                agent = Agent(
+                    net, len(agents) + 1, ns, tmp / f"agent-{name}{i}", f"cl-{net.tag}{name}{i}"
+                )
                 # Distinct ports, each forwarded by the cloud's NAT to its host: the
                 # host is reached at <cloud public address>:<its port>.
-                agent.start("join", "--controller", ctl.url,
-                            "--hostname", f"{name}{i}", "--interface", agent.interface,
-                            "--listen-port", str(port_no), "--label", f"cloud={name}",
-                            "--label", "region=r1", "--label", f"vpc={name}-vpc",
-                            token=token)  # fmt: skip
+                agent.start(
+                    "join",
+                    "--controller",
+                    ctl.url,
+                    "--hostname",
+                    f"{name}{i}",
+                    "--interface",
+                    agent.interface,
+                    "--listen-port",
+                    str(port_no),
+                    "--label",
+                    f"cloud={name}",
+                    "--label",
+                    "region=r1",
+                    "--label",
+                    f"vpc={name}-vpc",
+                    token=token,
+                )
                 port_no += 1
                 agents.append(agent)
         yield net, ctl, agents, tmp
@@ -79,9 +96,10 @@ def _full_mesh(net: MultiCloud, agents: list[Agent], timeout: float = 60) -> flo
         for b in agents:
             if a is not b:
                 assert wait_until(
-                    lambda a=a, b=b: net.ping(a.ns, ips[b.index]), timeout,
+                    lambda a=a, b=b: net.ping(a.ns, ips[b.index]),
+                    timeout,
                     what=f"{a.ns} -> {b.ns} over the overlay",
-                ), a.log_text()  # fmt: skip
+                ), a.log_text()
     return time.monotonic() - started
 
 
@@ -159,7 +177,22 @@ def test_controller_outage_keeps_tunnels_and_agents_resync(world) -> None:
     net.forward("a", 51899, net.host_address("a", 3))
     late = Agent(net, len(agents) + 1, ns, tmp / "agent-a3", f"cl-{net.tag}a3")
     agents.append(late)
-    late.start("join", "--controller", ctl.url, "--hostname", "a3",
-               "--interface", late.interface, "--listen-port", "51899", "--label", "cloud=a",
-               "--label", "region=r1", "--label", "vpc=a-vpc", token=token)  # fmt: skip
+    late.start(
+        "join",
+        "--controller",
+        ctl.url,
+        "--hostname",
+        "a3",
+        "--interface",
+        late.interface,
+        "--listen-port",
+        "51899",
+        "--label",
+        "cloud=a",
+        "--label",
+        "region=r1",
+        "--label",
+        "vpc=a-vpc",
+        token=token,
+    )
     _full_mesh(net, agents)

@@ -121,11 +121,25 @@ def test_restart_restores_tunnels_while_controller_is_down(mesh_controller, agen
 def test_join_with_a_bad_token_prints_one_line(mesh_controller, agents, lab) -> None:
     a = agents(1)[0]
     r = subprocess.run(
-        ["ip", "netns", "exec", a.ns, sys.executable, "-m", "agent.main", "join",
-         "--controller", mesh_controller.url, "--state-dir", str(a.state_dir)],
+        [
+            "ip",
+            "netns",
+            "exec",
+            a.ns,
+            sys.executable,
+            "-m",
+            "agent.main",
+            "join",
+            "--controller",
+            mesh_controller.url,
+            "--state-dir",
+            str(a.state_dir),
+        ],
         env={**os.environ, "CLADNET_JOIN_TOKEN": "clj_nope.nope"},
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 1
     assert r.stderr.strip().count("\n") == 0 and "invalid_token" in r.stderr, r.stderr
     assert not (a.state_dir / "networks").exists()

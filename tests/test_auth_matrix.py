@@ -9,9 +9,13 @@ from lab.api import join, make_network, make_token
 from lab.components import ADMIN_TOKEN, Controller
 
 PUBLIC = {
-    ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"), ("GET", "/v1/ca"),
-    ("POST", "/v1/join"), ("POST", "/v1/join/challenge"),
-}  # fmt: skip
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("GET", "/v1/ca"),
+    ("POST", "/v1/join"),
+    ("POST", "/v1/join/challenge"),
+}
 
 # (method, path template) → who may call it: admin, viewer, self (the host itself),
 # member (a host of that network).

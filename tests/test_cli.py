@@ -87,8 +87,9 @@ def test_networks_tokens_and_address_spaces(cli, controller: Controller) -> None
 
 def _fake_host(ctl: Controller, token: str, name: str) -> dict:
     with httpx.Client(base_url=ctl.url, timeout=10) as c:
-        r = c.post("/v1/join", json={"token": token, "hostname": name,
-                                     "public_key": generate_keypair()[1]})  # fmt: skip
+        r = c.post(
+            "/v1/join", json={"token": token, "hostname": name, "public_key": generate_keypair()[1]}
+        )
         assert r.status_code == 200, r.text
         return r.json()
 
@@ -173,8 +174,19 @@ def test_metrics_and_alarms_against_the_collector(
 ) -> None:
     collector = make_collector()
     _login(cli, controller, collector=collector.url)
-    code, out, _ = cli("alarms", "create", "hot", "cpu_usage_ratio", ">", "90", "--network", "prod",
-                       "--for", "1m", "--json")  # fmt: skip
+    code, out, _ = cli(
+        "alarms",
+        "create",
+        "hot",
+        "cpu_usage_ratio",
+        ">",
+        "90",
+        "--network",
+        "prod",
+        "--for",
+        "1m",
+        "--json",
+    )
     assert code == 0, out
     rule = json.loads(out)
     assert rule["for_s"] == 60 and rule["op"] == ">"
@@ -226,8 +238,13 @@ def test_status_logic_without_io() -> None:
 
 def _run_cli(tmp_path: Path, ctl: Controller, *args: str, **extra: str):
     """The installed entry point (``main``), as a user runs it: one line on stderr."""
-    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path), "CLADNET_CONTROLLER": ctl.url,
-           "CLADNET_TOKEN": ADMIN_TOKEN, **extra}  # fmt: skip
+    env = {
+        **os.environ,
+        "XDG_CONFIG_HOME": str(tmp_path),
+        "CLADNET_CONTROLLER": ctl.url,
+        "CLADNET_TOKEN": ADMIN_TOKEN,
+        **extra,
+    }
     command = [sys.executable, "-m", "cladnet.cli", *args]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
 
@@ -285,12 +302,22 @@ def test_tables_fit_80_columns_and_watch_refreshes(
     a = _fake_host(controller, token, "demo-1")
     labels = {"role": "database-primary", "zone": "eu-west-1a", "team": "payments"}
     with httpx.Client(base_url=controller.url, timeout=10) as c:
-        body = {"token": token, "hostname": "demo-2", "public_key": generate_keypair()[1],
-                "labels": labels}  # fmt: skip
+        body = {
+            "token": token,
+            "hostname": "demo-2",
+            "public_key": generate_keypair()[1],
+            "labels": labels,
+        }
         assert c.post("/v1/join", json=body).status_code == 200
     latency = 1.23456789
-    _report(controller, mosquitto, a, "demo-1", {"demo-2": {"handshake_age_s": 5,
-            "latency_ms": latency}}, network="east")  # fmt: skip
+    _report(
+        controller,
+        mosquitto,
+        a,
+        "demo-1",
+        {"demo-2": {"handshake_age_s": 5, "latency_ms": latency}},
+        network="east",
+    )
     with collector.client() as col:
         wait_until(lambda: "demo-1" in col.get("/v1/networks/east/pairs").json()["hosts"])
     env = {"CLADNET_COLLECTOR": collector.url}
@@ -313,10 +340,24 @@ def test_tables_fit_80_columns_and_watch_refreshes(
     assert "demo-2" in peers_table and "1.2" in peers_table and "1.23" not in peers_table
 
     # --watch --json: one exact document per refresh, until interrupted.
-    cmd = [sys.executable, "-m", "cladnet.cli", "peers", "demo-1", "--watch", "--interval",
-           "0.2", "--json"]  # fmt: skip
-    environ = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path), "CLADNET_CONTROLLER":
-               controller.url, "CLADNET_TOKEN": ADMIN_TOKEN, **env}  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "cladnet.cli",
+        "peers",
+        "demo-1",
+        "--watch",
+        "--interval",
+        "0.2",
+        "--json",
+    ]
+    environ = {
+        **os.environ,
+        "XDG_CONFIG_HOME": str(tmp_path),
+        "CLADNET_CONTROLLER": controller.url,
+        "CLADNET_TOKEN": ADMIN_TOKEN,
+        **env,
+    }
     with subprocess.Popen(cmd, cwd=REPO, env=environ, stdout=subprocess.PIPE, text=True) as w:
         try:
             assert w.stdout is not None
@@ -333,25 +374,56 @@ def test_alarm_rules_need_a_metric_the_collector_knows(
     _login(cli, controller, collector=collector.url)
     env = {"CLADNET_COLLECTOR": collector.url}
     # The old help's own example: no metric of that name exists, so it could never fire.
-    bad = _run_cli(tmp_path, controller, "alarms", "create", "hot", "cpu_percent", ">", "90",
-                   "--network", "prod", **env)  # fmt: skip
+    bad = _run_cli(
+        tmp_path,
+        controller,
+        "alarms",
+        "create",
+        "hot",
+        "cpu_percent",
+        ">",
+        "90",
+        "--network",
+        "prod",
+        **env,
+    )
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1
     assert "no metric named 'cpu_percent'" in bad.stderr and "cpu_usage_ratio" in bad.stderr
-    typo = _run_cli(tmp_path, controller, "alarms", "create", "m", "memory_usage_ration", ">",
-                    "0.9", "--network", "prod", **env)  # fmt: skip
+    typo = _run_cli(
+        tmp_path,
+        controller,
+        "alarms",
+        "create",
+        "m",
+        "memory_usage_ration",
+        ">",
+        "0.9",
+        "--network",
+        "prod",
+        **env,
+    )
     assert "did you mean memory_usage_ratio" in typo.stderr
     assert json.loads(cli("alarms", "list", "--json")[1])["rules"] == []
     # The help's example is a real metric, and it is accepted.
     help_text = _run_cli(tmp_path, controller, "alarms", "create", "--help").stdout
     assert "cpu_percent" not in help_text and "cpu_usage_ratio" in help_text
-    code, out, _ = cli("alarms", "create", "hot", "cpu_usage_ratio", ">", "0.9",
-                       "--network", "prod", "--json")  # fmt: skip
+    code, out, _ = cli(
+        "alarms", "create", "hot", "cpu_usage_ratio", ">", "0.9", "--network", "prod", "--json"
+    )
     assert code == 0, out
     code, out, _ = cli("metrics", "names", "--json")
     assert "cpu_usage_ratio" in json.loads(out)["names"]
     with collector.client() as c:
-        r = c.post("/v1/alarms", json={"name": "x", "metric": "nope_total", "network": "prod",
-                                       "op": ">", "threshold": 1})  # fmt: skip
+        r = c.post(
+            "/v1/alarms",
+            json={
+                "name": "x",
+                "metric": "nope_total",
+                "network": "prod",
+                "op": ">",
+                "threshold": 1,
+            },
+        )
     assert r.status_code == 400 and r.json()["error"] == "unknown_metric"
 
 

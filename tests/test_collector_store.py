@@ -220,14 +220,17 @@ async def test_labels_select_exactly_one_series(store: MetricsStore) -> None:
     await put(
         store,
         [sample("vm1", "cpu_percent", T0 + i, 40.0) for i in range(3)]
-        + [sample("vm1", "cpu_percent", T0 + i, 10.0 * (c + 1), core=str(c)) for i in range(3)
-           for c in range(2)]
+        + [
+            sample("vm1", "cpu_percent", T0 + i, 10.0 * (c + 1), core=str(c))
+            for i in range(3)
+            for c in range(2)
+        ]
         + [sample("vm1", "disk_percent", T0 + i, 30.0, mount="/") for i in range(3)]
         + [sample("vm1", "disk_percent", T0 + i, 80.0, mount="/data") for i in range(3)]
         + [sample("vm1", "peer_rtt_ms", T0 + i, 0.5, peer="vm2") for i in range(3)]
         + [sample("vm1", "peer_rtt_ms", T0 + i, 9.0, peer="vm2", path="relay") for i in range(3)]
-        + [sample("vm1", "swap_percent", T0 + i, 3.0, zone="a") for i in range(3)]
-    )  # fmt: skip
+        + [sample("vm1", "swap_percent", T0 + i, 3.0, zone="a") for i in range(3)],
+    )
 
     async def one(name: str, labels: dict[str, str] | None) -> list[float]:
         return values(await store.series("vm1", name, labels, T0, T0 + 9, 10, "avg"))

@@ -161,8 +161,12 @@ def test_the_commands_process_runs_only_opted_in_networks(make_controller, tmp_p
     refused = _state_dir(ctl, tmp_path / "refused", host, "ops-1", allow=False)
     r = subprocess.run(
         _agent("commands", "--state-dir", str(refused.root)),
-        capture_output=True, text=True, timeout=60, env=env, cwd=REPO,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=REPO,
+    )
     assert r.returncode == 2, r.stderr
     assert "accepts remote commands" in r.stderr and "--allow-commands" in r.stderr
 
@@ -170,8 +174,11 @@ def test_the_commands_process_runs_only_opted_in_networks(make_controller, tmp_p
     log = (tmp_path / "runner.log").open("w")
     proc = subprocess.Popen(
         _agent("commands", "--state-dir", str(states.root)),
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-    )  # fmt: skip
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=REPO,
+    )
     try:
         with ctl.client() as admin:
 

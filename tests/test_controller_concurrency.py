@@ -136,18 +136,24 @@ async def test_an_address_freed_through_another_controller_is_used_when_the_netw
         token = make_token(admin, "tiny")
     with one.client(token=None) as c1:
         joined = [
-            c1.post("/v1/join", json={"token": token, "hostname": f"vm-{i}",
-                                      "public_key": generate_keypair()[1]}).json()
+            c1.post(
+                "/v1/join",
+                json={"token": token, "hostname": f"vm-{i}", "public_key": generate_keypair()[1]},
+            ).json()
             for i in range(6)
-        ]  # fmt: skip
+        ]
         assert all("overlay_ip" in j for j in joined), joined
         with two.client(token=joined[2]["credential"]) as leaver:
             r = leaver.delete(f"/v1/hosts/{joined[2]['host_id']}")
             assert r.status_code in (200, 204), r.text
-        again = c1.post("/v1/join", json={"token": token, "hostname": "vm-new",
-                                          "public_key": generate_keypair()[1]})  # fmt: skip
+        again = c1.post(
+            "/v1/join",
+            json={"token": token, "hostname": "vm-new", "public_key": generate_keypair()[1]},
+        )
         assert again.status_code == 200, again.text
         assert again.json()["overlay_ip"] == joined[2]["overlay_ip"]
-        full = c1.post("/v1/join", json={"token": token, "hostname": "vm-more",
-                                         "public_key": generate_keypair()[1]})  # fmt: skip
+        full = c1.post(
+            "/v1/join",
+            json={"token": token, "hostname": "vm-more", "public_key": generate_keypair()[1]},
+        )
         assert full.status_code == 409 and full.json()["error"] == "network_full"

@@ -100,9 +100,15 @@ def _seed(ctl: Controller, broker: Mosquitto) -> dict[str, dict]:
     hosts = {}
     for name, cloud in (("vm1", "aws"), ("vm2", "aws"), ("vm3", "gcp")):
         with httpx.Client(base_url=ctl.url, timeout=10) as c:
-            hosts[name] = c.post("/v1/join", json={
-                "token": token, "hostname": name, "public_key": generate_keypair()[1],
-                "labels": {"cloud": cloud, "region": "r1"}}).json()  # fmt: skip
+            hosts[name] = c.post(
+                "/v1/join",
+                json={
+                    "token": token,
+                    "hostname": name,
+                    "public_key": generate_keypair()[1],
+                    "labels": {"cloud": cloud, "region": "r1"},
+                },
+            ).json()
     ok = {"handshake_age_s": 4, "latency_ms": 1.5}
     reports = {
         "vm1": {"vm2": ok, "vm3": {"handshake_age_s": 400}},
@@ -127,8 +133,13 @@ def test_the_dashboard_draws_the_mesh_a_broken_pair_and_charts(
     controller, broker, collector = dashboard
     hosts = _seed(controller, broker)
     with collector.client() as c:  # fires on vm3's cpu (0.3 in its last batch)
-        rule = {"name": "hot", "metric": "cpu_usage_ratio", "network": "web", "op": ">",
-                "threshold": 0.05}  # fmt: skip
+        rule = {
+            "name": "hot",
+            "metric": "cpu_usage_ratio",
+            "network": "web",
+            "op": ">",
+            "threshold": 0.05,
+        }
         c.post("/v1/alarms", json=rule).raise_for_status()
     _publish_metrics(controller, broker, hosts["vm3"])
     # A one-way rule: vm1 may open connections to vm2, not the other way; vm3 is cut off.
@@ -151,8 +162,10 @@ def test_the_dashboard_draws_the_mesh_a_broken_pair_and_charts(
     browser.get_log("browser")  # drained: the wrong token's 401 was meant to be logged
     names = {c.get_attribute("data-host") for c in browser.find_elements(By.CSS_SELECTOR, "circle")}
     assert names == {"vm1", "vm2", "vm3"}
-    assert all(c.get_attribute("data-up") == "true"
-               for c in browser.find_elements(By.CSS_SELECTOR, "circle"))  # fmt: skip
+    assert all(
+        c.get_attribute("data-up") == "true"
+        for c in browser.find_elements(By.CSS_SELECTOR, "circle")
+    )
     states = {
         e.get_attribute("data-pair"): e.get_attribute("data-state")
         for e in browser.find_elements(By.CSS_SELECTOR, "line[data-pair]")

@@ -50,14 +50,22 @@ def _gone(pid: int) -> bool:
 @pytest.fixture
 def demo_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     need_root()
-    ports = (demo.ETCD_PORT, demo.MQTT_PORT, demo.MQTT_ADMIN_PORT, demo.COLLECTOR_PORT,
-             demo.CONTROLLER_PORT)  # fmt: skip
+    ports = (
+        demo.ETCD_PORT,
+        demo.MQTT_PORT,
+        demo.MQTT_ADMIN_PORT,
+        demo.COLLECTOR_PORT,
+        demo.CONTROLLER_PORT,
+    )
     for port in ports:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 pytest.skip(f"port {port} is in use (a demo running?): the demo's ports are fixed")
-    env = {**os.environ, "CLADNET_DEMO_DIR": str(tmp_path / "demo"),
-           "XDG_CONFIG_HOME": str(tmp_path / "config")}  # fmt: skip
+    env = {
+        **os.environ,
+        "CLADNET_DEMO_DIR": str(tmp_path / "demo"),
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+    }
     try:
         yield env
     finally:
@@ -110,8 +118,12 @@ def test_demo_up_status_suspend_resume_down(demo_env: dict[str, str], tmp_path: 
     venv = Path(sys.executable).parent
     walk = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", script.replace(".venv/bin/", f"{venv}/")],
-        cwd=REPO, env=demo_env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=REPO,
+        env=demo_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert walk.returncode == 0, walk.stdout[-3000:] + walk.stderr[-3000:]
     assert "vm1 10." in walk.stdout and "prod" in walk.stdout  # the joined host, the network
 

@@ -203,10 +203,15 @@ def test_init_dynsec_file_is_private(tmp_path: Path) -> None:
         pytest.skip("mosquitto_ctrl missing (Debian: mosquitto-clients)")
     dynsec = tmp_path / "dynamic-security.json"
     r = run(
-        ["bash", "-c", 'umask 022 && exec "$0" init "$1"', DEPLOY / "mosquitto/init-dynsec.sh",
-         str(dynsec)],
+        [
+            "bash",
+            "-c",
+            'umask 022 && exec "$0" init "$1"',
+            DEPLOY / "mosquitto/init-dynsec.sh",
+            str(dynsec),
+        ],
         env={**os.environ, "CLADNET_MQTT_ADMIN_PASSWORD": MQTT_ADMIN_PASSWORD},
-    )  # fmt: skip
+    )
     assert r.returncode == 0, output(r)
     assert dynsec.stat().st_mode & 0o777 == 0o600
 
@@ -231,8 +236,13 @@ def test_compose_validates() -> None:
     assert r.returncode == 0 and not r.stderr.strip(), output(r)
     services = yaml.safe_load(r.stdout)["services"]
     assert set(services) == {
-        "etcd", "mosquitto", "mosquitto-init", "victoria-metrics", "controller", "collector"
-    }  # fmt: skip
+        "etcd",
+        "mosquitto",
+        "mosquitto-init",
+        "victoria-metrics",
+        "controller",
+        "collector",
+    }
     assert services["collector"]["environment"]["CLADNET_STORE"] == (
         "victoria:http://victoria-metrics:8428"
     )
@@ -266,8 +276,9 @@ def test_compose_broker_scripts(tmp_path: Path) -> None:
     }
     sh = [busybox, "sh"]
     log = (tmp_path / "mosquitto.log").open("w")
-    broker = subprocess.Popen([*sh, str(COMPOSE / "mosquitto-start.sh")], env=env, stdout=log,
-                              stderr=subprocess.STDOUT)  # fmt: skip
+    broker = subprocess.Popen(
+        [*sh, str(COMPOSE / "mosquitto-start.sh")], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     try:
         import socket
 
@@ -284,10 +295,24 @@ def test_compose_broker_scripts(tmp_path: Path) -> None:
 
         def subscribe(topic: str) -> subprocess.CompletedProcess[str]:
             return run(
-                ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-V", "5", "-E",
-                 "-u", "cladnet-collector", "-P", MQTT_COLLECTOR_PASSWORD, "-t", topic],
+                [
+                    "mosquitto_sub",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(port),
+                    "-V",
+                    "5",
+                    "-E",
+                    "-u",
+                    "cladnet-collector",
+                    "-P",
+                    MQTT_COLLECTOR_PASSWORD,
+                    "-t",
+                    topic,
+                ],
                 timeout=20,
-            )  # fmt: skip
+            )
 
         ok = subscribe("$share/collectors/cladnet/metrics/#")
         assert ok.returncode == 0 and "denied" not in ok.stderr, output(ok)

@@ -56,9 +56,18 @@ def netns_hosts(lab: Lab) -> Iterator[Callable[[str], Path]]:
 def dig(lab: Lab, ns: str, server: str, name: str, *opts: str) -> tuple[str, list[str]]:
     """(status, answers) of one query from namespace ``ns`` to ``server``."""
     r = lab.run(
-        ns, "dig", f"@{server}", "+tries=1", "+time=2", "+noall", "+comments", "+answer",
-        *opts, name, check=False,
-    )  # fmt: skip
+        ns,
+        "dig",
+        f"@{server}",
+        "+tries=1",
+        "+time=2",
+        "+noall",
+        "+comments",
+        "+answer",
+        *opts,
+        name,
+        check=False,
+    )
     status = next(
         (
             line.split("status: ")[1].split(",")[0]
@@ -138,10 +147,17 @@ def test_agents_answer_names_that_follow_joins_and_leaves(
 
     status = json.loads(
         lab.run(
-            vm1.ns, sys.executable, "-m", "agent.main", "status", "--state-dir",
-            str(vm1.state_dir), "--backend", "userspace",
+            vm1.ns,
+            sys.executable,
+            "-m",
+            "agent.main",
+            "status",
+            "--state-dir",
+            str(vm1.state_dir),
+            "--backend",
+            "userspace",
         ).stdout
-    )[0]["dns"]  # fmt: skip
+    )[0]["dns"]
     assert status["mode"] == "hosts" and status["name"] == f"vm1.{DOMAIN}", status
     assert status["server"] == f"{ip1}:53" and status["error"] is None, status
 
@@ -161,10 +177,24 @@ def test_agents_answer_names_that_follow_joins_and_leaves(
     # vm2 leaves with the CLI while its agent is stopped: its block goes too.
     vm2.stop()
     r = subprocess.run(
-        ["ip", "netns", "exec", vm2.ns, sys.executable, "-m", "agent.main", "leave",
-         "--state-dir", str(vm2.state_dir), "--backend", "userspace"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            "ip",
+            "netns",
+            "exec",
+            vm2.ns,
+            sys.executable,
+            "-m",
+            "agent.main",
+            "leave",
+            "--state-dir",
+            str(vm2.state_dir),
+            "--backend",
+            "userspace",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     assert files[2].read_text() == "127.0.0.1\tlocalhost\n"
     assert wait_until(

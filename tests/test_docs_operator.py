@@ -19,23 +19,42 @@ def test_backup_and_restore_blocks_run_as_written(etcd: Etcd, tmp_path: Path) ->
     assert httpx.post(f"{etcd.url}/v3/kv/put", json=put, timeout=10).is_success
     blocks = sh_blocks(REPO / "docs" / "operator.md", "Backup and restore of etcd")
     assert len(blocks) == 2
-    env = {**os.environ, "ETCD": etcd.url, "BACKUP": str(tmp_path / "backup"),
-           "RESTORED": str(tmp_path / "restored")}  # fmt: skip
+    env = {
+        **os.environ,
+        "ETCD": etcd.url,
+        "BACKUP": str(tmp_path / "backup"),
+        "RESTORED": str(tmp_path / "restored"),
+    }
     script = "\n".join(blocks)  # in order, in one shell, as a reader would
-    r = subprocess.run(["bash", "-euo", "pipefail", "-c", script], env=env,
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "backup" / "cladnet.db").stat().st_size > 0
     # An etcd started on the restored directory has the key.
     client, peer = free_port(), free_port()
     log = (tmp_path / "restored.log").open("wb")
     proc = subprocess.Popen(
-        ["etcd", "--name", "cl-restored", "--data-dir", str(tmp_path / "restored"),
-         "--listen-client-urls", f"http://127.0.0.1:{client}",
-         "--advertise-client-urls", f"http://127.0.0.1:{client}",
-         "--listen-peer-urls", f"http://127.0.0.1:{peer}"],
-        stdout=log, stderr=log,
-    )  # fmt: skip
+        [
+            "etcd",
+            "--name",
+            "cl-restored",
+            "--data-dir",
+            str(tmp_path / "restored"),
+            "--listen-client-urls",
+            f"http://127.0.0.1:{client}",
+            "--advertise-client-urls",
+            f"http://127.0.0.1:{client}",
+            "--listen-peer-urls",
+            f"http://127.0.0.1:{peer}",
+        ],
+        stdout=log,
+        stderr=log,
+    )
     try:
         get = {"key": put["key"]}
         url = f"http://127.0.0.1:{client}/v3/kv/range"

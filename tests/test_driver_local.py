@@ -100,10 +100,23 @@ def _exec(ctl: Controller, group: str, command: str) -> dict:
     """``cladnet group exec --json`` against the controller (exit 1: a VM exited non-zero)."""
     env = {**os.environ, "CLADNET_CONTROLLER": ctl.url, "CLADNET_TOKEN": ctl.admin_token or ""}
     r = subprocess.run(
-        [sys.executable, "-m", "cladnet.cli", "group", "exec", group, command, "--json",
-         "--timeout", "20"],
-        capture_output=True, text=True, env=env, timeout=200,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "cladnet.cli",
+            "group",
+            "exec",
+            group,
+            command,
+            "--json",
+            "--timeout",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=200,
+    )
     assert r.returncode == 1, r.stderr
     return json.loads(r.stdout)
 
@@ -135,8 +148,10 @@ def test_group_over_three_clouds_meshes_survives_suspend_and_leaves_nothing(loca
         assert r.status_code == 202, r.text
         group = wait_group_state(admin, "demo", "Running", 60)
         # Clouds a and b hand out the same private addresses: that is the point.
-        private = {r: {vm["private_ip"] for vm in group["vms"] if vm["region"] == r}
-                   for r in ("a-west", "b-east")}  # fmt: skip
+        private = {
+            r: {vm["private_ip"] for vm in group["vms"] if vm["region"] == r}
+            for r in ("a-west", "b-east")
+        }
         assert private["a-west"] == private["b-east"] == {"192.168.1.10", "192.168.1.11"}
         publics = {vm["public_ip"] for vm in group["vms"]}
         assert len(publics) == 6

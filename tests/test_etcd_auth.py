@@ -40,15 +40,29 @@ class AuthEtcd:
         self.log = base / "etcd.log"
         self.proc = subprocess.Popen(
             [
-                "etcd", "--name", "cl-auth", "--data-dir", str(base / "etcd"),
-                "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
-                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                "--initial-cluster", f"cl-auth={peer}",
-                "--log-level", "warn", "--logger", "zap",
+                "etcd",
+                "--name",
+                "cl-auth",
+                "--data-dir",
+                str(base / "etcd"),
+                "--listen-client-urls",
+                self.url,
+                "--advertise-client-urls",
+                self.url,
+                "--listen-peer-urls",
+                peer,
+                "--initial-advertise-peer-urls",
+                peer,
+                "--initial-cluster",
+                f"cl-auth={peer}",
+                "--log-level",
+                "warn",
+                "--logger",
+                "zap",
             ],
             stdout=subprocess.DEVNULL,
             stderr=self.log.open("ab"),
-        )  # fmt: skip
+        )
 
     def ctl(self, *args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
         """etcdctl against this member, as ``user`` ("name:password") or anonymously."""
@@ -150,11 +164,16 @@ def test_login_through_grpc_proxy(etcd_auth: AuthEtcd, tmp_path: Path) -> None:
     port = free_port()
     log = (tmp_path / "proxy.log").open("w")
     proxy = subprocess.Popen(
-        ["etcd", "grpc-proxy", "start", f"--endpoints={etcd_auth.url}",
-         f"--listen-addr=127.0.0.1:{port}"],
+        [
+            "etcd",
+            "grpc-proxy",
+            "start",
+            f"--endpoints={etcd_auth.url}",
+            f"--listen-addr=127.0.0.1:{port}",
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    )
     c = controller(etcd_auth, tmp_path, PASSWORD)
     c.etcd_url = f"http://127.0.0.1:{port}"
     try:

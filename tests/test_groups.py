@@ -171,8 +171,17 @@ def test_group_commands_of_the_cli(make_controller, tmp_path: Path, monkeypatch)
         r = runner.invoke(app, list(args))
         return r.exit_code, r.stdout
 
-    code, out = cli("group", "create", "app", "--member", "mock:mock-1:2",
-                    "--member", "mock:mock-2", "--wait", "--json")  # fmt: skip
+    code, out = cli(
+        "group",
+        "create",
+        "app",
+        "--member",
+        "mock:mock-1:2",
+        "--member",
+        "mock:mock-2",
+        "--wait",
+        "--json",
+    )
     assert code == 0, out
     group = json.loads(out)
     assert group["state"] == "Partial-Failed" and group["counts"] == {"Running": 2, "Failed": 1}

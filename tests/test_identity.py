@@ -112,14 +112,16 @@ def test_a_join_token_cannot_take_over_a_host(admin: httpx.Client, controller: C
     named = {"host_id": victim["host_id"]}
     assert_error(join(controller, token, "x", attacker_key, **named), 403, "proof_required")
     forged = base64.b64encode(bytes(32)).decode()
-    assert_error(join(controller, token, "x", attacker_key, **named, proof=forged), 403,
-                 "invalid_proof")  # fmt: skip
+    assert_error(
+        join(controller, token, "x", attacker_key, **named, proof=forged), 403, "invalid_proof"
+    )
     ch = challenge(controller, token, victim_key).json()
     own = answer_challenge(
         attacker_private, ch["ephemeral_public_key"], ch["nonce"], ch["host_id"], ch["network_id"]
     )
-    assert_error(join(controller, token, "x", attacker_key, **named, proof=own), 403,
-                 "invalid_proof")  # fmt: skip
+    assert_error(
+        join(controller, token, "x", attacker_key, **named, proof=own), 403, "invalid_proof"
+    )
 
     # The victim is untouched: its credential works, its IP and key are as they were.
     assert heartbeat(controller, victim).status_code == 200
@@ -290,10 +292,12 @@ def test_cloned_machines_get_unique_names(admin: httpx.Client, controller: Contr
 def agent_join(ctl: Controller, token: str, state: Path, *extra: str) -> dict:
     env = {**os.environ, "CLADNET_STATE_DIR": str(state), "CLADNET_JOIN_TOKEN": token}
     out = subprocess.run(
-        [sys.executable, "-m", "agent.main", "join", "--no-run", "--controller", ctl.url,
-         *extra],
-        env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [sys.executable, "-m", "agent.main", "join", "--no-run", "--controller", ctl.url, *extra],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -325,10 +329,22 @@ def test_agent_rejoins_with_its_key_and_clones_get_a_suffix(
     # An explicit --hostname that is taken fails with the controller's message.
     env = {**os.environ, "CLADNET_STATE_DIR": str(tmp_path / "third"), "CLADNET_JOIN_TOKEN": token}
     out = subprocess.run(
-        [sys.executable, "-m", "agent.main", "join", "--no-run", "--controller", controller.url,
-         "--hostname", machine],
-        env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "agent.main",
+            "join",
+            "--no-run",
+            "--controller",
+            controller.url,
+            "--hostname",
+            machine,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 1
     assert "hostname_taken" in out.stderr and machine in out.stderr
 
@@ -358,8 +374,13 @@ async def test_a_proof_is_spent_once_even_concurrently_and_a_used_up_token_still
     proof = answer_challenge(
         private, ch["ephemeral_public_key"], ch["nonce"], ch["host_id"], ch["network_id"]
     )
-    body = {"token": token, "hostname": "vm", "public_key": public, "host_id": ch["host_id"],
-            "proof": proof}  # fmt: skip
+    body = {
+        "token": token,
+        "hostname": "vm",
+        "public_key": public,
+        "host_id": ch["host_id"],
+        "proof": proof,
+    }
     async with controller.aclient(token=None) as c:
         results = await asyncio.gather(*(c.post("/v1/join", json=body) for _ in range(8)))
     codes = sorted(r.status_code for r in results)

@@ -40,8 +40,9 @@ def _ip(spaces: Namespaces, name: str, *args: str) -> list[dict]:
 
 def test_configure_sets_address_mtu_state_and_routes_and_replaces_a_stale_address(ns) -> None:
     spaces, name = ns
-    asyncio.run(link.configure("cl-dummy0", "10.231.0.5/24", 1380, netns=name,
-                               routes=["10.232.0.0/16"]))  # fmt: skip
+    asyncio.run(
+        link.configure("cl-dummy0", "10.231.0.5/24", 1380, netns=name, routes=["10.232.0.0/16"])
+    )
     (dev,) = _ip(spaces, name, "addr", "show", "dev", "cl-dummy0")
     assert dev["mtu"] == 1380 and "UP" in dev["flags"]
     assert [(a["local"], a["prefixlen"]) for a in dev["addr_info"] if a["family"] == "inet"] == [

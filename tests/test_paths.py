@@ -53,8 +53,9 @@ def test_first_observation_is_recorded_and_a_repeat_writes_nothing() -> None:
     assert out is not None
     reflexive, varies = out
     assert not varies
-    assert reflexive == [{"endpoint": "198.51.100.1:1024", "observer": "r1:40000",
-                          "observed_at": 5.0}]  # fmt: skip
+    assert reflexive == [
+        {"endpoint": "198.51.100.1:1024", "observer": "r1:40000", "observed_at": 5.0}
+    ]
     h2 = natted(1, reflexive=out[0], mapping_varies=False)
     assert paths.observe(h2, "r1:40000", "198.51.100.1:1024", now=99.0) is None
 
@@ -130,7 +131,9 @@ def test_a_failed_direct_path_falls_back_to_the_standby_relay() -> None:
     b = natted(2, reflexive=stable)
     assert mesh.choose_path(a, b)[1] == "direct"
     assert mesh.choose_path(a, b, direct_failed={"h-2"}) == (
-        "203.0.113.50:40000", "relayed via 203.0.113.50:40000")  # fmt: skip
+        "203.0.113.50:40000",
+        "relayed via 203.0.113.50:40000",
+    )
     # Without a relay there is nothing better than trying direct.
     a["relays"] = {}
     assert mesh.choose_path(a, b, direct_failed={"h-2"})[1] == "direct"
@@ -194,8 +197,7 @@ def test_assignments_cover_pairs_that_cannot_go_direct_and_keep_ports() -> None:
 
 def test_assignments_stop_at_the_end_of_the_port_range() -> None:
     small = Relay("r1", "203.0.113.50", 40000, 40002)  # room for one pair
-    out = paths.relay_assignments([natted(1), natted(2), natted(3)], small, [small],
-                                  mesh.same_site)  # fmt: skip
+    out = paths.relay_assignments([natted(1), natted(2), natted(3)], small, [small], mesh.same_site)
     assert sum(len(v) for v in out.values()) == 2
 
 
@@ -212,11 +214,15 @@ def test_status_shows_each_pairs_path() -> None:
 
 
 def test_freed_ports_are_reused_last() -> None:
-    out = paths.relay_assignments([natted(1), natted(2)], R1, [R1], mesh.same_site,
-                                  avoid={40000, 40001})  # fmt: skip
+    out = paths.relay_assignments(
+        [natted(1), natted(2)], R1, [R1], mesh.same_site, avoid={40000, 40001}
+    )
     assert sorted(ep for peers in out.values() for ep in peers.values()) == [
-        "203.0.113.50:40002", "203.0.113.50:40003"]  # fmt: skip
+        "203.0.113.50:40002",
+        "203.0.113.50:40003",
+    ]
     full = Relay("r1", "203.0.113.50", 40000, 40001)
-    out = paths.relay_assignments([natted(1), natted(2)], full, [full], mesh.same_site,
-                                  avoid={40000, 40001})  # fmt: skip
+    out = paths.relay_assignments(
+        [natted(1), natted(2)], full, [full], mesh.same_site, avoid={40000, 40001}
+    )
     assert out["h-1"] == {"h-2": "203.0.113.50:40000"}  # the range is full: reuse

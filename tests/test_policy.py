@@ -216,8 +216,14 @@ def test_properties(
 
 
 def test_the_agent_keeps_only_usable_policies(tmp_path: Path) -> None:
-    m = Membership(controller="http://127.0.0.1:9", host_id="h-2", interface="cl-p",
-                   network=NETWORK, me=DB, peers={"h-1": WEB})  # fmt: skip
+    m = Membership(
+        controller="http://127.0.0.1:9",
+        host_id="h-2",
+        interface="cl-p",
+        network=NETWORK,
+        me=DB,
+        peers={"h-1": WEB},
+    )
     agent = NetworkAgent(StateDir(tmp_path), m, "c", "k", None)  # type: ignore[arg-type]
     good = {"version": 3, "document": acl.to_doc(acl.parse(DOC), with_tests=False)}
     assert agent._on_event({"type": "POLICY", "revision": 9, "policy": good})

@@ -143,9 +143,17 @@ def test_policy_is_enforced_by_peer_lists_and_packet_filters(
     # … or leaving itself.
     web.stop()
     r = lab.run(
-        web.ns, sys.executable, "-m", "agent.main", "leave",
-        "--state-dir", str(web.state_dir), "--backend", "userspace", check=False,
-    )  # fmt: skip
+        web.ns,
+        sys.executable,
+        "-m",
+        "agent.main",
+        "leave",
+        "--state-dir",
+        str(web.state_dir),
+        "--backend",
+        "userspace",
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     assert _table(web) is None
     admin.close()

@@ -66,10 +66,15 @@ def world(
     net = MultiCloud()
     port = free_port()
     # etcd on our internet address: the relay, on another namespace, reads it there.
-    etcd = Etcd(url=f"http://{net.gateway}:{port}", data_dir=tmp / "etcd", client_port=port,
-                peer_port=free_port())  # fmt: skip
-    ctl = Controller(etcd_url=etcd.url, state_dir=tmp / "controller", port=free_port(),
-                     host=net.gateway)  # fmt: skip
+    etcd = Etcd(
+        url=f"http://{net.gateway}:{port}",
+        data_dir=tmp / "etcd",
+        client_port=port,
+        peer_port=free_port(),
+    )
+    ctl = Controller(
+        etcd_url=etcd.url, state_dir=tmp / "controller", port=free_port(), host=net.gateway
+    )
     agents: dict[str, Agent] = {}
     relays: list[Relay] = []
     try:
@@ -87,8 +92,9 @@ def world(
             # router, and the host's own packet then gets another port (a tuple clash).
             # Dropped at input, the entry is never confirmed.
             net.run(cloud.router, "nft", "add table ip cl-fw")
-            net.run(cloud.router, "nft",
-                    "add chain ip cl-fw in { type filter hook input priority 0 ; }")  # fmt: skip
+            net.run(
+                cloud.router, "nft", "add chain ip cl-fw in { type filter hook input priority 0 ; }"
+            )
             net.run(cloud.router, "nft", 'add rule ip cl-fw in iifname "wan" meta l4proto udp drop')
         public_ns = net.add_public_host("p", PUBLIC_HOST)
         relays.append(Relay(net, public_ns, "r1", PUBLIC_HOST, etcd.url, tmp / "r1.log"))
@@ -103,9 +109,19 @@ def world(
         for n, (name, ns) in enumerate(hosts, start=1):
             agent = Agent(net, n, ns, tmp / f"agent-{name}", f"cl-{net.tag}{name}")
             site = ["--label", f"site={name[0]}"] if name != "p" else []
-            agent.start("join", "--controller", ctl.url, "--hostname", name,
-                        "--interface", agent.interface, "--listen-port", "51820", *site,
-                        token=token)  # fmt: skip
+            agent.start(
+                "join",
+                "--controller",
+                ctl.url,
+                "--hostname",
+                name,
+                "--interface",
+                agent.interface,
+                "--listen-port",
+                "51820",
+                *site,
+                token=token,
+            )
             agents[name] = agent
         yield net, ctl, agents, relays[0], relays[1]
     finally:
@@ -125,12 +141,22 @@ def test_the_lab_nats_really_map_as_assumed(world) -> None:
     behind fully-random, one port behind plain masquerade."""
     net, _, agents, _, _ = world
     for cloud in [*CLOUDS, *EASY]:
-        server = net.popen(agents["p"].ns, [sys.executable, "-c", PROBE_SERVER, "47000"],
-                           stdout=subprocess.PIPE, text=True)  # fmt: skip
+        server = net.popen(
+            agents["p"].ns,
+            [sys.executable, "-c", PROBE_SERVER, "47000"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
             assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-            net.run(agents[f"{cloud}1"].ns, sys.executable, "-c", PROBE_CLIENT,
-                    f"{net.inet}.{PUBLIC_HOST}", "47000")  # fmt: skip
+            net.run(
+                agents[f"{cloud}1"].ns,
+                sys.executable,
+                "-c",
+                PROBE_CLIENT,
+                f"{net.inet}.{PUBLIC_HOST}",
+                "47000",
+            )
             out, _ = server.communicate(timeout=10)
         finally:
             if server.poll() is None:
@@ -150,8 +176,12 @@ def test_full_mesh_pings_and_symmetric_pairs_are_relayed(world) -> None:
         for dst in agents:
             if src != dst:
                 ok = eventually(lambda a=a, dst=dst: net.ping(a.ns, ips[dst]), 60)
-                assert ok, (a.wg_peers(), agents[dst].wg_peers(), relay.log.read_text()[-5000:],
-                            relay2.log.read_text()[-5000:])  # fmt: skip
+                assert ok, (
+                    a.wg_peers(),
+                    agents[dst].wg_peers(),
+                    relay.log.read_text()[-5000:],
+                    relay2.log.read_text()[-5000:],
+                )
     keys = {(a.membership() or {})["me"]["public_key"]: name for name, a in agents.items()}
     relay_ip = f"{net.inet}.{PUBLIC_HOST}"
     relay_ips = {relay.address, relay2.address}
@@ -165,19 +195,27 @@ def test_full_mesh_pings_and_symmetric_pairs_are_relayed(world) -> None:
                 assert host.startswith(CLOUDS[name[0]][0] + "."), (name, other, peer)
             else:  # across two symmetric NATs: through the relay
                 assert host in relay_ips and RELAY_PORTS[0] <= int(port) <= RELAY_PORTS[1], (
-                    name, other, peer)  # fmt: skip
+                    name,
+                    other,
+                    peer,
+                )
 
     def hosts_now() -> dict[str, dict]:
         with ctl.client() as admin:
             return {h["name"]: h for h in admin.get("/v1/networks/reach/hosts").json()}
 
     for name in EASY:  # pairs with the symmetric hosts: relayed too
-        assert all(RELAY_PORTS[0] <= int(p["endpoint"].rsplit(":", 1)[1]) <= RELAY_PORTS[1]
-                   for k, p in agents[f"{name}1"].wg_peers().items()
-                   if keys[k][0] in CLOUDS)  # fmt: skip
+        assert all(
+            RELAY_PORTS[0] <= int(p["endpoint"].rsplit(":", 1)[1]) <= RELAY_PORTS[1]
+            for k, p in agents[f"{name}1"].wg_peers().items()
+            if keys[k][0] in CLOUDS
+        )
     # Observations are written on the relay's next pass after the latch (1 s).
-    wait_until(lambda: all(hosts_now()[n]["mapping_varies"] for n in ("a1", "a2", "b1", "b2")),
-               10, what="mapping_varies")  # fmt: skip
+    wait_until(
+        lambda: all(hosts_now()[n]["mapping_varies"] for n in ("a1", "a2", "b1", "b2")),
+        10,
+        what="mapping_varies",
+    )
     hosts = hosts_now()
     for name in ("a1", "a2", "b1", "b2"):
         h = hosts[name]
@@ -190,8 +228,15 @@ def test_full_mesh_pings_and_symmetric_pairs_are_relayed(world) -> None:
         assert {v.rsplit(":", 1)[0] for v in h["relays"].values()} <= relay_ips, h
     assert hosts["p"]["relays"] == {} and not hosts["p"]["mapping_varies"]
     # The agent says so itself: `cladnet-agent status` and its log.
-    shown = net.run(agents["a1"].ns, sys.executable, "-m", "agent.main", "status",
-                    "--state-dir", str(agents["a1"].state_dir)).stdout  # fmt: skip
+    shown = net.run(
+        agents["a1"].ns,
+        sys.executable,
+        "-m",
+        "agent.main",
+        "status",
+        "--state-dir",
+        str(agents["a1"].state_dir),
+    ).stdout
     planned = json.loads(shown)[0]["paths"]
     assert planned["a2"] == "private" and planned["p"] == "direct", planned
     assert planned["b1"].startswith("relayed via "), planned
@@ -229,14 +274,18 @@ def test_relay_forwards_only_wireguard_packets(world) -> None:
             s.sendto(payload, ("{relay.address}", {port}))
     """)
     net.run(agents["a1"].ns, sys.executable, "-c", junk)
-    assert wait_until(lambda: relay.counts().get("junk", 0) >= before.get("junk", 0) + 4, 10,
-                      what="junk counted")  # fmt: skip
+    assert wait_until(
+        lambda: relay.counts().get("junk", 0) >= before.get("junk", 0) + 4, 10, what="junk counted"
+    )
     # And the relayed pairs still work: it forwarded WireGuard, nothing else, in the
     # kernel (latched pairs; its counters are read on each pass).
     for peer in ("b1", "b2"):
         assert net.ping(agents["a1"].ns, agents[peer].overlay_ip(), count=2)
-    assert wait_until(lambda: relay.counts().get("kernel", 0) > before.get("kernel", 0), 10,
-                      what="packets forwarded in the kernel")  # fmt: skip
+    assert wait_until(
+        lambda: relay.counts().get("kernel", 0) > before.get("kernel", 0),
+        10,
+        what="packets forwarded in the kernel",
+    )
 
 
 def test_endpoint_independent_nats_go_direct(world) -> None:
@@ -260,8 +309,11 @@ def test_endpoint_independent_nats_go_direct(world) -> None:
         assert not hosts[name]["mapping_varies"], hosts[name]
     assert hosts["d1"]["id"] in hosts["c1"]["relays"]  # the relay stands by
     for src, dst in (("c1", "d1"), ("d1", "c1")):
-        ok = wait_until(lambda src=src, dst=dst: net.ping(agents[src].ns,
-                        agents[dst].overlay_ip()), 30, what=f"{src} -> {dst}")  # fmt: skip
+        ok = wait_until(
+            lambda src=src, dst=dst: net.ping(agents[src].ns, agents[dst].overlay_ip()),
+            30,
+            what=f"{src} -> {dst}",
+        )
         assert ok, agents[src].log_text()
 
 
@@ -296,17 +348,24 @@ def test_killed_relay_pairs_move_to_the_other_relay(world) -> None:
             hosts = admin.get("/v1/networks/reach/hosts").json()
         return next(h for h in hosts if h["name"] == name)["relays"]
 
-    victim = next(r for r in relays if any(v.startswith(r.address + ":")
-                                           for v in relays_of("a1").values()))  # fmt: skip
+    victim = next(
+        r for r in relays if any(v.startswith(r.address + ":") for v in relays_of("a1").values())
+    )
     survivor = next(r for r in relays if r is not victim)
     started = time.monotonic()
     victim.kill()
     for src, dst in (("a1", "b1"), ("a1", "b2"), ("b2", "a2"), ("b1", "a2")):
-        ok = eventually(lambda src=src, dst=dst: net.ping(agents[src].ns,
-                        agents[dst].overlay_ip(), wait=0.3), 60)  # fmt: skip
+        ok = eventually(
+            lambda src=src, dst=dst: net.ping(agents[src].ns, agents[dst].overlay_ip(), wait=0.3),
+            60,
+        )
         assert ok, (src, dst, agents[src].log_text()[-3000:], survivor.log.read_text()[-3000:])
         print(f"{src} -> {dst} pings {time.monotonic() - started:.1f}s after a relay was killed")
     for name in ("a1", "a2", "b1", "b2"):
-        moved = eventually(lambda name=name: all(v.startswith(survivor.address + ":")
-                           for v in relays_of(name).values()), 10)  # fmt: skip
+        moved = eventually(
+            lambda name=name: all(
+                v.startswith(survivor.address + ":") for v in relays_of(name).values()
+            ),
+            10,
+        )
         assert moved, relays_of(name)

@@ -67,8 +67,11 @@ def test_ruleset_forwards_each_side_to_the_other_and_counts_per_side() -> None:
     assert "ip saddr 10.0.0.2 udp sport 1234 udp dport 40001 dnat to 10.0.0.1:51820" in text
     assert "ct zone 7 ip saddr 10.0.0.1 udp sport 51820 masquerade to :40001" in text
     assert "snat to 192.0.2.9:40000" in ruleset("t", (1, 2), [flow], "192.0.2.9")
-    rule = {"chain": "raw_in", "comment": "40000-1", "expr": [{"counter": {"packets": 3,
-            "bytes": 300}}]}  # fmt: skip
+    rule = {
+        "chain": "raw_in",
+        "comment": "40000-1",
+        "expr": [{"counter": {"packets": 3, "bytes": 300}}],
+    }
     listing = {"nftables": [{"rule": rule}, {"rule": rule}, {"table": {}}]}
     assert counters(listing) == {(40000, 1): (6, 600)}
 
@@ -84,10 +87,12 @@ class World:
 
     def start_relay(self) -> None:
         self.status.unlink(missing_ok=True)
-        self.relay = self.lab.popen(self.r, [sys.executable, "-c", RELAY_SCRIPT,
-                                    str(self.status), *map(str, PORTS), RELAY_ID],
-                                    stdout=subprocess.DEVNULL,
-                                    stderr=(self.tmp / "relay.log").open("ab"))  # fmt: skip
+        self.relay = self.lab.popen(
+            self.r,
+            [sys.executable, "-c", RELAY_SCRIPT, str(self.status), *map(str, PORTS), RELAY_ID],
+            stdout=subprocess.DEVNULL,
+            stderr=(self.tmp / "relay.log").open("ab"),
+        )
         self.procs.append(self.relay)
         wait_until(self.status.exists, 10, what="relay started")
 
@@ -103,17 +108,37 @@ class World:
         relay_ip = self.lab.address(3)
         for i, (ns, other) in enumerate(((self.a, self.b), (self.b, self.a))):
             dev = f"cl-{self.lab.tag}k{i}"
-            self.procs.append(self.lab.popen(ns, ["wireguard-go", "-f", dev],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
+            self.procs.append(
+                self.lab.popen(
+                    ns,
+                    ["wireguard-go", "-f", dev],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
             sock = Path(f"/var/run/wireguard/{dev}.sock")
             wait_until(sock.exists, 10, what=f"wireguard-go {dev}")
             key = self.tmp / f"{dev}.key"
             key.write_text(keys[ns][0])
             key.chmod(0o600)
-            self.lab.run(ns, "wg", "set", dev, "listen-port", "51820", "private-key", str(key),
-                         "peer", keys[other][1], "allowed-ips", f"10.196.0.{2 - i}/32",
-                         "endpoint", f"{relay_ip}:{PORTS[i]}",
-                         "persistent-keepalive", "1")  # fmt: skip
+            self.lab.run(
+                ns,
+                "wg",
+                "set",
+                dev,
+                "listen-port",
+                "51820",
+                "private-key",
+                str(key),
+                "peer",
+                keys[other][1],
+                "allowed-ips",
+                f"10.196.0.{2 - i}/32",
+                "endpoint",
+                f"{relay_ip}:{PORTS[i]}",
+                "persistent-keepalive",
+                "1",
+            )
             self.lab.run(ns, "ip", "addr", "add", f"10.196.0.{i + 1}/24", "dev", dev)
             self.lab.run(ns, "ip", "link", "set", dev, "up")
         return "10.196.0.2"
@@ -170,8 +195,10 @@ def test_a_crashed_relays_table_is_replaced_on_restart(world: World) -> None:
     world.relay.wait(5)
     # The dead relay's flow is left in the kernel; a restart replaces the table (no flow
     # until its Python latched both sides again), and pings work again through it.
-    assert "dnat to" in world.lab.run(world.r, "nft", "list", "table", "ip",
-                                      f"cl-relay-{RELAY_ID}").stdout  # fmt: skip
+    assert (
+        "dnat to"
+        in world.lab.run(world.r, "nft", "list", "table", "ip", f"cl-relay-{RELAY_ID}").stdout
+    )
     world.start_relay()
     assert world.counts()["flows"] == 0
     assert wait_until(lambda: world.lab.ping(world.a, peer), 30, what="ping after restart")

@@ -309,11 +309,24 @@ async def test_metrics_travel_over_mqtt_tls_verified_with_the_cluster_ca(
     # The broker's certificate, issued from the cluster CA by the controller's CLI.
     issued = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "controller.main", "--etcd", etcd.url, "--state-dir",
-         str(tmp_path / "issuer"), "--issue-cert", str(tmp_path / "broker-tls"),
-         "--tls-name", "127.0.0.1"],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "controller.main",
+            "--etcd",
+            etcd.url,
+            "--state-dir",
+            str(tmp_path / "issuer"),
+            "--issue-cert",
+            str(tmp_path / "broker-tls"),
+            "--tls-name",
+            "127.0.0.1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert issued.returncode == 0, issued.stderr
     files = json.loads(issued.stdout)
     assert files["ca_hash"] == ca_hash(ctl.ca_file.read_bytes())
@@ -430,8 +443,11 @@ def test_a_controller_on_mutual_tls_etcd_and_one_without_a_client_certificate(
 ) -> None:
     pki = mtls_etcd.pki
     assert pki is not None
-    env = {"CLADNET_ETCD_CA": str(pki.ca), "CLADNET_ETCD_CERT": str(pki.client_cert),
-           "CLADNET_ETCD_KEY": str(pki.client_key)}  # fmt: skip
+    env = {
+        "CLADNET_ETCD_CA": str(pki.ca),
+        "CLADNET_ETCD_CERT": str(pki.client_cert),
+        "CLADNET_ETCD_KEY": str(pki.client_key),
+    }
     ctl = Controller(mtls_etcd.url, tmp_path / "ctl", free_port(), extra_env=env)
     ctl.start()
     try:

@@ -47,9 +47,16 @@ async def test_create_is_idempotent_and_reports_own_key(pair: tuple[Node, Node])
     assert state.peers == {}
     # The device holds the host's key (wireguard-go's UAPI reports only the private one).
     wg = await asyncio.create_subprocess_exec(
-        "ip", "netns", "exec", a.ns, "wg", "show", a.iface, "public-key",
+        "ip",
+        "netns",
+        "exec",
+        a.ns,
+        "wg",
+        "show",
+        a.iface,
+        "public-key",
         stdout=subprocess.PIPE,
-    )  # fmt: skip
+    )
     shown, _ = await wg.communicate()
     assert shown.decode().strip() == a.host["public_key"]
 

@@ -42,8 +42,13 @@ token_app = typer.Typer(help="Join tokens of a network.", no_args_is_help=True)
 hosts_app = typer.Typer(help="Hosts (agents) of a network.", no_args_is_help=True)
 metrics_app = typer.Typer(help="Metrics from the collector.", no_args_is_help=True)
 alarms_app = typer.Typer(help="Alarm rules and firing alarms (collector).", no_args_is_help=True)
-for sub, name in ((net_app, "net"), (token_app, "token"), (hosts_app, "hosts"),
-                  (metrics_app, "metrics"), (alarms_app, "alarms")):  # fmt: skip
+for sub, name in (
+    (net_app, "net"),
+    (token_app, "token"),
+    (hosts_app, "hosts"),
+    (metrics_app, "metrics"),
+    (alarms_app, "alarms"),
+):
     app.add_typer(sub, name=name)
 
 out = Console()
@@ -223,8 +228,14 @@ def net_create(
     as_json: Json = False,
 ) -> None:
     """Create a network."""
-    body = {"name": name, "cidr": cidr, "expected_hosts": hosts, "mtu": mtu,
-            "listen_port": listen_port, "keepalive": keepalive}  # fmt: skip
+    body = {
+        "name": name,
+        "cidr": cidr,
+        "expected_hosts": hosts,
+        "mtu": mtu,
+        "listen_port": listen_port,
+        "keepalive": keepalive,
+    }
     net = controller().call(
         ep.NETWORK_CREATE, cast(ep.NetworkCreateBody, {k: v for k, v in body.items() if v})
     )
@@ -332,11 +343,16 @@ def token_revoke(network: str, token_id: str) -> None:
 def _print_hosts(hosts: list[dict[str, Any]]) -> None:
     now = time.time()
     rows = [
-        [h["name"], h["id"], h["overlay_ip"], h.get("public_address"),
-         ",".join(f"{k}={v}" for k, v in sorted(h.get("labels", {}).items())),
-         _age(now - h["last_seen"]) if h.get("last_seen") else "never"]
+        [
+            h["name"],
+            h["id"],
+            h["overlay_ip"],
+            h.get("public_address"),
+            ",".join(f"{k}={v}" for k, v in sorted(h.get("labels", {}).items())),
+            _age(now - h["last_seen"]) if h.get("last_seen") else "never",
+        ]
         for h in hosts
-    ]  # fmt: skip
+    ]
     columns = ["NAME", "ID", "OVERLAY", "PUBLIC", "LABELS", "SEEN"]
     out.print(_table("hosts", columns, rows, drop=("LABELS", "ID", "PUBLIC")))
 
@@ -398,17 +414,31 @@ def _peers_of(found: dict[str, Any], net: dict[str, Any]) -> list[dict[str, Any]
     for p in reported:
         other = others.get(p["peer_id"])
         name = other.get("name") if other else None
-        data.append({**p, "name": name,
-                     "endpoint": other.get("public_address") if other else None,
-                     "overlay_ip": other.get("overlay_ip") if other else None,
-                     "dns_name": host_name(name, net) if name else None,
-                     "path": mesh.choose_path(found, other)[1] if other else None})  # fmt: skip
+        data.append(
+            {
+                **p,
+                "name": name,
+                "endpoint": other.get("public_address") if other else None,
+                "overlay_ip": other.get("overlay_ip") if other else None,
+                "dns_name": host_name(name, net) if name else None,
+                "path": mesh.choose_path(found, other)[1] if other else None,
+            }
+        )
     return data
 
 
 def _peers_table(found: dict[str, Any], data: list[dict[str, Any]]) -> Table:
-    rows = [[d["dns_name"] or d["name"], d["overlay_ip"], d["endpoint"], d["path"],
-             _age(d["handshake_age_s"]), _ms(d["latency_ms"])] for d in data]  # fmt: skip
+    rows = [
+        [
+            d["dns_name"] or d["name"],
+            d["overlay_ip"],
+            d["endpoint"],
+            d["path"],
+            _age(d["handshake_age_s"]),
+            _ms(d["latency_ms"]),
+        ]
+        for d in data
+    ]
     columns = ["PEER", "OVERLAY", "PUBLIC", "PATH", "HANDSHAKE", "RTT MS"]
     drop = ("PUBLIC", "OVERLAY", "PATH")
     return _table(f"peers of {found['name']}", columns, rows, drop=drop)
@@ -462,15 +492,17 @@ def _render_status(views: list[dict[str, Any]]) -> Table:
             + (f" ({p['policy']})" if p.get("policy") else "")
             for p in v["pairs"][:3]
         ]
-        rows.append([
-            v["network"],
-            f"<host>.{v['domain']}",
-            len(v["hosts_up"]),
-            ", ".join(v["hosts_down"]) or "-",
-            v["broken_pairs"],
-            "\n".join(worst) or "-",
-            ", ".join(v["endpoint_changed"]) or "-",
-        ])  # fmt: skip
+        rows.append(
+            [
+                v["network"],
+                f"<host>.{v['domain']}",
+                len(v["hosts_up"]),
+                ", ".join(v["hosts_down"]) or "-",
+                v["broken_pairs"],
+                "\n".join(worst) or "-",
+                ", ".join(v["endpoint_changed"]) or "-",
+            ]
+        )
     styles = ["green" if v["healthy"] else "red" for v in views]
     return _table("CLADNet status", columns, rows, drop=("NAMES", "MOVED"), styles=styles)
 
@@ -516,10 +548,16 @@ def metrics_top(
         return None if value is None else f"{value:.2f}"
 
     rows = [
-        [h, d["network"], "up" if d["up"] else "DOWN", pct(d["metrics"].get("cpu_usage_ratio")),
-         pct(d["metrics"].get("memory_usage_ratio")), _load(d["metrics"].get("load1"))]
+        [
+            h,
+            d["network"],
+            "up" if d["up"] else "DOWN",
+            pct(d["metrics"].get("cpu_usage_ratio")),
+            pct(d["metrics"].get("memory_usage_ratio")),
+            _load(d["metrics"].get("load1")),
+        ]
         for h, d in sorted(data.items())
-    ]  # fmt: skip
+    ]
     columns = ["HOST", "NETWORK", "STATE", "CPU %", "MEM %", "LOAD"]
     emit(data, as_json, _table("hosts", columns, rows, drop=("NETWORK",)))
 
@@ -579,8 +617,15 @@ def alarms_create(
 ) -> None:
     """An alarm rule on a metric the collector knows (``cladnet metrics names``):
     ``cladnet alarms create hot cpu_usage_ratio '>' 0.9 --network prod --for 1m``."""
-    body = {"name": name, "metric": metric, "op": op, "threshold": threshold, "network": network,
-            "host": host, "for_s": _seconds(for_)}  # fmt: skip
+    body = {
+        "name": name,
+        "metric": metric,
+        "op": op,
+        "threshold": threshold,
+        "network": network,
+        "host": host,
+        "for_s": _seconds(for_),
+    }
     rule = collector().call(ep.ALARM_CREATE, body)
     if as_json:
         emit(rule, True)

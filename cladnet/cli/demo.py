@@ -153,11 +153,31 @@ def _services(demo: Demo) -> None:
     secret = data["secrets"]
     etcd_url = f"http://127.0.0.1:{ETCD_PORT}"
     peer = f"http://127.0.0.1:{ETCD_PORT + 1}"
-    _start(demo, "etcd", [shutil.which("etcd") or "etcd", "--name", "cl-demo",
-           "--data-dir", str(demo.root / "etcd"), "--listen-client-urls", etcd_url,
-           "--advertise-client-urls", etcd_url, "--listen-peer-urls", peer,
-           "--initial-advertise-peer-urls", peer, "--initial-cluster", f"cl-demo={peer}",
-           "--log-level", "warn", "--logger", "zap"])  # fmt: skip
+    _start(
+        demo,
+        "etcd",
+        [
+            shutil.which("etcd") or "etcd",
+            "--name",
+            "cl-demo",
+            "--data-dir",
+            str(demo.root / "etcd"),
+            "--listen-client-urls",
+            etcd_url,
+            "--advertise-client-urls",
+            etcd_url,
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+            "--initial-cluster",
+            f"cl-demo={peer}",
+            "--log-level",
+            "warn",
+            "--logger",
+            "zap",
+        ],
+    )
 
     mq = demo.root / "mosquitto"
     mq.mkdir(exist_ok=True, mode=0o700)
@@ -173,9 +193,22 @@ def _services(demo: Demo) -> None:
         )
     # The broker's certificate from the cluster CA (the first call creates the CA).
     _wait(lambda: _port_open("127.0.0.1", ETCD_PORT), 15, "etcd")
-    subprocess.run([_venv_bin("cladnet-controller"), "--etcd", etcd_url, "--state-dir",
-                    str(demo.root / "controller"), "--issue-cert", str(mq / "tls"),
-                    "--tls-name", gw], check=True, capture_output=True, timeout=60)  # fmt: skip
+    subprocess.run(
+        [
+            _venv_bin("cladnet-controller"),
+            "--etcd",
+            etcd_url,
+            "--state-dir",
+            str(demo.root / "controller"),
+            "--issue-cert",
+            str(mq / "tls"),
+            "--tls-name",
+            gw,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     conf = (DEPLOY / "mosquitto" / "cladnet.conf").read_text()
     conf = conf.replace(
         "listener 1883",
@@ -189,30 +222,68 @@ def _services(demo: Demo) -> None:
     _start(demo, "mosquitto", [mosquitto, "-c", str(mq / "mosquitto.conf")])
     _wait(lambda: _port_open("127.0.0.1", MQTT_ADMIN_PORT), 15, "Mosquitto")
     if not (mq / ".collector").exists():
-        subprocess.run(["bash", init, "collector", "127.0.0.1", str(MQTT_ADMIN_PORT)],
-                       env={**os.environ, **mq_env}, check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            ["bash", init, "collector", "127.0.0.1", str(MQTT_ADMIN_PORT)],
+            env={**os.environ, **mq_env},
+            check=True,
+            capture_output=True,
+        )
         (mq / ".collector").touch()
 
     collector_url = f"http://127.0.0.1:{COLLECTOR_PORT}"
-    _start(demo, "collector", [_venv_bin("cladnet-collector"), "--mqtt-url",
-           f"mqtt://127.0.0.1:{MQTT_ADMIN_PORT}", "--mqtt-user", "cladnet-collector", "--listen",
-           f"127.0.0.1:{COLLECTOR_PORT}", "--state-dir", str(demo.root / "collector")],
-           {"CLADNET_MQTT_PASSWORD": secret["mqtt_collector"],
-            "CLADNET_COLLECTOR_TOKEN": secret["admin"]})  # fmt: skip
+    _start(
+        demo,
+        "collector",
+        [
+            _venv_bin("cladnet-collector"),
+            "--mqtt-url",
+            f"mqtt://127.0.0.1:{MQTT_ADMIN_PORT}",
+            "--mqtt-user",
+            "cladnet-collector",
+            "--listen",
+            f"127.0.0.1:{COLLECTOR_PORT}",
+            "--state-dir",
+            str(demo.root / "collector"),
+        ],
+        {
+            "CLADNET_MQTT_PASSWORD": secret["mqtt_collector"],
+            "CLADNET_COLLECTOR_TOKEN": secret["admin"],
+        },
+    )
 
     drivers = demo.root / "drivers.json"
     drivers.write_text(json.dumps({"local": data["driver"]}))
     url = data["controller"]
-    _start(demo, "controller", [_venv_bin("cladnet-controller"), "--etcd", etcd_url,
-           "--listen", f"{gw}:{CONTROLLER_PORT}", "--state-dir", str(demo.root / "controller"),
-           "--drivers", str(drivers), "--advertise-url", url,
-           "--mqtt-url", f"mqtts://{gw}:{MQTT_PORT}",
-           "--mqtt-admin-url", f"mqtt://127.0.0.1:{MQTT_ADMIN_PORT}",
-           "--collector-url", collector_url],
-           {"CLADNET_ADMIN_TOKEN": secret["admin"], "CLADNET_LEADER_TTL": "3",
+    _start(
+        demo,
+        "controller",
+        [
+            _venv_bin("cladnet-controller"),
+            "--etcd",
+            etcd_url,
+            "--listen",
+            f"{gw}:{CONTROLLER_PORT}",
+            "--state-dir",
+            str(demo.root / "controller"),
+            "--drivers",
+            str(drivers),
+            "--advertise-url",
+            url,
+            "--mqtt-url",
+            f"mqtts://{gw}:{MQTT_PORT}",
+            "--mqtt-admin-url",
+            f"mqtt://127.0.0.1:{MQTT_ADMIN_PORT}",
+            "--collector-url",
+            collector_url,
+        ],
+        {
+            "CLADNET_ADMIN_TOKEN": secret["admin"],
+            "CLADNET_LEADER_TTL": "3",
             "CLADNET_MQTT_ADMIN_PASSWORD": secret["mqtt_admin"],
             # The dashboard's monitoring goes through the controller's proxy.
-            "CLADNET_COLLECTOR_TOKEN": secret["admin"]})  # fmt: skip
+            "CLADNET_COLLECTOR_TOKEN": secret["admin"],
+        },
+    )
     # Until the controller has written the CA, the check fails verification: retried.
     _wait(lambda: demo.api().call(ep.READY), 30, "the controller")
 
@@ -320,8 +391,17 @@ def _matrix(demo: Demo) -> dict[str, Any]:
     for a in vms:
         for b in vms:
             if a is not b and b["overlay_ip"] and a["details"].get("namespace"):
-                cmd = ["ip", "netns", "exec", a["details"]["namespace"], "ping", "-c1", "-W1",
-                       "-q", b["overlay_ip"]]  # fmt: skip
+                cmd = [
+                    "ip",
+                    "netns",
+                    "exec",
+                    a["details"]["namespace"],
+                    "ping",
+                    "-c1",
+                    "-W1",
+                    "-q",
+                    b["overlay_ip"],
+                ]
                 probes[(a["name"], b["name"])] = subprocess.Popen(
                     cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
                 )

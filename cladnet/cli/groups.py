@@ -116,10 +116,14 @@ def list_groups(as_json: Json = False) -> None:
         print(json.dumps(groups, indent=2, sort_keys=True))
         return
     rows = [
-        [g["name"], g["state"], ", ".join(f"{n} {s}" for s, n in sorted(g["counts"].items())),
-         g["network"]]
+        [
+            g["name"],
+            g["state"],
+            ", ".join(f"{n} {s}" for s, n in sorted(g["counts"].items())),
+            g["network"],
+        ]
         for g in groups
-    ]  # fmt: skip
+    ]
     out.print(_table("groups", ["GROUP", "STATE", "VMS", "NETWORK"], rows, drop=("NETWORK",)))
 
 

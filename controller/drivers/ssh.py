@@ -275,14 +275,21 @@ class Driver(base.Driver):
         args = [
             self.ssh,
             "-T",
-            "-o", "BatchMode=yes",
-            "-o", f"ConnectTimeout={max(1, round(self.connect_timeout))}",
-            "-o", f"StrictHostKeyChecking={checking}",
-            "-o", f"UserKnownHostsFile={known}",
-            "-o", "LogLevel=ERROR",
-            "-p", str(host.port),
-            "-l", host.user,
-        ]  # fmt: skip
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            f"ConnectTimeout={max(1, round(self.connect_timeout))}",
+            "-o",
+            f"StrictHostKeyChecking={checking}",
+            "-o",
+            f"UserKnownHostsFile={known}",
+            "-o",
+            "LogLevel=ERROR",
+            "-p",
+            str(host.port),
+            "-l",
+            host.user,
+        ]
         if host.identity_file:
             args += ["-i", host.identity_file, "-o", "IdentitiesOnly=yes"]
         return [*args, "--", host.address, remote_command]
