@@ -26,13 +26,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from cladnet.roles import missing_extra
 
-from agent import relay_kernel
-from cladnet import logs, mesh, paths
-from controller import relays as store
-from controller.etcd import Etcd, parse_endpoints
-from controller.etcd_tls import EtcdTls
+# An install without this role's extra: one line, not a traceback.
+try:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+    from agent import relay_kernel
+    from cladnet import logs, mesh, paths
+    from controller import relays as store
+    from controller.etcd import Etcd, parse_endpoints
+    from controller.etcd_tls import EtcdTls
+except ModuleNotFoundError as missing:
+    missing_extra("cladnet-relay", "relay", missing)
 
 log = logging.getLogger("cladnet.relay")
 

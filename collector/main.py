@@ -11,15 +11,21 @@ import sys
 import time
 from pathlib import Path
 
-import uvicorn
+from cladnet.roles import missing_extra
 
-from cladnet import logs, tokens
-from cladnet.alarms import AlarmEngine
-from cladnet.tasks import cancel_and_wait
-from collector.api import RuleBook, create_app
-from collector.ingest import BrokerSettings, Ingest
-from collector.notify import Notifier, SmtpSettings
-from collector.store import open_store
+# An install without this role's extra: one line, not a traceback.
+try:
+    import uvicorn
+
+    from cladnet import logs, tokens
+    from cladnet.alarms import AlarmEngine
+    from cladnet.tasks import cancel_and_wait
+    from collector.api import RuleBook, create_app
+    from collector.ingest import BrokerSettings, Ingest
+    from collector.notify import Notifier, SmtpSettings
+    from collector.store import open_store
+except ModuleNotFoundError as missing:
+    missing_extra("cladnet-collector", "collector", missing)
 
 log = logging.getLogger("cladnet.collector")
 

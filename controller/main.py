@@ -7,15 +7,21 @@ import json
 import logging
 import sys
 
-import uvicorn
-from aetcd import exceptions as etcd_errors
+from cladnet.roles import missing_extra
 
-from cladnet import logs
-from controller import tls
-from controller.api import create_app
-from controller.config import Settings, is_loopback, parse_args
-from controller.etcd import EtcdAuthError
-from controller.etcd import from_settings as etcd_from_settings
+# An install without this role's extra: one line, not a traceback.
+try:
+    import uvicorn
+    from aetcd import exceptions as etcd_errors
+
+    from cladnet import logs
+    from controller import tls
+    from controller.api import create_app
+    from controller.config import Settings, is_loopback, parse_args
+    from controller.etcd import EtcdAuthError
+    from controller.etcd import from_settings as etcd_from_settings
+except ModuleNotFoundError as missing:
+    missing_extra("cladnet-controller", "controller", missing)
 
 log = logging.getLogger("cladnet.controller")
 

@@ -129,12 +129,23 @@ def test_agent_install_runs_without_server_or_cli_libraries(agent_python: Path) 
     assert not dists & NOT_IN_AGENT, dists & NOT_IN_AGENT
 
 
-def test_cli_in_an_agent_install_names_its_extra(agent_python: Path) -> None:
-    """The `cladnet` script is installed with every role: without its extra it says
-    which install it needs, in one line."""
-    r = run([str(agent_python.parent / "cladnet"), "--help"])
-    assert r.returncode != 0 and "pip install 'cladnet[cli]'" in r.stderr, output(r)
-    assert "Traceback" not in r.stderr, output(r)
+@pytest.mark.parametrize(
+    ("program", "extra"),
+    [
+        ("cladnet", "cli"),
+        ("cladnet-controller", "controller"),
+        ("cladnet-collector", "collector"),
+        ("cladnet-relay", "relay"),
+    ],
+)
+def test_other_roles_programs_in_an_agent_install_name_their_extra(
+    agent_python: Path, program: str, extra: str
+) -> None:
+    """Every script is installed with every role: without its extra it says which
+    install it needs, in one line, not an import traceback."""
+    r = run([str(agent_python.parent / program), "--help"])
+    assert r.returncode != 0 and f"pip install 'cladnet[{extra}]'" in r.stderr, output(r)
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, output(r)
 
 
 @pytest.mark.parametrize("role", ROLES)

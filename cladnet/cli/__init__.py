@@ -14,16 +14,15 @@ import time
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, cast
 
+from cladnet.roles import missing_extra
+
 try:
     import typer
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 except ModuleNotFoundError as missing:  # an agent-only install: one line, not a traceback
-    raise SystemExit(
-        f"cladnet: the CLI needs its extra ({missing.name} is not installed): "
-        "pip install 'cladnet[cli]'"
-    ) from None
+    missing_extra("cladnet", "cli", missing)
 
 from cladnet import __version__, mesh
 from cladnet.api_client import ApiClientError, SyncClient, TrustError, fetch_ca
