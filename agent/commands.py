@@ -23,6 +23,7 @@ from typing import Any
 from agent.state import Membership, StateDir
 from cladnet.api_client import NETWORK_ERRORS, ApiClientError, AsyncClient
 from cladnet.api_client.endpoints import QueuedCommand
+from cladnet.backoff import Backoff
 from cladnet.tasks import cancel_and_wait
 
 log = logging.getLogger("cladnet.agent.commands")
@@ -164,20 +165,21 @@ class CommandRunner:
 
     async def run(self) -> None:
         """Forever: ask for commands, run them; back off while the controller fails."""
-        delay = self.poll
+        backoff = Backoff(self.poll, self.retry_max)
         while True:
+            delay = self.poll
             try:
                 pending = await self.client.pending_commands(self.host_id)
-                delay = self.poll
+                backoff.reset()
                 for command in pending:
                     await self.execute(command)
             except ApiClientError as exc:
                 # The daemon's watch and heartbeat report the standing, once per change.
                 log.debug("controller refused the command poll", extra={"error": str(exc)})
-                delay = min(delay * 2, self.retry_max)
+                delay = backoff.next_delay()
             except NETWORK_ERRORS as exc:
                 log.debug("command poll failed", extra={"error": repr(exc)})
-                delay = min(delay * 2, self.retry_max)
+                delay = backoff.next_delay()
             await asyncio.sleep(delay)
 
     async def execute(self, command: QueuedCommand) -> None:
@@ -207,7 +209,7 @@ class CommandRunner:
         await self._report(command_id, report)
 
     async def _report(self, command_id: str, report: dict[str, Any]) -> None:
-        delay = 0.5
+        backoff = Backoff(0.5, self.retry_max)
         for attempt in range(REPORT_ATTEMPTS):
             try:
                 await self.client.report_command(self.host_id, command_id, report)
@@ -219,5 +221,4 @@ class CommandRunner:
                 if attempt == REPORT_ATTEMPTS - 1:
                     log.warning("command result lost", extra={"id": command_id, "error": repr(exc)})
                     return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.retry_max)
+                await backoff.wait()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import socket
 import time
 from dataclasses import dataclass, replace
@@ -24,6 +23,7 @@ from agent.wireguard.backend import WireGuardBackend, WireGuardError
 from cladnet import mesh, paths
 from cladnet import policy as acl
 from cladnet.api_client import NETWORK_ERRORS, ApiClientError, AsyncClient, WatchGone
+from cladnet.backoff import Backoff
 from cladnet.tasks import cancel_and_wait
 
 log = logging.getLogger("cladnet.agent")
@@ -58,25 +58,6 @@ class Timing:
     path_check: float = 2.0
     direct_timeout: float = 6.0
     direct_retry: float = 60.0
-
-
-class Backoff:
-    """Capped exponential backoff with jitter, so agents do not reconnect in lockstep."""
-
-    def __init__(self, low: float, high: float) -> None:
-        self.low, self.high, self.current = low, high, low
-
-    def reset(self) -> None:
-        self.current = self.low
-
-    def next_delay(self) -> float:
-        """The next delay to wait, doubling the one after it."""
-        delay = self.current * random.uniform(0.8, 1.2)
-        self.current = min(self.current * 2, self.high)
-        return delay
-
-    async def wait(self) -> None:
-        await asyncio.sleep(self.next_delay())
 
 
 class NetworkAgent:

@@ -24,6 +24,7 @@ from paho.mqtt.properties import Properties
 
 from cladnet import metrics
 from cladnet.alarms import AlarmEngine, Event
+from cladnet.backoff import Backoff
 from cladnet.sequence import SequenceTracker, Verdict
 from cladnet.tasks import cancel_and_wait
 from collector import mqtt_ack
@@ -238,7 +239,7 @@ class Ingest:
 
     async def run(self) -> None:
         """Subscribe and ingest forever; reconnect with capped backoff."""
-        delay = RECONNECT_FIRST
+        backoff = Backoff(RECONNECT_FIRST, RECONNECT_CAP, jitter=(0.5, 1.0))
         while True:
             connects = self.counters["connects"]
             try:
@@ -252,9 +253,8 @@ class Ingest:
                 self._unacked = []
                 self._stored = {}
             if self.counters["connects"] > connects:  # it was up: back off afresh
-                delay = RECONNECT_FIRST
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, RECONNECT_CAP)
+                backoff.reset()
+            await backoff.wait()
 
     async def watch_hosts(self, every: float = 1.0, missed: int = 3) -> None:
         """The built-in host-down alarm: no batch for ``missed`` intervals."""

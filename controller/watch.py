@@ -20,6 +20,7 @@ from typing import Any
 from aetcd import exceptions as etcd_errors
 from aetcd import rpc
 
+from cladnet.backoff import Backoff
 from cladnet.tasks import cancel_and_wait
 from controller import keyspace as ks
 from controller.etcd import Etcd, prefix_end
@@ -151,14 +152,14 @@ class NetworkHub:
         self.task = asyncio.create_task(self._run(watch))
 
     async def _run(self, watch: Any) -> None:
-        backoff = 0.1
+        backoff = Backoff(0.1, 5.0)
         while True:
             try:
                 if watch is None:
                     watch = await open_watch(self.etcd, self.prefix, self.last_revision + 1)
                 async for event in watch:
                     self._publish(encode_event(event))
-                    backoff = 0.1
+                    backoff.reset()
                 raise ConnectionError("etcd watch stream ended")
             except (WatchGone, etcd_errors.RevisionCompactedError) as exc:
                 log.warning("peer watch compacted", extra={"prefix": self.prefix.decode()})
@@ -173,8 +174,7 @@ class NetworkHub:
                 with contextlib.suppress(Exception):
                     await watch.cancel()
                 watch = None
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                await backoff.wait()
 
     def _publish(self, line: Line) -> None:
         self.last_revision = max(self.last_revision, line[0])

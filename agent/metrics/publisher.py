@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from urllib.parse import urlsplit
 import aiomqtt
 
 from agent.metrics.spool import Spool
+from cladnet.backoff import Backoff
 from cladnet.tasks import cancel_and_wait
 
 log = logging.getLogger("cladnet.agent")
@@ -179,12 +179,14 @@ class Publisher:
 
     async def run(self) -> None:
         """Connect, drain the spool whenever woken, reconnect with capped backoff."""
-        delay = RECONNECT_FIRST
+        # Jittered, so agents cut off together do not all come back at once.
+        backoff = Backoff(RECONNECT_FIRST, RECONNECT_CAP, jitter=(0.5, 1.0))
         while True:
             acks: asyncio.Task[None] | None = None
             try:
                 async with self.broker.client(self.identifier) as client:
-                    self.connected, delay = True, RECONNECT_FIRST
+                    self.connected = True
+                    backoff.reset()
                     log.info("connected to the metrics broker", extra={"broker": self.broker.url})
                     refused = "no ack topic configured"
                     if self.ack_topic is not None:
@@ -211,9 +213,7 @@ class Publisher:
             finally:
                 self.connected = False
                 await cancel_and_wait([acks], aiomqtt.MqttError)
-            # Jittered, so agents cut off together do not all come back at once.
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, RECONNECT_CAP)
+            await backoff.wait()
 
 
 def _refused(granted: object) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -13,6 +12,7 @@ from typing import TypeVar
 import httpx
 
 from cladnet.api_client.errors import ApiClientError, GaveUp
+from cladnet.backoff import Backoff
 
 # The agent is the one that retries: its log lines stay under its logger.
 log = logging.getLogger("cladnet.agent")
@@ -60,7 +60,7 @@ async def with_retries(
     One log line when retries start; each retry only at debug level.
     """
     deadline = clock() + within
-    delay, attempt = low, 0
+    backoff, attempt = Backoff(low, high), 0
     while True:
         try:
             return await call()
@@ -70,7 +70,7 @@ async def with_retries(
             reason = str(exc) or type(exc).__name__
             hint = exc.retry_after if isinstance(exc, ApiClientError) else None
             left = deadline - clock()
-            wait = min(delay * random.uniform(0.8, 1.2), left)  # one last try at the deadline
+            wait = min(backoff.next_delay(), left)  # one last try at the deadline
             if hint is not None:
                 wait = max(wait, hint)
             if left <= 0 or wait > left:
@@ -84,4 +84,3 @@ async def with_retries(
             else:
                 log.debug("retrying", extra=extra)
             await sleep(wait)
-            delay = min(delay * 2, high)
