@@ -411,6 +411,13 @@ async def etcd_metric(url: str, name: str) -> float:
     )
 
 
+def revision(etcd: Etcd) -> int:
+    """etcd's current revision."""
+    return int(
+        json.loads(etcd.ctl("endpoint", "status", "-w", "json"))[0]["Status"]["header"]["revision"]
+    )
+
+
 async def writes_run(n: int, window: float, heartbeat: float, tmp: Path) -> dict[str, Any]:
     """N hosts heartbeating for ``window`` s: etcd writes counted by a keyspace watch."""
     etcd = start_etcd(tmp, f"etcd-writes-{n}")
@@ -467,12 +474,12 @@ async def writes_run(n: int, window: float, heartbeat: float, tmp: Path) -> dict
             await watcher.connect()
             watch = await watcher.watch_prefix(b"/cladnet/")
             counted: dict[str, list[int]] = {}  # key kind → [puts, bytes, deletes]
-            opened = [float("inf")]  # when the counted window opens (monotonic)
+            opened = [2**63]  # etcd's revision when the counted window opened
 
             async def count() -> None:
                 async for event in watch:
-                    if time.monotonic() < opened[0]:
-                        continue
+                    if event.kv.mod_revision <= opened[0]:
+                        continue  # a warm-up write, late
                     kind = event.kv.key.split(b"/")[2].decode()
                     row = counted.setdefault(kind, [0, 0, 0])
                     if event.kind == "PUT":
@@ -487,11 +494,12 @@ async def writes_run(n: int, window: float, heartbeat: float, tmp: Path) -> dict
             t0 = time.monotonic()
             loops = asyncio.gather(*(host_loop(i, beats, t0) for i in range(n)))
             await asyncio.sleep(max(0.0, t0 + heartbeat - time.monotonic()))
-            opened[0] = time.monotonic()
+            opened_at = time.monotonic()
+            opened[0] = revision(etcd)
             puts0 = await etcd_metric(etcd.url, "etcd_mvcc_put_total")
             cpu0 = cpu_seconds(ctl.proc.pid)
             await loops
-            elapsed = max(time.monotonic() - opened[0], beats * heartbeat)
+            elapsed = max(time.monotonic() - opened_at, beats * heartbeat)
             ctl_cpu = cpu_seconds(ctl.proc.pid) - cpu0
             await asyncio.sleep(1)  # the watch's last events
             puts = await etcd_metric(etcd.url, "etcd_mvcc_put_total") - puts0
