@@ -68,6 +68,7 @@ from lab.api import join, make_network, make_token
 from lab.components import Controller, Etcd, free_port
 
 WORKERS = 2
+WAVE = 25  # agents per worker that list at once
 TARGETS_P99_SECONDS = {1000: 1.0, 5000: 3.0}
 CIDR = "10.64.0.0/16"
 # Resident memory per peer an agent holds (its listed dict, plan, device entry), with
@@ -189,14 +190,18 @@ async def _worker(conn: Connection, cfg: dict[str, Any]) -> None:
             conn.send(("joined", len(agents)))
             _, expected = await recv()
             cpu0, started, rss0 = time.process_time(), time.monotonic(), rss_bytes(os.getpid())
-            tasks = [asyncio.create_task(a.sync_loop()) for a in agents]
             backends: list[RecordingBackend] = [a.backend for a in agents]  # type: ignore[misc]
             deadline = started + cfg["ready_timeout"]
-            while any(len(b.peers) < expected for b in backends):
-                if time.monotonic() > deadline:
-                    short = sum(len(b.peers) < expected for b in backends)
-                    raise TimeoutError(f"{short} agents' devices did not get every peer")
-                await asyncio.sleep(0.1)
+            # Agents start in waves, each once the last holds every peer: all at once,
+            # N lists of N peers pile up on the one controller past the client's timeout.
+            for first in range(0, len(agents), cfg["wave"]):
+                end = first + cfg["wave"]
+                tasks += [asyncio.create_task(a.sync_loop()) for a in agents[first:end]]
+                while any(len(b.peers) < expected for b in backends[first:end]):
+                    if time.monotonic() > deadline:
+                        short = sum(len(b.peers) < expected for b in backends)
+                        raise TimeoutError(f"{short} agents' devices did not get every peer")
+                    await asyncio.sleep(0.05)
             conn.send(("ready", time.monotonic() - started, time.process_time() - cpu0,
                        rss_bytes(os.getpid()), rss0))  # fmt: skip
             while True:
@@ -273,7 +278,7 @@ def agents_run(n: int, changes: int, tmp: Path) -> dict[str, Any]:
         for w in range(WORKERS):
             mine, theirs = ctx.Pipe()
             cfg = {"url": ctl.url, "token": token, "indices": list(range(w, n, WORKERS)),
-                   "ready_timeout": 120 + n * 0.5,
+                   "ready_timeout": 300 + n * 0.5, "wave": WAVE,
                    "state_root": "/dev/shm" if os.path.isdir("/dev/shm") else None}  # fmt: skip
             p = ctx.Process(target=worker, args=(theirs, cfg), name=f"cl-fleet-{w}")
             p.start()
