@@ -20,7 +20,9 @@ cost etcd per host.
    bench/convergence.py (N streams read by one process, no agent code) at the same N,
    as a ratio. Every agent holds every other as a peer, so the fleet's memory and its
    initial listing grow with N²: a size whose estimate exceeds the machine's free memory
-   is skipped and says so (5,000 agents: 25 M held peers).
+   is skipped and says so (5,000 agents: 25 M held peers). Agents start in waves of
+   ``WAVE`` per worker, each once the previous wave holds every peer: 1,000 agents
+   listing at once kept one controller saturated past the agents' request timeout.
 2. **etcd writes** (issue 13, item 2), per N, on a fresh etcd and controller: N hosts
    join with real credentials and heartbeat through the controller's HTTP API as the
    agent does (``POST /v1/hosts/{id}/heartbeat`` with unchanged addresses, every
