@@ -531,6 +531,7 @@ async def writes_run(n: int, window: float, heartbeat: float, tmp: Path) -> dict
         "etcd_write_bytes_per_host_per_minute": round(total_bytes / n / minutes, 1),
         "etcd_puts_per_host_per_minute": round(total_puts / n / minutes, 2),
         "etcd_write_bytes_per_heartbeat": round(total_bytes / max(1, sent[0]), 1),
+        "etcd_write_bytes_per_put": round(total_bytes / max(1, total_puts), 1),
         "by_key_kind": {k: dict(zip(fields, r, strict=True)) for k, r in counted.items()},
         "etcd_mvcc_put_total_delta": puts,
         "controller_cpu_ms_per_heartbeat": round(ctl_cpu * 1000 / max(1, sent[0]), 2),
