@@ -129,6 +129,7 @@ def worker(conn: Connection, cfg: dict[str, Any]) -> None:
     # Quiet: each agent fails to bind its DNS server (its overlay address exists nowhere)
     # and says so on every refresh.
     logging.disable(logging.CRITICAL)
+    common.clean_up_on_sigterm()  # a terminated worker still removes its state directory
     try:
         asyncio.run(_worker(conn, cfg))
     except Exception as exc:  # the main process reports it
