@@ -40,6 +40,7 @@ BENCHMARKS: dict[str, tuple[str, bool, str]] = {
     "agent-scale": ("agent_scale", False, "agent absorbing a join burst vs per-event reconcile"),
     "policy": ("policy", False, "policy compile + nft load vs planning without a policy"),
     "dns": ("dns", False, "agent DNS server queries/s vs the bare codec"),
+    "fleet": ("fleet", False, "real agents' convergence vs raw watch streams; etcd B/host/min"),
 }
 
 
