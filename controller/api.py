@@ -300,6 +300,8 @@ def create_app(settings: Settings) -> FastAPI:
         await etcd.connect()
         store = Store(etcd)
 
+        tried = asyncio.Event()
+
         async def index_keys() -> None:
             """Keys of hosts that joined before keys were unique, before serving; while
             etcd is away the controller serves (unready) and indexes once it is back."""
@@ -310,11 +312,15 @@ def create_app(settings: Settings) -> FastAPI:
                     return
                 except ETCD_DOWN as exc:
                     log.warning("etcd unavailable; indexing keys later", extra={"error": repr(exc)})
+                    tried.set()
                     await asyncio.sleep(5)
+                finally:
+                    tried.set()
 
         indexing = asyncio.create_task(index_keys(), name="index-keys")
-        with contextlib.suppress(TimeoutError):  # normally done before the first request
-            await asyncio.wait_for(asyncio.shield(indexing), 10)
+        # Normally done before the first request; with etcd away, serve (unready) at once.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(tried.wait(), 10)
         configured = None
         if settings.admin_token:  # configured: accepted as is, never written anywhere
             configured = tokens.hash_secret(settings.admin_token)
