@@ -103,6 +103,13 @@ class Batch:
     samples: list[tuple[str, dict[str, str], float]] = field(default_factory=list)
     host_id: str = ""
     sent: float = 0.0
+    #: Set by :func:`decode` for a version-2 batch whose values were all finite: the
+    #: parsed series column (shared, read-only: the same object for every batch with the
+    #: same series text) and the values in its order, so a store can map the column to
+    #: its series once and then take the values as they are, with no work per sample.
+    #: Another form of ``samples``, so left out of comparisons and repr.
+    column: SeriesColumn | None = field(default=None, compare=False, repr=False)
+    values: list[float] | None = field(default=None, compare=False, repr=False)
 
     def add(self, name: str, value: float, **labels: str) -> None:
         self.samples.append((name, labels, float(value)))
@@ -239,18 +246,23 @@ def _samples_v1(samples_raw: Any) -> list[tuple[str, dict[str, str], float]]:
     return samples
 
 
-def _samples_v2(series: Any, values: Any) -> list[tuple[str, dict[str, str], float]]:
-    names, labels = _series_column(series)
+def _samples_v2(
+    series: Any, values: Any
+) -> tuple[list[tuple[str, dict[str, str], float]], SeriesColumn | None, list[float] | None]:
+    """The samples, and the column and values when they are the samples (all finite)."""
+    column = _series_column(series)
+    names, labels = column
     if not isinstance(values, list) or len(values) != len(names):
         raise BatchError("values must be a list as long as series")
     floats = _finite_floats(values)
     if floats is not None:  # the usual case: no per-sample Python code at all
-        return list(zip(names, labels, floats, strict=True))
-    return [
+        return list(zip(names, labels, floats, strict=True)), column, floats
+    samples = [
         (n, lb, f)
         for n, lb, v in zip(names, labels, values, strict=True)
         if (f := _number(v)) is not None
     ]
+    return samples, None, None
 
 
 def decode(payload: bytes, topic_name: str | None = None) -> Batch:
@@ -282,7 +294,11 @@ def decode(payload: bytes, topic_name: str | None = None) -> Batch:
         raise BatchError("seq must be a non-negative integer")
     if not math.isfinite(ts):
         raise BatchError("bad ts or samples")
-    samples = _samples_v1(*columns) if version == 1 else _samples_v2(*columns)
+    column, floats = None, None
+    if version == 1:
+        samples = _samples_v1(*columns)
+    else:
+        samples, column, floats = _samples_v2(*columns)
     return Batch(
         network=network,
         host=host,
@@ -292,4 +308,6 @@ def decode(payload: bytes, topic_name: str | None = None) -> Batch:
         samples=samples,
         host_id=str(raw.get("host_id", "")),
         sent=sent,
+        column=column,
+        values=floats,
     )

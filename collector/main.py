@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import secrets
@@ -134,6 +135,10 @@ async def serve(args: argparse.Namespace) -> None:
             except Exception as exc:  # retention must never stop ingest
                 log.warning("retention pass failed", extra={"error": repr(exc)})
 
+    # What start-up built (mostly the imported frameworks) lives as long as the process:
+    # out of the collector's generations, so the collections that ingest's allocations
+    # trigger stop scanning it (a third of the receive path's time per sample).
+    gc.freeze()
     tasks = [
         asyncio.create_task(ingest.run(), name="ingest"),
         asyncio.create_task(ingest.watch_hosts(), name="host-down"),

@@ -20,7 +20,8 @@ from typing import Any
 import httpx
 import pytest
 
-from cladnet.metrics import Sample
+from cladnet import metrics
+from cladnet.metrics import Batch, Sample
 from collector.store import (
     AmbiguousSeries,
     MetricsStore,
@@ -30,6 +31,7 @@ from collector.store import (
     normalize_labels,
     open_store,
 )
+from collector.store.base import Labels
 
 # ---- a real VictoriaMetrics ------------------------------------------------------------
 
@@ -385,6 +387,67 @@ async def test_redelivered_batches_count_once(store: MetricsStore) -> None:
     assert (await store.latest(host="vm1"))[0].value == 9.0
 
 
+def _decoded(network: str, host: str, seq: int, ts: float, peers: int) -> Batch:
+    """A batch as the collector gets it: encoded (version 2), then decoded."""
+    b = Batch(network, host, seq, ts, 2.0)
+    b.add("load1", seq + 0.5)
+    b.add("cpu_usage_ratio", 0.25, cpu="0", host="x")  # a reserved label, renamed
+    for p in range(peers):
+        b.add("wireguard_peer_latency_seconds", seq / 1000 + p, peer=f"vm{p}")
+    return metrics.decode(b.encode())
+
+
+async def test_batches_by_column_store_what_their_samples_do(store: MetricsStore) -> None:
+    # Two hosts, two flushes; vm2's series change (a peer joins) between them, and one
+    # of its batches has a non-finite value, so it has no columns and takes the row path.
+    flushes = [
+        [_decoded("cols", "vm1", 0, T0, 1), _decoded("cols", "vm2", 0, T0, 1)],
+        [
+            _decoded("cols", "vm1", 1, T0 + 2, 1),
+            _decoded("cols", "vm2", 1, T0 + 2, 2),
+            _decoded("cols", "vm1", 2, T0 + 4, 1),
+        ],
+    ]
+    odd = Batch("cols", "vm2", 2, T0 + 4, 2.0)
+    odd.add("load1", 7.0)
+    odd.add("load5", math.inf)
+    flushes[1].append(metrics.decode(odd.encode()))
+    assert flushes[1][1].column is not None and flushes[1][3].column is None
+    for batches in flushes:
+        await store.write_batches(batches)
+        # The same samples by rows, under another network name.
+        await store.write([s for b in batches for s in b.flat() if math.isfinite(s.value)])
+        for b in batches:
+            b.network = "rows"
+        await store.write([s for b in batches for s in b.flat() if math.isfinite(s.value)])
+    await store.write_batches(flushes[1][:2])  # re-delivered: counted once
+    await store.flush()
+
+    def view(samples: list[Sample]) -> list[tuple[str, str, Labels, float, float]]:
+        return sorted((s.host, s.name, s.labels, s.ts, s.value) for s in samples)
+
+    by_column = view(await store.latest(network="cols"))
+    assert by_column == view(await store.latest(network="rows"))
+    assert ("vm2", "load1", (), T0 + 4, 7.0) in by_column
+    assert ("vm1", "cpu_usage_ratio", (("cpu", "0"), ("exported_host", "x")), T0 + 4, 0.25) in (
+        by_column
+    )
+    assert len([s for s in by_column if s[0] == "vm2"]) == 4  # load1, cpu, 2 peers
+    for network in ("cols", "rows"):
+        points = await store.series("vm1", "load1", None, T0, T0 + 9, 10, "avg", network=network)
+        assert points == [(T0, 1.5)]
+        assert await store.series(
+            "vm2",
+            "wireguard_peer_latency_seconds",
+            {"peer": "vm1"},
+            T0,
+            T0 + 9,
+            1,
+            "last",
+            network=network,
+        ) == [(T0 + 2, 1.001)]
+
+
 async def test_nonfinite_values_are_skipped(store: MetricsStore) -> None:
     await put(
         store,
@@ -652,6 +715,25 @@ async def test_sqlite_a_failed_write_leaves_nothing_behind(tmp_path: Path) -> No
         )
         await store.write([sample("vm1", "cpu_percent", T0, 1.0)])
         assert [s.value for s in await store.latest()] == [1.0]
+    finally:
+        await store.close()
+
+
+async def test_sqlite_a_failed_column_write_leaves_no_cached_ids(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "m.db")
+    try:
+        await store.write([sample("vm1", "load5", T0, 1.0)])
+        # A list as a label value cannot be hashed: the write fails after vm1's column
+        # got its series ids, which the rollback takes back.
+        bad = Batch("prod", "vm2", 0, T0, 2.0, column=(("load1",), ({"a": []},)), values=[1.0])  # type: ignore[dict-item]
+        with pytest.raises(TypeError):
+            await store.write_batches([_decoded("prod", "vm1", 0, T0, 2), bad])
+        assert (await store.stats())["series"] == 1
+        # Those ids now go to vm3's series; vm1's column must not reuse them.
+        await store.write([sample("vm3", f"m{i}", T0, 3.0) for i in range(4)])
+        await store.write_batches([_decoded("prod", "vm1", 1, T0 + 2, 2)])
+        assert len(await store.latest(host="vm1")) == 5
+        assert {s.value for s in await store.latest(host="vm3")} == {3.0}
     finally:
         await store.close()
 

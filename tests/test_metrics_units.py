@@ -93,6 +93,21 @@ def test_version_1_and_2_decode_alike() -> None:
     assert metrics.decode(b.encode()).samples == new.samples  # from the series cache
 
 
+def test_version_2_batches_carry_their_columns() -> None:
+    b = _batch(seq=4)
+    first, again = metrics.decode(b.encode()), metrics.decode(_batch(seq=5).encode())
+    assert first.column is not None and first.values == [12.5, 50.0]
+    assert list(zip(*first.column, first.values, strict=True)) == first.samples
+    # The same series text: the same parsed column object, what stores key their caches on.
+    assert again.column is first.column
+    # A non-finite value is dropped from samples, so the columns are not the samples.
+    raw = json.loads(b.encode())
+    raw["values"][0] = 1e999
+    partial = metrics.decode(json.dumps(raw).encode())
+    assert (partial.column, partial.values, len(partial.samples)) == (None, None, 1)
+    assert metrics.decode(json.dumps(_v1(b)).encode()).column is None
+
+
 def _v2(series: object, values: object) -> bytes:
     raw = json.loads(_batch().encode())
     raw["series"], raw["values"] = series, values

@@ -58,7 +58,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from cladnet.metrics import Batch, Sample
+from cladnet.metrics import Batch, Sample, SeriesColumn
 
 AGGS = ("avg", "min", "max", "last")
 # Width of the rollup buckets (SQLite) — and the step from which rollups answer.
@@ -69,6 +69,21 @@ Labels = tuple[tuple[str, str], ...]
 #: One host's samples taken at one time, the unit the backends write:
 #: ``(network, host, ts, [(name, labels, value), …])``, labels a dict or ``Labels``.
 SampleGroup = tuple[str, str, float, Sequence[tuple[str, dict[str, str] | Labels, float]]]
+#: A decoded version-2 batch as its columns: ``(network, host, ts, column, values)``,
+#: every value finite (see :attr:`cladnet.metrics.Batch.column`).
+ColumnGroup = tuple[str, str, float, SeriesColumn, list[float]]
+
+
+def split_batches(batches: Sequence[Batch]) -> tuple[list[SampleGroup], list[ColumnGroup]]:
+    """Batches that carry their columns as column groups, the others as sample groups."""
+    groups: list[SampleGroup] = []
+    columns: list[ColumnGroup] = []
+    for b in batches:
+        if b.column is not None and b.values is not None:
+            columns.append((b.network, b.host, b.ts, b.column, b.values))
+        else:
+            groups.append((b.network, b.host, b.ts, b.samples))
+    return groups, columns
 
 
 class StoreError(RuntimeError):

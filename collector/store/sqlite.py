@@ -58,9 +58,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cladnet.metrics import Sample
+from cladnet.metrics import Batch, Sample, SeriesColumn
 from collector.store.base import (
     ROLLUP_STEP,
+    ColumnGroup,
     Labels,
     MetricsStore,
     SampleGroup,
@@ -69,6 +70,7 @@ from collector.store.base import (
     network_aggregate,
     normalize_labels,
     pick_series,
+    split_batches,
     usable_time,
 )
 
@@ -79,7 +81,8 @@ FILL_CHUNK = 8192  # rows per multi-row INSERT: 32,768 parameters, SQLite's defa
 # (hid, name, labels as the writer got them: a dict's items or Labels) → series id.
 SeriesKey = tuple[int, str, Labels]
 # An id map and a key added to it during a write transaction (undone on rollback).
-Interned = tuple[dict[Any, int], Any]
+Interned = tuple[dict[Any, Any], Any]
+COLUMN_CACHE = 65536  # (host, series column) → series ids kept; about one per host
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -145,10 +148,11 @@ FOLD_ROLLUP = (
     " last = CASE WHEN excluded.last_ts >= last_ts THEN excluded.last ELSE last END,"
     " last_ts = MAX(last_ts, excluded.last_ts)"
 )
-# One MAX() per series: the bare ``value`` is from the newest row (no ties: raw's key).
+# Row by row in insertion order, the newest timestamp winning (no ties: raw's key);
+# a GROUP BY sid picking each series' newest row first cost twice as much (it sorts).
 FOLD_LATEST = (
-    "INSERT INTO latest (sid, ts, value) SELECT sid, MAX(ts), value"
-    " FROM temp.flush WHERE true GROUP BY sid"
+    "INSERT INTO latest (sid, ts, value) SELECT sid, ts, value"
+    " FROM temp.flush WHERE true ORDER BY rowid"
     " ON CONFLICT (sid) DO UPDATE SET ts = excluded.ts, value = excluded.value"
     " WHERE excluded.ts >= latest.ts"
 )
@@ -186,6 +190,10 @@ def _connect(path: Path, cache_mib: int) -> sqlite3.Connection:
     db.execute(f"PRAGMA cache_size = {-1024 * cache_mib}")
     db.execute("PRAGMA temp_store = MEMORY")
     db.execute("PRAGMA journal_size_limit = 67108864")  # truncate the WAL to 64 MiB
+    # Checkpoint every 64 MiB of WAL, not every 4 MiB: the latest and rollup pages a
+    # flush rewrites are then copied back once per checkpoint, not once every few
+    # flushes (halved the writer's COMMIT time in bench.ingest's load).
+    db.execute("PRAGMA wal_autocheckpoint = 16384")
     return db
 
 
@@ -232,6 +240,9 @@ class SqliteStore(MetricsStore):
         }
         # The hot path's one lookup per sample (see SeriesKey).
         self._keys: dict[SeriesKey, int] = {}
+        # The columnar path's one lookup per batch: (hid, id(column)) → the column (kept
+        # so its id is not reused while cached) and the series id of each of its entries.
+        self._columns: dict[tuple[int, int], tuple[SeriesColumn, list[int]]] = {}
         row = self._w.execute("SELECT value FROM meta WHERE key = 'raw_horizon'").fetchone()
         self.raw_horizon: float = float(row[0]) if row else -math.inf
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="metrics-sqlite-w")
@@ -287,13 +298,48 @@ class SqliteStore(MetricsStore):
         new.append((self._keys, key))
         return sid
 
-    def _write(self, groups: Sequence[SampleGroup]) -> None:
+    def _column_sids(self, hid: int, column: SeriesColumn, new: list[Interned]) -> list[int]:
+        """The series ids of a column's entries for one host (inside the transaction)."""
+        ckey = (hid, id(column))
+        cached = self._columns.get(ckey)
+        if cached is not None and cached[0] is column:
+            return cached[1]
+        keys = self._keys
+        sids = []
+        for name, labels in zip(*column, strict=True):
+            key = (hid, name, tuple(labels.items()))
+            sid = keys.get(key)
+            sids.append(self._intern_series(key, new) if sid is None else sid)
+        if len(self._columns) >= COLUMN_CACHE:  # bounded; rebuilding is one pass
+            self._columns.clear()
+        self._columns[ckey] = (column, sids)
+        new.append((self._columns, ckey))
+        return sids
+
+    def _write(self, groups: Sequence[SampleGroup], columns: Sequence[ColumnGroup] = ()) -> None:
         new: list[Interned] = []
 
         def run() -> None:
-            rows: list[tuple[int, float, int, float]] = []
+            # The rows' parameters, flat: hid, ts, sid, value, hid, ts, …
+            flat: list[float] = []
             newest: dict[int, float] = {}
             hids, keys, isfinite = self._hids, self._keys, math.isfinite
+            for network, host, ts, column, values in columns:
+                if not usable_time(ts):
+                    self.skipped += len(values)
+                    continue
+                if not values:
+                    continue
+                hid = hids.get((network, host)) or self._intern_host(network, host, ts, new)
+                if ts > newest.get(hid, -1.0):
+                    newest[hid] = ts
+                sids = self._column_sids(hid, column, new)
+                # Values are finite (decode checked): no Python code per sample here.
+                flat.extend(
+                    itertools.chain.from_iterable(
+                        zip(itertools.repeat(hid), itertools.repeat(ts), sids, values)
+                    )
+                )
             for network, host, ts, items in groups:
                 if not usable_time(ts):
                     self.skipped += len(items)
@@ -311,22 +357,22 @@ class SqliteStore(MetricsStore):
                     sid = keys.get(key)
                     if sid is None:
                         sid = self._intern_series(key, new)
-                    rows.append((hid, ts, sid, value))
+                    flat += (hid, ts, sid, value)
             # Multi-row INSERTs instead of executemany: SQLite then runs each with the
             # GIL released once; executemany takes the GIL back for every row and, beside
             # a busy event loop, waits for it each time (30x slower in the collector).
             # Parameters, not a JSON array: json_extract cost 2.5 us a row.
             db = self._w
             db.execute("DELETE FROM temp.flush")
+            rows = len(flat) // 4
             done, size = 0, FILL_CHUNK
-            while done < len(rows):
-                while size > len(rows) - done:
+            while done < rows:
+                while size > rows - done:
                     size //= 2
-                part = rows[done : done + size]
-                db.execute(fill_flush(size), list(itertools.chain.from_iterable(part)))
+                db.execute(fill_flush(size), flat[4 * done : 4 * (done + size)])
                 done += size
             db.execute("SAVEPOINT fold")
-            if db.execute(INSERT_RAW).rowcount != len(rows):
+            if db.execute(INSERT_RAW).rowcount != rows:
                 # Some were stored already: fold in only the new ones.
                 db.execute("ROLLBACK TO fold")
                 db.execute(DROP_STORED)
@@ -351,6 +397,11 @@ class SqliteStore(MetricsStore):
     async def write_groups(self, groups: Sequence[SampleGroup]) -> None:
         if groups:
             await self._on(self._writer, self._write, groups)
+
+    async def write_batches(self, batches: Sequence[Batch]) -> None:
+        """Decoded version-2 batches by their columns: one series lookup per batch."""
+        if batches:
+            await self._on(self._writer, self._write, *split_batches(batches))
 
     # ---- reads ------------------------------------------------------------------------
 
@@ -531,7 +582,7 @@ class SqliteStore(MetricsStore):
                     "SELECT id, hid, name, labels FROM series"
                 )
             }
-            self._keys = {}
+            self._keys, self._columns = {}, {}
 
     async def prune(self, now: float) -> None:
         """Delete raw samples older than ``now - raw_retention`` and rollups older than

@@ -51,8 +51,9 @@ from typing import Any
 
 import httpx
 
-from cladnet.metrics import Sample
+from cladnet.metrics import Batch, Sample, SeriesColumn
 from collector.store.base import (
+    ColumnGroup,
     Labels,
     MetricsStore,
     SampleGroup,
@@ -62,6 +63,7 @@ from collector.store.base import (
     network_aggregate,
     normalize_labels,
     pick_series,
+    split_batches,
     usable_time,
 )
 
@@ -74,6 +76,7 @@ OVER_TIME = {
 OWN_LABELS = ("__name__", "network", "host")
 RE2_SPECIAL = set("\\.+*?()|[]{}^$")
 METRIC_CACHE = 1 << 20  # series whose "metric" JSON is kept
+COLUMN_CACHE = 65536  # (network, host, series column) whose line heads are kept
 
 
 def quote(value: str) -> str:
@@ -118,6 +121,9 @@ class VictoriaStore(MetricsStore):
         self.max_import_samples = max_import_samples
         self.skipped = 0
         self._metrics: dict[tuple[str, str, str, Labels], str] = {}
+        # (network, host, id(column)) → the column (kept so its id is not reused while
+        # cached) and each entry's line head, ``{"metric":{…},"values":[``.
+        self._heads: dict[tuple[str, str, int], tuple[SeriesColumn, list[str]]] = {}
         self._http = client or httpx.AsyncClient(base_url=self.url, timeout=timeout)
 
     async def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
@@ -146,6 +152,43 @@ class VictoriaStore(MetricsStore):
                 self._metrics.clear()
             self._metrics[key] = text
         return text
+
+    def _column_heads(self, network: str, host: str, column: SeriesColumn) -> list[str]:
+        """Each entry's line head for one host's series column, cached."""
+        key = (network, host, id(column))
+        cached = self._heads.get(key)
+        if cached is not None and cached[0] is column:
+            return cached[1]
+        heads = [
+            f'{{"metric":{self._metric((network, host, name, tuple(labels.items())))},"values":['
+            for name, labels in zip(*column, strict=True)
+        ]
+        if len(self._heads) >= COLUMN_CACHE:  # bounded; rebuilding is one pass
+            self._heads.clear()
+        self._heads[key] = (column, heads)
+        return heads
+
+    def _column_lines(self, columns: Sequence[ColumnGroup]) -> list[tuple[int, bytes]]:
+        """Import lines for column groups: one per series and run of a host's batches
+        with the same column, built per series (the values were checked finite)."""
+        runs: dict[tuple[str, str, int], tuple[SeriesColumn, list[int], list[list[float]]]] = {}
+        for network, host, ts, column, values in columns:
+            if not usable_time(ts):
+                self.skipped += len(values)
+                continue
+            run = runs.get((network, host, id(column)))
+            if run is None:
+                run = runs[(network, host, id(column))] = (column, [], [])
+            run[1].append(round(ts * 1000))
+            run[2].append(values)
+        lines = []
+        for (network, host, _), (column, stamps, rows) in runs.items():
+            tail = f'],"timestamps":[{",".join(map(str, stamps))}]}}'
+            heads = self._column_heads(network, host, column)
+            # zip(*rows): each series' values across the run's batches, in C.
+            for head, series in zip(heads, zip(*rows, strict=True), strict=True):
+                lines.append((len(series), f"{head}{','.join(map(repr, series))}{tail}".encode()))
+        return lines
 
     def _lines(self, groups: Sequence[SampleGroup]) -> list[tuple[int, bytes]]:
         series: dict[tuple[str, str, str, Labels], tuple[list[float], list[int]]] = {}
@@ -180,9 +223,17 @@ class VictoriaStore(MetricsStore):
         ]
 
     async def write_groups(self, groups: Sequence[SampleGroup]) -> None:
+        await self._write_lines(self._lines(groups))
+
+    async def write_batches(self, batches: Sequence[Batch]) -> None:
+        """Decoded version-2 batches by their columns: the lines built per series."""
+        groups, columns = split_batches(batches)
+        await self._write_lines(self._column_lines(columns) + self._lines(groups))
+
+    async def _write_lines(self, lines: list[tuple[int, bytes]]) -> None:
         chunk: list[bytes] = []
         size = 0
-        for count, line in self._lines(groups):
+        for count, line in lines:
             chunk.append(line)
             size += count
             if size >= self.max_import_samples:
