@@ -54,14 +54,19 @@ class Driver(base.Driver):
         internet: str = "172.29.0.0/16",
         agent: str | None = None,
         tag: str | None = None,
+        agent_log_level: str | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
+        self.agent_log_level = agent_log_level  # e.g. "debug" to trace a VM's start
         self.internet = ipaddress.IPv4Network(internet)
         self.clouds = clouds or DEMO_CLOUDS
         self.agent = agent or str(Path(sys.executable).with_name("cladnet-agent"))
         self.tag = tag or hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:4]
         self.bridge = f"cl{self.tag}net"
+        # Guards the state file and each cloud's NAT table; a VM's own namespace is made
+        # outside it, so a group's VMs are plugged in parallel.
         self._lock = asyncio.Lock()
+        self._cloud_lock = asyncio.Lock()  # one router per cloud, made once
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._regions: dict[str, tuple[str, ipaddress.IPv4Network]] = {}
         for cloud, spec in self.clouds.items():
@@ -247,6 +252,8 @@ class Driver(base.Driver):
             "CLADNET_DNS": "hosts",
             "CLADNET_HOSTS_FILE": str(home / "hosts"),
         }
+        if self.agent_log_level:
+            env["CLADNET_LOG_LEVEL"] = self.agent_log_level
         with (home / "console.log").open("ab") as console:
             # A session of its own: the VM outlives the controller that booted it.
             child = subprocess.Popen(
@@ -338,8 +345,16 @@ class Driver(base.Driver):
                 state["next_vm"] += 1
                 state["vms"][spec.name] = vm
                 self._save(state)
+        async with self._cloud_lock:
             await self._ensure_cloud(cloud)
-            await self._plug(spec.name, vm, subnet)
+        await self._plug(spec.name, vm, subnet)
+        async with self._lock:
+            state = self._load()  # others may have changed it meanwhile
+            vm = state["vms"].get(spec.name)
+            if vm is None:
+                raise base.DriverError(f"local: VM {spec.name!r} was terminated while created")
+            if vm.get("booted"):
+                return self._vm(spec.name, vm)
             await self._set_public(vm, self._new_public(cloud, state))
             await self._apply_nat(cloud, state)
             home = self._vm_dir(spec.name)
@@ -361,11 +376,15 @@ class Driver(base.Driver):
             veth = f"link add eth0 netns {ns} type veth peer name {port} netns {router}"
             await self._run("ip", *veth.split())
             address = f"{vm['private_ip']}/{subnet.prefixlen}"
-            await self._in(ns, "ip", "link", "set", "lo", "up")
-            await self._in(ns, "ip", "addr", "add", address, "dev", "eth0")
-            await self._in(ns, "ip", "link", "set", "eth0", "up")
             gateway = str(subnet.network_address + 1)
-            await self._in(ns, "ip", "route", "add", "default", "via", gateway)
+            # One process for the four: a group's VMs are plugged at once on few cores.
+            batch = (
+                "link set lo up\n"
+                f"addr add {address} dev eth0\n"
+                "link set eth0 up\n"
+                f"route add default via {gateway}\n"
+            )
+            await self._run("ip", "-n", ns, "-batch", "-", stdin=batch)
         lan = f"lan{sorted(self.clouds[vm['cloud']]['regions']).index(vm['region'])}"
         await self._in(router, "ip", "link", "set", port, "master", lan, "up")
 
