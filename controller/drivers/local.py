@@ -67,6 +67,7 @@ class Driver(base.Driver):
         # outside it, so a group's VMs are plugged in parallel.
         self._lock = asyncio.Lock()
         self._cloud_lock = asyncio.Lock()  # one router per cloud, made once
+        self._clouds_ready: set[str] = set()  # routers seen made: not probed per VM
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._regions: dict[str, tuple[str, ipaddress.IPv4Network]] = {}
         for cloud, spec in self.clouds.items():
@@ -115,6 +116,7 @@ class Driver(base.Driver):
     async def _remove_router(self, cloud: str) -> None:
         # The WAN veth is deleted first and synchronously: deleting only the namespace
         # would leave its host end until the kernel's asynchronous namespace cleanup ran.
+        self._clouds_ready.discard(cloud)
         await self._run("ip", "link", "del", self._wan(cloud), check=False)
         await self._run("ip", "netns", "del", self._router(cloud), check=False)
 
@@ -158,7 +160,10 @@ class Driver(base.Driver):
 
     async def _ensure_cloud(self, cloud: str) -> None:
         router = self._router(cloud)
+        if cloud in self._clouds_ready:
+            return
         if await self._exists("ip", "netns", "exec", router, "true"):
+            self._clouds_ready.add(cloud)
             return
         await self.prepare()
         spec = self.clouds[cloud]
@@ -192,6 +197,7 @@ class Driver(base.Driver):
             await self._in(router, "ip", "addr", "add", gateway, "dev", lan)
             await self._in(router, "ip", "link", "set", lan, "up")
             log.info("region ready", extra={"region": region, "subnet": subnet})
+        self._clouds_ready.add(cloud)
 
     async def _apply_nat(self, cloud: str, state: dict[str, Any]) -> None:
         """Rewrite the cloud's whole NAT table from the records, in one nft transaction."""
@@ -229,9 +235,9 @@ class Driver(base.Driver):
         router = self._router(vm["cloud"])
         if vm.get("public_ip"):
             old = f"{vm['public_ip']}/32"
-            await self._in(router, "ip", "addr", "del", old, "dev", "wan", check=False)
+            await self._run("ip", "-n", router, "addr", "del", old, "dev", "wan", check=False)
         if address:
-            await self._in(router, "ip", "addr", "add", f"{address}/32", "dev", "wan")
+            await self._run("ip", "-n", router, "addr", "add", f"{address}/32", "dev", "wan")
         vm["public_ip"] = address
 
     # --- VM processes -------------------------------------------------------------------
