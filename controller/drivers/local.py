@@ -68,6 +68,7 @@ class Driver(base.Driver):
         self._lock = asyncio.Lock()
         self._cloud_lock = asyncio.Lock()  # one router per cloud, made once
         self._clouds_ready: set[str] = set()  # routers seen made: not probed per VM
+        self._nat_stale: set[str] = set()  # clouds with a public address not in NAT yet
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._regions: dict[str, tuple[str, ipaddress.IPv4Network]] = {}
         for cloud, spec in self.clouds.items():
@@ -356,13 +357,21 @@ class Driver(base.Driver):
         await self._plug(spec.name, vm, subnet)
         async with self._lock:
             state = self._load()  # others may have changed it meanwhile
-            vm = state["vms"].get(spec.name)
-            if vm is None:
-                raise base.DriverError(f"local: VM {spec.name!r} was terminated while created")
+            vm = self._creating(state, spec.name)
             if vm.get("booted"):
                 return self._vm(spec.name, vm)
             await self._set_public(vm, self._new_public(cloud, state))
-            await self._apply_nat(cloud, state)
+            self._save(state)
+            self._nat_stale.add(cloud)
+        # A second turn: the VMs that got their addresses meanwhile share one NAT rewrite.
+        async with self._lock:
+            state = self._load()
+            vm = self._creating(state, spec.name)
+            if vm.get("booted"):
+                return self._vm(spec.name, vm)
+            if cloud in self._nat_stale:
+                await self._apply_nat(cloud, state)
+                self._nat_stale.discard(cloud)
             home = self._vm_dir(spec.name)
             home.mkdir(parents=True, exist_ok=True, mode=0o700)
             user_data = home / "user-data"
@@ -371,6 +380,12 @@ class Driver(base.Driver):
             self._boot(spec.name, vm)
             self._save(state)
             return self._vm(spec.name, vm)
+
+    def _creating(self, state: dict[str, Any], name: str) -> dict[str, Any]:
+        vm = state["vms"].get(name)
+        if vm is None:
+            raise base.DriverError(f"local: VM {name!r} was terminated while created")
+        return vm
 
     async def _plug(self, name: str, vm: dict[str, Any], subnet: ipaddress.IPv4Network) -> None:
         """The VM's namespace and its link to the region's bridge (idempotent)."""
