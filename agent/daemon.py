@@ -149,6 +149,7 @@ class NetworkAgent:
             self.iface, f"{self.m.me['overlay_ip']}/{prefix}", int(self.m.network["mtu"])
         )
         self._device_ready = True
+        log.info("device up", extra={"iface": self.iface})
 
     async def reconcile(self, force_endpoints: bool = False) -> None:
         """Make the device match the plan; only the difference is changed.
@@ -558,6 +559,7 @@ class NetworkAgent:
         self.m.me = me
         self.m.peers = {p["id"]: p for p in peers if p["id"] != self.m.host_id}
         self.m.revision = revision
+        log.debug("peers listed", extra={"peers": len(self.m.peers), "revision": revision})
         self._save()
         await self.reconcile()
 
@@ -724,11 +726,13 @@ class NetworkAgent:
     async def run(self) -> None:
         """Restore the last known mesh at once, then follow the controller until this host's
         own DELETED event arrives; nothing else tears the interface and state down."""
+        # The list goes out while the device is made (its reconcile waits for this one):
+        # a VM that just joined gets its peers one round trip sooner.
+        self._restart_sync()
         try:
             await self.reconcile()  # from disk: tunnels come back even if the controller is down
         except Exception:
             log.exception("restoring the device from saved state failed")
-        self._restart_sync()
         addresses_task = asyncio.create_task(self.address_loop(), name=f"addresses-{self.iface}")
         metrics_task = asyncio.create_task(self.metrics_loop(), name=f"metrics-{self.iface}")
         path_task = asyncio.create_task(self.path_loop(), name=f"paths-{self.iface}")

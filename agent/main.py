@@ -496,6 +496,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args = build_parser().parse_args(argv)
     logs.setup(args.log_level)
+    log.debug("agent starting", extra={"command": args.command})
     try:
         code = asyncio.run(args.func(args))
     except UsageError as exc:

@@ -40,7 +40,11 @@ Method:
 - baseline, per size: N fresh namespaces on one bridge (tests/netns.Lab), one
   ``wireguard-go`` each configured by this script with ``wg set`` for all N-1 peers
   (hosts in parallel), from the first wireguard-go start to the full mesh with the
-  same pings: the floor for bringing up N WireGuard hosts on this machine.
+  same pings: the floor for bringing up N WireGuard hosts on this machine;
+- where the time goes (``agent_timeline_s``): from the VMs' agent logs (debug level),
+  seconds from the POST until each agent's process started, its join was answered,
+  its device was up, its peers were listed and its device held all other VMs (p50
+  and max over the VMs).
 
 One JSON object on stdout, then a one-line summary; progress on stderr. Everything
 made here is named ``cl-…``/``cl<tag>…`` and removed, also on failure or Ctrl-C.
@@ -292,6 +296,7 @@ def start_cloud(run: Run) -> tuple[Driver, Controller]:
         "clouds": clouds,
         "internet": f"{inet}.0.0/16",
         "tag": run.tag,
+        "agent_log_level": "debug",  # each agent's start, for the timeline
     }
     run.driver = driver = Driver(**options)  # type: ignore[arg-type]
     (run.tmp / "drivers.json").write_text(json.dumps({"local": options}))
@@ -360,11 +365,57 @@ def _pairs(vms: list[dict[str, Any]], only: str | None = None) -> dict[Pair, tup
     }
 
 
-def cladnet_mesh(admin: httpx.Client, n: int, timeout: float) -> dict[str, Any]:
-    """Create a group of ``n`` VMs and time it to Running, overlay IPs, full mesh."""
+# A VM's agent log line → the step of its start it marks (the first such line counts).
+TIMELINE = {
+    "agent starting": "agent_started",
+    "joined": "join_answered",
+    "device up": "device_up",
+    "peers listed": "peers_listed",
+}
+
+
+def agent_timeline(vms_dir: Path, names: list[str], posted: float) -> dict[str, Any]:
+    """Seconds from the POST to each step of the VMs' agents' start (p50 and max over
+    the VMs), from their logs (``console.log``): process started, join answered, device
+    up, peers listed, and the device holding all the group's other VMs."""
+    steps: dict[str, list[float]] = {step: [] for step in [*TIMELINE.values(), "all_peers_added"]}
+    for name in names:
+        seen: dict[str, float] = {}
+        added = 0
+        with contextlib.suppress(OSError):
+            lines = (vms_dir / name / "console.log").read_text(errors="replace").splitlines()
+            for line in lines:
+                try:
+                    entry = json.loads(line)
+                except ValueError:  # not a log line (join prints its answer too)
+                    continue
+                if not isinstance(entry, dict) or not isinstance(entry.get("ts"), float):
+                    continue
+                at = entry["ts"] - posted
+                step = TIMELINE.get(entry.get("msg", ""))
+                if step is not None:
+                    seen.setdefault(step, at)
+                elif entry.get("msg") == "device updated":
+                    added += len(entry.get("changes", {}).get("add", []))
+                    if added >= len(names) - 1:
+                        seen.setdefault("all_peers_added", at)
+        for step, at in seen.items():
+            steps[step].append(at)
+    return {
+        step: {"p50": round(percentile(sorted(v), 50) or 0, 2), "max": round(max(v), 2)}
+        if v
+        else None
+        for step, v in steps.items()
+    }
+
+
+def cladnet_mesh(admin: httpx.Client, n: int, timeout: float, vms_dir: Path) -> dict[str, Any]:
+    """Create a group of ``n`` VMs and time it to Running, overlay IPs, full mesh; and
+    where the time went in the VMs' agents (``agent_timeline``)."""
     name = f"mesh{n}"
     members = _members(n)
     started = time.monotonic()
+    posted = time.time()  # the agents' logs carry wall-clock times
     r = admin.post("/v1/groups", json={"name": name, "members": members})
     if r.status_code != 202:
         raise BenchError(f"POST /v1/groups: {r.status_code} {r.text[:300]}")
@@ -385,6 +436,11 @@ def cladnet_mesh(admin: httpx.Client, n: int, timeout: float) -> dict[str, Any]:
     result = probe(_pairs(group["vms"]), started, timeout, ordered=True)
     mesh = max(result.replies.values())
     _log(f"{name}: full mesh {mesh:.2f}s after POST")
+    timeline = agent_timeline(vms_dir, [vm["name"] for vm in group["vms"]], posted)
+    _log(
+        f"{name}: agents (p50/max s after POST): "
+        + ", ".join(f"{step} {t['p50']}/{t['max']}" for step, t in timeline.items() if t)
+    )
     return {
         "group": group,
         "members": {m["region"]: m["count"] for m in members},
@@ -393,6 +449,7 @@ def cladnet_mesh(admin: httpx.Client, n: int, timeout: float) -> dict[str, Any]:
         "post_to_full_mesh_s": round(mesh, 3),
         # The part after the last join: agents' devices, first handshakes, the probe.
         "overlay_ips_to_full_mesh_s": round(mesh - overlay, 3),
+        "agent_timeline_s": timeline,
         **result.summary(),
     }
 
@@ -875,7 +932,7 @@ def bench(run: Run, sizes: list[int], smoke: bool) -> dict[str, Any]:
         for index, n in enumerate(sizes):
             timeout = 60 if smoke else 60 + 8 * n
             entry: dict[str, Any] = {"hand_wireguard_go": hand_mesh(run, n, timeout)}
-            cl = cladnet_mesh(admin, n, timeout)
+            cl = cladnet_mesh(admin, n, timeout, run.tmp / "cloud" / "vms")
             group = cl.pop("group")
             entry["cladnet"] = cl
             entry["ratio_cladnet_to_hand"] = round(

@@ -113,15 +113,16 @@ def user_data(
 ) -> str:
     """The first-boot script that installs nothing and joins: the agent must be present.
 
-    It joins without running, then hands the agent to systemd when systemd runs the
-    VM (a real VM) or execs it in the foreground (a ``local`` VM, which sets
-    ``CLADNET_NO_SYSTEMD``). It holds a one-use join token: it is written 0600, and
-    the token goes to the agent in its environment, never on a command line (``ps``).
-    ``allow_commands``: the group asked for remote commands. Join saves the opt-in;
-    under systemd they run in ``cladnet-agent-commands.service`` (outside the agent's
-    sandbox, so ``apt-get`` works), otherwise in the agent itself.
+    Under systemd (a real VM) it joins without running, then hands the agent to
+    systemd. Without it (a ``local`` VM, which sets ``CLADNET_NO_SYSTEMD``) it execs
+    one ``join`` that goes on running: one agent start-up per VM, not two, so a group
+    of VMs booting at once meshes sooner. It holds a one-use join token: it is
+    written 0600, and the token goes to the agent in its environment, never on a
+    command line (``ps``). ``allow_commands``: the group asked for remote commands.
+    Join saves the opt-in; under systemd they run in ``cladnet-agent-commands.service``
+    (outside the agent's sandbox, so ``apt-get`` works), otherwise in the agent itself.
     """
-    args = ["join", "--no-run", "--controller", controller_url]
+    args = ["--controller", controller_url]
     args += ["--hostname", hostname]
     if ca_hash:  # TLS: the agent pins the controller's CA on first contact
         args += ["--ca-hash", ca_hash]
@@ -130,6 +131,7 @@ def user_data(
     for key, value in sorted(labels.items()):
         args += ["--label", f"{key}={value}"]
     join = " ".join(shlex.quote(a) for a in args)
+    env = f"CLADNET_JOIN_TOKEN={shlex.quote(token)}"
     # The mesh first: an image without the commands unit still joins.
     under_systemd = "    systemctl enable --now cladnet-agent.service\n"
     if allow_commands:
@@ -140,10 +142,11 @@ def user_data(
         "# join token: keep it private.\n"
         "set -eu\n"
         'AGENT="${CLADNET_AGENT:-cladnet-agent}"\n'
-        f'CLADNET_JOIN_TOKEN={shlex.quote(token)} "$AGENT" {join}\n'
         'if [ -d /run/systemd/system ] && [ -z "${CLADNET_NO_SYSTEMD:-}" ]; then\n'
+        f'    {env} "$AGENT" join --no-run {join}\n'
         f"{under_systemd}"
         "    exit 0\n"
         "fi\n"
-        'exec "$AGENT" run\n'
+        # The assignment is exported to the exec'd agent (sh, dash, bash alike).
+        f'{env} exec "$AGENT" join {join}\n'
     )

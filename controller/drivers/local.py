@@ -54,14 +54,21 @@ class Driver(base.Driver):
         internet: str = "172.29.0.0/16",
         agent: str | None = None,
         tag: str | None = None,
+        agent_log_level: str | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
+        self.agent_log_level = agent_log_level  # e.g. "debug" to trace a VM's start
         self.internet = ipaddress.IPv4Network(internet)
         self.clouds = clouds or DEMO_CLOUDS
         self.agent = agent or str(Path(sys.executable).with_name("cladnet-agent"))
         self.tag = tag or hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:4]
         self.bridge = f"cl{self.tag}net"
+        # Guards the state file and each cloud's NAT table; a VM's own namespace is made
+        # outside it, so a group's VMs are plugged in parallel.
         self._lock = asyncio.Lock()
+        self._cloud_lock = asyncio.Lock()  # one router per cloud, made once
+        self._clouds_ready: set[str] = set()  # routers seen made: not probed per VM
+        self._nat_stale: set[str] = set()  # clouds with a public address not in NAT yet
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._regions: dict[str, tuple[str, ipaddress.IPv4Network]] = {}
         for cloud, spec in self.clouds.items():
@@ -110,6 +117,7 @@ class Driver(base.Driver):
     async def _remove_router(self, cloud: str) -> None:
         # The WAN veth is deleted first and synchronously: deleting only the namespace
         # would leave its host end until the kernel's asynchronous namespace cleanup ran.
+        self._clouds_ready.discard(cloud)
         await self._run("ip", "link", "del", self._wan(cloud), check=False)
         await self._run("ip", "netns", "del", self._router(cloud), check=False)
 
@@ -153,7 +161,10 @@ class Driver(base.Driver):
 
     async def _ensure_cloud(self, cloud: str) -> None:
         router = self._router(cloud)
+        if cloud in self._clouds_ready:
+            return
         if await self._exists("ip", "netns", "exec", router, "true"):
+            self._clouds_ready.add(cloud)
             return
         await self.prepare()
         spec = self.clouds[cloud]
@@ -187,6 +198,7 @@ class Driver(base.Driver):
             await self._in(router, "ip", "addr", "add", gateway, "dev", lan)
             await self._in(router, "ip", "link", "set", lan, "up")
             log.info("region ready", extra={"region": region, "subnet": subnet})
+        self._clouds_ready.add(cloud)
 
     async def _apply_nat(self, cloud: str, state: dict[str, Any]) -> None:
         """Rewrite the cloud's whole NAT table from the records, in one nft transaction."""
@@ -224,9 +236,9 @@ class Driver(base.Driver):
         router = self._router(vm["cloud"])
         if vm.get("public_ip"):
             old = f"{vm['public_ip']}/32"
-            await self._in(router, "ip", "addr", "del", old, "dev", "wan", check=False)
+            await self._run("ip", "-n", router, "addr", "del", old, "dev", "wan", check=False)
         if address:
-            await self._in(router, "ip", "addr", "add", f"{address}/32", "dev", "wan")
+            await self._run("ip", "-n", router, "addr", "add", f"{address}/32", "dev", "wan")
         vm["public_ip"] = address
 
     # --- VM processes -------------------------------------------------------------------
@@ -247,6 +259,8 @@ class Driver(base.Driver):
             "CLADNET_DNS": "hosts",
             "CLADNET_HOSTS_FILE": str(home / "hosts"),
         }
+        if self.agent_log_level:
+            env["CLADNET_LOG_LEVEL"] = self.agent_log_level
         with (home / "console.log").open("ab") as console:
             # A session of its own: the VM outlives the controller that booted it.
             child = subprocess.Popen(
@@ -338,10 +352,26 @@ class Driver(base.Driver):
                 state["next_vm"] += 1
                 state["vms"][spec.name] = vm
                 self._save(state)
+        async with self._cloud_lock:
             await self._ensure_cloud(cloud)
-            await self._plug(spec.name, vm, subnet)
+        await self._plug(spec.name, vm, subnet)
+        async with self._lock:
+            state = self._load()  # others may have changed it meanwhile
+            vm = self._creating(state, spec.name)
+            if vm.get("booted"):
+                return self._vm(spec.name, vm)
             await self._set_public(vm, self._new_public(cloud, state))
-            await self._apply_nat(cloud, state)
+            self._save(state)
+            self._nat_stale.add(cloud)
+        # A second turn: the VMs that got their addresses meanwhile share one NAT rewrite.
+        async with self._lock:
+            state = self._load()
+            vm = self._creating(state, spec.name)
+            if vm.get("booted"):
+                return self._vm(spec.name, vm)
+            if cloud in self._nat_stale:
+                await self._apply_nat(cloud, state)
+                self._nat_stale.discard(cloud)
             home = self._vm_dir(spec.name)
             home.mkdir(parents=True, exist_ok=True, mode=0o700)
             user_data = home / "user-data"
@@ -350,6 +380,12 @@ class Driver(base.Driver):
             self._boot(spec.name, vm)
             self._save(state)
             return self._vm(spec.name, vm)
+
+    def _creating(self, state: dict[str, Any], name: str) -> dict[str, Any]:
+        vm = state["vms"].get(name)
+        if vm is None:
+            raise base.DriverError(f"local: VM {name!r} was terminated while created")
+        return vm
 
     async def _plug(self, name: str, vm: dict[str, Any], subnet: ipaddress.IPv4Network) -> None:
         """The VM's namespace and its link to the region's bridge (idempotent)."""
@@ -361,11 +397,15 @@ class Driver(base.Driver):
             veth = f"link add eth0 netns {ns} type veth peer name {port} netns {router}"
             await self._run("ip", *veth.split())
             address = f"{vm['private_ip']}/{subnet.prefixlen}"
-            await self._in(ns, "ip", "link", "set", "lo", "up")
-            await self._in(ns, "ip", "addr", "add", address, "dev", "eth0")
-            await self._in(ns, "ip", "link", "set", "eth0", "up")
             gateway = str(subnet.network_address + 1)
-            await self._in(ns, "ip", "route", "add", "default", "via", gateway)
+            # One process for the four: a group's VMs are plugged at once on few cores.
+            batch = (
+                "link set lo up\n"
+                f"addr add {address} dev eth0\n"
+                "link set eth0 up\n"
+                f"route add default via {gateway}\n"
+            )
+            await self._run("ip", "-n", ns, "-batch", "-", stdin=batch)
         lan = f"lan{sorted(self.clouds[vm['cloud']]['regions']).index(vm['region'])}"
         await self._in(router, "ip", "link", "set", port, "master", lan, "up")
 
