@@ -99,6 +99,9 @@ class NetworkAgent:
         self._applied: dict[str, mesh.PeerConfig] = {}
         self._changed: set[str] = set()
         self._conflicts = mesh.ConflictIndex()
+        # Device peer id → mesh.identity: names and the packet filter are rebuilt only
+        # when one of these changes (an endpoint change touches neither).
+        self._identities: dict[str, tuple[Any, ...]] = {}
         self._full_due = True
         self._last_full = 0.0
         self._apply_task: asyncio.Task[None] | None = None
@@ -179,6 +182,7 @@ class NetworkAgent:
         self._note_skipped(dict(desired.skipped), set(self.m.peers) | set(self._skipped))
         self._conflicts.rebuild(self.m.peers)
         self._applied = {pid: desired.peers[key] for pid, key in desired.ids.items()}
+        self._identities = {pid: mesh.identity(p) for pid, p in self._named_peers()}
         self._log_paths(self._applied, set(self._paths) - set(desired.peers))
         try:
             actual = await self.backend.get(self.iface)
@@ -243,9 +247,27 @@ class NetworkAgent:
                 self._full_due = True
                 raise
             self._kick_relayed()
-            await self._enforce(policy)
+            renamed = self._identities_changed(affected)
+            if renamed or self._ruleset is None:  # None: the last load failed, try again
+                await self._enforce(policy)
             # Names need the overlay IP (after the device); only peers the device holds.
-            await self.names.refresh(self.m, self._device_peers())
+            if renamed:
+                await self.names.refresh(self.m, self._device_peers())
+            else:
+                await self.names.retry(self.m)
+
+    def _identities_changed(self, affected: Any) -> bool:
+        """Note the identities of the ``affected`` peers the device holds now; True if
+        one was added, removed or changed (O(affected), not O(peers))."""
+        changed = False
+        for pid in affected:
+            peer = self.m.peers.get(pid) if pid in self._applied else None
+            now = None if peer is None else mesh.identity(peer)
+            was = self._identities.pop(pid, None)
+            if now is not None:
+                self._identities[pid] = now
+            changed = changed or was != now
+        return changed
 
     async def _apply(self, changes: mesh.DeviceChanges, planned: dict[str, Any]) -> None:
         """Apply ``changes``; note held-back keepalives (as applied) and add them later.
@@ -296,9 +318,13 @@ class NetworkAgent:
         self._parsed = (self.m.policy, policy)
         return policy
 
+    def _named_peers(self) -> list[tuple[str, dict[str, Any]]]:
+        """(id, record) of the peers the device holds as planned."""
+        return [(pid, self.m.peers[pid]) for pid in self._applied if pid in self.m.peers]
+
     def _device_peers(self) -> list[dict[str, Any]]:
         """The peers the device holds as planned (a policy may leave some out)."""
-        return [self.m.peers[pid] for pid in self._applied if pid in self.m.peers]
+        return [p for _, p in self._named_peers()]
 
     async def _enforce(self, policy: acl.Policy | None) -> None:
         """Load the packet filter for ``policy`` if it changed (the peers in the device)."""

@@ -1,6 +1,8 @@
 """One network's names on this host: the DNS server and the host resolver's setup.
 
-The daemon calls :meth:`Names.refresh` after every applied change of its peer state,
+The daemon calls :meth:`Names.refresh` after an applied change of the peers' names or
+overlay IPs (or of which peers there are), :meth:`Names.retry` after other changes while
+the last refresh failed,
 :meth:`Names.remove` when the host leaves, :meth:`Names.close` when it stops. What is
 in use is saved as ``dns.json`` in the network's state directory, for
 ``cladnet-agent status`` and for ``leave`` to undo it.
@@ -57,6 +59,7 @@ class Names:
         self.zone: dns.Zone | None = None
         self._applied: tuple[str, ...] | None = None  # what the host resolver has
         self._skipped: tuple[str, ...] = ()
+        self._hosts: tuple[dns.Zone, tuple[str, ...]] | None = None  # zone → its hosts lines
         self.error: str | None = None
 
     async def refresh(self, m: Membership, peers: Iterable[dict[str, Any]] | None = None) -> None:
@@ -74,6 +77,15 @@ class Names:
             if zone.skipped:
                 log.warning("hosts without a DNS name", extra={"hosts": list(zone.skipped)})
         self.zone = zone
+        await self._serve(m, zone)
+
+    async def retry(self, m: Membership) -> None:
+        """Try again what the last refresh could not do (start the server, set up the
+        host resolver), with the zone as it is: no rebuild. Nothing when nothing failed."""
+        if self.zone is not None and self.error is not None:
+            await self._serve(m, self.zone)
+
+    async def _serve(self, m: Membership, zone: dns.Zone) -> None:
         ip = str(m.me["overlay_ip"])
         self.error = None
         if self.server is not None and self.server.address != ip:
@@ -102,9 +114,11 @@ class Names:
                     self._applied = want
                     log.info("registered with systemd-resolved", extra={"domain": zone.domain})
             elif self.mode == "hosts":
-                names = zone.names()
-                want = tuple(f"{k}={v}" for k, v in names.items())
+                if self._hosts is None or self._hosts[0] is not zone:
+                    self._hosts = (zone, tuple(f"{k}={v}" for k, v in zone.names().items()))
+                want = self._hosts[1]
                 if self._applied != want:
+                    names = zone.names()
                     if resolver_setup.write_hosts_block(self.hosts_file, network, names):
                         log.info("hosts file updated", extra={"path": str(self.hosts_file)})
                     self._applied = want
