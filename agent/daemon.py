@@ -98,6 +98,7 @@ class NetworkAgent:
         # the peers changed since, and who shares an address or key with whom.
         self._applied: dict[str, mesh.PeerConfig] = {}
         self._changed: set[str] = set()
+        self._unsaved: set[str] = set()  # peer ids changed since the last save
         self._conflicts = mesh.ConflictIndex()
         # Device peer id → mesh.identity: names and the packet filter are rebuilt only
         # when one of these changes (an endpoint change touches neither).
@@ -462,14 +463,27 @@ class NetworkAgent:
         """Persist the view; a full or read-only disk is reported, never fatal: the
         device keeps following the controller from memory.
 
-        One file holds the peers and the revision they are at, so the saved revision is
-        never ahead of the saved peers: a restart resumes the watch from a state it has.
+        A whole snapshot (agent.state): the peers and the revision they are at, so the
+        saved revision is never ahead of the saved peers: a restart resumes the watch
+        from a state it has.
         """
         self._last_save = time.monotonic()
+        self._unsaved.clear()
         try:
             self.states.save(self.m)
         except OSError as exc:
             self.save_errors += 1
+            log.error("cannot save state; continuing from memory", extra={"error": str(exc)})
+
+    def _save_changes(self) -> None:
+        """Persist only the peers changed since the last save (agent.state's journal)."""
+        self._last_save = time.monotonic()
+        changed, self._unsaved = self._unsaved, set()
+        try:
+            self.states.save_changes(self.m, changed)
+        except OSError as exc:
+            self.save_errors += 1
+            self._unsaved |= changed  # the next save tries them again
             log.error("cannot save state; continuing from memory", extra={"error": str(exc)})
 
     def _save_soon(self) -> None:
@@ -479,13 +493,13 @@ class NetworkAgent:
             return
         wait = self._last_save + self.timing.save_every - time.monotonic()
         if wait <= 0:
-            self._save()
+            self._save_changes()
         else:
             self._save_task = asyncio.create_task(self._save_after(wait), name="save-state")
 
     async def _save_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
-        self._save()
+        self._save_changes()
 
     def _changes_arrived(self) -> None:
         """A watch event changed the view: apply it (coalesced with the events that
@@ -546,6 +560,7 @@ class NetworkAgent:
             if self.m.peers.pop(event["id"], None) is None:
                 return False
             self._changed.add(event["id"])
+            self._unsaved.add(event["id"])
             return True
         peer = event["peer"]
         if peer["id"] == self.m.host_id:
@@ -559,6 +574,7 @@ class NetworkAgent:
             raise TypeError("peer id is not a string")
         self.m.peers[peer["id"]] = peer
         self._changed.add(peer["id"])
+        self._unsaved.add(peer["id"])
         return True
 
     def _take_policy(self, policy: Any) -> bool:
