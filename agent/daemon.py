@@ -52,6 +52,7 @@ class Timing:
     # The state file is rewritten at most this often while the peers change.
     save_every: float = 2.0
     # Between full reconciles (plan everything, read the whole device): catches drift.
+    # On a timer of its own, so it never lands on a watch event's path.
     full_resync: float = 300.0
     # A direct path over reflexive addresses with nothing received for this long (at
     # least two keepalives) falls back to the pair's relay; direct is tried again later.
@@ -219,7 +220,7 @@ class NetworkAgent:
         """Bring the device up to date with the peers changed since the last apply:
         plan and diff only them (and any peer they share an address or key with)."""
         async with self._lock:
-            if self._full_due or time.monotonic() - self._last_full > self.timing.full_resync:
+            if self._full_due:
                 await self._reconcile_all()
                 return
             changed, self._changed = self._changed, set()
@@ -430,6 +431,22 @@ class NetworkAgent:
                     extra={"peer": peer.get("name"), "silent_s": round(now - since, 1)},
                 )
         return failed
+
+    async def resync_loop(self) -> None:
+        """A full reconcile once ``timing.full_resync`` has passed without one: catches
+        drift (a device changed behind the agent's back) on its own timer, so a watch
+        event never waits for a plan over every peer."""
+        backoff = Backoff(self.timing.backoff_min, self.timing.backoff_max)
+        while not self.removed.is_set():
+            await asyncio.sleep(self._last_full + self.timing.full_resync - time.monotonic())
+            if time.monotonic() - self._last_full < self.timing.full_resync:
+                continue  # another full reconcile ran meanwhile
+            try:
+                await self.reconcile()
+                backoff.reset()
+            except (WireGuardError, OSError) as exc:
+                log.error("full reconcile failed, retrying", extra={"error": str(exc)})
+                await backoff.wait()
 
     async def _add_deferred_keepalives(self) -> None:
         """The keepalives ``diff`` held back, a moment after their peers were added."""
@@ -774,7 +791,8 @@ class NetworkAgent:
         addresses_task = asyncio.create_task(self.address_loop(), name=f"addresses-{self.iface}")
         metrics_task = asyncio.create_task(self.metrics_loop(), name=f"metrics-{self.iface}")
         path_task = asyncio.create_task(self.path_loop(), name=f"paths-{self.iface}")
-        tasks = [addresses_task, metrics_task, path_task]
+        resync_task = asyncio.create_task(self.resync_loop(), name=f"resync-{self.iface}")
+        tasks = [addresses_task, metrics_task, path_task, resync_task]
         if self.m.allow_commands:  # a task of its own: a long command never blocks the mesh
             tasks.append(asyncio.create_task(self.commands_loop(), name=f"commands-{self.iface}"))
         try:

@@ -132,3 +132,24 @@ def _endpoint_of(backend: MemoryBackend, record: dict[str, Any]) -> str | None:
     config = backend.peers.get(str(record["public_key"]))
     want = str(record["public_address"])
     return config.endpoint if config and config.endpoint and want in config.endpoint else None
+
+
+async def test_the_periodic_full_reconcile_runs_off_the_event_path(
+    tmp_path: Path, work: Work
+) -> None:
+    agent, feed, sync = await _running(tmp_path, 30)
+    backend: MemoryBackend = agent.backend  # type: ignore[assignment]
+    agent.timing.full_resync = 0.2
+    try:
+        await asyncio.sleep(0.3)  # a full reconcile is due
+        reads = backend.gets
+        moved = {**peer(10), "public_address": "203.0.113.10"}
+        feed.send("MODIFIED", moved)
+        await _settle(agent, lambda: _endpoint_of(backend, moved) is not None)
+        assert backend.gets == reads, "the event was applied without reading the device"
+        resync = asyncio.create_task(agent.resync_loop())
+        await _settle(agent, lambda: backend.gets > reads)
+        resync.cancel()
+        await asyncio.gather(resync, return_exceptions=True)
+    finally:
+        await _stop(sync)
