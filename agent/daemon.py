@@ -52,6 +52,7 @@ class Timing:
     # The state file is rewritten at most this often while the peers change.
     save_every: float = 2.0
     # Between full reconciles (plan everything, read the whole device): catches drift.
+    # On a timer of its own, so it never lands on a watch event's path.
     full_resync: float = 300.0
     # A direct path over reflexive addresses with nothing received for this long (at
     # least two keepalives) falls back to the pair's relay; direct is tried again later.
@@ -98,7 +99,11 @@ class NetworkAgent:
         # the peers changed since, and who shares an address or key with whom.
         self._applied: dict[str, mesh.PeerConfig] = {}
         self._changed: set[str] = set()
+        self._unsaved: set[str] = set()  # peer ids changed since the last save
         self._conflicts = mesh.ConflictIndex()
+        # Device peer id → mesh.identity: names and the packet filter are rebuilt only
+        # when one of these changes (an endpoint change touches neither).
+        self._identities: dict[str, tuple[Any, ...]] = {}
         self._full_due = True
         self._last_full = 0.0
         self._apply_task: asyncio.Task[None] | None = None
@@ -180,6 +185,7 @@ class NetworkAgent:
         self._note_skipped(dict(desired.skipped), set(self.m.peers) | set(self._skipped))
         self._conflicts.rebuild(self.m.peers)
         self._applied = {pid: desired.peers[key] for pid, key in desired.ids.items()}
+        self._identities = {pid: mesh.identity(p) for pid, p in self._named_peers()}
         self._log_paths(self._applied, set(self._paths) - set(desired.peers))
         try:
             actual = await self.backend.get(self.iface)
@@ -215,7 +221,7 @@ class NetworkAgent:
         """Bring the device up to date with the peers changed since the last apply:
         plan and diff only them (and any peer they share an address or key with)."""
         async with self._lock:
-            if self._full_due or time.monotonic() - self._last_full > self.timing.full_resync:
+            if self._full_due:
                 await self._reconcile_all()
                 return
             changed, self._changed = self._changed, set()
@@ -244,9 +250,27 @@ class NetworkAgent:
                 self._full_due = True
                 raise
             self._kick_relayed()
-            await self._enforce(policy)
+            renamed = self._identities_changed(affected)
+            if renamed or self._ruleset is None:  # None: the last load failed, try again
+                await self._enforce(policy)
             # Names need the overlay IP (after the device); only peers the device holds.
-            await self.names.refresh(self.m, self._device_peers())
+            if renamed:
+                await self.names.refresh(self.m, self._device_peers())
+            else:
+                await self.names.retry(self.m)
+
+    def _identities_changed(self, affected: Any) -> bool:
+        """Note the identities of the ``affected`` peers the device holds now; True if
+        one was added, removed or changed (O(affected), not O(peers))."""
+        changed = False
+        for pid in affected:
+            peer = self.m.peers.get(pid) if pid in self._applied else None
+            now = None if peer is None else mesh.identity(peer)
+            was = self._identities.pop(pid, None)
+            if now is not None:
+                self._identities[pid] = now
+            changed = changed or was != now
+        return changed
 
     async def _apply(self, changes: mesh.DeviceChanges, planned: dict[str, Any]) -> None:
         """Apply ``changes``; note held-back keepalives (as applied) and add them later.
@@ -297,9 +321,13 @@ class NetworkAgent:
         self._parsed = (self.m.policy, policy)
         return policy
 
+    def _named_peers(self) -> list[tuple[str, dict[str, Any]]]:
+        """(id, record) of the peers the device holds as planned."""
+        return [(pid, self.m.peers[pid]) for pid in self._applied if pid in self.m.peers]
+
     def _device_peers(self) -> list[dict[str, Any]]:
         """The peers the device holds as planned (a policy may leave some out)."""
-        return [self.m.peers[pid] for pid in self._applied if pid in self.m.peers]
+        return [p for _, p in self._named_peers()]
 
     async def _enforce(self, policy: acl.Policy | None) -> None:
         """Load the packet filter for ``policy`` if it changed (the peers in the device)."""
@@ -405,6 +433,22 @@ class NetworkAgent:
                 )
         return failed
 
+    async def resync_loop(self) -> None:
+        """A full reconcile once ``timing.full_resync`` has passed without one: catches
+        drift (a device changed behind the agent's back) on its own timer, so a watch
+        event never waits for a plan over every peer."""
+        backoff = Backoff(self.timing.backoff_min, self.timing.backoff_max)
+        while not self.removed.is_set():
+            await asyncio.sleep(self._last_full + self.timing.full_resync - time.monotonic())
+            if time.monotonic() - self._last_full < self.timing.full_resync:
+                continue  # another full reconcile ran meanwhile
+            try:
+                await self.reconcile()
+                backoff.reset()
+            except (WireGuardError, OSError) as exc:
+                log.error("full reconcile failed, retrying", extra={"error": str(exc)})
+                await backoff.wait()
+
     async def _add_deferred_keepalives(self) -> None:
         """The keepalives ``diff`` held back, a moment after their peers were added."""
         while self._keepalives_due:
@@ -437,14 +481,27 @@ class NetworkAgent:
         """Persist the view; a full or read-only disk is reported, never fatal: the
         device keeps following the controller from memory.
 
-        One file holds the peers and the revision they are at, so the saved revision is
-        never ahead of the saved peers: a restart resumes the watch from a state it has.
+        A whole snapshot (agent.state): the peers and the revision they are at, so the
+        saved revision is never ahead of the saved peers: a restart resumes the watch
+        from a state it has.
         """
         self._last_save = time.monotonic()
+        self._unsaved.clear()
         try:
             self.states.save(self.m)
         except OSError as exc:
             self.save_errors += 1
+            log.error("cannot save state; continuing from memory", extra={"error": str(exc)})
+
+    def _save_changes(self) -> None:
+        """Persist only the peers changed since the last save (agent.state's journal)."""
+        self._last_save = time.monotonic()
+        changed, self._unsaved = self._unsaved, set()
+        try:
+            self.states.save_changes(self.m, changed)
+        except OSError as exc:
+            self.save_errors += 1
+            self._unsaved |= changed  # the next save tries them again
             log.error("cannot save state; continuing from memory", extra={"error": str(exc)})
 
     def _save_soon(self) -> None:
@@ -454,13 +511,13 @@ class NetworkAgent:
             return
         wait = self._last_save + self.timing.save_every - time.monotonic()
         if wait <= 0:
-            self._save()
+            self._save_changes()
         else:
             self._save_task = asyncio.create_task(self._save_after(wait), name="save-state")
 
     async def _save_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
-        self._save()
+        self._save_changes()
 
     def _changes_arrived(self) -> None:
         """A watch event changed the view: apply it (coalesced with the events that
@@ -521,6 +578,7 @@ class NetworkAgent:
             if self.m.peers.pop(event["id"], None) is None:
                 return False
             self._changed.add(event["id"])
+            self._unsaved.add(event["id"])
             return True
         peer = event["peer"]
         if peer["id"] == self.m.host_id:
@@ -534,6 +592,7 @@ class NetworkAgent:
             raise TypeError("peer id is not a string")
         self.m.peers[peer["id"]] = peer
         self._changed.add(peer["id"])
+        self._unsaved.add(peer["id"])
         return True
 
     def _take_policy(self, policy: Any) -> bool:
@@ -736,7 +795,8 @@ class NetworkAgent:
         addresses_task = asyncio.create_task(self.address_loop(), name=f"addresses-{self.iface}")
         metrics_task = asyncio.create_task(self.metrics_loop(), name=f"metrics-{self.iface}")
         path_task = asyncio.create_task(self.path_loop(), name=f"paths-{self.iface}")
-        tasks = [addresses_task, metrics_task, path_task]
+        resync_task = asyncio.create_task(self.resync_loop(), name=f"resync-{self.iface}")
+        tasks = [addresses_task, metrics_task, path_task, resync_task]
         if self.m.allow_commands:  # a task of its own: a long command never blocks the mesh
             tasks.append(asyncio.create_task(self.commands_loop(), name=f"commands-{self.iface}"))
         try:

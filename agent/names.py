@@ -1,6 +1,8 @@
 """One network's names on this host: the DNS server and the host resolver's setup.
 
-The daemon calls :meth:`Names.refresh` after every applied change of its peer state,
+The daemon calls :meth:`Names.refresh` after an applied change of the peers' names or
+overlay IPs (or of which peers there are), :meth:`Names.retry` after other changes (it
+acts only when the last attempt failed, at most every ``RETRY_EVERY`` seconds),
 :meth:`Names.remove` when the host leaves, :meth:`Names.close` when it stops. What is
 in use is saved as ``dns.json`` in the network's state directory, for
 ``cladnet-agent status`` and for ``leave`` to undo it.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,9 @@ from cladnet import dns
 log = logging.getLogger("cladnet.agent.dns")
 
 STATUS_FILE = "dns.json"
+# A failed server start or resolver setup is retried at most this often (seconds)
+# between rebuilds: a change that renames nothing must not pay for it every time.
+RETRY_EVERY = 5.0
 
 
 def read_status(net_dir: Path) -> dict[str, Any] | None:
@@ -57,7 +63,9 @@ class Names:
         self.zone: dns.Zone | None = None
         self._applied: tuple[str, ...] | None = None  # what the host resolver has
         self._skipped: tuple[str, ...] = ()
+        self._hosts: tuple[dns.Zone, tuple[str, ...]] | None = None  # zone → its hosts lines
         self.error: str | None = None
+        self._retry_at = 0.0  # monotonic time before which retry() does nothing
 
     async def refresh(self, m: Membership, peers: Iterable[dict[str, Any]] | None = None) -> None:
         """Follow ``m``: rebuild the zone, (re)start the server, update the host resolver.
@@ -74,6 +82,15 @@ class Names:
             if zone.skipped:
                 log.warning("hosts without a DNS name", extra={"hosts": list(zone.skipped)})
         self.zone = zone
+        await self._serve(m, zone)
+
+    async def retry(self, m: Membership) -> None:
+        """Try again what the last refresh could not do (start the server, set up the
+        host resolver), with the zone as it is: no rebuild. Nothing when nothing failed."""
+        if self.zone is not None and self.error is not None and time.monotonic() >= self._retry_at:
+            await self._serve(m, self.zone)
+
+    async def _serve(self, m: Membership, zone: dns.Zone) -> None:
         ip = str(m.me["overlay_ip"])
         self.error = None
         if self.server is not None and self.server.address != ip:
@@ -91,6 +108,7 @@ class Names:
             self.server.update(zone)
         await self._setup_host(m, zone, ip)
         self._save(m, zone)
+        self._retry_at = time.monotonic() + RETRY_EVERY
 
     async def _setup_host(self, m: Membership, zone: dns.Zone, ip: str) -> None:
         network = str(m.network["name"])
@@ -102,9 +120,11 @@ class Names:
                     self._applied = want
                     log.info("registered with systemd-resolved", extra={"domain": zone.domain})
             elif self.mode == "hosts":
-                names = zone.names()
-                want = tuple(f"{k}={v}" for k, v in names.items())
+                if self._hosts is None or self._hosts[0] is not zone:
+                    self._hosts = (zone, tuple(f"{k}={v}" for k, v in zone.names().items()))
+                want = self._hosts[1]
                 if self._applied != want:
+                    names = zone.names()
                     if resolver_setup.write_hosts_block(self.hosts_file, network, names):
                         log.info("hosts file updated", extra={"path": str(self.hosts_file)})
                     self._applied = want

@@ -338,6 +338,12 @@ def plan(
     )
 
 
+def identity(peer: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What a peer's DNS names and packet-filter rules depend on: name, overlay IP, tags
+    and labels. Not its endpoints: a peer that roams changes neither."""
+    return (peer.get("name"), peer.get("overlay_ip"), peer.get("tags"), peer.get("labels"))
+
+
 def _claims(peer: Any) -> tuple[str, ...]:
     """What a peer claims that another may claim too: its overlay address and its key."""
     if not isinstance(peer, Mapping):

@@ -4,13 +4,13 @@ peer, the state saved at a bounded rate (no root, in-memory device and controlle
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from agent.daemon import Timing
+from agent.state import StateDir
 from bench.agent_scale import MemoryBackend, make_agent, peer
 from cladnet import mesh
 from lab.peers import NETWORK, host, key
@@ -120,6 +120,9 @@ async def test_a_burst_of_joins_costs_a_few_device_reads_and_saves(tmp_path: Pat
     saves: list[int] = []
     save = agent.states.save
     agent.states.save = lambda m: (saves.append(len(m.peers)), save(m))[1]  # type: ignore[method-assign]
+    appended: list[int] = []  # peers per incremental save
+    save_changes = agent.states.save_changes
+    agent.states.save_changes = lambda m, c: (appended.append(len(c)), save_changes(m, c))[1]  # type: ignore[method-assign]
     sync = asyncio.create_task(agent.sync_loop())
     try:
         for _ in range(100):
@@ -137,14 +140,17 @@ async def test_a_burst_of_joins_costs_a_few_device_reads_and_saves(tmp_path: Pat
         assert backend.gets == reads, "the burst was applied without reading the device"
         assert backend.applies - applies < 20
         assert len(saves) == 1, "no save before save_every has passed"
-        # The trailing save: every peer, at the revision of the last event.
+        # The trailing save: only the changed peers written, every peer loaded, at the
+        # revision of the last event.
         agent.timing.save_every = 0
         agent._save_task.cancel()  # type: ignore[union-attr]
         feed.send("MODIFIED", peer(150))
         await asyncio.sleep(0.2)
         await _settle(agent)
-        stored = json.loads((tmp_path / "networks" / NETWORK_ID / "membership.json").read_text())
-        assert len(stored["peers"]) == 300 and stored["revision"] == feed.revision
+        assert saves == [100] and appended == [200]  # the joins (150 among them)
+        agent.states.save_secrets(NETWORK_ID, "clh_x.y", "unused")
+        stored = StateDir(tmp_path).load(NETWORK_ID)[0]
+        assert len(stored.peers) == 300 and stored.revision == feed.revision
     finally:
         sync.cancel()
         await asyncio.gather(sync, return_exceptions=True)
