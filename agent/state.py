@@ -97,6 +97,11 @@ class StateDir:
             return []
         return sorted(p.name for p in base.iterdir() if (p / SNAPSHOT).exists())
 
+    def membership(self, network_id: str) -> Membership:
+        """The membership as a restart would load it (snapshot and journal), without
+        touching the secrets."""
+        return self._replay(network_id, self._net(network_id))
+
     def load(self, network_id: str) -> tuple[Membership, str, str]:
         """Membership, credential and private key of a joined network.
 

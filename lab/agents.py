@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from agent.state import StateDir
 from lab.api import make_network, make_token
 from lab.components import Controller, wait_until
 from lab.netns import Namespaces
@@ -91,9 +91,11 @@ class Agent:
         return peers
 
     def membership(self) -> dict | None:
-        """The saved membership, or None until the join has written it."""
-        files = list(self.state_dir.glob("networks/*/membership.json"))
-        return json.loads(files[0].read_text()) if files else None
+        """The saved membership (snapshot and journal, as a restart would read them),
+        or None until the join has written it."""
+        state = StateDir(self.state_dir)
+        ids = state.network_ids()
+        return asdict(state.membership(ids[0])) if ids else None
 
     def overlay_ip(self, timeout: float = 15) -> str:
         """The overlay address, once the join has saved it."""
