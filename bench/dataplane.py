@@ -309,28 +309,36 @@ def _iperf(lab: Lab, client_ns: str, address: str, streams: int, seconds: int) -
     """Gbit/s received by the ``iperf3 -s`` running in the server namespace.
 
     iperf3 reports a failed run (a server not listening yet, a busy one) as an ``error``
-    in its JSON: tried three times, then raised with iperf3's own words."""
+    in its JSON; a client that hangs (seen once on a machine at load 9) is killed after
+    30 s more than the run. Tried three times, then raised with iperf3's own words."""
+    result: dict[str, Any] = {}
     for attempt in range(3):
-        r = lab.run(
-            client_ns,
-            "iperf3",
-            "-c",
-            address,
-            "-p",
-            str(IPERF_PORT),
-            "-t",
-            str(seconds),
-            "-P",
-            str(streams),
-            "-J",
-            check=False,
-            timeout=seconds + 30,
-        )
+        try:
+            r = lab.run(
+                client_ns,
+                "iperf3",
+                "-c",
+                address,
+                "-p",
+                str(IPERF_PORT),
+                "-t",
+                str(seconds),
+                "-P",
+                str(streams),
+                "-J",
+                check=False,
+                timeout=seconds + 30,
+            )
+        except subprocess.TimeoutExpired:
+            log(f"iperf3 to {address} hung; killed, tried again")
+            result = {"error": f"no result after {seconds + 30} s"}
+            continue
         result = json.loads(r.stdout or "{}")
         if "error" not in result and "sum_received" in result.get("end", {}):
             return result["end"]["sum_received"]["bits_per_second"] / 1e9
+        result.setdefault("error", r.stderr.strip())
         time.sleep(0.5 * (attempt + 1))
-    raise RuntimeError(f"iperf3 failed: {result.get('error', r.stderr.strip())}")
+    raise RuntimeError(f"iperf3 failed: {result['error']}")
 
 
 @dataclass
