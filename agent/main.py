@@ -162,9 +162,12 @@ async def _join_or_rejoin(
     try:
         return await client.join(token, public_key=public_key_of(new_key), **fields), new_key
     except ApiClientError as exc:
-        if exc.code != "key_in_use":
+        # A retried join whose first answer was lost: the host exists, with this very
+        # key (key_in_use), or it used up a one-use token (token_exhausted) as a group's
+        # VM has. Either way the key's proof re-joins it; a used-up token with an unknown
+        # key stays refused.
+        if exc.code not in ("key_in_use", "token_exhausted"):
             raise
-        # A retried join whose first answer was lost: the host exists, with this very key.
         result = await client.rejoin(token, new_key, **fields)
         if result is None:
             raise

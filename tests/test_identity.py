@@ -397,7 +397,7 @@ async def test_an_agent_join_retried_after_a_lost_answer_is_the_same_host(
 ) -> None:
     from agent.main import _join_or_rejoin
     from agent.state import StateDir
-    from cladnet.api_client import AsyncClient
+    from cladnet.api_client import ApiClientError, AsyncClient
 
     make_network(admin, "prod", cidr="10.69.0.0/24")
     token = make_token(admin, "prod", max_uses=1)
@@ -407,9 +407,15 @@ async def test_an_agent_join_retried_after_a_lost_answer_is_the_same_host(
     try:
         states = StateDir(tmp_path)  # nothing saved: the first answer never arrived
         first, key1 = await _join_or_rejoin(client, token, states, fields, new_key)
+        client.credential = None  # the answer, with its credential, never arrived
         again, key2 = await _join_or_rejoin(client, token, states, fields, new_key)
+        # Another key with the used-up token is still refused.
+        client.credential = None
+        with pytest.raises(ApiClientError) as refused:
+            await _join_or_rejoin(client, token, states, fields, generate_keypair()[0])
     finally:
         await client.close()
+    assert refused.value.code == "token_exhausted"
     assert key1 == key2 == new_key
     assert (again["host_id"], again["overlay_ip"], again["hostname"]) == (
         first["host_id"],
