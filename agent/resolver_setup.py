@@ -22,10 +22,10 @@ import contextlib
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from cladnet import hostsfile
+from cladnet.files import write_atomic
 
 log = logging.getLogger("cladnet.agent.dns")
 
@@ -107,7 +107,9 @@ def write_hosts_block(path: Path, network: str, names: dict[str, str]) -> bool:
     if new == old:
         return False
     try:
-        _replace_atomically(path, new)
+        # The file keeps its mode (a hosts file is world-readable).
+        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+        write_atomic(path, new, mode=mode)
     except OSError as exc:
         log.info(
             "cannot replace the hosts file, rewriting it in place",
@@ -120,19 +122,3 @@ def write_hosts_block(path: Path, network: str, names: dict[str, str]) -> bool:
         except OSError as exc2:
             raise SetupError(f"cannot write {path}: {exc2.strerror}") from exc2
     return True
-
-
-def _replace_atomically(path: Path, text: str) -> None:
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.cladnet-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

@@ -35,6 +35,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cladnet.files import write_atomic
 from controller.drivers import base
 
 log = logging.getLogger("cladnet.drivers.local")
@@ -100,10 +101,7 @@ class Driver(base.Driver):
 
     def _save(self, state: dict[str, Any]) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self._state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        tmp.chmod(0o600)
-        os.replace(tmp, self._state_file)
+        write_atomic(self._state_file, json.dumps(state, indent=1), durable=False)
 
     def _vm_dir(self, name: str) -> Path:
         return self.state_dir / "vms" / name

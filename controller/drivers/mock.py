@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from pathlib import Path
 
+from cladnet.files import write_atomic
 from controller.drivers import base
 
 
@@ -39,9 +39,7 @@ class Driver(base.Driver):
 
     def _save(self) -> None:
         if self.state_file:
-            tmp = self.state_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self._vms))
-            os.replace(tmp, self.state_file)
+            write_atomic(self.state_file, json.dumps(self._vms), durable=False)
 
     async def _begin(self, op: str, name: str) -> dict[str, dict[str, str]]:
         self.calls.append((op, name))
