@@ -15,7 +15,7 @@ from typing import Any, TypeVar, cast
 import httpx
 
 from cladnet.api_client import endpoints as ep
-from cladnet.api_client.errors import ApiClientError, TrustError, WatchGone, error_for
+from cladnet.api_client.errors import ApiClientError, WatchGone, error_for, pinned
 
 B = TypeVar("B")
 R = TypeVar("R")
@@ -43,8 +43,6 @@ async def fetch_pinned_ca(url: str, expected_hash: str) -> str:
 
     ``url`` may list replicas (comma-separated): they share the cluster CA, so the
     first that answers will do."""
-    from cladnet.keys import ca_hash
-
     urls = _urls(url)
     async with httpx.AsyncClient(verify=False, timeout=10.0) as http:  # checked below
         for i, replica in enumerate(urls):
@@ -56,13 +54,7 @@ async def fetch_pinned_ca(url: str, expected_hash: str) -> str:
                     raise
         _raise_for(response)
         pem = str(response.json()["ca_pem"])
-    actual = ca_hash(pem)
-    if actual != expected_hash.strip().lower():
-        raise TrustError(
-            f"controller CA hash {actual} does not match --ca-hash {expected_hash}: "
-            "refusing to trust it"
-        )
-    return pem
+    return pinned(pem, expected_hash)
 
 
 class AsyncClient:

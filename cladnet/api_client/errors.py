@@ -34,6 +34,19 @@ class TrustError(Exception):
     """The controller's CA does not match the hash the operator gave."""
 
 
+def pinned(pem: str, expected_hash: str) -> str:
+    """``pem``, if its hash is the one the operator gave; else :class:`TrustError`."""
+    from cladnet.keys import ca_hash  # cryptography: only when a CA is pinned
+
+    actual = ca_hash(pem)
+    if actual != expected_hash.strip().lower():
+        raise TrustError(
+            f"controller CA hash {actual} does not match --ca-hash {expected_hash}: "
+            "refusing to trust it"
+        )
+    return pem
+
+
 class GaveUp(Exception):
     """Transient failures went on for longer than the caller was willing to wait."""
 

@@ -11,7 +11,7 @@ from typing import Any, TypeVar, cast
 import httpx
 
 from cladnet.api_client import endpoints as ep
-from cladnet.api_client.errors import ApiClientError, TrustError, error_for
+from cladnet.api_client.errors import ApiClientError, error_for, pinned
 
 B = TypeVar("B")
 R = TypeVar("R")
@@ -23,7 +23,6 @@ def fetch_ca(url: str, expected_hash: str) -> str:
     """The controller's CA (PEM) from ``/v1/ca``, fetched without verification and
     accepted only if its public-key hash is ``expected_hash`` (trust on first use,
     as ``kubeadm join --discovery-token-ca-cert-hash``)."""
-    from cladnet.keys import ca_hash
 
     try:
         # Not verified here: the hash check below is the verification.
@@ -37,13 +36,7 @@ def fetch_ca(url: str, expected_hash: str) -> str:
         raise ApiClientError(
             0, "no_ca", f"controller at {url} published no CA (/v1/ca): is it serving TLS?"
         )
-    actual = ca_hash(pem)
-    if actual != expected_hash.strip().lower():
-        raise TrustError(
-            f"controller CA hash {actual} does not match --ca-hash {expected_hash}: "
-            "refusing to trust it"
-        )
-    return pem
+    return pinned(pem, expected_hash)
 
 
 class SyncClient:
