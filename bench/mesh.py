@@ -71,7 +71,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -634,6 +634,34 @@ def resume_change(
 # --- baseline: a hand-configured wireguard-go mesh -----------------------------------------
 
 
+def _hand_device(
+    run: Run,
+    lab: Lab,
+    procs: list[subprocess.Popen[bytes]],
+    ns: str,
+    name: str,
+    private_key: str,
+    address: str,
+    peers: Sequence[str] = (),
+) -> None:
+    """wireguard-go device ``name`` in ``ns``, configured by hand: key, port, ``peers``
+    (``wg set`` arguments), the overlay ``address``/24, up."""
+    key_file = run.tmp / f"{name}.key"
+    key_file.touch(mode=0o600)
+    key_file.write_text(private_key)
+    proc = lab.popen(
+        ns, ["wireguard-go", "-f", name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    procs.append(proc)
+    run.wireguard.append(proc)
+    sock = Path(f"/var/run/wireguard/{name}.sock")
+    wait_until(sock.exists, 10, interval=0.005, what=f"wireguard-go {name}")
+    port = ["listen-port", str(WG_PORT), "private-key", str(key_file)]
+    lab.run(ns, "wg", "set", name, *port, *peers)
+    lab.run(ns, "ip", "addr", "add", f"{address}/24", "dev", name)
+    lab.run(ns, "ip", "link", "set", name, "mtu", "1420", "up")
+
+
 def hand_mesh(run: Run, n: int, timeout: float) -> dict[str, Any]:
     """N namespaces on one bridge, wireguard-go + ``wg set`` for all peers by this
     script, from the first wireguard-go start to the full mesh: the floor."""
@@ -647,35 +675,12 @@ def hand_mesh(run: Run, n: int, timeout: float) -> dict[str, Any]:
         hosts = {i: lab.add_host(i) for i in iface}
         keys = {i: generate_keypair() for i in hosts}
         overlay = {i: f"10.198.0.{i}" for i in hosts}
-        key_files = {}
-        for i in hosts:
-            key_files[i] = run.tmp / f"hand-{lab.tag}-{i}.key"
-            key_files[i].touch(mode=0o600)
-            key_files[i].write_text(keys[i][0])
 
         def bring_up(i: int) -> None:
-            proc = lab.popen(
-                hosts[i],
-                ["wireguard-go", "-f", iface[i]],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            procs.append(proc)
-            run.wireguard.append(proc)
-            sock = Path(f"/var/run/wireguard/{iface[i]}.sock")
-            wait_until(sock.exists, 10, interval=0.005, what=f"wireguard-go {iface[i]}")
-            args = [
-                "wg",
-                "set",
-                iface[i],
-                "listen-port",
-                str(WG_PORT),
-                "private-key",
-                str(key_files[i]),
-            ]
+            peers: list[str] = []
             for j in hosts:
                 if j != i:
-                    args += [
+                    peers += [
                         "peer",
                         keys[j][1],
                         "allowed-ips",
@@ -683,9 +688,7 @@ def hand_mesh(run: Run, n: int, timeout: float) -> dict[str, Any]:
                         "endpoint",
                         f"{lab.address(j)}:{WG_PORT}",
                     ]
-            lab.run(hosts[i], *args)
-            lab.run(hosts[i], "ip", "addr", "add", f"{overlay[i]}/24", "dev", iface[i])
-            lab.run(hosts[i], "ip", "link", "set", iface[i], "mtu", "1420", "up")
+            _hand_device(run, lab, procs, hosts[i], iface[i], keys[i][0], overlay[i], peers)
 
         started = time.monotonic()
         with ThreadPoolExecutor(n) as pool:
@@ -724,31 +727,7 @@ def pair_handshake(run: Run, trigger: bool, timeout: float = 30) -> float:
         low, high = sorted(hosts, key=lambda i: keys[i][1])
         overlay = {i: f"10.199.0.{i}" for i in hosts}
         for i in hosts:
-            key_file = run.tmp / f"pair-{lab.tag}-{i}.key"
-            key_file.touch(mode=0o600)
-            key_file.write_text(keys[i][0])
-            proc = lab.popen(
-                hosts[i],
-                ["wireguard-go", "-f", iface[i]],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            procs.append(proc)
-            run.wireguard.append(proc)
-            sock = Path(f"/var/run/wireguard/{iface[i]}.sock")
-            wait_until(sock.exists, 10, interval=0.005, what=f"wireguard-go {iface[i]}")
-            lab.run(
-                hosts[i],
-                "wg",
-                "set",
-                iface[i],
-                "listen-port",
-                str(WG_PORT),
-                "private-key",
-                str(key_file),
-            )
-            lab.run(hosts[i], "ip", "addr", "add", f"{overlay[i]}/24", "dev", iface[i])
-            lab.run(hosts[i], "ip", "link", "set", iface[i], "mtu", "1420", "up")
+            _hand_device(run, lab, procs, hosts[i], iface[i], keys[i][0], overlay[i])
         backend = {i: UserspaceBackend(netns=hosts[i]) for i in hosts}
         retry = Timing().handshake_retry or 1.0
 
