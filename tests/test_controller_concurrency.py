@@ -11,22 +11,33 @@ from cladnet.keys import generate_keypair
 from lab.api import make_network, make_token
 
 
+async def joins(
+    clients: tuple[httpx.AsyncClient, httpx.AsyncClient], token: str, n: int
+) -> list[httpx.Response]:
+    """``n`` joins at once with fresh keys, alternating between the two replicas."""
+    return await asyncio.gather(
+        *(
+            clients[i % 2].post(
+                "/v1/join",
+                json={"token": token, "hostname": f"vm-{i}", "public_key": generate_keypair()[1]},
+            )
+            for i in range(n)
+        )
+    )
+
+
 async def test_200_concurrent_joins_across_two_controllers(make_controller) -> None:
     one, two = make_controller(), make_controller()
     with one.client() as admin:
         make_network(admin, "big", cidr="10.90.0.0/23", expected_hosts=300)
         token = make_token(admin, "big")
 
-    async def join(client: httpx.AsyncClient, i: int) -> httpx.Response:
-        body = {"token": token, "hostname": f"vm-{i}", "public_key": generate_keypair()[1]}
-        return await client.post("/v1/join", json=body)
-
     limits = httpx.Limits(max_connections=100)
     async with (
         one.aclient(token=None, limits=limits) as c1,
         two.aclient(token=None, limits=limits) as c2,
     ):
-        results = await asyncio.gather(*(join(c1 if i % 2 else c2, i) for i in range(200)))
+        results = await joins((c1, c2), token, 200)
 
     assert [r.status_code for r in results] == [200] * 200, {
         r.text for r in results if r.status_code != 200
@@ -48,19 +59,7 @@ async def test_concurrent_joins_fill_a_small_network_exactly(make_controller) ->
         make_network(admin, "small", cidr="10.91.0.0/27", expected_hosts=30)  # 30 addresses
         token = make_token(admin, "small")
     async with one.aclient(token=None) as c1, two.aclient(token=None) as c2:
-        results = await asyncio.gather(
-            *(
-                (c1 if i % 2 else c2).post(
-                    "/v1/join",
-                    json={
-                        "token": token,
-                        "hostname": f"vm-{i}",
-                        "public_key": generate_keypair()[1],
-                    },
-                )
-                for i in range(40)
-            )
-        )
+        results = await joins((c1, c2), token, 40)
     ok = [r for r in results if r.status_code == 200]
     full = [r for r in results if r.status_code == 409]
     assert len(ok) == 30 and len(full) == 10
@@ -74,19 +73,7 @@ async def test_limited_token_is_never_overused(make_controller) -> None:
         make_network(admin, "net", cidr="10.92.0.0/24")
         token = make_token(admin, "net", max_uses=5)
     async with one.aclient(token=None) as c1, two.aclient(token=None) as c2:
-        results = await asyncio.gather(
-            *(
-                (c1 if i % 2 else c2).post(
-                    "/v1/join",
-                    json={
-                        "token": token,
-                        "hostname": f"vm-{i}",
-                        "public_key": generate_keypair()[1],
-                    },
-                )
-                for i in range(20)
-            )
-        )
+        results = await joins((c1, c2), token, 20)
     codes = sorted(r.status_code for r in results)
     assert codes.count(200) == 5, [r.text for r in results]
     assert all(
