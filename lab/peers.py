@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+from agent.state import Membership
+
 NETWORK = {
     "id": "n-1",
     "name": "lab",
@@ -36,3 +38,16 @@ def host(n: int, **fields: Any) -> dict[str, Any]:
     }
     base.update(fields)
     return base
+
+
+def membership(interface: str = "cl-test", revision: int = 10) -> Membership:
+    """Host 1's membership of :data:`NETWORK`, holding host 2, as an agent test starts."""
+    return Membership(
+        controller="http://127.0.0.1:9",
+        host_id="h-1",
+        interface=interface,
+        network=NETWORK,
+        me=host(1),
+        peers={"h-2": host(2)},
+        revision=revision,
+    )

@@ -8,21 +8,13 @@ from typing import Any
 import pytest
 
 from agent.daemon import NetworkAgent
-from agent.state import Membership, StateDir
-from lab.peers import NETWORK, host
+from agent.state import StateDir
+from lab.peers import host, membership
 
 
 @pytest.fixture
 async def agent(tmp_path: Path):
-    m = Membership(
-        controller="http://127.0.0.1:9",
-        host_id="h-1",
-        interface="cl-test",
-        network=NETWORK,
-        me=host(1),
-        peers={"h-2": host(2)},
-        revision=10,
-    )
+    m = membership()
     a = NetworkAgent(StateDir(tmp_path), m, "clh_x.y", "unused", backend=None)  # type: ignore[arg-type]
     yield a
     await a.client.close()

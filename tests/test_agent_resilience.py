@@ -27,13 +27,13 @@ import pytest
 from agent.daemon import NetworkAgent, Timing
 from agent.metrics.reporter import MetricsReporter
 from agent.standing import OK, REFUSED, UNREACHABLE, UNRECOGNISED, Standing, classify
-from agent.state import Membership, StateDir
+from agent.state import StateDir
 from cladnet.api_client import ApiClientError
 from lab.agents import Agent, full_mesh
 from lab.api import make_network, make_token
 from lab.components import Controller, Etcd, free_port, wait_until
 from lab.netns import Lab
-from lab.peers import NETWORK, host
+from lab.peers import host, membership
 
 # --- the decision logic (no root) ---------------------------------------------------------
 
@@ -136,15 +136,7 @@ class FakeBackend:
 
 
 def fake_agent(tmp_path: Path, controller: FakeController) -> tuple[NetworkAgent, FakeBackend]:
-    m = Membership(
-        controller="http://127.0.0.1:9",
-        host_id="h-1",
-        interface="cl-test",
-        network=NETWORK,
-        me=host(1),
-        peers={"h-2": host(2)},
-        revision=10,
-    )
+    m = membership()
     states = StateDir(tmp_path)
     states.save_secrets(m.network_id, "clh_x.y", "private-key")
     states.save(m)

@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.daemon import NetworkAgent
-from agent.state import Membership, StateDir
+from agent.state import StateDir
 from cladnet import mesh, metrics
 from cladnet import policy as acl
-from lab.peers import NETWORK, host
+from lab.peers import NETWORK, host, membership
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
@@ -133,14 +133,7 @@ def test_plan_never_crashes_on_hostile_peers(peers: list[Any]) -> None:
     )
 )
 def test_event_handling_never_crashes(tmp_path_factory, events: list[Any]) -> None:
-    m = Membership(
-        controller="http://127.0.0.1:9",
-        host_id="h-1",
-        interface="cl-fuzz",
-        network=NETWORK,
-        me=host(1),
-        peers={"h-2": host(2)},
-    )
+    m = membership("cl-fuzz", revision=0)
     agent = NetworkAgent(StateDir(Path(tmp_path_factory.mktemp("s"))), m, "c", "k", None)  # type: ignore[arg-type]
     for event in events:
         agent._on_event(event)
