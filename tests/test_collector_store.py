@@ -8,16 +8,11 @@ import asyncio
 import json
 import math
 import random
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from cladnet import metrics
@@ -32,79 +27,14 @@ from collector.store import (
     open_store,
 )
 from collector.store.base import Labels
+from lab.components import Victoria, free_port
 
 # ---- a real VictoriaMetrics ------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class VictoriaServer:
-    """``victoria-metrics`` on 127.0.0.1, data in a temp dir, stopped by ``stop``."""
-
-    data_dir: Path
-    port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        binary = shutil.which("victoria-metrics")
-        if binary is None:
-            pytest.skip("victoria-metrics is not installed (Debian package victoria-metrics)")
-        for _ in range(3):  # the port can be taken between picking and binding it
-            self.port = _free_port()
-            log = (self.data_dir.parent / "victoria.log").open("ab")
-            self.proc = subprocess.Popen(
-                [
-                    binary,
-                    f"-httpListenAddr=127.0.0.1:{self.port}",
-                    f"-storageDataPath={self.data_dir}",
-                    "-retentionPeriod=1d",
-                    "-search.latencyOffset=0s",
-                    "-dedup.minScrapeInterval=1ms",
-                    "-loggerLevel=ERROR",
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-            )
-            log.close()
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                if self.healthy():
-                    return
-                time.sleep(0.05)
-            self.stop()
-        raise RuntimeError(f"VictoriaMetrics did not start; see {self.data_dir.parent}")
-
-    def healthy(self) -> bool:
-        try:
-            return httpx.get(f"{self.url}/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-
-
 @pytest.fixture
-def victoria(tmp_path: Path) -> Iterator[VictoriaServer]:
-    server = VictoriaServer(tmp_path / "vm-data")
+def victoria(tmp_path: Path) -> Iterator[Victoria]:
+    server = Victoria(tmp_path / "vm-data", free_port())
     try:
         server.start()
         yield server
@@ -514,7 +444,7 @@ async def test_concurrent_writes_and_reads(store: MetricsStore) -> None:
 # ---- both backends agree on random data --------------------------------------------------
 
 
-async def test_sqlite_and_victoria_agree(tmp_path: Path, victoria: VictoriaServer) -> None:
+async def test_sqlite_and_victoria_agree(tmp_path: Path, victoria: Victoria) -> None:
     rng = random.Random(7)
     data = []
     kinds: list[tuple[str, tuple[tuple[str, str], ...]]] = [
@@ -749,7 +679,7 @@ def test_sqlite_rejects_bad_retention(tmp_path: Path) -> None:
 
 
 async def test_victoria_unreachable_is_a_store_error() -> None:
-    store = VictoriaStore(f"http://127.0.0.1:{_free_port()}", timeout=2)
+    store = VictoriaStore(f"http://127.0.0.1:{free_port()}", timeout=2)
     try:
         with pytest.raises(StoreError, match="VictoriaMetrics at"):
             await store.write([sample("vm1", "load1", T0, 1.0)])
@@ -759,7 +689,7 @@ async def test_victoria_unreachable_is_a_store_error() -> None:
         await store.close()
 
 
-async def test_victoria_hosts_that_went_quiet(victoria: VictoriaServer) -> None:
+async def test_victoria_hosts_that_went_quiet(victoria: Victoria) -> None:
     store = VictoriaStore(victoria.url, lookback=300, hosts_lookback=86400)
     try:
         now = time.time()
