@@ -144,10 +144,21 @@ def direct_possible(a: Host, b: Host) -> bool:
     reflexive address (endpoint-independent mapping): both send at once, which opens
     both NATs' filters. Anything else (a varying or unknown mapping) needs a relay.
     Conservative: an unknown mapping is not tried direct, since nothing here probes yet.
+    Two hosts behind one NAT (the same public address) that are not on one site would
+    meet at their own NAT's public address, which needs hairpinning; most NATs do not
+    (cloud NAT gateways, Linux masquerade without a hairpin rule), so they take a relay.
     """
     if is_public(a) or is_public(b):
         return True
+    if behind_one_nat(a, b):
+        return False
     return stable_reflexive(a) is not None and stable_reflexive(b) is not None
+
+
+def behind_one_nat(a: Host, b: Host) -> bool:
+    """Whether the controller saw ``a`` and ``b`` come from one public address."""
+    public = a.get("public_address")
+    return bool(public) and public == b.get("public_address")
 
 
 # --- relays ---------------------------------------------------------------------------------

@@ -124,6 +124,22 @@ def test_both_stable_go_direct_to_the_reflexive_address() -> None:
     assert mesh.choose_path(a, b) == ("198.51.100.2:3333", "direct")
 
 
+def test_two_hosts_behind_one_nat_on_other_subnets_take_their_relay() -> None:
+    """Stable reflexive addresses on both sides, but at one public address: direct would
+    need the NAT to hairpin (tests/test_reach_nats.py: n1 and n2), so the relay."""
+    one = "198.51.100.9"
+    a = host(1, addresses=["10.35.1.11/24"], public_address=one, relays={"h-2": "203.0.113.50:1"})
+    b = host(2, addresses=["10.35.2.12/24"], public_address=one, relays={"h-1": "203.0.113.50:2"})
+    a["reflexive"] = seen(("r1:1", f"{one}:51820"), ("r1:3", f"{one}:51820"))
+    b["reflexive"] = seen(("r1:2", f"{one}:51821"), ("r1:4", f"{one}:51821"))
+    assert paths.behind_one_nat(a, b) and not paths.direct_possible(a, b)
+    assert mesh.choose_path(a, b) == ("203.0.113.50:1", "relayed via 203.0.113.50:1")
+    assert mesh.choose_path(b, a) == ("203.0.113.50:2", "relayed via 203.0.113.50:2")
+    # On one subnet behind that NAT: one site, private addresses.
+    b["addresses"] = ["10.35.1.12/24"]
+    assert mesh.choose_path(a, b) == ("10.35.1.12:51820", "private")
+
+
 def test_a_failed_direct_path_falls_back_to_the_standby_relay() -> None:
     stable = seen(("r1:1", "198.51.100.2:3333"), ("r2:1", "198.51.100.2:3333"))
     a = natted(1, reflexive=seen(("r1:2", "198.51.100.1:7"), ("r2:2", "198.51.100.1:7")))
