@@ -133,7 +133,12 @@ class PairForwarder:
             if side.expected_ip is not None and addr[0] != side.expected_ip:
                 self._count("stranger")
                 return
-            if side.latched is not None and now - side.last_seen < RELATCH_AFTER:
+            # A latched source still at the host's public address keeps the port until
+            # silent; one at an address the host no longer has (its NAT's address moved)
+            # gives way at once to the new one.
+            held = side.latched
+            moved = held is not None and side.expected_ip not in (None, held[0])
+            if held is not None and now - side.last_seen < RELATCH_AFTER and not moved:
                 self._count("stranger")
                 return
             side.latched = addr
@@ -225,6 +230,9 @@ class RelayService:
                 ports = (int(ep_a.rpartition(":")[2]), int(wanted[b_id][a_id].rpartition(":")[2]))
                 keep.add(ports)
                 if ports in self.pairs:
+                    # Follow a host whose public address moved (its NAT got another).
+                    for side in self.pairs[ports].sides:
+                        side.expected_ip = by_id[side.host_id].get("public_address")
                     continue
                 sides = (
                     Side(a_id, by_id[a_id].get("public_address")),
