@@ -90,6 +90,12 @@ def observe(
         if c["observer"] != observer
         and (alive is None or c["observer"].rpartition(":")[0] in alive)
     ]
+    # Seen at the host's current public address while older sightings are at another:
+    # its NAT's address moved, and those describe a mapping that no longer exists (kept,
+    # they would make the host look symmetric).
+    public = host.get("public_address")
+    if public and _ip(endpoint) == public:
+        kept = [c for c in kept if _ip(c["endpoint"]) == public]
     before = {c["observer"]: c["endpoint"] for c in old}
     after = {**{c["observer"]: c["endpoint"] for c in kept}, observer: endpoint}
     varies = len(set(after.values())) > 1
@@ -97,6 +103,10 @@ def observe(
         return None
     fresh = {"endpoint": endpoint, "observer": observer, "observed_at": now}
     return sorted([*kept, fresh], key=lambda c: c["observer"]), varies
+
+
+def _ip(endpoint: str) -> str:
+    return endpoint.rsplit(":", 1)[0].strip("[]")
 
 
 def stable_reflexive(host: Host) -> str | None:

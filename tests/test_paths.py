@@ -16,7 +16,8 @@ R2 = Relay("r2", "203.0.113.51", 40000, 40009)
 
 def natted(n: int, **fields: Any) -> dict[str, Any]:
     """A host in a private subnet behind a NAT whose public address is 198.51.100.<n>."""
-    return host(n, addresses=[f"192.168.{n}.10/24"], public_address=f"198.51.100.{n}", **fields)
+    fields.setdefault("public_address", f"198.51.100.{n}")
+    return host(n, addresses=[f"192.168.{n}.10/24"], **fields)
 
 
 def seen(*pairs: tuple[str, str]) -> list[dict[str, Any]]:
@@ -83,6 +84,24 @@ def test_a_dead_relays_observations_are_dropped() -> None:
         True,
     )
     assert [c["observer"] for c in reflexive] == ["r1:40000"] and not varies
+
+
+def test_sightings_from_before_a_nat_moved_are_dropped() -> None:
+    """The NAT got a new public address (the controller saw it): a sighting there
+    replaces those at the old address instead of making the host look symmetric."""
+    old = seen(("r1:40000", "198.51.100.1:51820"), ("r1:40002", "198.51.100.1:51820"))
+    h = natted(1, reflexive=old, public_address="198.51.100.77")
+    reflexive, varies = paths.observe(h, "r1:40004", "198.51.100.77:51820", 5.0) or ([], True)
+    assert not varies and [c["observer"] for c in reflexive] == ["r1:40004"]
+    # A second relay port agreeing makes it stable again.
+    h = natted(1, reflexive=reflexive, public_address="198.51.100.77")
+    reflexive, varies = paths.observe(h, "r1:40006", "198.51.100.77:51820", 6.0) or ([], True)
+    moved = natted(1, reflexive=reflexive, public_address="198.51.100.77")
+    assert paths.stable_reflexive(moved) == "198.51.100.77:51820"
+    # A NAT whose UDP leaves from another address than its TCP keeps its sightings.
+    h = natted(1, reflexive=old[:1], public_address="198.51.100.77")
+    reflexive, varies = paths.observe(h, "r1:40002", "198.51.100.1:51820", 7.0) or ([], True)
+    assert len(reflexive) == 2 and not varies
 
 
 def test_hostile_candidates_are_ignored() -> None:
