@@ -109,7 +109,7 @@ def run(smoke: bool, keepalive: int, tmp: Path) -> dict[str, Any]:
                 # Settled first: every pair of the host pings before the move.
                 lab.ping_all(name, others, time.monotonic(), LIMIT_S)
                 started = time.monotonic()
-                new = lab.net.move_public_address(HOSTS[name].cloud, numbers[i % 2])
+                new = lab.net.move_public_address(HOSTS[name].cloud, numbers[i % 2], flush=True)
                 took = lab.ping_all(name, others, started, LIMIT_S)
                 first, last = _span(took)
                 moves[name].append(

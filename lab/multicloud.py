@@ -8,6 +8,7 @@ routers' nftables tables go with their namespaces).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 from lab.netns import Namespaces, free_prefix, sh
@@ -247,13 +248,20 @@ class MultiCloud(Namespaces):
     def host_address(self, cloud_name: str, index: int, generation: int = 0) -> str:
         return f"{self.clouds[cloud_name].subnet}.{10 + index + 100 * generation}"
 
-    def move_public_address(self, cloud_name: str, public_host: int) -> str:
-        """The cloud's NAT gets a new public address (as after a suspend/resume)."""
+    def move_public_address(self, cloud_name: str, public_host: int, flush: bool = False) -> str:
+        """The cloud's NAT gets a new public address (as after a suspend/resume).
+
+        ``flush``: every connection-tracking entry of the router goes too, as when a
+        cloud re-assigns a NAT's address (without it, entries a DNAT made for inbound
+        flows outlive the address)."""
         cloud = self.clouds[cloud_name]
         new = f"{self.inet}.{public_host}"
         # Removing the old address also drops masquerade's connection-tracking entries.
         # (Old first: deleting a primary address deletes its secondaries with it.)
         self.run(cloud.router, "ip", "addr", "del", f"{cloud.public}/24", "dev", "wan")
         self.run(cloud.router, "ip", "addr", "add", f"{new}/24", "dev", "wan")
+        if flush:  # no conntrack tool here: pyroute2's ctnetlink, inside the router's netns
+            code = "from pyroute2.conntrack import Conntrack; Conntrack().flush()"
+            self.run(cloud.router, sys.executable, "-c", code)
         cloud.public = new
         return new

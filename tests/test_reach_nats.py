@@ -150,7 +150,7 @@ def test_a_nats_public_address_changes_in_place(lab, name) -> None:
     others = [o for o in NAMES if o != name]
     assert all(t is not None for t in lab.ping_all(name, others, time.monotonic(), 30).values())
     started = time.monotonic()
-    new = lab.net.move_public_address(cloud, new_host_no)
+    new = lab.net.move_public_address(cloud, new_host_no, flush=True)
     took = lab.ping_all(name, others, started, RECONNECT_LIMIT)
     print(f"{name}: NAT moved to {new}; pings again after {took}")
     assert all(t is not None for t in took.values()), (took, lab.agents[name].log_text())
