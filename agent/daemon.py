@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from agent import addresses, firewall
+from agent import addresses, firewall, stalls
 from agent.commands import CommandRunner, command_env
 from agent.handshake import HandshakeStarter
 from agent.metrics.exposition import MetricsServer
@@ -59,6 +59,11 @@ class Timing:
     path_check: float = 2.0
     direct_timeout: float = 6.0
     direct_retry: float = 60.0
+    # A peer that answered and then stays silent this long while this host sends it
+    # data (agent.stalls) brings the next heartbeat forward: was it this host's NAT that
+    # moved? At most one such early heartbeat per ``stall_gap`` seconds.
+    stall_after: float = 2.5
+    stall_gap: float = 5.0
 
 
 class NetworkAgent:
@@ -115,6 +120,10 @@ class NetworkAgent:
         self._direct_failed: dict[str, float] = {}
         # Public key → (rx bytes, monotonic time rx last grew or direct was planned).
         self._rx_seen: dict[str, tuple[int, float]] = {}
+        self._stalls: dict[str, stalls.Track] = {}  # public key → counters (agent.stalls)
+        self._beat_now = False  # an early heartbeat is due (a peer stalled)
+        self._last_early_beat = float("-inf")
+        self._address_events: addresses.AddressEvents | None = None
         self.bad_input = 0  # malformed events and unusable peers, for the logs and metrics
         self.save_errors = 0
         self.firewall_errors = 0
@@ -409,6 +418,9 @@ class NetworkAgent:
         timeout = max(self.timing.direct_timeout, 2.5 * keepalive)
         actual = await self.backend.get(self.iface)
         now = time.monotonic()
+        self._stalls, stalled = stalls.update(self._stalls, actual, now, self.timing.stall_after)
+        if stalled:
+            self._heartbeat_soon(stalled, now)
         failed = any(until <= now for until in self._direct_failed.values())
         by_key = {p.get("public_key"): p for p in self.m.peers.values()}
         for key, path in self._paths.items():
@@ -432,6 +444,20 @@ class NetworkAgent:
                     extra={"peer": peer.get("name"), "silent_s": round(now - since, 1)},
                 )
         return failed
+
+    def _heartbeat_soon(self, stalled: list[str], now: float) -> None:
+        """Send the heartbeat now: peers stopped answering (see agent.stalls)."""
+        if now - self._last_early_beat < self.timing.stall_gap:
+            return
+        self._last_early_beat = now
+        self._beat_now = True
+        names = {p.get("public_key"): p.get("name") for p in self.m.peers.values()}
+        log.info(
+            "peers stopped answering; heartbeat now",
+            extra={"peers": sorted(str(names.get(k, k)) for k in stalled)},
+        )
+        if self._address_events is not None:
+            self._address_events.poke()
 
     async def resync_loop(self) -> None:
         """A full reconcile once ``timing.full_resync`` has passed without one: catches
@@ -681,9 +707,11 @@ class NetworkAgent:
         """
         events = addresses.AddressEvents()
         events.start()
+        self._address_events = events
         try:
             await self._follow_addresses(events)
         finally:
+            self._address_events = None
             await events.close()
 
     async def _follow_addresses(self, events: addresses.AddressEvents) -> None:
@@ -721,6 +749,9 @@ class NetworkAgent:
                     next_heartbeat = time.monotonic() + backoff.next_delay()
             wake = min(self.timing.address_poll, max(0.0, next_heartbeat - time.monotonic()))
             await events.wait(wake)
+            if self._beat_now:  # peers stalled: ask where the controller sees us now
+                self._beat_now = False
+                next_heartbeat = 0.0
 
     # --- metrics ---------------------------------------------------------------------------
 
