@@ -62,8 +62,8 @@ class Timing:
     # A peer that answered and then stays silent this long while this host sends it
     # data (agent.stalls) brings the next heartbeat forward: was it this host's NAT that
     # moved? At most one such early heartbeat per ``stall_gap`` seconds.
-    stall_after: float = 2.5
-    stall_gap: float = 5.0
+    stall_after: float = 2.0
+    stall_gap: float = 3.0
 
 
 class NetworkAgent:
@@ -419,8 +419,9 @@ class NetworkAgent:
         actual = await self.backend.get(self.iface)
         now = time.monotonic()
         self._stalls, stalled = stalls.update(self._stalls, actual, now, self.timing.stall_after)
-        if stalled:
-            self._heartbeat_soon(stalled, now)
+        if stalled and not self._heartbeat_soon(stalled, now):
+            for key in stalled:  # held back by stall_gap: reported again at the next check
+                self._stalls[key] = replace(self._stalls[key], stalled=False)
         failed = any(until <= now for until in self._direct_failed.values())
         by_key = {p.get("public_key"): p for p in self.m.peers.values()}
         for key, path in self._paths.items():
@@ -445,10 +446,11 @@ class NetworkAgent:
                 )
         return failed
 
-    def _heartbeat_soon(self, stalled: list[str], now: float) -> None:
-        """Send the heartbeat now: peers stopped answering (see agent.stalls)."""
+    def _heartbeat_soon(self, stalled: list[str], now: float) -> bool:
+        """Send the heartbeat now: peers stopped answering (see agent.stalls). False when
+        one was sent less than ``stall_gap`` seconds ago."""
         if now - self._last_early_beat < self.timing.stall_gap:
-            return
+            return False
         self._last_early_beat = now
         self._beat_now = True
         names = {p.get("public_key"): p.get("name") for p in self.m.peers.values()}
@@ -458,6 +460,7 @@ class NetworkAgent:
         )
         if self._address_events is not None:
             self._address_events.poke()
+        return True
 
     async def resync_loop(self) -> None:
         """A full reconcile once ``timing.full_resync`` has passed without one: catches

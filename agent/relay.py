@@ -185,6 +185,7 @@ class RelayService:
         # (host id, peer id) → forwarder, its key: the two ports
         self.pairs: dict[tuple[int, int], PairForwarder] = {}
         self.seen: dict[str, dict[str, str]] = {}  # host id → observer → endpoint
+        self.public: dict[str, Any] = {}  # host id → its public address when last read
         self.freed: dict[int, float] = {}  # port → when its pair was closed (monotonic)
 
     def _latched(self, side: Side, addr: tuple[str, int]) -> None:
@@ -209,6 +210,7 @@ class RelayService:
             await store.register(self.etcd, self.relay, self.ttl)
         hosts = await store.all_peers(self.etcd)
         by_id = {str(h["id"]): h for h in hosts}
+        self._forget_moved(by_id)
         now = time.monotonic()
         self.freed = {p: t for p, t in self.freed.items() if now - t < REUSE_AFTER}
         wanted = paths.relay_assignments(hosts, self.relay, live, mesh.same_site, avoid=self.freed)
@@ -218,6 +220,19 @@ class RelayService:
         live_ids = self.live_ids = {r.id for r in live}
         for host_id, host in by_id.items():
             await self._write(host, wanted.get(host_id, {}), live, live_ids)
+
+    def _forget_moved(self, by_id: dict[str, dict[str, Any]]) -> None:
+        """Drop what was seen of a host at another address than its new public one: its
+        NAT moved (the controller cleared its sightings; they must not be written back)."""
+        for host_id, host in by_id.items():
+            public = host.get("public_address")
+            if self.public.get(host_id, public) != public and host_id in self.seen:
+                self.seen[host_id] = {
+                    observer: endpoint
+                    for observer, endpoint in self.seen[host_id].items()
+                    if mesh.split_endpoint(endpoint)[0] == public
+                }
+            self.public[host_id] = public
 
     async def _open_pairs(
         self, wanted: dict[str, dict[str, str]], by_id: dict[str, dict[str, Any]]

@@ -160,10 +160,10 @@ class MultiCloud(Namespaces):
         self.run(router, "ip", "addr", "add", f"{subnet}.1/24", "dev", bridge)
         self.run(router, "ip", "link", "set", bridge, "up")
         self.run(router, "nft", "add table ip cl-lans")
-        chain = "add chain ip cl-lans fwd { type filter hook forward priority 0 ; }"
+        chain = "add chain ip cl-lans between { type filter hook forward priority 0 ; }"
         self.run(router, "nft", chain)
         for a, b in (("lan", bridge), (bridge, "lan")):
-            self.run(router, "nft", f'add rule ip cl-lans fwd iifname "{a}" oifname "{b}" drop')
+            self.run(router, "nft", f'add rule ip cl-lans between iifname "{a}" oifname "{b}" drop')
 
     def add_host(
         self, cloud_name: str, index: int, lan: str = "lan", subnet: str | None = None

@@ -85,12 +85,16 @@ PROBE_SERVER = textwrap.dedent("""
     print("ready", flush=True)
     print(" ".join("%s:%d" % s.recvfrom(64)[1] for s in socks), flush=True)
 """)
+# Three rounds: a datagram lost while the lab's agents start must not fail the probe
+# (one socket all along, so every round shows the same mapping).
 PROBE_CLIENT = textwrap.dedent("""
-    import socket, sys
+    import socket, sys, time
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(("0.0.0.0", int(sys.argv[3])))
-    for port in (int(sys.argv[2]), int(sys.argv[2]) + 1):
-        s.sendto(b"probe", (sys.argv[1], port))
+    for _ in range(3):
+        for port in (int(sys.argv[2]), int(sys.argv[2]) + 1):
+            s.sendto(b"probe", (sys.argv[1], port))
+        time.sleep(0.3)
 """)
 # Bound to a port, sends one datagram to ARGV[1]:ARGV[2] (opening its NAT towards it),
 # then prints the source of whatever arrives within ARGV[4] seconds, or "nothing".
@@ -106,11 +110,12 @@ LISTENER = textwrap.dedent("""
         print("nothing", flush=True)
 """)
 SENDER = textwrap.dedent("""
-    import socket, sys
+    import socket, sys, time
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(("0.0.0.0", int(sys.argv[3])))
     for _ in range(3):
         s.sendto(b"hello", (sys.argv[1], int(sys.argv[2])))
+        time.sleep(0.3)
 """)
 
 
@@ -218,6 +223,8 @@ class NatLab:
 
     def add(self, name: str) -> str:
         """The namespace of host ``name`` (see :data:`HOSTS`), with its NAT built first."""
+        if name in self.namespaces:
+            return self.namespaces[name]
         spot = HOSTS[name]
         if spot.kind == "public":
             ns = self.net.add_public_host(name, PUBLIC_P if name == "p" else PUBLIC_Q)
