@@ -746,6 +746,12 @@ class NetworkAgent:
                             extra={"observed": reply["observed_address"]},
                         )
                         await self.reconcile(force_endpoints=True)
+                        # Our NAT moved: its old mappings are gone, and with them the
+                        # watch stream's connection, which would stay silent (nothing
+                        # tells a receiving TCP connection its NAT entry is gone) and
+                        # miss the change to our own record this very heartbeat wrote.
+                        await self.client.reconnect()
+                        self._restart_sync()
                 except (ApiClientError, *NETWORK_ERRORS) as exc:
                     log.debug("heartbeat failed", extra={"error": repr(exc)})
                     self.standing.failed("heartbeat", exc)
