@@ -62,7 +62,7 @@ class Timing:
     # A peer that answered and then stays silent this long while this host sends it
     # data (agent.stalls) brings the next heartbeat forward: was it this host's NAT that
     # moved? At most one such early heartbeat per ``stall_gap`` seconds.
-    stall_after: float = 2.0
+    stall_after: float = 1.5
     stall_gap: float = 3.0
 
 
