@@ -200,6 +200,9 @@ def choose_endpoint(me: Host, peer: Host) -> str | None:
     return choose_path(me, peer)[0]
 
 
+WAITING_FOR_RELAY = "waiting for a relay"
+
+
 def choose_path(
     me: Host, peer: Host, direct_failed: Collection[str] = ()
 ) -> tuple[str | None, str]:
@@ -215,7 +218,9 @@ def choose_path(
        (:func:`cladnet.paths.direct_possible`): the peer's public or reflexive address;
        ``None`` when only I am public (the peer opens its NAT by sending first).
     4. A relay port the controller assigned this pair — ``relayed via <ip:port>``.
-    5. Else the public address the controller saw with the peer's listen port: right
+    5. No endpoint (``waiting for a relay``) while relays serve either host (the
+       network has relays) but not this pair yet.
+    6. Else the public address the controller saw with the peer's listen port: right
        for 1:1 NAT and port-forwards, a guess for the rest.
     """
     port = int(peer.get("listen_port") or DEFAULT_PORT)
@@ -235,6 +240,12 @@ def choose_path(
         return (normalize_endpoint(direct) if direct else None), "direct"
     if relayed is not None:
         return normalize_endpoint(relayed), f"relayed via {normalize_endpoint(relayed)}"
+    if paths.served_by_relays(me) or paths.served_by_relays(peer):
+        # Relays serve this network and this pair has none yet (the next relay pass
+        # assigns one): no guess. A guessed initiation lost at a NAT that maps per
+        # destination holds WireGuard back 5 s (REKEY_TIMEOUT) from initiating again
+        # when the relay port arrives; with no endpoint it initiates at once then.
+        return None, WAITING_FOR_RELAY
     public = peer.get("public_address")
     if public:
         return format_endpoint(public, port), "direct"

@@ -266,6 +266,11 @@ def _relays_of(host: Host) -> Mapping[str, Any]:
     return given if isinstance(given, Mapping) else {}
 
 
+def served_by_relays(host: Host) -> bool:
+    """Whether relays serve any pair of ``host`` (so relays serve its network)."""
+    return any(relayed_endpoint(host, {"id": peer}) for peer in _relays_of(host))
+
+
 def relayed_endpoint(me: Host, peer: Host) -> str | None:
     """The relay port this host sends the peer's packets to, if a relay serves the pair."""
     ep = _relays_of(me).get(str(peer.get("id")))

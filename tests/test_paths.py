@@ -189,6 +189,17 @@ def test_without_relay_or_observation_the_old_guess_remains() -> None:
     assert mesh.choose_path(natted(1), natted(2)) == ("198.51.100.2:51820", "direct")
 
 
+def test_a_pair_not_yet_relayed_in_a_network_with_relays_waits_instead_of_guessing() -> None:
+    """A new host's pairs before the next relay pass: no guessed endpoint (an initiation
+    lost at a NAT that maps per destination holds WireGuard back 5 s)."""
+    served = natted(1, relays={"h-3": "203.0.113.50:40000"})
+    assert mesh.choose_path(served, natted(2)) == (None, mesh.WAITING_FOR_RELAY)
+    assert mesh.choose_path(natted(2), served) == (None, mesh.WAITING_FOR_RELAY)
+    # Once the relay assigned the pair, its port.
+    served["relays"]["h-2"] = "203.0.113.50:40002"
+    assert mesh.choose_path(served, natted(2))[0] == "203.0.113.50:40002"
+
+
 def test_hostile_relay_entry_is_ignored() -> None:
     for relays in ({"h-2": "not an endpoint"}, {"h-2": 5}, ["h-2"], "h-2"):
         a = natted(1, relays=relays, reflexive="junk")
