@@ -115,7 +115,8 @@ class NetworkAgent:
         self._last_save = 0.0
         self._save_task: asyncio.Task[None] | None = None
         self._paths: dict[str, str] = {}  # public key → planned path, to log changes
-        self._kicks: set[str] = set()  # overlay IPs of peers just moved to a relay
+        # (overlay IP, public key) of peers just moved to a relay
+        self._kicks: set[tuple[str, str]] = set()
         # Peer id → monotonic time until which its direct path is not tried (it failed).
         self._direct_failed: dict[str, float] = {}
         # Public key → (rx bytes, monotonic time rx last grew or direct was planned).
@@ -376,14 +377,35 @@ class NetworkAgent:
                 log.info("peer path", extra={"peer": name, "path": config.path, "was": was})
                 self._paths[config.public_key] = config.path
                 if config.path.startswith("relayed via") and config.allowed_ips:
-                    self._kicks.add(config.allowed_ips[0].partition("/")[0])
+                    self._kicks.add((config.allowed_ips[0].partition("/")[0], config.public_key))
 
     def _kick_relayed(self) -> None:
         """One empty datagram into the tunnel to each peer just moved to a relay (port 9,
         discard; the peer drops it): WireGuard sends it, or a handshake, to the new relay
         port at once, so the relay latches this side now instead of at the next
-        keepalive. Failover after a relay dies waits for both sides' first packets."""
+        keepalive. Failover after a relay dies waits for both sides' first packets.
+
+        A pair with no session yet (a new one) is kicked as :mod:`agent.handshake`
+        starts pairs: the lower key now, the other ``handshake_retry`` seconds later.
+        Both at once, their initiations cross at the relay and both ends wait for
+        WireGuard's 5-s retry; this way the first one is dropped at the relay (the other
+        side is not latched yet) or answered, and the later one completes the pair."""
         targets, self._kicks = self._kicks, set()
+        own = self.m.me.get("public_key")
+        delay = self.timing.handshake_retry
+        now, later = [], []
+        for ip, key in targets:
+            track = self._stalls.get(key)
+            had_session = track is not None and track.rx > 0
+            if had_session or delay is None or own is None or own < key:
+                now.append(ip)
+            else:
+                later.append(ip)
+        self._send_kicks(now)
+        if later and delay is not None:
+            asyncio.get_running_loop().call_later(delay, self._send_kicks, later)
+
+    def _send_kicks(self, targets: list[str]) -> None:
         try:
             socket.if_nametoindex(self.iface)
         except OSError:
