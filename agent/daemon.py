@@ -200,6 +200,8 @@ class NetworkAgent:
         try:
             actual = await self.backend.get(self.iface)
             changes = mesh.diff(desired, actual, own_key=self.m.me.get("public_key"))
+            had = {k: p.endpoint is not None for k, p in actual.peers.items()}
+            changes = mesh.readd_first_endpoints(changes, had, desired.peers.values())
             if force_endpoints:
                 changes = mesh.with_endpoint_refresh(changes, desired)
             await self._apply(changes, self._applied)
@@ -251,11 +253,11 @@ class NetworkAgent:
             self._applied.update(planned.configs)
             now_planned = {c.public_key for c in planned.configs.values()}
             self._log_paths(planned.configs, {c.public_key for c in before.values()} - now_planned)
+            changes = mesh.diff_plans(before, planned.configs, own_key=self.m.me.get("public_key"))
+            had = {c.public_key: c.endpoint is not None for c in before.values()}
+            changes = mesh.readd_first_endpoints(changes, had, planned.configs.values())
             try:
-                await self._apply(
-                    mesh.diff_plans(before, planned.configs, own_key=self.m.me.get("public_key")),
-                    planned.configs,
-                )
+                await self._apply(changes, planned.configs)
             except BaseException:
                 self._full_due = True
                 raise

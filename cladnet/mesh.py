@@ -119,6 +119,33 @@ class DeviceChanges:
         )
 
 
+def readd_first_endpoints(
+    changes: DeviceChanges, had_endpoint: Mapping[str, bool], configs: Iterable[PeerConfig]
+) -> DeviceChanges:
+    """``changes`` with each peer that gets its first endpoint removed and added again.
+
+    Traffic to a peer with no endpoint yet (a pair waiting for its relay port) makes
+    WireGuard count a handshake initiation it could not send, and it then holds the
+    next one back for 5 s (REKEY_TIMEOUT) even once the endpoint is set. A peer with no
+    endpoint has no session to lose: added anew, it initiates at once. ``had_endpoint``:
+    public key → whether the device's peer had an endpoint before (unknown: left as is).
+    """
+    by_key = {c.public_key: c for c in configs}
+    readd = [
+        key
+        for key, update in changes.peers_to_update.items()
+        if update.endpoint is not None and had_endpoint.get(key) is False and key in by_key
+    ]
+    if not readd:
+        return changes
+    return replace(
+        changes,
+        peers_to_remove=(*changes.peers_to_remove, *readd),
+        peers_to_add=(*changes.peers_to_add, *(by_key[k] for k in readd)),
+        peers_to_update={k: u for k, u in changes.peers_to_update.items() if k not in readd},
+    )
+
+
 # --- addresses ---------------------------------------------------------------------------
 
 
