@@ -66,6 +66,15 @@ class Timing:
     stall_gap: float = 3.0
 
 
+def _started(device: mesh.DeviceState) -> dict[str, bool]:
+    """Per peer key: whether the device's peer has an endpoint or a session (one that
+    roamed in, or handshook, is never added anew: see mesh.readd_first_endpoints)."""
+    return {
+        key: p.endpoint is not None or p.last_handshake is not None
+        for key, p in device.peers.items()
+    }
+
+
 class NetworkAgent:
     """Keeps one WireGuard interface equal to the controller's view of one network."""
 
@@ -200,8 +209,7 @@ class NetworkAgent:
         try:
             actual = await self.backend.get(self.iface)
             changes = mesh.diff(desired, actual, own_key=self.m.me.get("public_key"))
-            had = {k: p.endpoint is not None for k, p in actual.peers.items()}
-            changes = mesh.readd_first_endpoints(changes, had, desired.peers.values())
+            changes = mesh.readd_first_endpoints(changes, _started(actual), desired.peers.values())
             if force_endpoints:
                 changes = mesh.with_endpoint_refresh(changes, desired)
             await self._apply(changes, self._applied)
@@ -254,8 +262,10 @@ class NetworkAgent:
             now_planned = {c.public_key for c in planned.configs.values()}
             self._log_paths(planned.configs, {c.public_key for c in before.values()} - now_planned)
             changes = mesh.diff_plans(before, planned.configs, own_key=self.m.me.get("public_key"))
-            had = {c.public_key: c.endpoint is not None for c in before.values()}
-            changes = mesh.readd_first_endpoints(changes, had, planned.configs.values())
+            if any(c.endpoint is None for c in before.values()):
+                # Only then: is the device's peer still without endpoint and session?
+                had = _started(await self.backend.get(self.iface))
+                changes = mesh.readd_first_endpoints(changes, had, planned.configs.values())
             try:
                 await self._apply(changes, planned.configs)
             except BaseException:
