@@ -388,7 +388,14 @@ class NetworkAgent:
                 name = self.m.peers.get(pid, {}).get("name")
                 log.info("peer path", extra={"peer": name, "path": config.path, "was": was})
                 self._paths[config.public_key] = config.path
-                if config.path.startswith("relayed via") and config.allowed_ips:
+                # Onto a relay (it latches this side now), and off one to a direct path
+                # over reflexive addresses: both ends send at once, which opens both
+                # NATs; else the side with nothing to send waits for its keepalive, and
+                # the other's packets are dropped by its NAT until then.
+                moved = config.path.startswith("relayed via") or (was or "").startswith(
+                    "relayed via"
+                )
+                if moved and config.endpoint and config.allowed_ips:
                     self._kicks.add((config.allowed_ips[0].partition("/")[0], config.public_key))
 
     def _kick_relayed(self) -> None:
