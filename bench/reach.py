@@ -169,10 +169,15 @@ def main() -> int:
     p = argparse.ArgumentParser(prog="python -m bench.reach", description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="one address change (CI, < 60 s)")
     p.add_argument("--keepalive", type=int, default=5, help="the network's keepalive (s)")
+    p.add_argument("--keep", type=Path, help="a new directory to keep the lab's logs in")
     args = p.parse_args()
     clean_up_on_sigterm()
-    with tempfile.TemporaryDirectory(prefix="cl-reach-bench-") as tmp_dir:
-        out = run(args.smoke, args.keepalive, Path(tmp_dir))
+    if args.keep:
+        args.keep.mkdir(parents=True)
+        out = run(args.smoke, args.keepalive, args.keep)
+    else:
+        with tempfile.TemporaryDirectory(prefix="cl-reach-bench-") as tmp_dir:
+            out = run(args.smoke, args.keepalive, Path(tmp_dir))
     result: dict[str, Any] = {
         "benchmark": "cladnet.reach",
         "machine": machine_facts("wireguard-go"),
