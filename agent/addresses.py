@@ -72,6 +72,10 @@ class AddressEvents:
             loop.remove_reader(nl.sock.fileno())
             nl.close()
 
+    def poke(self) -> None:
+        """Wake the waiter as an address event would (the agent's early heartbeat)."""
+        self._changed.set()
+
     async def wait(self, seconds: float) -> None:
         """Return after an address event or ``seconds``, whichever is first."""
         with contextlib.suppress(TimeoutError):

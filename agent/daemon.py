@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from agent import addresses, firewall
+from agent import addresses, firewall, stalls
 from agent.commands import CommandRunner, command_env
 from agent.handshake import HandshakeStarter
 from agent.metrics.exposition import MetricsServer
@@ -59,6 +59,20 @@ class Timing:
     path_check: float = 2.0
     direct_timeout: float = 6.0
     direct_retry: float = 60.0
+    # A peer that answered and then stays silent this long while this host sends it
+    # data (agent.stalls) brings the next heartbeat forward: was it this host's NAT that
+    # moved? At most one such early heartbeat per ``stall_gap`` seconds.
+    stall_after: float = 1.5
+    stall_gap: float = 3.0
+
+
+def _started(device: mesh.DeviceState) -> dict[str, bool]:
+    """Per peer key: whether the device's peer has an endpoint or a session (one that
+    roamed in, or handshook, is never added anew: see mesh.readd_first_endpoints)."""
+    return {
+        key: p.endpoint is not None or p.last_handshake is not None
+        for key, p in device.peers.items()
+    }
 
 
 class NetworkAgent:
@@ -110,11 +124,16 @@ class NetworkAgent:
         self._last_save = 0.0
         self._save_task: asyncio.Task[None] | None = None
         self._paths: dict[str, str] = {}  # public key → planned path, to log changes
-        self._kicks: set[str] = set()  # overlay IPs of peers just moved to a relay
+        # (overlay IP, public key) of peers just moved to a relay
+        self._kicks: set[tuple[str, str]] = set()
         # Peer id → monotonic time until which its direct path is not tried (it failed).
         self._direct_failed: dict[str, float] = {}
         # Public key → (rx bytes, monotonic time rx last grew or direct was planned).
         self._rx_seen: dict[str, tuple[int, float]] = {}
+        self._stalls: dict[str, stalls.Track] = {}  # public key → counters (agent.stalls)
+        self._beat_now = False  # an early heartbeat is due (a peer stalled)
+        self._last_early_beat = float("-inf")
+        self._address_events: addresses.AddressEvents | None = None
         self.bad_input = 0  # malformed events and unusable peers, for the logs and metrics
         self.save_errors = 0
         self.firewall_errors = 0
@@ -190,6 +209,7 @@ class NetworkAgent:
         try:
             actual = await self.backend.get(self.iface)
             changes = mesh.diff(desired, actual, own_key=self.m.me.get("public_key"))
+            changes = mesh.readd_first_endpoints(changes, _started(actual), desired.peers.values())
             if force_endpoints:
                 changes = mesh.with_endpoint_refresh(changes, desired)
             await self._apply(changes, self._applied)
@@ -241,11 +261,13 @@ class NetworkAgent:
             self._applied.update(planned.configs)
             now_planned = {c.public_key for c in planned.configs.values()}
             self._log_paths(planned.configs, {c.public_key for c in before.values()} - now_planned)
+            changes = mesh.diff_plans(before, planned.configs, own_key=self.m.me.get("public_key"))
+            if any(c.endpoint is None for c in before.values()):
+                # Only then: is the device's peer still without endpoint and session?
+                had = _started(await self.backend.get(self.iface))
+                changes = mesh.readd_first_endpoints(changes, had, planned.configs.values())
             try:
-                await self._apply(
-                    mesh.diff_plans(before, planned.configs, own_key=self.m.me.get("public_key")),
-                    planned.configs,
-                )
+                await self._apply(changes, planned.configs)
             except BaseException:
                 self._full_due = True
                 raise
@@ -366,15 +388,43 @@ class NetworkAgent:
                 name = self.m.peers.get(pid, {}).get("name")
                 log.info("peer path", extra={"peer": name, "path": config.path, "was": was})
                 self._paths[config.public_key] = config.path
-                if config.path.startswith("relayed via") and config.allowed_ips:
-                    self._kicks.add(config.allowed_ips[0].partition("/")[0])
+                # Onto a relay (it latches this side now), and off one to a direct path
+                # over reflexive addresses: both ends send at once, which opens both
+                # NATs; else the side with nothing to send waits for its keepalive, and
+                # the other's packets are dropped by its NAT until then.
+                moved = config.path.startswith("relayed via") or (was or "").startswith(
+                    "relayed via"
+                )
+                if moved and config.endpoint and config.allowed_ips:
+                    self._kicks.add((config.allowed_ips[0].partition("/")[0], config.public_key))
 
     def _kick_relayed(self) -> None:
         """One empty datagram into the tunnel to each peer just moved to a relay (port 9,
         discard; the peer drops it): WireGuard sends it, or a handshake, to the new relay
         port at once, so the relay latches this side now instead of at the next
-        keepalive. Failover after a relay dies waits for both sides' first packets."""
+        keepalive. Failover after a relay dies waits for both sides' first packets.
+
+        A pair with no session yet (a new one) is kicked as :mod:`agent.handshake`
+        starts pairs: the lower key now, the other ``handshake_retry`` seconds later.
+        Both at once, their initiations cross at the relay and both ends wait for
+        WireGuard's 5-s retry; this way the first one is dropped at the relay (the other
+        side is not latched yet) or answered, and the later one completes the pair."""
         targets, self._kicks = self._kicks, set()
+        own = self.m.me.get("public_key")
+        delay = self.timing.handshake_retry
+        now, later = [], []
+        for ip, key in targets:
+            track = self._stalls.get(key)
+            had_session = track is not None and track.rx > 0
+            if had_session or delay is None or own is None or own < key:
+                now.append(ip)
+            else:
+                later.append(ip)
+        self._send_kicks(now)
+        if later and delay is not None:
+            asyncio.get_running_loop().call_later(delay, self._send_kicks, later)
+
+    def _send_kicks(self, targets: list[str]) -> None:
         try:
             socket.if_nametoindex(self.iface)
         except OSError:
@@ -409,6 +459,10 @@ class NetworkAgent:
         timeout = max(self.timing.direct_timeout, 2.5 * keepalive)
         actual = await self.backend.get(self.iface)
         now = time.monotonic()
+        self._stalls, stalled = stalls.update(self._stalls, actual, now, self.timing.stall_after)
+        if stalled and not self._heartbeat_soon(stalled, now):
+            for key in stalled:  # held back by stall_gap: reported again at the next check
+                self._stalls[key] = replace(self._stalls[key], stalled=False)
         failed = any(until <= now for until in self._direct_failed.values())
         by_key = {p.get("public_key"): p for p in self.m.peers.values()}
         for key, path in self._paths.items():
@@ -432,6 +486,22 @@ class NetworkAgent:
                     extra={"peer": peer.get("name"), "silent_s": round(now - since, 1)},
                 )
         return failed
+
+    def _heartbeat_soon(self, stalled: list[str], now: float) -> bool:
+        """Send the heartbeat now: peers stopped answering (see agent.stalls). False when
+        one was sent less than ``stall_gap`` seconds ago."""
+        if now - self._last_early_beat < self.timing.stall_gap:
+            return False
+        self._last_early_beat = now
+        self._beat_now = True
+        names = {p.get("public_key"): p.get("name") for p in self.m.peers.values()}
+        log.info(
+            "peers stopped answering; heartbeat now",
+            extra={"peers": sorted(str(names.get(k, k)) for k in stalled)},
+        )
+        if self._address_events is not None:
+            self._address_events.poke()
+        return True
 
     async def resync_loop(self) -> None:
         """A full reconcile once ``timing.full_resync`` has passed without one: catches
@@ -681,9 +751,11 @@ class NetworkAgent:
         """
         events = addresses.AddressEvents()
         events.start()
+        self._address_events = events
         try:
             await self._follow_addresses(events)
         finally:
+            self._address_events = None
             await events.close()
 
     async def _follow_addresses(self, events: addresses.AddressEvents) -> None:
@@ -715,12 +787,21 @@ class NetworkAgent:
                             extra={"observed": reply["observed_address"]},
                         )
                         await self.reconcile(force_endpoints=True)
+                        # Our NAT moved: its old mappings are gone, and with them the
+                        # watch stream's connection, which would stay silent (nothing
+                        # tells a receiving TCP connection its NAT entry is gone) and
+                        # miss the change to our own record this very heartbeat wrote.
+                        await self.client.reconnect()
+                        self._restart_sync()
                 except (ApiClientError, *NETWORK_ERRORS) as exc:
                     log.debug("heartbeat failed", extra={"error": repr(exc)})
                     self.standing.failed("heartbeat", exc)
                     next_heartbeat = time.monotonic() + backoff.next_delay()
             wake = min(self.timing.address_poll, max(0.0, next_heartbeat - time.monotonic()))
             await events.wait(wake)
+            if self._beat_now:  # peers stalled: ask where the controller sees us now
+                self._beat_now = False
+                next_heartbeat = 0.0
 
     # --- metrics ---------------------------------------------------------------------------
 

@@ -133,7 +133,12 @@ class PairForwarder:
             if side.expected_ip is not None and addr[0] != side.expected_ip:
                 self._count("stranger")
                 return
-            if side.latched is not None and now - side.last_seen < RELATCH_AFTER:
+            # A latched source still at the host's public address keeps the port until
+            # silent; one at an address the host no longer has (its NAT's address moved)
+            # gives way at once to the new one.
+            held = side.latched
+            moved = held is not None and side.expected_ip not in (None, held[0])
+            if held is not None and now - side.last_seen < RELATCH_AFTER and not moved:
                 self._count("stranger")
                 return
             side.latched = addr
@@ -180,6 +185,7 @@ class RelayService:
         # (host id, peer id) → forwarder, its key: the two ports
         self.pairs: dict[tuple[int, int], PairForwarder] = {}
         self.seen: dict[str, dict[str, str]] = {}  # host id → observer → endpoint
+        self.public: dict[str, Any] = {}  # host id → its public address when last read
         self.freed: dict[int, float] = {}  # port → when its pair was closed (monotonic)
 
     def _latched(self, side: Side, addr: tuple[str, int]) -> None:
@@ -204,6 +210,7 @@ class RelayService:
             await store.register(self.etcd, self.relay, self.ttl)
         hosts = await store.all_peers(self.etcd)
         by_id = {str(h["id"]): h for h in hosts}
+        self._forget_moved(by_id)
         now = time.monotonic()
         self.freed = {p: t for p, t in self.freed.items() if now - t < REUSE_AFTER}
         wanted = paths.relay_assignments(hosts, self.relay, live, mesh.same_site, avoid=self.freed)
@@ -213,6 +220,19 @@ class RelayService:
         live_ids = self.live_ids = {r.id for r in live}
         for host_id, host in by_id.items():
             await self._write(host, wanted.get(host_id, {}), live, live_ids)
+
+    def _forget_moved(self, by_id: dict[str, dict[str, Any]]) -> None:
+        """Drop what was seen of a host at another address than its new public one: its
+        NAT moved (the controller cleared its sightings; they must not be written back)."""
+        for host_id, host in by_id.items():
+            public = host.get("public_address")
+            if self.public.get(host_id, public) != public and host_id in self.seen:
+                self.seen[host_id] = {
+                    observer: endpoint
+                    for observer, endpoint in self.seen[host_id].items()
+                    if mesh.split_endpoint(endpoint)[0] == public
+                }
+            self.public[host_id] = public
 
     async def _open_pairs(
         self, wanted: dict[str, dict[str, str]], by_id: dict[str, dict[str, Any]]
@@ -225,6 +245,9 @@ class RelayService:
                 ports = (int(ep_a.rpartition(":")[2]), int(wanted[b_id][a_id].rpartition(":")[2]))
                 keep.add(ports)
                 if ports in self.pairs:
+                    # Follow a host whose public address moved (its NAT got another).
+                    for side in self.pairs[ports].sides:
+                        side.expected_ip = by_id[side.host_id].get("public_address")
                     continue
                 sides = (
                     Side(a_id, by_id[a_id].get("public_address")),

@@ -34,6 +34,7 @@ BENCHMARKS: dict[str, tuple[str, bool, str]] = {
     "mesh": ("mesh", True, "group to full mesh vs a hand-configured wireguard-go mesh"),
     "dataplane": ("dataplane", True, "overlay vs underlay, hand wireguard-go, nebula"),
     "relay": ("relay", True, "a tunnel through cladnet-relay (kernel, Python) vs direct; failover"),
+    "reach": ("reach", True, "join → pings per NAT kind; NAT address change vs hand wireguard-go"),
     "ingest": ("ingest", False, "collector ingest vs broker-only and store-only"),
     "store": ("store", False, "SQLite store writes vs one INSERT per row"),
     "agent-footprint": ("agent_footprint", True, "agent RSS/CPU vs node_exporter, psutil"),

@@ -119,6 +119,33 @@ class DeviceChanges:
         )
 
 
+def readd_first_endpoints(
+    changes: DeviceChanges, had_endpoint: Mapping[str, bool], configs: Iterable[PeerConfig]
+) -> DeviceChanges:
+    """``changes`` with each peer that gets its first endpoint removed and added again.
+
+    Traffic to a peer with no endpoint yet (a pair waiting for its relay port) makes
+    WireGuard count a handshake initiation it could not send, and it then holds the
+    next one back for 5 s (REKEY_TIMEOUT) even once the endpoint is set. A peer with no
+    endpoint has no session to lose: added anew, it initiates at once. ``had_endpoint``:
+    public key → whether the device's peer had an endpoint before (unknown: left as is).
+    """
+    by_key = {c.public_key: c for c in configs}
+    readd = [
+        key
+        for key, update in changes.peers_to_update.items()
+        if update.endpoint is not None and had_endpoint.get(key) is False and key in by_key
+    ]
+    if not readd:
+        return changes
+    return replace(
+        changes,
+        peers_to_remove=(*changes.peers_to_remove, *readd),
+        peers_to_add=(*changes.peers_to_add, *(by_key[k] for k in readd)),
+        peers_to_update={k: u for k, u in changes.peers_to_update.items() if k not in readd},
+    )
+
+
 # --- addresses ---------------------------------------------------------------------------
 
 
@@ -200,6 +227,9 @@ def choose_endpoint(me: Host, peer: Host) -> str | None:
     return choose_path(me, peer)[0]
 
 
+WAITING_FOR_RELAY = "waiting for a relay"
+
+
 def choose_path(
     me: Host, peer: Host, direct_failed: Collection[str] = ()
 ) -> tuple[str | None, str]:
@@ -215,7 +245,9 @@ def choose_path(
        (:func:`cladnet.paths.direct_possible`): the peer's public or reflexive address;
        ``None`` when only I am public (the peer opens its NAT by sending first).
     4. A relay port the controller assigned this pair — ``relayed via <ip:port>``.
-    5. Else the public address the controller saw with the peer's listen port: right
+    5. No endpoint (``waiting for a relay``) while relays serve either host (the
+       network has relays) but not this pair yet.
+    6. Else the public address the controller saw with the peer's listen port: right
        for 1:1 NAT and port-forwards, a guess for the rest.
     """
     port = int(peer.get("listen_port") or DEFAULT_PORT)
@@ -235,6 +267,12 @@ def choose_path(
         return (normalize_endpoint(direct) if direct else None), "direct"
     if relayed is not None:
         return normalize_endpoint(relayed), f"relayed via {normalize_endpoint(relayed)}"
+    if paths.served_by_relays(me) or paths.served_by_relays(peer):
+        # Relays serve this network and this pair has none yet (the next relay pass
+        # assigns one): no guess. A guessed initiation lost at a NAT that maps per
+        # destination holds WireGuard back 5 s (REKEY_TIMEOUT) from initiating again
+        # when the relay port arrives; with no endpoint it initiates at once then.
+        return None, WAITING_FOR_RELAY
     public = peer.get("public_address")
     if public:
         return format_endpoint(public, port), "direct"

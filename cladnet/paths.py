@@ -90,6 +90,12 @@ def observe(
         if c["observer"] != observer
         and (alive is None or c["observer"].rpartition(":")[0] in alive)
     ]
+    # Seen at the host's current public address while older sightings are at another:
+    # its NAT's address moved, and those describe a mapping that no longer exists (kept,
+    # they would make the host look symmetric).
+    public = host.get("public_address")
+    if public and _ip(endpoint) == public:
+        kept = [c for c in kept if _ip(c["endpoint"]) == public]
     before = {c["observer"]: c["endpoint"] for c in old}
     after = {**{c["observer"]: c["endpoint"] for c in kept}, observer: endpoint}
     varies = len(set(after.values())) > 1
@@ -97,6 +103,10 @@ def observe(
         return None
     fresh = {"endpoint": endpoint, "observer": observer, "observed_at": now}
     return sorted([*kept, fresh], key=lambda c: c["observer"]), varies
+
+
+def _ip(endpoint: str) -> str:
+    return endpoint.rsplit(":", 1)[0].strip("[]")
 
 
 def stable_reflexive(host: Host) -> str | None:
@@ -144,10 +154,21 @@ def direct_possible(a: Host, b: Host) -> bool:
     reflexive address (endpoint-independent mapping): both send at once, which opens
     both NATs' filters. Anything else (a varying or unknown mapping) needs a relay.
     Conservative: an unknown mapping is not tried direct, since nothing here probes yet.
+    Two hosts behind one NAT (the same public address) that are not on one site would
+    meet at their own NAT's public address, which needs hairpinning; most NATs do not
+    (cloud NAT gateways, Linux masquerade without a hairpin rule), so they take a relay.
     """
     if is_public(a) or is_public(b):
         return True
+    if behind_one_nat(a, b):
+        return False
     return stable_reflexive(a) is not None and stable_reflexive(b) is not None
+
+
+def behind_one_nat(a: Host, b: Host) -> bool:
+    """Whether the controller saw ``a`` and ``b`` come from one public address."""
+    public = a.get("public_address")
+    return bool(public) and public == b.get("public_address")
 
 
 # --- relays ---------------------------------------------------------------------------------
@@ -243,6 +264,11 @@ def relay_assignments(
 def _relays_of(host: Host) -> Mapping[str, Any]:
     given = host.get("relays")
     return given if isinstance(given, Mapping) else {}
+
+
+def served_by_relays(host: Host) -> bool:
+    """Whether relays serve any pair of ``host`` (so relays serve its network)."""
+    return any(relayed_endpoint(host, {"id": peer}) for peer in _relays_of(host))
 
 
 def relayed_endpoint(me: Host, peer: Host) -> str | None:

@@ -8,6 +8,7 @@ routers' nftables tables go with their namespaces).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 from lab.netns import Namespaces, free_prefix, sh
@@ -29,6 +30,8 @@ class MultiCloud(Namespaces):
 
     inet: str = field(default_factory=lambda: free_prefix([f"172.29.{n}" for n in range(256)]))
     clouds: dict[str, Cloud] = field(default_factory=dict)
+    # cloud name → its inner router, for stacked NATs (add_cgnat)
+    inner: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.bridge = f"cl-{self.tag}-net"
@@ -78,10 +81,99 @@ class MultiCloud(Namespaces):
         self.clouds[name] = cloud
         return cloud
 
-    def add_host(self, cloud_name: str, index: int) -> str:
-        """Host namespace ``cl-<tag>-<cloud><index>`` at ``<subnet>.<10+index>``."""
+    def drop_unsolicited(self, cloud_name: str) -> None:
+        """The router accepts no UDP of its own on ``wan``, as a NAT gateway does.
+
+        Without it, a peer's packet that reaches the router before its host has sent
+        leaves a conntrack entry on the router, and the host's own packet then gets
+        another port (a tuple clash). Dropped at input, the entry is never confirmed.
+        """
+        router = self.clouds[cloud_name].router
+        self.run(router, "nft", "add table ip cl-fw")
+        self.run(router, "nft", "add chain ip cl-fw in { type filter hook input priority 0 ; }")
+        self.run(router, "nft", 'add rule ip cl-fw in iifname "wan" meta l4proto udp drop')
+
+    def one_to_one(self, cloud_name: str, private_ip: str) -> None:
+        """Every packet to the cloud's public address goes to ``private_ip`` (a 1:1 NAT,
+        as a cloud's "public IP" of a VM): masquerade out, DNAT of everything in. No
+        ``daddr`` in the rule, so it follows the address when it moves."""
+        router = self.clouds[cloud_name].router
+        self.run(router, "nft", f'add rule ip cl-nat pre iifname "wan" dnat to {private_ip}')
+
+    def add_cgnat(self, name: str, subnet: str, public_host: int, link: str = "100.64.1") -> Cloud:
+        """Two stacked NATs (carrier-grade NAT): hosts on ``subnet`` behind an inner
+        router ``cl-<tag>-i<name>`` that masquerades to ``<link>.2``, on a
+        ``<link>.0/24`` link (inside 100.64.0.0/10) to the outer router, the cloud's
+        router, which masquerades to the internet. Both drop unsolicited UDP.
+        ``add_host(name, i)`` puts hosts behind the inner one."""
+        outer = self.add_cloud(name, link, public_host)  # its "lan" is the 100.64 link
+        self.drop_unsolicited(name)
+        inner = f"cl-{self.tag}-i{name}"
+        sh("ip", "netns", "add", inner)
+        self.namespaces.append(inner)
+        sh(
+            "ip",
+            "link",
+            "add",
+            "wan",
+            "netns",
+            inner,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "cgn",
+            "netns",
+            outer.router,
+        )
+        self.run(outer.router, "ip", "link", "set", "cgn", "master", "lan", "up")
+        # The outer NAT translates only the carrier's range (as a CGN does).
+        self.run(outer.router, "nft", "flush chain ip cl-nat post")
+        rule = 'add rule ip cl-nat post oifname "wan" ip saddr 100.64.0.0/10 masquerade'
+        self.run(outer.router, "nft", rule)
+        self.run(inner, "ip", "link", "set", "lo", "up")
+        self.run(inner, "ip", "addr", "add", f"{link}.2/24", "dev", "wan")
+        self.run(inner, "ip", "link", "set", "wan", "up")
+        self.run(inner, "ip", "route", "add", "default", "via", f"{link}.1")
+        self.run(inner, "ip", "link", "add", "lan", "type", "bridge")
+        self.run(inner, "ip", "addr", "add", f"{subnet}.1/24", "dev", "lan")
+        self.run(inner, "ip", "link", "set", "lan", "up")
+        self.run(inner, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        self.run(inner, "nft", "add table ip cl-nat")
+        chain = "add chain ip cl-nat post { type nat hook postrouting priority 100 ; }"
+        self.run(inner, "nft", chain)
+        self.run(inner, "nft", 'add rule ip cl-nat post oifname "wan" masquerade')
+        self.run(inner, "nft", "add table ip cl-fw")
+        self.run(inner, "nft", "add chain ip cl-fw in { type filter hook input priority 0 ; }")
+        self.run(inner, "nft", 'add rule ip cl-fw in iifname "wan" meta l4proto udp drop')
+        # Hosts attach to the inner router; the outer one stays the cloud's public face.
+        self.clouds[name] = Cloud(name, subnet, outer.public, router=outer.router)
+        self.inner[name] = inner
+        return self.clouds[name]
+
+    def add_lan(self, cloud_name: str, bridge: str, subnet: str) -> None:
+        """A second private subnet on the cloud's router (``<subnet>.1`` on ``bridge``),
+        NATed the same way but with no route to the first one: the router drops
+        forwarding between its LANs. Hosts join it with ``add_host(…, lan=bridge)``."""
+        router = self.clouds[cloud_name].router
+        self.run(router, "ip", "link", "add", bridge, "type", "bridge")
+        self.run(router, "ip", "addr", "add", f"{subnet}.1/24", "dev", bridge)
+        self.run(router, "ip", "link", "set", bridge, "up")
+        self.run(router, "nft", "add table ip cl-lans")
+        chain = "add chain ip cl-lans between { type filter hook forward priority 0 ; }"
+        self.run(router, "nft", chain)
+        for a, b in (("lan", bridge), (bridge, "lan")):
+            self.run(router, "nft", f'add rule ip cl-lans between iifname "{a}" oifname "{b}" drop')
+
+    def add_host(
+        self, cloud_name: str, index: int, lan: str = "lan", subnet: str | None = None
+    ) -> str:
+        """Host namespace ``cl-<tag>-<cloud><index>`` at ``<subnet>.<10+index>`` (the
+        cloud's subnet, or ``subnet`` on the router's other bridge ``lan``)."""
         cloud = self.clouds[cloud_name]
         host = f"cl-{self.tag}-{cloud_name}{index}"
+        router = self.inner.get(cloud_name, cloud.router)
+        prefix = subnet or cloud.subnet
         sh("ip", "netns", "add", host)
         self.namespaces.append(host)
         sh(
@@ -97,15 +189,13 @@ class MultiCloud(Namespaces):
             "name",
             f"h{index}",
             "netns",
-            cloud.router,
+            router,
         )
-        self.run(cloud.router, "ip", "link", "set", f"h{index}", "master", "lan", "up")
+        self.run(router, "ip", "link", "set", f"h{index}", "master", lan, "up")
         self.run(host, "ip", "link", "set", "lo", "up")
-        self.run(
-            host, "ip", "addr", "add", f"{self.host_address(cloud_name, index)}/24", "dev", "eth0"
-        )
+        self.run(host, "ip", "addr", "add", f"{prefix}.{10 + index}/24", "dev", "eth0")
         self.run(host, "ip", "link", "set", "eth0", "up")
-        self.run(host, "ip", "route", "add", "default", "via", f"{cloud.subnet}.1")
+        self.run(host, "ip", "route", "add", "default", "via", f"{prefix}.1")
         cloud.hosts.append(host)
         return host
 
@@ -158,13 +248,20 @@ class MultiCloud(Namespaces):
     def host_address(self, cloud_name: str, index: int, generation: int = 0) -> str:
         return f"{self.clouds[cloud_name].subnet}.{10 + index + 100 * generation}"
 
-    def move_public_address(self, cloud_name: str, public_host: int) -> str:
-        """The cloud's NAT gets a new public address (as after a suspend/resume)."""
+    def move_public_address(self, cloud_name: str, public_host: int, flush: bool = False) -> str:
+        """The cloud's NAT gets a new public address (as after a suspend/resume).
+
+        ``flush``: every connection-tracking entry of the router goes too, as when a
+        cloud re-assigns a NAT's address (without it, entries a DNAT made for inbound
+        flows outlive the address)."""
         cloud = self.clouds[cloud_name]
         new = f"{self.inet}.{public_host}"
         # Removing the old address also drops masquerade's connection-tracking entries.
         # (Old first: deleting a primary address deletes its secondaries with it.)
         self.run(cloud.router, "ip", "addr", "del", f"{cloud.public}/24", "dev", "wan")
         self.run(cloud.router, "ip", "addr", "add", f"{new}/24", "dev", "wan")
+        if flush:  # no conntrack tool here: pyroute2's ctnetlink, inside the router's netns
+            code = "from pyroute2.conntrack import Conntrack; Conntrack().flush()"
+            self.run(cloud.router, sys.executable, "-c", code)
         cloud.public = new
         return new

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 from agent.daemon import NetworkAgent
 from agent.state import StateDir
 from lab.peers import host, membership
+from tests.support import until
 
 
 @pytest.fixture
@@ -48,3 +50,41 @@ async def test_valid_events_change_the_view(agent) -> None:
     assert list(agent.m.peers) == ["h-3"] and agent.m.revision == 13
     assert agent._on_event({"type": "DELETED", "revision": 14, "id": "h-1"}) is False
     assert agent.removed.is_set()
+
+
+async def test_a_moved_nat_reconnects_and_resumes_the_watch(agent, monkeypatch) -> None:
+    """The heartbeat says the controller sees this host at another address (its NAT
+    moved): the device's endpoints are re-sent, and the watch, whose connection died
+    with the NAT's mappings, is opened again (it resumes from the saved revision)."""
+    calls: list[str] = []
+
+    class Client:
+        async def heartbeat(self, host_id: str, addresses: list[str]) -> dict[str, Any]:
+            calls.append("heartbeat")
+            return {"changed": True, "observed_address": "203.0.113.9"}
+
+        async def reconnect(self) -> None:
+            calls.append("reconnect")
+
+        async def close(self) -> None:
+            pass
+
+    class Events:
+        async def wait(self, seconds: float) -> None:
+            await asyncio.sleep(0.01)
+
+    async def addresses() -> list[str]:
+        return ["192.168.1.10/24"]
+
+    async def reconcile(force_endpoints: bool = False) -> None:
+        calls.append(f"reconcile force={force_endpoints}")
+
+    agent.client = Client()
+    monkeypatch.setattr(agent, "_local_addresses", addresses)
+    monkeypatch.setattr(agent, "reconcile", reconcile)
+    monkeypatch.setattr(agent, "_restart_sync", lambda: calls.append("watch restarted"))
+    task = asyncio.create_task(agent._follow_addresses(Events()))
+    await until(lambda: "watch restarted" in calls, 5, "the watch to restart")
+    agent.removed.set()
+    await task
+    assert calls == ["heartbeat", "reconcile force=True", "reconnect", "watch restarted"]

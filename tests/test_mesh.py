@@ -330,3 +330,23 @@ def test_of_two_new_peers_only_the_lower_key_starts_the_handshake() -> None:
     assert held_back_by(higher) == (me["public_key"],)  # while I do not
     # Without a key (or same-site peers, keepalive 0) nothing is held back.
     assert not mesh.diff(device, empty).keepalive_deferred
+
+
+def test_a_peer_getting_its_first_endpoint_is_added_anew() -> None:
+    """WireGuard counted an initiation it could not send while the peer had no endpoint
+    (and would hold the next back 5 s): such a peer is removed and added again; one
+    that had an endpoint is only updated."""
+    from cladnet.mesh import DeviceChanges, PeerConfig, PeerUpdate, readd_first_endpoints
+
+    waiting = PeerConfig("k1", ("10.0.0.2/32",), "203.0.113.50:40002", 25, "relayed via x")
+    moved = PeerConfig("k2", ("10.0.0.3/32",), "203.0.113.50:40004", 25, "relayed via y")
+    changes = DeviceChanges(
+        peers_to_update={
+            "k1": PeerUpdate("k1", endpoint="203.0.113.50:40002"),
+            "k2": PeerUpdate("k2", endpoint="203.0.113.50:40004"),
+        }
+    )
+    out = readd_first_endpoints(changes, {"k1": False, "k2": True}, [waiting, moved])
+    assert out.peers_to_remove == ("k1",) and out.peers_to_add == (waiting,)
+    assert list(out.peers_to_update) == ["k2"]
+    assert readd_first_endpoints(changes, {}, [waiting, moved]) == changes

@@ -16,7 +16,8 @@ R2 = Relay("r2", "203.0.113.51", 40000, 40009)
 
 def natted(n: int, **fields: Any) -> dict[str, Any]:
     """A host in a private subnet behind a NAT whose public address is 198.51.100.<n>."""
-    return host(n, addresses=[f"192.168.{n}.10/24"], public_address=f"198.51.100.{n}", **fields)
+    fields.setdefault("public_address", f"198.51.100.{n}")
+    return host(n, addresses=[f"192.168.{n}.10/24"], **fields)
 
 
 def seen(*pairs: tuple[str, str]) -> list[dict[str, Any]]:
@@ -85,6 +86,24 @@ def test_a_dead_relays_observations_are_dropped() -> None:
     assert [c["observer"] for c in reflexive] == ["r1:40000"] and not varies
 
 
+def test_sightings_from_before_a_nat_moved_are_dropped() -> None:
+    """The NAT got a new public address (the controller saw it): a sighting there
+    replaces those at the old address instead of making the host look symmetric."""
+    old = seen(("r1:40000", "198.51.100.1:51820"), ("r1:40002", "198.51.100.1:51820"))
+    h = natted(1, reflexive=old, public_address="198.51.100.77")
+    reflexive, varies = paths.observe(h, "r1:40004", "198.51.100.77:51820", 5.0) or ([], True)
+    assert not varies and [c["observer"] for c in reflexive] == ["r1:40004"]
+    # A second relay port agreeing makes it stable again.
+    h = natted(1, reflexive=reflexive, public_address="198.51.100.77")
+    reflexive, varies = paths.observe(h, "r1:40006", "198.51.100.77:51820", 6.0) or ([], True)
+    moved = natted(1, reflexive=reflexive, public_address="198.51.100.77")
+    assert paths.stable_reflexive(moved) == "198.51.100.77:51820"
+    # A NAT whose UDP leaves from another address than its TCP keeps its sightings.
+    h = natted(1, reflexive=old[:1], public_address="198.51.100.77")
+    reflexive, varies = paths.observe(h, "r1:40002", "198.51.100.1:51820", 7.0) or ([], True)
+    assert len(reflexive) == 2 and not varies
+
+
 def test_hostile_candidates_are_ignored() -> None:
     bad = [{"endpoint": "x:1", "observer": "a", "observed_at": 1}, {"endpoint": 5}, "junk"]
     assert paths.stable_reflexive(natted(1, reflexive=bad)) is None
@@ -124,6 +143,22 @@ def test_both_stable_go_direct_to_the_reflexive_address() -> None:
     assert mesh.choose_path(a, b) == ("198.51.100.2:3333", "direct")
 
 
+def test_two_hosts_behind_one_nat_on_other_subnets_take_their_relay() -> None:
+    """Stable reflexive addresses on both sides, but at one public address: direct would
+    need the NAT to hairpin (tests/test_reach_nats.py: n1 and n2), so the relay."""
+    one = "198.51.100.9"
+    a = host(1, addresses=["10.35.1.11/24"], public_address=one, relays={"h-2": "203.0.113.50:1"})
+    b = host(2, addresses=["10.35.2.12/24"], public_address=one, relays={"h-1": "203.0.113.50:2"})
+    a["reflexive"] = seen(("r1:1", f"{one}:51820"), ("r1:3", f"{one}:51820"))
+    b["reflexive"] = seen(("r1:2", f"{one}:51821"), ("r1:4", f"{one}:51821"))
+    assert paths.behind_one_nat(a, b) and not paths.direct_possible(a, b)
+    assert mesh.choose_path(a, b) == ("203.0.113.50:1", "relayed via 203.0.113.50:1")
+    assert mesh.choose_path(b, a) == ("203.0.113.50:2", "relayed via 203.0.113.50:2")
+    # On one subnet behind that NAT: one site, private addresses.
+    b["addresses"] = ["10.35.1.12/24"]
+    assert mesh.choose_path(a, b) == ("10.35.1.12:51820", "private")
+
+
 def test_a_failed_direct_path_falls_back_to_the_standby_relay() -> None:
     stable = seen(("r1:1", "198.51.100.2:3333"), ("r2:1", "198.51.100.2:3333"))
     a = natted(1, reflexive=seen(("r1:2", "198.51.100.1:7"), ("r2:2", "198.51.100.1:7")))
@@ -152,6 +187,17 @@ def test_same_site_stays_private_even_with_a_relay_entry() -> None:
 def test_without_relay_or_observation_the_old_guess_remains() -> None:
     # Hosts behind port-forwarding NATs (no relay anywhere): public address + listen port.
     assert mesh.choose_path(natted(1), natted(2)) == ("198.51.100.2:51820", "direct")
+
+
+def test_a_pair_not_yet_relayed_in_a_network_with_relays_waits_instead_of_guessing() -> None:
+    """A new host's pairs before the next relay pass: no guessed endpoint (an initiation
+    lost at a NAT that maps per destination holds WireGuard back 5 s)."""
+    served = natted(1, relays={"h-3": "203.0.113.50:40000"})
+    assert mesh.choose_path(served, natted(2)) == (None, mesh.WAITING_FOR_RELAY)
+    assert mesh.choose_path(natted(2), served) == (None, mesh.WAITING_FOR_RELAY)
+    # Once the relay assigned the pair, its port.
+    served["relays"]["h-2"] = "203.0.113.50:40002"
+    assert mesh.choose_path(served, natted(2))[0] == "203.0.113.50:40002"
 
 
 def test_hostile_relay_entry_is_ignored() -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -21,6 +20,7 @@ from lab.agents import Agent
 from lab.api import make_network, make_token
 from lab.components import Controller, Etcd, free_port, wait_until
 from lab.multicloud import MultiCloud
+from lab.natlab import udp_probe
 from lab.relays import RELAY_PORTS, Relay
 from tests.support import need_root
 
@@ -29,24 +29,6 @@ CLOUDS = {"a": ("192.168.1", 11), "b": ("10.77.0", 12)}
 # Plain masquerade keeps the source port when it can: endpoint-independent mapping.
 EASY = {"c": ("10.88.0", 13), "d": ("10.99.0", 14)}
 PUBLIC_HOST = 20
-
-# Sends from ONE socket to two destinations and prints the source ports each saw.
-PROBE_SERVER = textwrap.dedent("""
-    import socket, sys
-    socks = []
-    for port in (int(sys.argv[1]), int(sys.argv[1]) + 1):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind(("0.0.0.0", port)); s.settimeout(10); socks.append(s)
-    print("ready", flush=True)
-    print(" ".join(str(s.recvfrom(64)[1][1]) for s in socks), flush=True)
-""")
-PROBE_CLIENT = textwrap.dedent("""
-    import socket, sys
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("0.0.0.0", 45000))
-    for port in (int(sys.argv[2]), int(sys.argv[2]) + 1):
-        s.sendto(b"probe", (sys.argv[1], port))
-""")
 
 
 def eventually(predicate, timeout: float) -> bool:  # type: ignore[no-untyped-def]
@@ -86,16 +68,8 @@ def world(
         for name, (subnet, public) in CLOUDS.items():
             net.add_cloud(name, subnet, public, nat=NAT)
         for name, (subnet, public) in EASY.items():
-            cloud = net.add_cloud(name, subnet, public)
-            # A NAT gateway accepts no UDP of its own. Without this, a peer's packet that
-            # reaches the router before its host has sent leaves a conntrack entry on the
-            # router, and the host's own packet then gets another port (a tuple clash).
-            # Dropped at input, the entry is never confirmed.
-            net.run(cloud.router, "nft", "add table ip cl-fw")
-            net.run(
-                cloud.router, "nft", "add chain ip cl-fw in { type filter hook input priority 0 ; }"
-            )
-            net.run(cloud.router, "nft", 'add rule ip cl-fw in iifname "wan" meta l4proto udp drop')
+            net.add_cloud(name, subnet, public)
+            net.drop_unsolicited(name)  # as NAT gateways do (see its docstring)
         public_ns = net.add_public_host("p", PUBLIC_HOST)
         relays.append(Relay(net, public_ns, "r1", PUBLIC_HOST, etcd.url, tmp / "r1.log"))
         # A second relay on an internet host of its own (no agent there).
@@ -141,32 +115,14 @@ def test_the_lab_nats_really_map_as_assumed(world) -> None:
     behind fully-random, one port behind plain masquerade."""
     net, _, agents, _, _ = world
     for cloud in [*CLOUDS, *EASY]:
-        server = net.popen(
-            agents["p"].ns,
-            [sys.executable, "-c", PROBE_SERVER, "47000"],
-            stdout=subprocess.PIPE,
-            text=True,
+        seen = udp_probe(
+            net, agents[f"{cloud}1"].ns, agents["p"].ns, f"{net.inet}.{PUBLIC_HOST}", 47000, 45000
         )
-        try:
-            assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-            net.run(
-                agents[f"{cloud}1"].ns,
-                sys.executable,
-                "-c",
-                PROBE_CLIENT,
-                f"{net.inet}.{PUBLIC_HOST}",
-                "47000",
-            )
-            out, _ = server.communicate(timeout=10)
-        finally:
-            if server.poll() is None:
-                server.kill()
-                server.wait()
-        first, second = out.split()
+        first, second = (s.rsplit(":", 1)[1] for s in seen)
         if cloud in CLOUDS:
-            assert first != second, f"NAT {cloud} kept one port for two destinations: {out}"
+            assert first != second, f"NAT {cloud} kept one port for two destinations: {seen}"
         else:
-            assert first == second == "45000", f"NAT {cloud} changed ports: {out}"
+            assert first == second == "45000", f"NAT {cloud} changed ports: {seen}"
 
 
 def test_full_mesh_pings_and_symmetric_pairs_are_relayed(world) -> None:

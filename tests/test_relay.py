@@ -90,3 +90,29 @@ def test_strangers_cannot_take_a_latched_port_or_latch_from_elsewhere() -> None:
             s.close()
 
     asyncio.run(exchange(checks))
+
+
+def test_a_host_whose_nat_moved_is_latched_again_at_once() -> None:
+    """The pair's host got a new public address (the relay reads it from its record): its
+    packets from there take the port at once, without waiting for the old source to be
+    silent for RELATCH_AFTER; before that they were strangers."""
+
+    async def checks(pair, ports, latched) -> None:  # type: ignore[no-untyped-def]
+        loop = asyncio.get_running_loop()
+        a, b, moved = udp(), udp(), udp("127.0.0.2")
+        a.sendto(INIT, ("127.0.0.1", ports[0]))
+        b.sendto(INIT, ("127.0.0.1", ports[1]))
+        await loop.run_in_executor(None, receive, a)
+        moved.sendto(DATA, ("127.0.0.1", ports[0]))  # not yet its public address
+        assert await loop.run_in_executor(None, receive, b) is None
+        pair.sides[0].expected_ip = "127.0.0.2"  # what the relay's pass does on a move
+        moved.sendto(DATA, ("127.0.0.1", ports[0]))
+        assert await loop.run_in_executor(None, receive, b) == (DATA, ("127.0.0.1", ports[1]))
+        assert latched[-1] == ("h-a", moved.getsockname())
+        # And B's packets now go to A's new source.
+        b.sendto(DATA, ("127.0.0.1", ports[1]))
+        assert await loop.run_in_executor(None, receive, moved) == (DATA, ("127.0.0.1", ports[0]))
+        for s in (a, b, moved):
+            s.close()
+
+    asyncio.run(exchange(checks))

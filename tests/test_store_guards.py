@@ -243,3 +243,21 @@ async def test_a_heartbeat_racing_a_leave_leaves_no_orphaned_liveness_record(db)
         await store.heartbeat(peer.id, Heartbeat(), OBSERVED)
     assert gone.value.status == 404, gone.value
     assert await etcd.counts([ks.prefix("liveness", net.id), ks.prefix("peers", net.id)]) == [0, 0]
+
+
+async def test_a_moved_public_address_forgets_the_hosts_nat_sightings(db) -> None:
+    """The relays' sightings of a host's NAT mapping were at its old public address: a
+    heartbeat from a new one clears them (its pairs then take their relays, which see
+    the new mapping), and an unchanged address keeps them."""
+    etcd, store = db
+    net, token = await _network(store)
+    peer = await _join(store, token, "web")
+    key = ks.peer(net.id, peer.id)
+    seen = [{"endpoint": f"{OBSERVED}:51820", "observer": "r1:40000", "observed_at": 1.0}]
+    record = json.loads(await _value(etcd, key) or b"{}")
+    await etcd.put(key, json.dumps({**record, "reflexive": seen, "mapping_varies": True}).encode())
+    kept, _ = await store.heartbeat(peer.id, Heartbeat(), OBSERVED)
+    assert kept.reflexive == seen and kept.mapping_varies
+    moved, changed = await store.heartbeat(peer.id, Heartbeat(), MOVED)
+    assert changed and moved.public_address == MOVED
+    assert moved.reflexive == [] and moved.mapping_varies is False

@@ -83,6 +83,11 @@ class Hosts:
             if not changed:
                 return peer, set()
             net_id = host["network_id"]
+            if "public_address" in changed and current["public_address"]:
+                # The host's NAT moved: what the relays saw of its mapping was at the old
+                # address. Forgotten here, its pairs take their relays at once (which see
+                # it anew) instead of trying a mapping that no longer exists.
+                changed |= {"reflexive": [], "mapping_varies": False}
             updated = peer.model_copy(update={**changed, "updated_at": time.time()})
             compare = [tx.Mod(ks.peer(net_id, host_id)) == peer_kv.mod_revision]
             success = [tx.Put(ks.peer(net_id, host_id), dump(updated))]
