@@ -209,13 +209,7 @@ class AgentMesh:
     def __init__(self, tmp: Path, python: str) -> None:
         self.tmp, self.python = tmp, python  # the agents' interpreter
         self.lab = Lab()
-        etcd_port = free_port()
-        self.etcd = Etcd(
-            url=f"http://127.0.0.1:{etcd_port}",
-            data_dir=tmp / "etcd",
-            client_port=etcd_port,
-            peer_port=free_port(),
-        )
+        self.etcd = Etcd.serving(tmp / "etcd")
         self.broker = Mosquitto(data_dir=tmp / "mosquitto", port=free_port(), host=self.lab.gateway)
         self.collector = Collector(self.broker, tmp / "collector", free_port())
         self.ctl = Controller(

@@ -593,13 +593,7 @@ def feasibility(n: int, fd_limit: int) -> str | None:
 
 async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     fd_soft, _ = raise_fd_limit(max(args.sizes) + FD_SLACK)
-    etcd_port = free_port()
-    etcd = Etcd(
-        url=f"http://{HOST}:{etcd_port}",
-        data_dir=tmp / "etcd",
-        client_port=etcd_port,
-        peer_port=free_port(),
-    )
+    etcd = Etcd.serving(tmp / "etcd", host=HOST)
     per_size: dict[str, Any] = {}
     try:
         log(f"starting etcd on {etcd.url}")
@@ -619,7 +613,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 entry["cladnet"] = cladnet
                 gc.collect()
                 entry["etcd"] = await etcd_run(
-                    etcd_port, n, args.changes, peer_record, args.etcd_clients
+                    etcd.client_port, n, args.changes, peer_record, args.etcd_clients
                 )
                 c99 = cladnet["latency_ms_all_changes"]["p99"]
                 e99 = entry["etcd"]["latency_ms_all_changes"]["p99"]

@@ -537,13 +537,7 @@ def main() -> int:
     }
     tmp = Path(tempfile.mkdtemp(prefix="cl-bench-"))
     lab = Lab()
-    port = free_port()
-    etcd = Etcd(
-        url=f"http://127.0.0.1:{port}",
-        data_dir=tmp / "etcd",
-        client_port=port,
-        peer_port=free_port(),
-    )
+    etcd = Etcd.serving(tmp / "etcd")
     ctl = Controller(etcd_url=etcd.url, state_dir=tmp / "ctl", port=free_port(), host=lab.gateway)
     agents: list[Agent] = []
     procs: list[subprocess.Popen[bytes]] = []

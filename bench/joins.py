@@ -464,13 +464,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    etcd_port = free_port()
-    etcd = Etcd(
-        url=f"http://127.0.0.1:{etcd_port}",
-        data_dir=tmp / "etcd",
-        client_port=etcd_port,
-        peer_port=free_port(),
-    )
+    etcd = Etcd.serving(tmp / "etcd")
     controllers: list[Controller] = []
     try:
         log(f"starting etcd on {etcd.url}")
@@ -483,7 +477,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
         log(f"baseline: {args.joins} raw etcd txns at concurrency {args.concurrency}")
         baseline = await etcd_baseline(
-            "127.0.0.1", etcd_port, args.joins, args.concurrency, run_id="b"
+            "127.0.0.1", etcd.client_port, args.joins, args.concurrency, run_id="b"
         )
         log(f"  {baseline['etcd_raw_txn']['per_second']} txn/s")
 

@@ -301,13 +301,7 @@ def start_cloud(run: Run) -> tuple[Driver, Controller]:
     run.driver = driver = Driver(**options)  # type: ignore[arg-type]
     (run.tmp / "drivers.json").write_text(json.dumps({"local": options}))
     asyncio.run(driver.prepare())
-    port = free_port()
-    run.etcd = Etcd(
-        url=f"http://127.0.0.1:{port}",
-        data_dir=run.tmp / "etcd",
-        client_port=port,
-        peer_port=free_port(),
-    )
+    run.etcd = Etcd.serving(run.tmp / "etcd")
     run.etcd.start()
     ctl_port = free_port()
     run.ctl = Controller(

@@ -227,13 +227,7 @@ def failover(rounds: int, tmp: Path) -> list[float]:
     from lab.relays import Relay
 
     net = MultiCloud()
-    port = free_port()
-    etcd = Etcd(
-        url=f"http://{net.gateway}:{port}",
-        data_dir=tmp / "etcd",
-        client_port=port,
-        peer_port=free_port(),
-    )
+    etcd = Etcd.serving(tmp / "etcd", host=net.gateway)
     ctl = Controller(
         etcd_url=etcd.url, state_dir=tmp / "controller", port=free_port(), host=net.gateway
     )

@@ -79,6 +79,12 @@ class Etcd:
     pki: Pki | None = None
     client_cert_auth: bool = False
 
+    @classmethod
+    def serving(cls, data_dir: Path, host: str = "127.0.0.1") -> Etcd:
+        """A plain-HTTP etcd on ``host`` with free client and peer ports (not started)."""
+        port = free_port()
+        return cls(f"http://{host}:{port}", data_dir, port, free_port())
+
     def start(self) -> None:
         binary = shutil.which("etcd")
         if binary is None:

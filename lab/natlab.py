@@ -196,14 +196,8 @@ class NatLab:
     token: str = ""
 
     def __post_init__(self) -> None:
-        port = free_port()
         # etcd on our internet address: the relay, in p's namespace, reads it there.
-        self.etcd = Etcd(
-            url=f"http://{self.net.gateway}:{port}",
-            data_dir=self.tmp / "etcd",
-            client_port=port,
-            peer_port=free_port(),
-        )
+        self.etcd = Etcd.serving(self.tmp / "etcd", host=self.net.gateway)
         self.ctl = Controller(
             etcd_url=self.etcd.url,
             state_dir=self.tmp / "controller",

@@ -62,13 +62,7 @@ def metrics_controller(make_controller, mosquitto: Mosquitto) -> Controller:
 
 @pytest.fixture
 def etcd(tmp_path: Path) -> Iterator[Etcd]:
-    port = free_port()
-    server = Etcd(
-        url=f"http://127.0.0.1:{port}",
-        data_dir=tmp_path / "etcd",
-        client_port=port,
-        peer_port=free_port(),
-    )
+    server = Etcd.serving(tmp_path / "etcd")
     server.start()
     try:
         yield server

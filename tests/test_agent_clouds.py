@@ -31,13 +31,7 @@ def world(tmp_path_factory) -> Iterator[tuple[MultiCloud, Controller, list[Agent
 
     tmp = tmp_path_factory.mktemp("clouds")
     net = MultiCloud()
-    port = free_port()
-    etcd = Etcd(
-        url=f"http://127.0.0.1:{port}",
-        data_dir=tmp / "etcd",
-        client_port=port,
-        peer_port=free_port(),
-    )
+    etcd = Etcd.serving(tmp / "etcd")
     ctl = Controller(etcd_url="", state_dir=tmp / "controller", port=free_port(), host=net.gateway)
     agents: list[Agent] = []
     try:

@@ -291,13 +291,7 @@ def test_controller_on_an_empty_etcd_tears_nothing_down(
     wait_until(lambda: _gauge(metrics) == 0.0, 30, what="the gauge at 0")
 
     # The controller comes back on an EMPTY etcd (a wrong or wiped cluster).
-    empty_port = free_port()
-    empty = Etcd(
-        url=f"http://127.0.0.1:{empty_port}",
-        data_dir=tmp_path / "etcd-empty",
-        client_port=empty_port,
-        peer_port=free_port(),
-    )
+    empty = Etcd.serving(tmp_path / "etcd-empty")
     original = mesh_controller.etcd_url
     try:
         empty.start()

@@ -46,14 +46,8 @@ def world(
     need_root()
     tmp = tmp_path_factory.mktemp("reach")
     net = MultiCloud()
-    port = free_port()
     # etcd on our internet address: the relay, on another namespace, reads it there.
-    etcd = Etcd(
-        url=f"http://{net.gateway}:{port}",
-        data_dir=tmp / "etcd",
-        client_port=port,
-        peer_port=free_port(),
-    )
+    etcd = Etcd.serving(tmp / "etcd", host=net.gateway)
     ctl = Controller(
         etcd_url=etcd.url, state_dir=tmp / "controller", port=free_port(), host=net.gateway
     )
