@@ -34,6 +34,9 @@ class Timing:
     """How often the agent does what (seconds)."""
 
     heartbeat: float = 10.0
+    # The first heartbeat after the controller saw this host at a new public address;
+    # the ones after it double up to ``heartbeat``.
+    recheck_after_move: float = 1.0
     # Netlink events wake the address check at once; this poll is only the fallback.
     address_poll: float = 10.0
     backoff_min: float = 0.5
@@ -56,13 +59,16 @@ class Timing:
     full_resync: float = 300.0
     # A direct path over reflexive addresses with nothing received for this long (at
     # least two keepalives) falls back to the pair's relay; direct is tried again later.
-    path_check: float = 2.0
+    # Path and stall checks run this often, slower when a device read is slow (many
+    # peers): at most ``path_check_share`` of a core goes to them.
+    path_check: float = 0.5
+    path_check_share: float = 0.02
     direct_timeout: float = 6.0
     direct_retry: float = 60.0
     # A peer that answered and then stays silent this long while this host sends it
     # data (agent.stalls) brings the next heartbeat forward: was it this host's NAT that
     # moved? At most one such early heartbeat per ``stall_gap`` seconds.
-    stall_after: float = 1.5
+    stall_after: float = 1.0
     stall_gap: float = 3.0
 
 
@@ -262,10 +268,12 @@ class NetworkAgent:
             now_planned = {c.public_key for c in planned.configs.values()}
             self._log_paths(planned.configs, {c.public_key for c in before.values()} - now_planned)
             changes = mesh.diff_plans(before, planned.configs, own_key=self.m.me.get("public_key"))
+            had: dict[str, bool] = {}
             if any(c.endpoint is None for c in before.values()):
                 # Only then: is the device's peer still without endpoint and session?
                 had = _started(await self.backend.get(self.iface))
-                changes = mesh.readd_first_endpoints(changes, had, planned.configs.values())
+            had.update(self._moved_without_session(before, planned.configs))
+            changes = mesh.readd_first_endpoints(changes, had, planned.configs.values())
             try:
                 await self._apply(changes, planned.configs)
             except BaseException:
@@ -280,6 +288,24 @@ class NetworkAgent:
                 await self.names.refresh(self.m, self._device_peers())
             else:
                 await self.names.retry(self.m)
+
+    def _moved_without_session(
+        self, before: dict[str, mesh.PeerConfig], after: dict[str, mesh.PeerConfig]
+    ) -> dict[str, bool]:
+        """Public key → False for each peer whose path changes (say direct → relayed)
+        and that had answered nothing by the last path check: its initiations so far
+        went where nothing answers, and WireGuard would hold the next one back for up
+        to 5 s; added anew, it initiates on the new path at once (no read of the device:
+        the path check's counters are the evidence)."""
+        out: dict[str, bool] = {}
+        for pid, config in after.items():
+            was = before.get(pid)
+            if was is None or was.path == config.path:
+                continue
+            track = self._stalls.get(config.public_key)
+            if track is None or track.rx == 0:
+                out[config.public_key] = False
+        return out
 
     def _identities_changed(self, affected: Any) -> bool:
         """Note the identities of the ``affected`` peers the device holds now; True if
@@ -444,10 +470,14 @@ class NetworkAgent:
         network's keepalives would have arrived) sends it to its relay for
         ``direct_retry`` seconds, then direct is tried again.
         """
+        cost = 0.0  # seconds the last check took
         while not self.removed.is_set():
-            await asyncio.sleep(self.timing.path_check)
+            await asyncio.sleep(max(self.timing.path_check, cost / self.timing.path_check_share))
+            started = time.monotonic()
             try:
-                if await self._check_direct_paths():
+                failed = await self._check_direct_paths()
+                cost = time.monotonic() - started
+                if failed:
                     await self.reconcile()
             except (WireGuardError, OSError) as exc:
                 log.debug("path check failed", extra={"error": repr(exc)})
@@ -463,6 +493,8 @@ class NetworkAgent:
         if stalled and not self._heartbeat_soon(stalled, now):
             for key in stalled:  # held back by stall_gap: reported again at the next check
                 self._stalls[key] = replace(self._stalls[key], stalled=False)
+        if mesh.relay_drift(self._applied.values(), actual):
+            await self._undo_relay_drift()
         failed = any(until <= now for until in self._direct_failed.values())
         by_key = {p.get("public_key"): p for p in self.m.peers.values()}
         for key, path in self._paths.items():
@@ -486,6 +518,24 @@ class NetworkAgent:
                     extra={"peer": peer.get("name"), "silent_s": round(now - since, 1)},
                 )
         return failed
+
+    async def _undo_relay_drift(self) -> None:
+        """Set relayed peers that roamed off their relay back to it (mesh.relay_drift),
+        and kick them: read again under the lock, so no apply is overtaken (rare)."""
+        async with self._lock:
+            drift = mesh.relay_drift(self._applied.values(), await self.backend.get(self.iface))
+            if not drift:
+                return
+            await self.backend.apply(self.iface, drift)
+            for config in self._applied.values():
+                if config.public_key in drift.peers_to_update and config.allowed_ips:
+                    self._kicks.add((config.allowed_ips[0].partition("/")[0], config.public_key))
+            self._kick_relayed()
+        names = {p.get("public_key"): p.get("name") for p in self.m.peers.values()}
+        log.info(
+            "relayed peers had roamed off their relay; set back",
+            extra={"peers": sorted(str(names.get(k, k)) for k in drift.peers_to_update)},
+        )
 
     def _heartbeat_soon(self, stalled: list[str], now: float) -> bool:
         """Send the heartbeat now: peers stopped answering (see agent.stalls). False when
@@ -762,6 +812,11 @@ class NetworkAgent:
         known = await self._local_addresses()
         backoff = Backoff(self.timing.backoff_min, self.timing.backoff_max)
         next_heartbeat = 0.0
+        # After our NAT moved, the next heartbeats come sooner (1, 2, 4 … s): an address
+        # that moved once often moves again (a flapping link, a resume), and a move
+        # back to an address the peers' NATs still know goes unnoticed by the stall
+        # check (the peers answer), leaving the controller's view stale.
+        recheck = self.timing.heartbeat
         while not self.removed.is_set():
             current = await self._local_addresses()
             local_changed = current != known
@@ -779,7 +834,10 @@ class NetworkAgent:
                 try:
                     reply = await self.client.heartbeat(self.m.host_id, addresses=current)
                     self.standing.ok("heartbeat")
-                    next_heartbeat = time.monotonic() + self.timing.heartbeat
+                    recheck = min(self.timing.heartbeat, recheck * 2)
+                    if reply["changed"] and not local_changed:
+                        recheck = self.timing.recheck_after_move
+                    next_heartbeat = time.monotonic() + recheck
                     backoff.reset()
                     if reply["changed"] and not local_changed:
                         log.info(

@@ -23,6 +23,10 @@ cost etcd per host.
    is skipped and says so (5,000 agents: 25 M held peers). Agents start in waves of
    ``WAVE`` per worker, each once the previous wave holds every peer: 1,000 agents
    listing at once kept one controller saturated past the agents' request timeout.
+   Once every device is complete the workers wait ``SETTLE_S`` (the last wave's first
+   state saves and held-back keepalives) and freeze their heaps (``gc.freeze``): a real
+   agent's garbage collector walks its own few MB, a worker's would walk hundreds of
+   agents' at once. The longest collector pause per change is reported.
 2. **etcd writes** (issue 13, item 2), per N, on a fresh etcd and controller: N hosts
    join with real credentials and heartbeat through the controller's HTTP API as the
    agent does (``POST /v1/hosts/{id}/heartbeat`` with unchanged addresses, every
@@ -71,6 +75,7 @@ from lab.components import Controller, Etcd, free_port
 
 WORKERS = 2
 WAVE = 25  # agents per worker that list at once
+SETTLE_S = 5.0  # after every device is complete, before the first change
 TARGETS_P99_SECONDS = {1000: 1.0, 5000: 3.0}
 CIDR = "10.64.0.0/16"
 # Resident memory per peer an agent holds (its listed dict, plan, device entry), with
@@ -119,6 +124,27 @@ class RecordingBackend(MemoryBackend):
             held = self.peers.get(self.key)
             if held is not None and held.endpoint == self.want:
                 self.seen_at = time.monotonic()
+
+
+class GcPauses:
+    """The longest garbage-collector pause since the last :meth:`take` (seconds)."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+        self.longest = 0.0
+
+    def note(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+        else:
+            self.longest = max(self.longest, time.perf_counter() - self.started)
+
+    def take(self) -> float:
+        longest, self.longest = self.longest, 0.0
+        return longest
+
+
+pauses = GcPauses()
 
 
 # --- worker processes: many real agents each ---------------------------------------------
@@ -205,8 +231,16 @@ async def _worker(conn: Connection, cfg: dict[str, Any]) -> None:
                         short = sum(len(b.peers) < expected for b in backends)
                         raise TimeoutError(f"{short} agents' devices did not get every peer")
                     await asyncio.sleep(0.05)
-            conn.send(("ready", time.monotonic() - started, time.process_time() - cpu0,
-                       rss_bytes(os.getpid()), rss0))  # fmt: skip
+            ready_s, ready_cpu = time.monotonic() - started, time.process_time() - cpu0
+            # Settle: the last wave's first state saves and held-back keepalives are the
+            # listing's tail, not a change's work.
+            await asyncio.sleep(SETTLE_S)
+            # Every agent's listing is long-lived now. A real agent's collector walks its
+            # own heap only; here one worker's would walk hundreds of agents' at once.
+            gc.collect()
+            gc.freeze()
+            gc.callbacks.append(pauses.note)
+            conn.send(("ready", ready_s, ready_cpu, rss_bytes(os.getpid()), rss0))
             while True:
                 msg = await recv()
                 if msg[0] == "arm":
@@ -221,7 +255,7 @@ async def _worker(conn: Connection, cfg: dict[str, Any]) -> None:
                             break
                         await asyncio.sleep(0.01)
                     conn.send(("seen", [b.seen_at for b in backends],
-                               time.process_time() - cpu0))  # fmt: skip
+                               time.process_time() - cpu0, pauses.take()))  # fmt: skip
                 else:
                     break
         finally:
@@ -300,7 +334,7 @@ def agents_run(n: int, changes: int, tmp: Path) -> dict[str, Any]:
         ready_ctl_cpu = cpu_seconds(ctl.proc.pid) - ctl_cpu0
         log(f"N={n}: every device holds {n} peers after {ready_s:.1f} s; changing the endpoint")
         latencies: list[float] = []
-        per_change, ctl_cpu, agent_cpu, missing = [], [], [], 0
+        per_change, ctl_cpu, agent_cpu, gc_pause, missing = [], [], [], [], 0
         with ctl.client(token=mover["credential"]) as mc:
             for k in range(changes):
                 time.sleep(0.5)  # let the previous change settle
@@ -318,6 +352,7 @@ def agents_run(n: int, changes: int, tmp: Path) -> dict[str, Any]:
                 seen = [_answer(c, "seen", 120 + n / 50) for c in conns]
                 ctl_cpu.append(cpu_seconds(ctl.proc.pid) - cpu0)
                 agent_cpu.append(sum(s[2] for s in seen))
+                gc_pause.append(max(s[3] for s in seen))
                 arrivals = [t for s in seen for t in s[1]]
                 lat = [t - sent for t in arrivals if t is not None]
                 missing += len(arrivals) - len(lat)
@@ -353,6 +388,7 @@ def agents_run(n: int, changes: int, tmp: Path) -> dict[str, Any]:
         "latency_ms_per_change": per_change,
         "missing": missing,
         "controller_cpu_ms_per_change": [round(x * 1000, 1) for x in ctl_cpu],
+        "workers_longest_gc_pause_ms_per_change": [round(x * 1000, 1) for x in gc_pause],
         "controller_cpu_us_per_delivered_event": round(median / n * 1e6, 1),
         "agent_cpu_ms_per_agent_per_event": round(
             sorted(agent_cpu)[len(agent_cpu) // 2] / n * 1000, 3

@@ -128,7 +128,9 @@ def readd_first_endpoints(
     WireGuard count a handshake initiation it could not send, and it then holds the
     next one back for 5 s (REKEY_TIMEOUT) even once the endpoint is set. A peer with no
     endpoint has no session to lose: added anew, it initiates at once. ``had_endpoint``:
-    public key → whether the device's peer had an endpoint before (unknown: left as is).
+    public key → whether the device's peer has something to lose (an endpoint or a
+    session); False also for a peer without a session that moves to another path, whose
+    initiations so far went nowhere (unknown: left as is).
     """
     by_key = {c.public_key: c for c in configs}
     readd = [
@@ -144,6 +146,25 @@ def readd_first_endpoints(
         peers_to_add=(*changes.peers_to_add, *(by_key[k] for k in readd)),
         peers_to_update={k: u for k, u in changes.peers_to_update.items() if k not in readd},
     )
+
+
+def relay_drift(configs: Iterable[PeerConfig], device: DeviceState) -> DeviceChanges:
+    """The relayed peers whose device endpoint is not their relay port, set back to it.
+
+    WireGuard moves a peer's endpoint to wherever its last authenticated packet came
+    from (roaming). A relayed pair that once had a direct packet through keeps sending
+    there, and once that address is gone (the peer's NAT moved) the pair is cut off
+    while the plan still says "relay": nothing in the plan changed, so nothing would
+    set the endpoint again."""
+    updates = {
+        c.public_key: PeerUpdate(c.public_key, endpoint=c.endpoint)
+        for c in configs
+        if c.path.startswith("relayed via")
+        and c.endpoint is not None
+        and c.public_key in device.peers
+        and device.peers[c.public_key].endpoint not in (None, c.endpoint)
+    }
+    return DeviceChanges(peers_to_update=updates)
 
 
 # --- addresses ---------------------------------------------------------------------------

@@ -88,3 +88,49 @@ async def test_a_moved_nat_reconnects_and_resumes_the_watch(agent, monkeypatch) 
     agent.removed.set()
     await task
     assert calls == ["heartbeat", "reconcile force=True", "reconnect", "watch restarted"]
+
+
+async def test_heartbeats_come_sooner_after_the_nat_moved(agent, monkeypatch) -> None:
+    """After the controller saw this host at a new address, the next heartbeats come
+    after 1x, 2x, 4x … ``recheck_after_move`` up to the usual interval: a move back to
+    an address the peers' NATs still accept is noticed even though no peer goes silent."""
+    from agent.daemon import Timing
+
+    agent.timing = Timing(heartbeat=0.8, recheck_after_move=0.1, address_poll=10)
+    replies = iter([True] + [False] * 5)
+    waits: list[float] = []  # the wait asked for right after each heartbeat
+    beats: list[int] = []
+
+    class Client:
+        async def heartbeat(self, host_id: str, addresses: list[str]) -> dict[str, Any]:
+            beats.append(len(beats))
+            changed = next(replies, False)
+            return {"changed": changed, "observed_address": "203.0.113.9"}
+
+        async def reconnect(self) -> None:
+            pass
+
+        async def close(self) -> None:
+            pass
+
+    class Events:
+        async def wait(self, seconds: float) -> None:
+            if len(waits) < len(beats):
+                waits.append(seconds)
+            await asyncio.sleep(seconds)
+
+    async def addresses() -> list[str]:
+        return ["192.168.1.10/24"]
+
+    async def reconcile(force_endpoints: bool = False) -> None:
+        pass
+
+    agent.client = Client()
+    monkeypatch.setattr(agent, "_local_addresses", addresses)
+    monkeypatch.setattr(agent, "reconcile", reconcile)
+    monkeypatch.setattr(agent, "_restart_sync", lambda: None)
+    task = asyncio.create_task(agent._follow_addresses(Events()))
+    await until(lambda: len(waits) >= 5, 10, "five heartbeats")
+    agent.removed.set()
+    await task
+    assert [round(w, 1) for w in waits[:5]] == [0.1, 0.2, 0.4, 0.8, 0.8]

@@ -350,3 +350,26 @@ def test_a_peer_getting_its_first_endpoint_is_added_anew() -> None:
     assert out.peers_to_remove == ("k1",) and out.peers_to_add == (waiting,)
     assert list(out.peers_to_update) == ["k2"]
     assert readd_first_endpoints(changes, {}, [waiting, moved]) == changes
+
+
+def test_a_relayed_peer_that_roamed_off_its_relay_is_set_back() -> None:
+    """WireGuard roams a peer's endpoint to where a packet came from; for a relayed
+    peer that address dies with the peer's NAT while the plan (unchanged) says relay:
+    only relayed peers whose device endpoint differs from the plan are set back."""
+    from cladnet.mesh import DeviceState, PeerConfig, PeerState, PeerUpdate, relay_drift
+
+    relay = "203.0.113.50:40002"
+    roamed = PeerConfig("k1", ("10.0.0.2/32",), relay, 25, f"relayed via {relay}")
+    on_relay = PeerConfig("k2", ("10.0.0.3/32",), "203.0.113.50:40004", 25, "relayed via r")
+    direct = PeerConfig("k3", ("10.0.0.4/32",), "198.51.100.7:51820", 25, "direct")
+    device = DeviceState(
+        listen_port=51820,
+        peers={
+            "k1": PeerState("k1", ("10.0.0.2/32",), "198.51.100.9:51820", 25),
+            "k2": PeerState("k2", ("10.0.0.3/32",), "203.0.113.50:40004", 25),
+            "k3": PeerState("k3", ("10.0.0.4/32",), "198.51.100.8:41000", 25),
+        },
+    )
+    out = relay_drift([roamed, on_relay, direct], device)
+    assert out.peers_to_update == {"k1": PeerUpdate("k1", endpoint=relay)}
+    assert not relay_drift([on_relay, direct], device)
