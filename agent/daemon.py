@@ -209,13 +209,18 @@ class NetworkAgent:
         )
         self._note_skipped(dict(desired.skipped), set(self.m.peers) | set(self._skipped))
         self._conflicts.rebuild(self.m.peers)
-        self._applied = {pid: desired.peers[key] for pid, key in desired.ids.items()}
+        before, self._applied = (
+            self._applied,
+            {pid: desired.peers[key] for pid, key in desired.ids.items()},
+        )
         self._identities = {pid: mesh.identity(p) for pid, p in self._named_peers()}
         self._log_paths(self._applied, set(self._paths) - set(desired.peers))
         try:
             actual = await self.backend.get(self.iface)
             changes = mesh.diff(desired, actual, own_key=self.m.me.get("public_key"))
-            changes = mesh.readd_first_endpoints(changes, _started(actual), desired.peers.values())
+            had = _started(actual)
+            had.update(self._moved_without_session(before, self._applied))
+            changes = mesh.readd_first_endpoints(changes, had, desired.peers.values())
             if force_endpoints:
                 changes = mesh.with_endpoint_refresh(changes, desired)
             await self._apply(changes, self._applied)
