@@ -822,6 +822,7 @@ class NetworkAgent:
         # back to an address the peers' NATs still know goes unnoticed by the stall
         # check (the peers answer), leaving the controller's view stale.
         recheck = self.timing.heartbeat
+        fresh_retry = True  # a failed heartbeat may be retried at once on a new connection
         while not self.removed.is_set():
             current = await self._local_addresses()
             local_changed = current != known
@@ -856,10 +857,17 @@ class NetworkAgent:
                         # miss the change to our own record this very heartbeat wrote.
                         await self.client.reconnect()
                         self._restart_sync()
+                    fresh_retry = True
                 except (ApiClientError, *NETWORK_ERRORS) as exc:
                     log.debug("heartbeat failed", extra={"error": repr(exc)})
                     self.standing.failed("heartbeat", exc)
                     next_heartbeat = time.monotonic() + backoff.next_delay()
+                    if fresh_retry and isinstance(exc, NETWORK_ERRORS):
+                        # A pooled connection that died (our NAT moved: its mapping went
+                        # with it) fails at once; one retry on a new one, not a backoff.
+                        fresh_retry = False
+                        await self.client.reconnect()
+                        next_heartbeat = 0.0
             wake = min(self.timing.address_poll, max(0.0, next_heartbeat - time.monotonic()))
             await events.wait(wake)
             if self._beat_now:  # peers stalled: ask where the controller sees us now
