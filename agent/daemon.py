@@ -218,8 +218,8 @@ class NetworkAgent:
         try:
             actual = await self.backend.get(self.iface)
             changes = mesh.diff(desired, actual, own_key=self.m.me.get("public_key"))
-            had = _started(actual)
-            had.update(self._moved_without_session(before, self._applied))
+            moved = mesh.path_changed(before, self._applied)
+            had = _started(actual) | mesh.sessionless(actual, moved)
             changes = mesh.readd_first_endpoints(changes, had, desired.peers.values())
             if force_endpoints:
                 changes = mesh.with_endpoint_refresh(changes, desired)
@@ -274,10 +274,12 @@ class NetworkAgent:
             self._log_paths(planned.configs, {c.public_key for c in before.values()} - now_planned)
             changes = mesh.diff_plans(before, planned.configs, own_key=self.m.me.get("public_key"))
             had: dict[str, bool] = {}
-            if any(c.endpoint is None for c in before.values()):
-                # Only then: is the device's peer still without endpoint and session?
-                had = _started(await self.backend.get(self.iface))
-            had.update(self._moved_without_session(before, planned.configs))
+            moved = mesh.path_changed(before, planned.configs)
+            if moved or any(c.endpoint is None for c in before.values()):
+                # Only then (rare): is the device's peer still without endpoint and
+                # session, or without a session on its way to another path?
+                actual = await self.backend.get(self.iface)
+                had = _started(actual) | mesh.sessionless(actual, moved)
             changes = mesh.readd_first_endpoints(changes, had, planned.configs.values())
             try:
                 await self._apply(changes, planned.configs)
@@ -293,24 +295,6 @@ class NetworkAgent:
                 await self.names.refresh(self.m, self._device_peers())
             else:
                 await self.names.retry(self.m)
-
-    def _moved_without_session(
-        self, before: dict[str, mesh.PeerConfig], after: dict[str, mesh.PeerConfig]
-    ) -> dict[str, bool]:
-        """Public key → False for each peer whose path changes (say direct → relayed)
-        and that had answered nothing by the last path check: its initiations so far
-        went where nothing answers, and WireGuard would hold the next one back for up
-        to 5 s; added anew, it initiates on the new path at once (no read of the device:
-        the path check's counters are the evidence)."""
-        out: dict[str, bool] = {}
-        for pid, config in after.items():
-            was = before.get(pid)
-            if was is None or was.path == config.path:
-                continue
-            track = self._stalls.get(config.public_key)
-            if track is None or track.rx == 0:
-                out[config.public_key] = False
-        return out
 
     def _identities_changed(self, affected: Any) -> bool:
         """Note the identities of the ``affected`` peers the device holds now; True if

@@ -148,6 +148,29 @@ def readd_first_endpoints(
     )
 
 
+def path_changed(before: dict[str, PeerConfig], after: dict[str, PeerConfig]) -> set[str]:
+    """Public keys of the peers whose path changes (say direct → relayed)."""
+    return {
+        config.public_key
+        for pid, config in after.items()
+        if pid in before and before[pid].path != config.path
+    }
+
+
+def sessionless(device: DeviceState, keys: set[str]) -> dict[str, bool]:
+    """Public key → False for each of ``keys`` the device holds with no handshake and
+    nothing received: its initiations so far went where nothing answers, and WireGuard
+    would hold the next one back for up to 5 s; added anew on its new path, it
+    initiates at once (see :func:`readd_first_endpoints`). A peer with a session is kept."""
+    return {
+        key: False
+        for key in keys
+        if key in device.peers
+        and device.peers[key].last_handshake is None
+        and device.peers[key].rx_bytes == 0
+    }
+
+
 def relay_drift(configs: Iterable[PeerConfig], device: DeviceState) -> DeviceChanges:
     """The relayed peers whose device endpoint is not their relay port, set back to it.
 

@@ -373,3 +373,33 @@ def test_a_relayed_peer_that_roamed_off_its_relay_is_set_back() -> None:
     out = relay_drift([roamed, on_relay, direct], device)
     assert out.peers_to_update == {"k1": PeerUpdate("k1", endpoint=relay)}
     assert not relay_drift([on_relay, direct], device)
+
+
+def test_only_peers_without_a_session_that_change_path_are_added_anew() -> None:
+    """A peer moving from direct to relayed that never answered is re-added (WireGuard
+    would hold its next initiation 5 s); one with a session keeps it."""
+    from cladnet.mesh import DeviceState, PeerConfig, PeerState, path_changed, sessionless
+
+    def config(key: str, path: str) -> PeerConfig:
+        return PeerConfig(key, ("10.0.0.2/32",), "203.0.113.50:40002", 25, path)
+
+    before = {
+        "h-1": config("k1", "direct"),
+        "h-2": config("k2", "direct"),
+        "h-3": config("k3", "direct"),
+    }
+    after = {
+        "h-1": config("k1", "relayed via r"),
+        "h-2": config("k2", "relayed via r"),
+        "h-3": config("k3", "direct"),
+        "h-4": config("k4", "relayed via r"),
+    }
+    assert path_changed(before, after) == {"k1", "k2"}
+    device = DeviceState(
+        listen_port=51820,
+        peers={
+            "k1": PeerState("k1", ("10.0.0.2/32",), "198.51.100.9:51820", 25),
+            "k2": PeerState("k2", ("10.0.0.3/32",), "198.51.100.8:51820", 25, 1.0e9, 148),
+        },
+    )
+    assert sessionless(device, {"k1", "k2", "k9"}) == {"k1": False}
