@@ -83,8 +83,13 @@ def run(smoke: bool, keepalive: int, tmp: Path) -> dict[str, Any]:
         log(f"hand wireguard-go tunnel p-q: first ping after {hand_s:.3f} s")
         for proc in procs:
             _stop(proc)
+        # The hand tunnel's devices go with their processes, but not always at once: one
+        # left in p's namespace a moment has held p's first join attempt (CI, once).
+        for ns in ends:
+            for name in (f"cl-{lab.net.tag}ha", f"cl-{lab.net.tag}hb"):
+                subprocess.run(["ip", "-n", ns, "link", "del", name], capture_output=True)
         lab.join("p")
-        lab.agents["p"].overlay_ip(30)
+        lab.agents["p"].overlay_ip(60)
         joined = ["p"]
         joins: dict[str, Any] = {}
         for name in JOINS:
