@@ -6,6 +6,7 @@ import asyncio
 import logging
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -520,11 +521,15 @@ class NetworkAgent:
                 if config.public_key in drift.peers_to_update and config.allowed_ips:
                     self._kicks.add((config.allowed_ips[0].partition("/")[0], config.public_key))
             self._kick_relayed()
-        names = {p.get("public_key"): p.get("name") for p in self.m.peers.values()}
         log.info(
             "relayed peers had roamed off their relay; set back",
-            extra={"peers": sorted(str(names.get(k, k)) for k in drift.peers_to_update)},
+            extra={"peers": self._names(drift.peers_to_update)},
         )
+
+    def _names(self, keys: Iterable[str]) -> list[str]:
+        """The peers' names for a log line, sorted (the key where a name is unknown)."""
+        names = {p.get("public_key"): p.get("name") for p in self.m.peers.values()}
+        return sorted(str(names.get(k, k)) for k in keys)
 
     def _heartbeat_soon(self, stalled: list[str], now: float) -> bool:
         """Send the heartbeat now: peers stopped answering (see agent.stalls). False when
@@ -533,11 +538,7 @@ class NetworkAgent:
             return False
         self._last_early_beat = now
         self._beat_now = True
-        names = {p.get("public_key"): p.get("name") for p in self.m.peers.values()}
-        log.info(
-            "peers stopped answering; heartbeat now",
-            extra={"peers": sorted(str(names.get(k, k)) for k in stalled)},
-        )
+        log.info("peers stopped answering; heartbeat now", extra={"peers": self._names(stalled)})
         if self._address_events is not None:
             self._address_events.poke()
         return True
@@ -824,12 +825,15 @@ class NetworkAgent:
                 try:
                     reply = await self.client.heartbeat(self.m.host_id, addresses=current)
                     self.standing.ok("heartbeat")
-                    recheck = min(self.timing.heartbeat, recheck * 2)
-                    if reply["changed"] and not local_changed:
-                        recheck = self.timing.recheck_after_move
+                    moved = reply["changed"] and not local_changed
+                    recheck = (
+                        self.timing.recheck_after_move
+                        if moved
+                        else min(self.timing.heartbeat, recheck * 2)
+                    )
                     next_heartbeat = time.monotonic() + recheck
                     backoff.reset()
-                    if reply["changed"] and not local_changed:
+                    if moved:
                         log.info(
                             "observed address changed",
                             extra={"observed": reply["observed_address"]},
