@@ -175,6 +175,11 @@ def _daemon(lab: Lab, ns: str, args: list[str], log_file: Path) -> subprocess.Po
         )
 
 
+def hand_devices(tag: str) -> tuple[str, str]:
+    """The hand tunnel's two devices: in the first namespace of its ends, the second."""
+    return f"cl-{tag}ha", f"cl-{tag}hb"
+
+
 def _hand_tunnel(
     lab: Lab, ends: dict[str, str], tmp: Path, procs: list[subprocess.Popen[bytes]]
 ) -> tuple[float, str, list[int]]:
@@ -183,7 +188,7 @@ def _hand_tunnel(
     daemons' PIDs)."""
     a, b = ends
     keys = {ns: generate_keypair() for ns in ends}
-    names = {a: f"cl-{lab.tag}ha", b: f"cl-{lab.tag}hb"}
+    names = dict(zip(ends, hand_devices(lab.tag), strict=True))
     tunnel = {a: f"{HAND_NET}.1", b: f"{HAND_NET}.2"}
     started = time.monotonic()
     for ns, other in ((a, b), (b, a)):
@@ -707,7 +712,7 @@ def main() -> int:
         for pid, interface in wireguard_go_processes().items():
             if interface in devices:
                 subprocess.run(["kill", str(pid)], check=False)
-        for name in [*devices, f"cl-{lab.tag}ha", f"cl-{lab.tag}hb"]:
+        for name in [*devices, *hand_devices(lab.tag)]:
             Path(f"/var/run/wireguard/{name}.sock").unlink(missing_ok=True)
         ctl.stop()
         etcd.stop()

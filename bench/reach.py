@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import clean_up_on_sigterm, machine_facts
-from bench.dataplane import _hand_tunnel, _stop
+from bench.dataplane import _hand_tunnel, _stop, hand_devices
 from lab.natlab import HOSTS, NatLab
 
 TARGET_JOIN_S = 5.0
@@ -85,9 +85,8 @@ def run(smoke: bool, keepalive: int, tmp: Path) -> dict[str, Any]:
             _stop(proc)
         # The hand tunnel's devices go with their processes, but not always at once: one
         # left in p's namespace a moment has held p's first join attempt (CI, once).
-        for ns in ends:
-            for name in (f"cl-{lab.net.tag}ha", f"cl-{lab.net.tag}hb"):
-                subprocess.run(["ip", "-n", ns, "link", "del", name], capture_output=True)
+        for ns, name in zip(ends, hand_devices(lab.net.tag), strict=True):
+            subprocess.run(["ip", "-n", ns, "link", "del", name], capture_output=True)
         lab.join("p")
         lab.agents["p"].overlay_ip(60)
         joined = ["p"]
@@ -127,7 +126,7 @@ def run(smoke: bool, keepalive: int, tmp: Path) -> dict[str, Any]:
             if proc.poll() is None:
                 _stop(proc)
         lab.close()
-        for name in (f"cl-{lab.net.tag}ha", f"cl-{lab.net.tag}hb"):
+        for name in hand_devices(lab.net.tag):
             Path(f"/var/run/wireguard/{name}.sock").unlink(missing_ok=True)
     return out
 
