@@ -88,6 +88,7 @@ from bench.common import (
     clean_up_on_sigterm,
     machine_facts,
     percentile,
+    runtime_only_python,
     wireguard_go_processes,
 )
 from cladnet.keys import generate_keypair
@@ -255,6 +256,7 @@ class Run:
     labs: list[Lab] = field(default_factory=list)
     wireguard: list[subprocess.Popen[bytes]] = field(default_factory=list)
     hand_ifaces: list[str] = field(default_factory=list)
+    keep: bool = False  # leave tmp (the VMs' logs, the controller's) in place
 
 
 def _our_tag() -> str:
@@ -277,6 +279,18 @@ def _free_internet() -> str:
     raise BenchError("no free 172.20-28.0.0/16 for the clouds' internet")
 
 
+def _runtime_agent(tmp: Path) -> Path:
+    """``cladnet-agent`` as a VM has it after ``pip install 'cladnet[agent]'``: without
+    the dev venv's other roles and test tools, which would add their imports to every
+    agent's start (with trio installed, httpcore imports it, and httpx imports rich: ≈ 0.15 s of CPU
+    a start)."""
+    python = runtime_only_python(tmp / "agent-venv", ("agent",))
+    script = tmp / "cladnet-agent"
+    script.write_text(f'#!/bin/sh\nexec {python} -m agent.main "$@"\n')
+    script.chmod(0o755)
+    return script
+
+
 def start_cloud(run: Run) -> tuple[Driver, Controller]:
     """The local clouds and a controller driving them (as tests/test_driver_local.py)."""
     inet = _free_internet()
@@ -297,6 +311,7 @@ def start_cloud(run: Run) -> tuple[Driver, Controller]:
         "internet": f"{inet}.0.0/16",
         "tag": run.tag,
         "agent_log_level": "debug",  # each agent's start, for the timeline
+        "agent": str(_runtime_agent(run.tmp)),
     }
     run.driver = driver = Driver(**options)  # type: ignore[arg-type]
     (run.tmp / "drivers.json").write_text(json.dumps({"local": options}))
@@ -403,7 +418,9 @@ def agent_timeline(vms_dir: Path, names: list[str], posted: float) -> dict[str, 
     }
 
 
-def cladnet_mesh(admin: httpx.Client, n: int, timeout: float, vms_dir: Path) -> dict[str, Any]:
+def cladnet_mesh(
+    admin: httpx.Client, n: int, timeout: float, vms_dir: Path, keep: Path | None = None
+) -> dict[str, Any]:
     """Create a group of ``n`` VMs and time it to Running, overlay IPs, full mesh; and
     where the time went in the VMs' agents (``agent_timeline``)."""
     name = f"mesh{n}"
@@ -430,7 +447,12 @@ def cladnet_mesh(admin: httpx.Client, n: int, timeout: float, vms_dir: Path) -> 
     result = probe(_pairs(group["vms"]), started, timeout, ordered=True)
     mesh = max(result.replies.values())
     _log(f"{name}: full mesh {mesh:.2f}s after POST")
-    timeline = agent_timeline(vms_dir, [vm["name"] for vm in group["vms"]], posted)
+    names = [vm["name"] for vm in group["vms"]]
+    timeline = agent_timeline(vms_dir, names, posted)
+    if keep is not None:  # the group's deletion removes the VMs' directories
+        for vm in names:
+            with contextlib.suppress(OSError):
+                shutil.copy(vms_dir / vm / "console.log", keep / f"{vm}.console.log")
     _log(
         f"{name}: agents (p50/max s after POST): "
         + ", ".join(f"{step} {t['p50']}/{t['max']}" for step, t in timeline.items() if t)
@@ -820,7 +842,8 @@ def cleanup(run: Run) -> None:
             os.kill(pid, signal.SIGKILL)
     for name in run.hand_ifaces:
         Path(f"/var/run/wireguard/{name}.sock").unlink(missing_ok=True)
-    shutil.rmtree(run.tmp, ignore_errors=True)
+    if not run.keep:
+        shutil.rmtree(run.tmp, ignore_errors=True)
 
 
 def _prefixes(run: Run) -> tuple[str, ...]:
@@ -905,7 +928,9 @@ def bench(run: Run, sizes: list[int], smoke: bool) -> dict[str, Any]:
         for index, n in enumerate(sizes):
             timeout = 60 if smoke else 60 + 8 * n
             entry: dict[str, Any] = {"hand_wireguard_go": hand_mesh(run, n, timeout)}
-            cl = cladnet_mesh(admin, n, timeout, run.tmp / "cloud" / "vms")
+            cl = cladnet_mesh(
+                admin, n, timeout, run.tmp / "cloud" / "vms", run.tmp if run.keep else None
+            )
             group = cl.pop("group")
             entry["cladnet"] = cl
             entry["ratio_cladnet_to_hand"] = round(
@@ -962,6 +987,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--sizes", default="4,8,16", help="group sizes, comma-separated")
     p.add_argument("--smoke", action="store_true", help="4 VMs, one address change (CI)")
+    p.add_argument("--keep", type=Path, help="a new directory to keep the run's logs in")
     args = p.parse_args(argv)
     try:
         sizes = [4] if args.smoke else [int(s) for s in args.sizes.split(",") if s.strip()]
@@ -978,7 +1004,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench.mesh: {tool} is not installed (run deploy/setup.sh)", file=sys.stderr)
             return 2
     clean_up_on_sigterm()
-    run = Run(tmp=Path(tempfile.mkdtemp(prefix="cl-bench-mesh-")))
+    if args.keep:
+        args.keep.mkdir(parents=True)
+    tmp = args.keep or Path(tempfile.mkdtemp(prefix="cl-bench-mesh-"))
+    run = Run(tmp=tmp.resolve(), keep=args.keep is not None)
     began = time.monotonic()
     code, result = 1, None
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import ssl
 
 import httpx
 import pytest
@@ -60,3 +61,32 @@ async def test_a_single_dead_controller_is_a_clear_error() -> None:
         await client.close()
     with pytest.raises(ValueError, match="no controller"):
         AsyncClient(" , ")
+
+
+async def test_a_ca_bundle_is_loaded_once_and_never_for_plain_http(monkeypatch) -> None:
+    """Loading httpx's CA bundle costs ≈ 90 ms of CPU, and an agent makes a client at
+    join, at start and on every reconnect: https replicas share one verifying context
+    per process; plain-http replicas (nothing to verify) load none."""
+    from cladnet.api_client import aio
+
+    loads: list[ssl.SSLContext] = []
+    real = httpx.create_ssl_context
+
+    def counted() -> ssl.SSLContext:
+        loads.append(real())
+        return loads[-1]
+
+    monkeypatch.setattr(aio.httpx, "create_ssl_context", counted)
+    aio._default_tls.cache_clear()
+    try:
+        plain = AsyncClient("http://127.0.0.1:1,http://127.0.0.2:1")
+        await plain.reconnect()
+        assert loads == [] and plain._verify is False
+        first, second = AsyncClient("https://127.0.0.1:1"), AsyncClient("http://a:1,https://b:1")
+        await first.reconnect()
+        assert len(loads) == 1
+        assert first._verify is second._verify is loads[0]
+        assert loads[0].verify_mode is ssl.CERT_REQUIRED and loads[0].check_hostname
+        await asyncio.gather(plain.close(), first.close(), second.close())
+    finally:
+        aio._default_tls.cache_clear()
