@@ -156,7 +156,8 @@ async def reader(p: Annotated[Principal, Depends(principal)]) -> Principal:
     return p
 
 
-def store_of(request: Request) -> Store:
+async def store_of(request: Request) -> Store:
+    # async: FastAPI runs a plain ``def`` dependency in a worker thread, per request.
     return request.app.state.store
 
 
@@ -166,21 +167,21 @@ Reader = Annotated[Principal, Depends(reader)]
 Db = Annotated[Store, Depends(store_of)]
 
 
-def policies_of(request: Request) -> PolicyStore:
+async def policies_of(request: Request) -> PolicyStore:
     return request.app.state.policies
 
 
 Policies = Annotated[PolicyStore, Depends(policies_of)]
 
 
-def groups_of(request: Request) -> GroupStore:
+async def groups_of(request: Request) -> GroupStore:
     return request.app.state.groups
 
 
 Groups = Annotated[GroupStore, Depends(groups_of)]
 
 
-def commands_of(request: Request) -> Commands:
+async def commands_of(request: Request) -> Commands:
     return request.app.state.commands
 
 
