@@ -3,11 +3,13 @@ existing host re-joins with its credential or a proof of its key (a challenge)."
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import logging
+import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aetcd import transactions as tx
@@ -31,6 +33,8 @@ from controller.store.txn import LOST, Lost, dump, retry
 log = logging.getLogger("cladnet.controller.store")
 
 IP_HINT_SECONDS = 10.0  # how stale the address hint may be (freed addresses reused after)
+IP_HINT_AFTER_CONFLICT = 1.0  # how stale, once another controller took an address we picked
+RANDOM_PROBES = 16  # random picks tried before walking the network for a free address
 CHALLENGE_SECONDS = 60.0  # how long a key challenge may be answered
 MAX_SUFFIXED_NAME = 240  # longer names are not given a -N suffix (hostnames stop at 253)
 
@@ -46,30 +50,107 @@ class Joined:
     renamed_from: str | None
 
 
+def pick_random(
+    cidr: ipaddress.IPv4Network, used: set[int], rng: random.Random | None = None
+) -> ipaddress.IPv4Address | None:
+    """A free address of ``cidr`` (not in ``used``), or None when it is full.
+
+    Uniformly random while random probes find one (a network is planned at most half
+    full), else the next free one after a random start. Not that walk first: two
+    controllers walking up from random starts both land on the first free address after
+    a run of used ones, and one of their transactions fails.
+    """
+    first, last = ipam.host_range(cidr)
+    rng = rng or random.Random()
+    if last >= first:
+        for _ in range(RANDOM_PROBES):
+            candidate = first + rng.randrange(last - first + 1)
+            if candidate not in used:
+                return ipaddress.IPv4Address(candidate)
+    return ipam.pick_address(cidr, used, rng)
+
+
+@dataclass
+class _Hint:
+    """One network's overlay addresses as this controller knows them."""
+
+    used: set[int] = field(default_factory=set)  # read from etcd, plus picks since
+    in_flight: set[int] = field(default_factory=set)  # picked, transaction not answered
+    committed: set[int] = field(default_factory=set)  # taken while a read is under way
+    read_at: float = 0.0
+    reads: int = 0
+    stale: bool = False  # another controller took one of our picks: read again soon
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
 class AddressHints:
     """Per network, the overlay addresses in use as this controller last read them: a
     hint for picking an address, so a join does not list every address of its network
     (that list was most of a join's CPU at a few thousand hosts). The transaction's
-    compare on the address key stays what guarantees uniqueness."""
+    compare on the address key stays what guarantees uniqueness.
+
+    A pick is held (``in_flight``) until its join's transaction is answered, and a read
+    of the addresses keeps the picks held or taken while it ran: a read never hands out
+    again an address a join of this controller is still writing.
+    """
 
     def __init__(self, etcd: Etcd) -> None:
         self.etcd = etcd
-        self._used: dict[str, tuple[float, set[int]]] = {}  # net id → (when read, addresses)
+        self._hints: dict[str, _Hint] = {}
 
-    async def in_use(self, net_id: str, fresh: bool) -> set[int]:
-        """The overlay addresses in use in a network, read at most IP_HINT_SECONDS ago
-        unless ``fresh``; the set is shared, and picks are added to it."""
-        cached = self._used.get(net_id)
-        if fresh or cached is None or time.monotonic() - cached[0] > IP_HINT_SECONDS:
+    async def pick(
+        self, net_id: str, cidr: ipaddress.IPv4Network, fresh: bool = False
+    ) -> ipaddress.IPv4Address | None:
+        """A free overlay address of the network by the hint (read again when older than
+        IP_HINT_SECONDS, or than IP_HINT_AFTER_CONFLICT after a conflict, or when
+        ``fresh``), held until ``keep`` or ``give_back``; None when the hint is full."""
+        hint = self._hints.setdefault(net_id, _Hint())
+        age = time.monotonic() - hint.read_at
+        if (
+            fresh
+            or not hint.reads
+            or age > (IP_HINT_AFTER_CONFLICT if hint.stale else IP_HINT_SECONDS)
+        ):
+            await self._read(net_id, hint, fresh)
+        address = pick_random(cidr, hint.used)
+        if address is not None:
+            hint.used.add(int(address))
+            hint.in_flight.add(int(address))
+        return address
+
+    async def _read(self, net_id: str, hint: _Hint, fresh: bool) -> None:
+        """Read the network's addresses; joins that find a read under way use its result
+        (one read, not one per join), except a ``fresh`` one, which reads after it."""
+        reads = hint.reads
+        async with hint.lock:
+            if hint.reads != reads and not fresh:
+                return
+            hint.committed = set()
             res = await self.etcd.get_prefix(ks.prefix("ips", net_id), keys_only=True)
             used = {int(ipaddress.IPv4Address(ks.last_segment(kv.key))) for kv in res}
-            self._used[net_id] = cached = (time.monotonic(), used)
-        return cached[1]
+            hint.used = used | hint.in_flight | hint.committed
+            hint.read_at, hint.stale = time.monotonic(), False
+            hint.reads += 1
+
+    def keep(self, net_id: str, address: ipaddress.IPv4Address, conflict: bool = False) -> None:
+        """A picked address is taken: by its join, or (``conflict``) by another writer."""
+        hint = self._hints[net_id]
+        hint.in_flight.discard(int(address))
+        hint.used.add(int(address))
+        if hint.lock.locked():
+            hint.committed.add(int(address))
+        hint.stale = hint.stale or conflict
+
+    def give_back(self, net_id: str, address: ipaddress.IPv4Address) -> None:
+        """A picked address was not taken: free for the next pick."""
+        hint = self._hints[net_id]
+        hint.in_flight.discard(int(address))
+        hint.used.discard(int(address))
 
     def release(self, net_id: str, address: str) -> None:
         """An address was freed: the next join through this controller may take it."""
-        if net_id in self._used:
-            self._used[net_id][1].discard(int(ipaddress.IPv4Address(address)))
+        if net_id in self._hints:
+            self._hints[net_id].used.discard(int(ipaddress.IPv4Address(address)))
 
 
 def _check_proof(proof: str | None, challenge_kv: list[Any], peer: Peer) -> None:
@@ -105,47 +186,28 @@ class Joins:
     ) -> Joined:
         """Register a new host; or, with ``req.host_id`` or ``vouched_host`` (the host the
         caller's bearer credential proved, or the one an admin names), re-join an existing
-        one. A join token alone never becomes an existing host."""
+        one. A join token alone never becomes an existing host.
+
+        A new host's join is one etcd transaction: the token and network come from
+        caches (their records never change; the transaction compares their revisions),
+        and the hostname, key and address are compared absent. A transaction that fails
+        reads, in the same round trip, what was in the way.
+        """
         if req.host_id is not None or vouched_host is not None:
             return await self._rejoin(req, observed, vouched_host)
-        fresh = False
         key_hex = keys.key_to_hex(req.public_key)
+        name, renamed_from = req.hostname, None
 
         async def attempt() -> Joined | Lost:
-            nonlocal fresh
-            token, token_revision = await self.tokens.check(req.token)
-            # The network, the hostname's and the key's owners in one round trip.
-            net_id = token["network_id"]
-            _, (net_kv, name_kv, key_kv) = await self.etcd.txn(
-                [],
-                [
-                    tx.Get(ks.network(net_id)),
-                    tx.Get(ks.hostname(net_id, req.hostname)),
-                    tx.Get(ks.public_key(net_id, key_hex)),
-                ],
-            )
-            if not net_kv:
-                raise not_found("network", net_id)
-            net = Network.model_validate_json(net_kv[0][0])
-            if key_kv:
-                raise publickeys.key_in_use(net)
-            name, renamed_from = req.hostname, None
-            if name_kv:
-                name = await self._name_for_taken(req, net)
-                renamed_from = req.hostname
-            cidr = ipaddress.IPv4Network(net.cidr)
-            used_ips = await self.addresses.in_use(net.id, fresh)
-            address = ipam.pick_address(cidr, used_ips)
-            if address is None and not fresh:
-                # The hint may hold addresses freed since it was read.
-                used_ips = await self.addresses.in_use(net.id, fresh=True)
-                address = ipam.pick_address(cidr, used_ips)
-            if address is None:
-                raise conflict(
-                    "network_full", f"network {net.name} ({net.cidr}) has no free overlay address"
-                )
-            # Taken at once, so concurrent joins through this controller pick apart.
-            used_ips.add(int(address))
+            nonlocal name, renamed_from
+            token, token_revision = await self.tokens.for_join(req.token)
+            net, net_revision = await self.networks.for_join(token["network_id"])
+            slot = None
+            if token["max_uses"] is not None:
+                # A limited token has max_uses slots; claiming one is a create-if-absent
+                # like an IP, so concurrent joiners do not serialise on the token.
+                slot = await self.tokens.free_slot(token)
+            address = await self._address(req, net, key_hex)
             host_id = tokens.new_id("h-")
             credential, digest = tokens.mint("clh", host_id)
             now = time.time()
@@ -169,25 +231,24 @@ class Joins:
                 "created_at": now,
                 "overlay_ip": str(address),
             }
+            token_key, net_key = ks.token(token["id"]), ks.network(net.id)
+            ip_key, name_key = ks.ip(net.id, str(address)), ks.hostname(net.id, name)
+            key_key = ks.public_key(net.id, key_hex)
             compare = [
-                tx.Create(ks.ip(net.id, str(address))) == 0,
-                tx.Create(ks.hostname(net.id, name)) == 0,
-                tx.Create(ks.public_key(net.id, key_hex)) == 0,
-                tx.Create(ks.network(net.id)) > 0,  # not deleted meanwhile
+                tx.Create(ip_key) == 0,
+                tx.Create(name_key) == 0,
+                tx.Create(key_key) == 0,
+                tx.Mod(net_key) == net_revision,  # not deleted meanwhile
                 # Not revoked meanwhile (a token record never changes, so joins do not
                 # contend on it): a revoked token's join must not count a use.
-                tx.Mod(ks.token(token["id"])) == token_revision,
+                tx.Mod(token_key) == token_revision,
             ]
-            slot = None
-            if token["max_uses"] is not None:
-                # A limited token has max_uses slots; claiming one is a create-if-absent
-                # like an IP, so concurrent joiners do not serialise on the token.
-                slot = await self.tokens.free_slot(token)
+            if slot is not None:
                 compare.append(tx.Create(ks.token_slot(token["id"], slot)) == 0)
             success = [
-                tx.Put(ks.ip(net.id, str(address)), host_id.encode()),
-                tx.Put(ks.hostname(net.id, name), host_id.encode()),
-                tx.Put(ks.public_key(net.id, key_hex), host_id.encode()),
+                tx.Put(ip_key, host_id.encode()),
+                tx.Put(name_key, host_id.encode()),
+                tx.Put(key_key, host_id.encode()),
                 tx.Put(ks.host(host_id), dump(host)),
                 tx.Put(ks.peer(net.id, host_id), dump(peer)),
                 tx.Put(ks.liveness(net.id, host_id), dump({"last_seen": now})),
@@ -198,8 +259,14 @@ class Joins:
                     host_id.encode(),
                 ),
             ]
-            ok, _ = await self.etcd.txn(compare, success)
+            failure = [tx.Get(k) for k in (token_key, net_key, key_key, name_key, ip_key)]
+            try:
+                ok, responses = await self.etcd.txn(compare, success, failure)
+            except BaseException:
+                self.addresses.give_back(net.id, address)
+                raise
             if ok:
+                self.addresses.keep(net.id, address)
                 log.info(
                     "host joined",
                     extra={
@@ -210,12 +277,53 @@ class Joins:
                     },
                 )
                 return Joined(peer, credential, net, renamed_from)
-            # Most likely another controller took this address (it stays marked); if
-            # not, something else changed (a name, the key): read everything again.
-            fresh = await self.etcd.get(ks.ip(net.id, str(address))) is None
+            token_kv, net_kv, key_kv, name_kv, ip_kv = responses
+            if ip_kv:  # most likely another controller's join
+                self.addresses.keep(net.id, address, conflict=True)
+            else:
+                self.addresses.give_back(net.id, address)
+            if not token_kv or token_kv[0][1].mod_revision != token_revision:
+                self.tokens.forget(token["id"])  # read again: refused if revoked
+                return LOST
+            if not net_kv or net_kv[0][1].mod_revision != net_revision:
+                self.networks.forget(net.id)
+                return LOST
+            if key_kv:
+                raise publickeys.key_in_use(net)
+            if name_kv:
+                name, renamed_from = await self._name_for_taken(req, net), req.hostname
+            # Otherwise the address or the token slot: pick again.
             return LOST
 
         return await retry("join", attempt, "too many concurrent joins, try again")
+
+    async def _address(self, req: JoinRequest, net: Network, key_hex: str) -> ipaddress.IPv4Address:
+        """A free overlay address for a new host, held until its transaction is answered.
+
+        When there is none, a taken key or hostname is still the answer (as when there
+        is room): an agent whose join answer was lost re-joins on ``key_in_use``.
+        """
+        cidr = ipaddress.IPv4Network(net.cidr)
+        address = await self.addresses.pick(net.id, cidr)
+        if address is None:
+            # The hint may hold addresses freed since it was read.
+            address = await self.addresses.pick(net.id, cidr, fresh=True)
+        if address is not None:
+            return address
+        _, (key_kv, name_kv) = await self.etcd.txn(
+            [],
+            [
+                tx.Get(ks.public_key(net.id, key_hex)),
+                tx.Get(ks.hostname(net.id, req.hostname)),
+            ],
+        )
+        if key_kv:
+            raise publickeys.key_in_use(net)
+        if name_kv:
+            await self._name_for_taken(req, net)
+        raise conflict(
+            "network_full", f"network {net.name} ({net.cidr}) has no free overlay address"
+        )
 
     async def _name_for_taken(self, req: JoinRequest, net: Network) -> str:
         """The name a new host gets when its requested one is taken: ``web-2``, ``web-3``…
@@ -246,7 +354,7 @@ class Joins:
         One open challenge per host (a new one replaces it), written only for a key
         that is registered and with a valid join token: nothing grows with requests.
         """
-        token, _ = await self.tokens.check(req.token, new_host=False)
+        token, _ = await self.tokens.check(req.token)
         net_id = token["network_id"]
         index = ks.public_key(net_id, keys.key_to_hex(req.public_key))
         owner = await self.etcd.get(index)
@@ -285,7 +393,7 @@ class Joins:
             raise ApiError(403, "forbidden", "the credential belongs to another host")
         host_id = req.host_id or vouched_host
         assert host_id is not None
-        token, _ = await self.tokens.check(req.token, new_host=False)
+        token, _ = await self.tokens.check(req.token)
         net = await self.networks.get(token["network_id"])
         new_hex = keys.key_to_hex(req.public_key)
 

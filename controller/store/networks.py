@@ -8,6 +8,7 @@ import ipaddress
 import json
 import logging
 import time
+from collections import OrderedDict
 from typing import Any
 
 from aetcd import rpc
@@ -22,6 +23,8 @@ from controller.store.tokens import Tokens
 from controller.store.txn import LOST, TXN_CHUNK, Lost, dump, retry
 
 log = logging.getLogger("cladnet.controller.store")
+
+CACHED_NETWORKS = 1024  # network records kept for joins (least recently used go)
 
 
 def _subnets_of(kv: Any) -> list[ipaddress.IPv4Network]:
@@ -42,6 +45,9 @@ class Networks:
         # network creation brings it up to date with what changed since.
         self._underlay: dict[bytes, list[ipaddress.IPv4Network]] = {}
         self._underlay_rev = 0
+        # Network records and their revisions by id, for joins: a record is written
+        # once, and a join's transaction compares the revision.
+        self._records: OrderedDict[str, tuple[Network, int]] = OrderedDict()
 
     async def all(self) -> tuple[list[Network], int]:
         """All networks and the etcd revision they were read at."""
@@ -58,6 +64,26 @@ class Networks:
         if kv is None:
             raise not_found("network", ref)
         return Network.model_validate_json(kv.value)
+
+    async def for_join(self, net_id: str) -> tuple[Network, int]:
+        """A network by id and its record's revision, from a cache: the caller's
+        transaction must compare the revision (a deleted network fails it)."""
+        cached = self._records.get(net_id)
+        if cached is None:
+            kv = await self.etcd.get(ks.network(net_id))
+            if kv is None:
+                raise not_found("network", net_id)
+            cached = (Network.model_validate_json(kv.value), kv.mod_revision)
+            self._records[net_id] = cached
+            if len(self._records) > CACHED_NETWORKS:
+                self._records.popitem(last=False)
+        else:
+            self._records.move_to_end(net_id)
+        return cached
+
+    def forget(self, net_id: str) -> None:
+        """Drop a network's cached record (deleted, or seen changed)."""
+        self._records.pop(net_id, None)
 
     async def _used_cidrs(self) -> tuple[list[Network], list[ipaddress.IPv4Network], int]:
         """Networks, every CIDR in use (networks + hosts' underlay), and the read revision."""
@@ -207,6 +233,9 @@ class Networks:
             )
             if not ok:
                 return LOST
+            self.forget(net.id)
+            for t in token_ids:
+                self.tokens.forget(t)
             log.info("network deleted", extra={"network": net.name, "hosts": len(host_ids)})
             return net
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import OrderedDict
 from typing import Any
 
 from aetcd import transactions as tx
@@ -15,6 +16,8 @@ from controller import keyspace as ks
 from controller.errors import ApiError, not_found
 from controller.etcd import Etcd, prefix_end
 from controller.store.txn import dump
+
+CACHED_TOKENS = 1024  # join token records a controller keeps (least recently used go)
 
 
 def public_token(record: dict[str, Any]) -> dict[str, Any]:
@@ -27,6 +30,10 @@ class Tokens:
 
     def __init__(self, etcd: Etcd) -> None:
         self.etcd = etcd
+        # Verified join token records and their revisions, by id: a record never
+        # changes, and a join's transaction compares the revision (a revoked token's
+        # join fails there, and ``forget`` drops it).
+        self._records: OrderedDict[str, tuple[dict[str, Any], int]] = OrderedDict()
 
     async def create(self, net: Network, req: TokenCreate) -> JoinTokenCreated:
         """A new token of ``net``; its secret is in the answer only."""
@@ -68,6 +75,7 @@ class Tokens:
             compare=[tx.Mod(ks.token(token_id)) == kv.mod_revision],
             success=[tx.Delete(ks.token(token_id)), tx.Delete(p, prefix_end(p))],
         )
+        self.forget(token_id)
         if not ok:  # records never change: it was deleted meanwhile
             raise not_found("token", token_id)
 
@@ -83,6 +91,7 @@ class Tokens:
                     success=[tx.Delete(ks.token(record["id"])), tx.Delete(p, prefix_end(p))],
                 )
                 removed += int(ok)
+                self.forget(record["id"])
         return removed
 
     async def free_slot(self, token: dict[str, Any]) -> int:
@@ -94,27 +103,58 @@ class Tokens:
             raise _exhausted(token["max_uses"])
         return slot
 
-    async def uses(self, token_id: str) -> int:
-        """How many times a token was used."""
-        res = await self.etcd.range(ks.prefix("token-uses", token_id), count_only=True)
-        return int(res.count)
-
-    async def check(self, token: str, new_host: bool = True) -> tuple[dict[str, Any], int]:
-        """The token record and its mod revision, or 401/403 with a reason. Only a new
-        host uses up a limited token: a proven host re-joins with a used-up one."""
-        parsed = tokens.parse(token)
-        if parsed is None or parsed.kind != "clj":
-            raise ApiError(401, "invalid_token", "not a join token")
+    async def check(self, token: str) -> tuple[dict[str, Any], int]:
+        """The token record and its mod revision, or 401 with a reason: for a re-join
+        or a challenge, which use up nothing (a proven host re-joins with a used-up
+        limited token). A new host's join uses ``for_join``."""
+        parsed = _join_token(token)
         kv = await self.etcd.get(ks.token(parsed.id))
-        if kv is None or not tokens.verify(parsed.secret, json.loads(kv.value)["hash"]):
-            raise ApiError(401, "invalid_token", "unknown or revoked join token")
-        record = json.loads(kv.value)
-        if record["expires_at"] < time.time():
-            raise ApiError(401, "token_expired", "the join token has expired")
-        max_uses = record["max_uses"]
-        if new_host and max_uses is not None and await self.uses(parsed.id) >= max_uses:
-            raise _exhausted(max_uses)
-        return record, kv.mod_revision
+        if kv is None:
+            raise _unknown()
+        return _valid(parsed, json.loads(kv.value)), kv.mod_revision
+
+    async def for_join(self, token: str) -> tuple[dict[str, Any], int]:
+        """``check`` for a new host's join, from the cache of verified records: the
+        join's transaction must compare the revision. A limited token's uses are not
+        counted here: ``free_slot`` finds them all taken."""
+        parsed = _join_token(token)
+        cached = self._records.get(parsed.id)
+        if cached is None:
+            kv = await self.etcd.get(ks.token(parsed.id))
+            if kv is None:
+                raise _unknown()
+            cached = (_valid(parsed, json.loads(kv.value)), kv.mod_revision)
+            self._records[parsed.id] = cached
+            if len(self._records) > CACHED_TOKENS:
+                self._records.popitem(last=False)
+        else:
+            _valid(parsed, cached[0])
+            self._records.move_to_end(parsed.id)
+        return cached
+
+    def forget(self, token_id: str) -> None:
+        """Drop a token's cached record (revoked, expired, or seen changed)."""
+        self._records.pop(token_id, None)
+
+
+def _join_token(token: str) -> tokens.ParsedToken:
+    parsed = tokens.parse(token)
+    if parsed is None or parsed.kind != "clj":
+        raise ApiError(401, "invalid_token", "not a join token")
+    return parsed
+
+
+def _unknown() -> ApiError:
+    return ApiError(401, "invalid_token", "unknown or revoked join token")
+
+
+def _valid(parsed: tokens.ParsedToken, record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` if the secret matches it and it has not expired; else 401."""
+    if not tokens.verify(parsed.secret, record["hash"]):
+        raise _unknown()
+    if record["expires_at"] < time.time():
+        raise ApiError(401, "token_expired", "the join token has expired")
+    return record
 
 
 def _exhausted(max_uses: int) -> ApiError:
