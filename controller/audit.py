@@ -3,16 +3,20 @@ structured log. Entries expire with a daily etcd lease after ``retention`` secon
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
 import time
 from typing import Any
 
+from aetcd import transactions as tx
+
 from cladnet.ratelimit import RateLimiter
 from controller import keyspace as ks
 from controller.etcd import DailyLease, Etcd
 from controller.paging import read_page
+from controller.store.txn import TXN_CHUNK
 from controller.telemetry import AUDIT_NOT_STORED
 
 log = logging.getLogger("cladnet.audit")
@@ -41,10 +45,17 @@ def is_audited(method: str, path: str, route_matched: bool, who: str | None, sta
 
 
 class AuditLog:
+    """Audit entries in etcd. Entries recorded while a write is under way go out
+    together in the next one (a transaction of up to TXN_CHUNK puts): a burst of audited
+    calls, such as a fleet joining, costs etcd a few writes, not one per call. Each
+    ``record`` still returns only once its entry is stored."""
+
     def __init__(self, etcd: Etcd, retention: float = 30 * 86400) -> None:
         self.etcd, self.retention = etcd, retention
         self._lease = DailyLease(etcd, retention)
         self._per_host = RateLimiter(HOST_ENTRIES_PER_SECOND, HOST_ENTRIES_BURST)
+        self._pending: list[tuple[bytes, bytes, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
 
     async def record(
         self,
@@ -73,14 +84,47 @@ class AuditLog:
             return
         log.info("audit", extra=entry)
         key = ks.audit(f"{int(now * 1e6):020d}-{secrets.token_hex(3)}")
+        stored = asyncio.get_running_loop().create_future()
+        self._pending.append((key, json.dumps(entry).encode(), stored))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write(), name="audit-writer")
         try:
-            lease = await self._lease.current(now)
-            await self.etcd.call(lambda c: c.put(key, json.dumps(entry).encode(), lease=lease))
+            await stored
         except Exception as exc:  # the log line above is the fallback record
             log.warning("audit entry not stored in etcd", extra={"error": repr(exc)})
+
+    async def _write(self) -> None:
+        """Store the pending entries, TXN_CHUNK per transaction, until none is left."""
+        batch: list[tuple[bytes, bytes, asyncio.Future[None]]] = []
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[:TXN_CHUNK], self._pending[TXN_CHUNK:]
+                try:
+                    lease = await self._lease.current(time.time())
+                    await self.etcd.txn([], [tx.Put(k, v, lease=lease) for k, v, _ in batch])
+                except Exception as exc:
+                    _settle(batch, exc)
+                else:
+                    _settle(batch, None)
+        finally:
+            self._writer = None
+            # Cancelled (at shutdown): nobody waits forever.
+            _settle(batch + self._pending, RuntimeError("the audit writer stopped"))
+            self._pending = []
 
     async def recent(self, limit: int, after: str | None = None) -> tuple[list[Any], str | None]:
         """Up to ``limit`` entries, newest first, older than ``after``'s (a continue token);
         and the token of the next page, if any (etcd sends no more than ``limit``)."""
         page = await read_page(self.etcd, ks.prefix("audit"), limit, after, descend=True)
         return [json.loads(kv.value) for kv in page.kvs], page.continue_token
+
+
+def _settle(batch: list[tuple[bytes, bytes, asyncio.Future[None]]], exc: Exception | None) -> None:
+    """Answer the ``record`` calls waiting for ``batch``: stored, or failed with ``exc``."""
+    for *_, stored in batch:
+        if stored.done():
+            continue
+        if exc is None:
+            stored.set_result(None)
+        else:
+            stored.set_exception(exc)
