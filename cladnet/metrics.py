@@ -265,12 +265,106 @@ def _samples_v2(
     return samples, None, None
 
 
+# The collector's fast path for version-2 batches: msgspec, when installed (the
+# collector's extra), imported on the first decode() — the agent never decodes, so it
+# never loads it. None: not tried yet; False: not installed.
+_fast: Any = None
+_fast_errors: tuple[type[Exception], ...] = ()
+_raw_series_cache: dict[bytes, SeriesColumn] = {}  # by the series' JSON token, unescaped never
+
+
+def _fast_decoder() -> Any:
+    global _fast, _fast_errors
+    if _fast is None:
+        try:
+            import msgspec
+        except ImportError:
+            _fast = False
+            return _fast
+
+        # defstruct, not a class: this module's annotations are strings (no msgspec in
+        # its namespace to resolve them with).
+        v2 = msgspec.defstruct(
+            "V2",
+            [
+                ("v", int),
+                ("network", str),
+                ("host", str),
+                ("seq", int),
+                ("ts", float),
+                ("series", msgspec.Raw),
+                ("values", list[float]),
+                ("host_id", str, ""),
+                ("sent", float | None, None),
+                ("interval", float, 0.0),
+            ],
+        )
+        # UnicodeDecodeError: see _decode_fast.
+        _fast, _fast_errors = msgspec.json.Decoder(v2), (msgspec.DecodeError, UnicodeDecodeError)
+    return _fast
+
+
+def _decode_fast(payload: bytes, topic_name: str | None) -> Batch | None:
+    """A version-2 batch decoded in C (msgspec: 10x less than json.loads, and the series
+    string is looked up by its raw token, never unescaped); None for anything unusual
+    (not installed, version 1, non-finite values, any error): :func:`decode` then takes
+    the reference path, so what is accepted and every error are exactly the same."""
+    decoder = _fast_decoder()
+    if not decoder:
+        return None
+    try:
+        payload.decode()  # what json.loads checks and msgspec skips in ignored fields
+        raw = decoder.decode(payload)
+    except _fast_errors:
+        return None
+    values, token = raw.values, bytes(raw.series)
+    column = _raw_series_cache.get(token)
+    try:
+        if column is None:
+            column = _series_column(json.loads(token))
+            if len(_raw_series_cache) >= SERIES_CACHE:  # bounded; re-parsing is the fallback
+                _raw_series_cache.clear()
+            _raw_series_cache[token] = column
+        network, host, seq, ts = raw.network, raw.host, raw.seq, raw.ts
+        _check_header(network, host, seq, ts, topic_name)
+    except (BatchError, ValueError):
+        return None
+    if raw.v != 2 or len(values) != len(column[0]) or not math.isfinite(sum(values)):
+        return None
+    return Batch(
+        network=network,
+        host=host,
+        seq=seq,
+        ts=ts,
+        interval=raw.interval,
+        samples=list(zip(*column, values, strict=True)),
+        host_id=raw.host_id,
+        sent=raw.sent or ts,
+        column=column,
+        values=values,
+    )
+
+
+def _check_header(network: str, host: str, seq: Any, ts: float, topic_name: str | None) -> None:
+    if not (TOPIC_PART_RE.match(network) and TOPIC_PART_RE.match(host)):
+        raise BatchError("bad network or host name")
+    if topic_name is not None and topic_name != topic(network, host):
+        raise BatchError(f"batch for {network}/{host} published on {topic_name}")
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        raise BatchError("seq must be a non-negative integer")
+    if not math.isfinite(ts):
+        raise BatchError("bad ts or samples")
+
+
 def decode(payload: bytes, topic_name: str | None = None) -> Batch:
     """Parse and validate a batch (version 1 or 2); ``topic_name`` must match its
     network/host if given.
 
     Raises BatchError with a short reason; never anything else for bad input.
     """
+    batch = _decode_fast(payload, topic_name)
+    if batch is not None:
+        return batch
     try:
         raw: Any = json.loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -286,14 +380,7 @@ def decode(payload: bytes, topic_name: str | None = None) -> Batch:
         columns = (raw["samples"],) if version == 1 else (raw["series"], raw["values"])
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise BatchError(f"missing or bad field: {exc}") from None
-    if not (TOPIC_PART_RE.match(network) and TOPIC_PART_RE.match(host)):
-        raise BatchError("bad network or host name")
-    if topic_name is not None and topic_name != topic(network, host):
-        raise BatchError(f"batch for {network}/{host} published on {topic_name}")
-    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-        raise BatchError("seq must be a non-negative integer")
-    if not math.isfinite(ts):
-        raise BatchError("bad ts or samples")
+    _check_header(network, host, seq, ts, topic_name)
     column, floats = None, None
     if version == 1:
         samples = _samples_v1(*columns)

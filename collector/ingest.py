@@ -18,16 +18,12 @@ from collections import Counter
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import aiomqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
 from cladnet import metrics
 from cladnet.alarms import AlarmEngine, Event
 from cladnet.backoff import Backoff
 from cladnet.sequence import SequenceTracker, Verdict
 from cladnet.tasks import cancel_and_wait
-from collector import mqtt_ack
+from collector import mqtt
 from collector.notify import Notifier
 from collector.store.base import MetricsStore
 
@@ -73,36 +69,39 @@ class Ingest:
         self._pending: list[metrics.Batch] = []
         self._pending_samples = 0
         self._full = asyncio.Event()  # enough pending for a write: flush before the timer
-        self._unacked: list[int] = []
+        self._unacked: list[int] = []  # packet ids of the batches taken since the last flush
+        self._events: asyncio.Queue[list[Event]] = asyncio.Queue()  # for the notifier
         self._write: asyncio.Future[None] | None = None  # the latest store write
         # (network, host) → seqs stored (or found stored) since the last flush.
         self._stored: dict[tuple[str, str], list[int]] = {}
 
-    def _client(self) -> aiomqtt.Client:
+    def _options(self) -> mqtt.ConnectOptions:
         parts = urlsplit(self.broker.url)
         tls = parts.scheme == "mqtts"
-        # A persistent session under a stable id: while this collector is away the
-        # broker queues its share of the batches instead of dropping them.
-        session = Properties(PacketTypes.CONNECT)
-        session.SessionExpiryInterval = self.broker.session_expiry
-        # Batches the broker may have in flight to us, unacknowledged: room for the
-        # write in progress and the next one, and the bound on what we hold in memory.
-        session.ReceiveMaximum = RECEIVE_MAXIMUM
-        client = aiomqtt.Client(
-            parts.hostname or "127.0.0.1",
-            parts.port or (8883 if tls else 1883),
+        return mqtt.ConnectOptions(
+            host=parts.hostname or "127.0.0.1",
+            port=parts.port or (8883 if tls else 1883),
+            client_id=self.broker.client_id or f"cladnet-collector-{random.getrandbits(32):08x}",
             username=self.broker.username,
             password=self.broker.password,
-            identifier=self.broker.client_id or f"cladnet-collector-{random.getrandbits(32):08x}",
-            protocol=aiomqtt.ProtocolVersion.V5,
-            tls_params=aiomqtt.TLSParameters(ca_certs=self.broker.ca_file) if tls else None,
+            tls=mqtt.tls_context(self.broker.ca_file) if tls else None,
             keepalive=30,
+            # A persistent session under a stable id: while this collector is away the
+            # broker queues its share of the batches instead of dropping them.
             clean_start=False,
-            properties=session,
+            session_expiry=self.broker.session_expiry,
+            # Batches the broker may have in flight to us, unacknowledged: room for the
+            # write in progress and the next one, and the bound on what we hold in memory.
+            receive_maximum=RECEIVE_MAXIMUM,
         )
-        # The PUBACK waits until the batch is stored.
-        mqtt_ack.enable_manual_ack(client)
-        return client
+
+    def _received(self, topic: str, payload: bytes, mid: int) -> None:
+        """One PUBLISH off the connection: accept it; its PUBACK waits until it is stored."""
+        events = self.accept(topic, payload)
+        if mid:
+            self._unacked.append(mid)
+        if events and self.notifier is not None:
+            self._events.put_nowait(events)
 
     def accept(self, topic: str, payload: bytes) -> list[Event]:
         """Validate and de-duplicate one batch; queue its samples; return alarm events."""
@@ -136,7 +135,7 @@ class Ingest:
             if n in watched
         )
 
-    async def flush(self, client: aiomqtt.Client | None = None) -> None:
+    async def flush(self, client: mqtt.Connection | None = None) -> None:
         """Write queued samples, then acknowledge the batches they came in."""
         if self._write is not None:
             # A cancelled flush's write may still run: what it holds (or puts back)
@@ -165,20 +164,21 @@ class Ingest:
                     self._stored.setdefault(key, [])[:0] = seqs
                 return
         if client is not None:
-            for mid in unacked:
-                mqtt_ack.ack(client, mid)
+            client.ack(unacked)
             # Tell each host what is safely stored, so it can drop it from its spool;
             # all at once, not one broker round trip after the other.
-            await asyncio.gather(
+            codes = await asyncio.gather(
                 *(
                     client.publish(
-                        metrics.ack_topic(network, host),
-                        json.dumps({"seqs": seqs}).encode(),
-                        qos=1,
+                        metrics.ack_topic(network, host), json.dumps({"seqs": seqs}).encode()
                     )
                     for (network, host), seqs in stored.items()
                 )
             )
+            refused = sum(code >= 0x80 for code in codes)
+            if refused:  # the agents resend and get acks later: loud, but not fatal
+                self.counters["acks_refused"] += refused
+                log.warning("the broker refused acks", extra={"count": refused})
 
     def _requeue(
         self, write: asyncio.Future[None], batches: list[metrics.Batch], count: int
@@ -192,7 +192,7 @@ class Ingest:
         self._pending[:0] = batches
         self._pending_samples += count
 
-    async def _flusher(self, client: aiomqtt.Client) -> None:
+    async def _flusher(self, client: mqtt.Connection) -> None:
         # Every flush_interval, or as soon as a write's worth is pending. The reader
         # never waits for a write, so decoding the next batches overlaps storing these.
         # A store that is down is retried with capped backoff, not five times a second;
@@ -214,37 +214,51 @@ class Ingest:
         if events and self.notifier is not None:
             await self.notifier.send(events)
 
+    async def _deliver(self) -> None:
+        # Alarm events from the receive path, in order; a slow webhook never holds it up.
+        while True:
+            await self._notify(await self._events.get())
+
     async def _session(self) -> None:
-        async with self._client() as client:
+        client = await mqtt.connect(self._options(), self._received)
+        flusher = None
+        try:
             self.connected = True
             self.counters["connects"] += 1
             topic = f"$share/{self.broker.group}/{metrics.TOPIC_ROOT}/#"
-            granted = await client.subscribe(topic, qos=1)
-            codes = granted if isinstance(granted, list) else [granted]
-            if any(getattr(c, "is_failure", False) for c in codes):
+            codes = await client.subscribe(topic, qos=1)
+            if any(code >= 0x80 for code in codes):
                 # Not authorised to read metrics: say so loudly, keep retrying.
-                raise aiomqtt.MqttError(f"subscription to {topic} refused: {codes}")
+                raise mqtt.MqttError(f"subscription to {topic} refused: {codes}")
             log.info("subscribed", extra={"topic": topic, "broker": self.broker.url})
-            # Messages are read by one uninterrupted loop (cancelling a pending read can
-            # drop a message already taken off the queue); a separate task flushes.
+            # Messages are taken in the connection's data_received, in arrival order; a
+            # separate task flushes and acknowledges.
             flusher = asyncio.create_task(self._flusher(client))
-            try:
-                async for message in client.messages:
-                    events = self.accept(str(message.topic), bytes(message.payload))
-                    if message.qos > 0:
-                        self._unacked.append(message.mid)
-                    await self._notify(events)
-            finally:
-                await cancel_and_wait([flusher], aiomqtt.MqttError)
+            closed = asyncio.ensure_future(client.wait_closed())
+            await asyncio.wait([closed, flusher], return_when=asyncio.FIRST_COMPLETED)
+            if flusher.done():  # it failed (it never ends by itself): say why
+                closed.cancel()
+                flusher.result()
+            await closed
+        finally:
+            await cancel_and_wait([flusher], mqtt.MqttError)
+            client.close()
 
     async def run(self) -> None:
         """Subscribe and ingest forever; reconnect with capped backoff."""
         backoff = Backoff(RECONNECT_FIRST, RECONNECT_CAP, jitter=(0.5, 1.0))
+        deliver = asyncio.create_task(self._deliver())
+        try:
+            await self._reconnect(backoff)
+        finally:
+            await cancel_and_wait([deliver])
+
+    async def _reconnect(self, backoff: Backoff) -> None:
         while True:
             connects = self.counters["connects"]
             try:
                 await self._session()
-            except aiomqtt.MqttError as exc:
+            except mqtt.MqttError as exc:
                 self.counters["broker_errors"] += 1
                 log.warning("broker connection lost", extra={"error": str(exc)})
             finally:
