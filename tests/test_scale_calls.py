@@ -165,6 +165,28 @@ async def test_the_audit_listing_reads_only_what_it_returns(db) -> None:
     assert etcd.returned == [5], etcd.returned
 
 
+async def test_a_new_hosts_join_is_one_etcd_call(db) -> None:
+    etcd, store = db
+    _, token = await _network_with_hosts(store, "j", "10.76.0.0/24", 1)  # caches warm
+    etcd.reset()
+    req = JoinRequest(token=token, hostname="one-more", public_key=_key(4242))
+    await store.join(req, "198.51.100.1")
+    assert etcd.calls == [("txn", b"")], etcd.calls
+
+
+async def test_audit_entries_recorded_together_are_one_write(db) -> None:
+    etcd, _ = db
+    audit = AuditLog(etcd)
+    await audit.record("admin", "POST", "/v1/first", 201, "127.0.0.1")  # takes the lease
+    etcd.reset()
+    await asyncio.gather(
+        *(audit.record("admin", "POST", f"/v1/x/{n}", 201, "127.0.0.1") for n in range(30))
+    )
+    assert etcd.calls == [("txn", b"")], etcd.calls
+    recent, _ = await audit.recent(100)
+    assert len(recent) == 31
+
+
 def test_a_free_slot_is_found_without_listing_every_slot() -> None:
     rng = random.Random(1)
     assert tokens.pick_slot(10**18, set(), rng) is not None

@@ -202,6 +202,36 @@ async def test_a_join_whose_token_is_revoked_meanwhile_is_refused_and_counts_no_
     assert (await store.list_peers(net.id))[0] == []
 
 
+async def test_a_token_or_network_gone_through_another_replica_refuses_a_cached_join(
+    db, etcd: EtcdServer
+) -> None:
+    """A replica keeps join token and network records it read; what another replica
+    revoked or deleted since still refuses the join there (the transaction compares
+    their revisions), and nothing is written."""
+    client, store = db
+    other = Etcd([("127.0.0.1", etcd.client_port)])
+    await other.connect()
+    try:
+        replica = Store(other)
+        net, token = await _network(store)
+        await _join(store, token, "first")  # this replica has the token and network cached
+        [listed] = await store.list_tokens(net.id)
+        await replica.revoke_token(net.id, listed.id)
+        with pytest.raises(ApiError) as refused:
+            await _join(store, token, "after-revoke")
+        assert (refused.value.status, refused.value.code) == (401, "invalid_token")
+
+        second = await replica.create_token(net.id, TokenCreate())
+        await _join(store, second.token, "second")
+        await replica.delete_network(net.id, force=True)
+        with pytest.raises(ApiError) as gone:
+            await _join(store, second.token, "after-delete")
+        assert (gone.value.status, gone.value.code) == (401, "invalid_token")
+        assert await client.counts([ks.prefix("hosts"), ks.prefix("token-uses")]) == [0, 0]
+    finally:
+        await other.close()
+
+
 async def test_a_limited_token_used_up_meanwhile_refuses_the_join_and_counts_right(db) -> None:
     etcd, store = db
     net, token = await _network(store, max_uses=2)

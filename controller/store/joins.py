@@ -34,7 +34,9 @@ log = logging.getLogger("cladnet.controller.store")
 
 IP_HINT_SECONDS = 10.0  # how stale the address hint may be (freed addresses reused after)
 IP_HINT_AFTER_CONFLICT = 1.0  # how stale, once another controller took an address we picked
-RANDOM_PROBES = 16  # random picks tried before walking the network for a free address
+BLOCK = 64  # addresses a controller picks among until they are nearly all taken
+BLOCK_TRIES = 4  # blocks tried before walking the network for a free address
+RANDOM_PROBES = 16  # random picks tried in a block
 CHALLENGE_SECONDS = 60.0  # how long a key challenge may be answered
 MAX_SUFFIXED_NAME = 240  # longer names are not given a -N suffix (hostnames stop at 253)
 
@@ -50,24 +52,38 @@ class Joined:
     renamed_from: str | None
 
 
-def pick_random(
-    cidr: ipaddress.IPv4Network, used: set[int], rng: random.Random | None = None
-) -> ipaddress.IPv4Address | None:
-    """A free address of ``cidr`` (not in ``used``), or None when it is full.
+def pick_in_block(
+    cidr: ipaddress.IPv4Network,
+    used: set[int],
+    block: int | None,
+    rng: random.Random | None = None,
+) -> tuple[ipaddress.IPv4Address | None, int | None]:
+    """A free address of ``cidr`` (not in ``used``), or None when it is full; and the
+    block (of BLOCK addresses) it is in, to pick in next time.
 
-    Uniformly random while random probes find one (a network is planned at most half
-    full), else the next free one after a random start. Not that walk first: two
-    controllers walking up from random starts both land on the first free address after
-    a run of used ones, and one of their transactions fails.
+    Random addresses of one block until it is nearly full (random probes miss), then of
+    another random block; once none is found so, the next free one after a random
+    start. A controller keeps its block, and leaves it when another controller takes an
+    address it picked there: controllers then pick in blocks of their own (as Calico's
+    IPAM gives each node its blocks) and their transactions rarely collide, which they
+    did at the end of every run of used addresses when each walked up from a random
+    start.
     """
     first, last = ipam.host_range(cidr)
+    size = last - first + 1
     rng = rng or random.Random()
-    if last >= first:
-        for _ in range(RANDOM_PROBES):
-            candidate = first + rng.randrange(last - first + 1)
-            if candidate not in used:
-                return ipaddress.IPv4Address(candidate)
-    return ipam.pick_address(cidr, used, rng)
+    if size > 0:
+        span = min(BLOCK, size)
+        for attempt in range(BLOCK_TRIES):
+            if block is None or attempt or block * span >= size:
+                block = rng.randrange(-(-size // span))
+            low = first + block * span
+            width = min(span, last + 1 - low)
+            for _ in range(RANDOM_PROBES):
+                candidate = low + rng.randrange(width)
+                if candidate not in used:
+                    return ipaddress.IPv4Address(candidate), block
+    return ipam.pick_address(cidr, used, rng), None
 
 
 @dataclass
@@ -80,6 +96,7 @@ class _Hint:
     read_at: float = 0.0
     reads: int = 0
     stale: bool = False  # another controller took one of our picks: read again soon
+    block: int | None = None  # the block this controller picks in (``pick_in_block``)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -112,7 +129,7 @@ class AddressHints:
             or age > (IP_HINT_AFTER_CONFLICT if hint.stale else IP_HINT_SECONDS)
         ):
             await self._read(net_id, hint, fresh)
-        address = pick_random(cidr, hint.used)
+        address, hint.block = pick_in_block(cidr, hint.used, hint.block)
         if address is not None:
             hint.used.add(int(address))
             hint.in_flight.add(int(address))
@@ -139,7 +156,8 @@ class AddressHints:
         hint.used.add(int(address))
         if hint.lock.locked():
             hint.committed.add(int(address))
-        hint.stale = hint.stale or conflict
+        if conflict:  # another controller picks here too: leave it this block
+            hint.stale, hint.block = True, None
 
     def give_back(self, net_id: str, address: ipaddress.IPv4Address) -> None:
         """A picked address was not taken: free for the next pick."""
