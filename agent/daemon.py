@@ -157,6 +157,8 @@ class NetworkAgent:
                 membership.interface,
                 lambda: self.backend.get(self.iface),
                 self.timing.handshake_retry,
+                apply=lambda changes: self.backend.apply(self.iface, changes),
+                lock=self._lock,
             )
             if self.timing.handshake_retry is not None
             else None

@@ -15,10 +15,17 @@ discard) through the WireGuard interface, which makes WireGuard initiate at once
 - ``retry`` seconds after the add, every such peer still without a handshake gets one
   datagram (again). The host that learned of the pair last has sent no initiation
   yet, so its datagram starts one at once (an end that initiated less than 5 s ago is
-  held back by WireGuard itself): the side that learned last completes the pair.
+  held back by WireGuard itself): the side that learned last completes the pair;
+- but the higher key's side may have initiated already, for its own traffic or a
+  keepalive, at the moment the lower key's trigger went out: crossed, and both ends
+  held back for 5 s. So at the retry the side that did not start the pair first adds
+  each still-silent peer anew (:func:`anew`: a new peer in WireGuard has no initiation
+  to hold back; a peer without a handshake has no session to lose), then triggers it.
+  The lower key's side never does this, so the two retries cannot cross again.
 
-The decisions (:func:`plan`, :func:`silent`) are pure; :class:`HandshakeStarter` does
-the I/O: the datagrams and one device read per retry round.
+The decisions (:func:`plan`, :func:`silent`, :func:`anew`) are pure;
+:class:`HandshakeStarter` does the I/O: the datagrams, one device read per retry round
+and the re-adds.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from dataclasses import dataclass
 
 from agent.netlink import in_netns
 from agent.wireguard.backend import WireGuardError
-from cladnet.mesh import DeviceState, PeerConfig
+from cladnet.mesh import DeviceChanges, DeviceState, PeerConfig
 from cladnet.tasks import cancel_and_wait
 
 log = logging.getLogger("cladnet.agent")
@@ -89,6 +96,18 @@ def silent(check: Mapping[str, str], device: DeviceState) -> dict[str, str]:
     }
 
 
+def anew(keys: Iterable[str], device: DeviceState) -> DeviceChanges:
+    """Each of ``keys`` the device holds, removed and added again as it is (endpoint,
+    allowed IPs, keepalive): WireGuard forgets its pending initiation."""
+    held = [device.peers[k] for k in sorted(keys) if k in device.peers]
+    return DeviceChanges(
+        peers_to_remove=tuple(p.public_key for p in held),
+        peers_to_add=tuple(
+            PeerConfig(p.public_key, p.allowed_ips, p.endpoint, p.keepalive) for p in held
+        ),
+    )
+
+
 def send(iface: str, addresses: Iterable[str], netns: str | None = None) -> int:
     """One datagram to each address through ``iface`` only (never along another route);
     how many were sent. Raises ``OSError`` when ``iface`` does not exist."""
@@ -129,7 +148,9 @@ class HandshakeStarter:
     """Triggers handshakes with the peers an apply added, and once more after ``retry``
     seconds with those still silent (see the module docstring).
 
-    ``device`` reads the device (one read per retry round, for all peers due).
+    ``device`` reads the device (one read per retry round, for all peers due);
+    ``apply`` changes it (the re-adds; none without it), under ``lock``: the caller's
+    own applies take it too, so a peer removed meanwhile is not added back.
     """
 
     def __init__(
@@ -138,11 +159,16 @@ class HandshakeStarter:
         device: Callable[[], Awaitable[DeviceState]],
         retry: float,
         netns: str | None = None,
+        apply: Callable[[DeviceChanges], Awaitable[None]] | None = None,
+        lock: asyncio.Lock | None = None,
     ) -> None:
         self.iface, self.device, self.retry, self.netns = iface, device, retry, netns
-        self._due: dict[str, tuple[float, str]] = {}  # key → (monotonic due time, address)
+        self.apply, self.lock = apply, lock or asyncio.Lock()
+        # key → (monotonic due time, address, whether this host started the pair)
+        self._due: dict[str, tuple[float, str, bool]] = {}
         self._task: asyncio.Task[None] | None = None
         self.sent = 0  # datagrams sent, for tests and logs
+        self.readded = 0  # peers added anew at a retry
 
     def peers_added(self, added: Iterable[PeerConfig], own_key: str | None) -> None:
         """Trigger now whom this host starts; check all of them after ``retry`` s."""
@@ -156,22 +182,33 @@ class HandshakeStarter:
             return
         due = time.monotonic() + self.retry
         for key, address in chosen.check.items():
-            self._due[key] = (due, address)
+            self._due[key] = (due, address, key in chosen.now)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._retry_loop(), name=f"handshakes-{self.iface}")
 
     async def _retry_loop(self) -> None:
         while self._due:
-            await asyncio.sleep(max(0.0, min(d for d, _ in self._due.values()) - time.monotonic()))
+            soonest = min(due for due, _, _ in self._due.values())
+            await asyncio.sleep(max(0.0, soonest - time.monotonic()))
             now = time.monotonic()
-            ready = {k: a for k, (d, a) in self._due.items() if d <= now}
+            ready = {k: entry for k, entry in self._due.items() if entry[0] <= now}
             for key in ready:
                 del self._due[key]
             try:
-                quiet = silent(ready, await self.device())
+                async with self.lock:
+                    device = await self.device()
+                    quiet = silent({k: address for k, (_, address, _) in ready.items()}, device)
+                    again = anew((k for k in quiet if not ready[k][2]), device)
+                    if again.peers_to_add and self.apply is not None:
+                        await self.apply(again)
+                        self.readded += len(again.peers_to_add)
+                    if quiet:
+                        self.sent += send(self.iface, quiet.values(), self.netns)
                 if quiet:
-                    self.sent += send(self.iface, quiet.values(), self.netns)
-                    log.debug("handshakes triggered again", extra={"peers": len(quiet)})
+                    log.debug(
+                        "handshakes triggered again",
+                        extra={"peers": len(quiet), "added_anew": len(again.peers_to_add)},
+                    )
             except (WireGuardError, OSError) as exc:  # the peers' own retries remain
                 log.debug("handshake retry skipped", extra={"error": str(exc)})
 

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from agent.handshake import HandshakeStarter, plan, silent, target
+from agent.handshake import HandshakeStarter, anew, plan, send, silent, target
 from cladnet import mesh
 from cladnet.mesh import DeviceState, PeerConfig, PeerState
 from lab.wgpair import Node
@@ -107,7 +107,8 @@ async def starters(
         # Up and listening, but not knowing the other: an initiation to it is dropped.
         await node.backend.apply(node.iface, mesh.DeviceChanges(listen_port=WG_PORT))
         device = functools.partial(node.backend.get, node.iface)
-        made.append(HandshakeStarter(node.iface, device, 0.5, netns=node.ns))
+        apply = functools.partial(node.backend.apply, node.iface)
+        made.append(HandshakeStarter(node.iface, device, 0.5, netns=node.ns, apply=apply))
     try:
         yield (low, made[0]), (high, made[1])
     finally:
@@ -152,3 +153,57 @@ async def test_the_host_that_learns_last_completes_the_handshake(
     assert await handshake(a, b)
     assert received(b.ns, "responses") >= 1  # b initiated and a answered
     assert a_starter.sent + b_starter.sent >= 2
+
+
+def test_a_peer_added_anew_keeps_what_the_device_had() -> None:
+    held = PeerState("B", ("10.1.0.2/32",), "192.0.2.1:51820", 25, rx_bytes=240)
+    device = DeviceState(listen_port=1, peers={"B": held})
+    changes = anew(["B", "gone"], device)
+    assert changes.peers_to_remove == ("B",)
+    assert changes.peers_to_add == (PeerConfig("B", ("10.1.0.2/32",), "192.0.2.1:51820", 25),)
+
+
+def block_wireguard(ns: str, on: bool) -> None:
+    """Drop (or stop dropping) every WireGuard packet ``ns`` sends."""
+    if not on:
+        _nft(ns, "delete", "table", "inet", f"{TABLE}-drop")
+        return
+    rules = f"""
+    table inet {TABLE}-drop {{
+      chain output {{
+        type filter hook output priority filter; policy accept;
+        udp dport {WG_PORT} drop
+      }}
+    }}"""
+    subprocess.run(
+        ["ip", "netns", "exec", ns, "nft", "-f", "-"], input=rules, text=True, check=True
+    )
+
+
+@pytest.mark.root
+async def test_initiations_held_back_at_both_ends_are_restarted_by_the_higher_key(
+    starters: tuple[tuple[Node, HandshakeStarter], tuple[Node, HandshakeStarter]],
+) -> None:
+    """Both hosts know each other and both initiate at once: the lower key's trigger
+    and the higher key's own traffic. Here both initiations are lost; crossed ones end
+    the same way: each end only waits, and WireGuard holds both back for 5 s
+    (REKEY_TIMEOUT) before it initiates again. At its retry the higher key's side adds
+    the peer anew and triggers it, so the pair completes long before that."""
+    (low, low_starter), (high, high_starter) = starters
+    for node in (low, high):
+        block_wireguard(node.ns, True)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await add(low, high, low_starter)
+    await add(high, low, high_starter)
+    assert send(high.iface, [low.host["overlay_ip"]], high.ns) == 1  # high's traffic
+    await asyncio.sleep(0.2)  # both initiations sent, and lost
+    for node in (low, high):
+        block_wireguard(node.ns, False)
+    assert received(low.ns, "initiations") == received(high.ns, "initiations") == 0
+
+    # WireGuard alone would answer after 5 s; the starters' retry comes after 0.5 s.
+    await until(lambda: handshake(high, low), "the handshake", limit=4.0 - (loop.time() - began))
+    assert await handshake(low, high)
+    assert (low_starter.readded, high_starter.readded) == (0, 1)
+    assert received(low.ns, "initiations") >= 1  # the re-added peer's initiation
