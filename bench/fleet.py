@@ -76,6 +76,7 @@ from lab.components import Controller, Etcd, free_port
 WORKERS = 2
 WAVE = 25  # agents per worker that list at once
 SETTLE_S = 5.0  # after every device is complete, before the first change
+SAMPLED_AGENTS = 200  # hosts with the agent code where all N would not fit in memory
 TARGETS_P99_SECONDS = {1000: 1.0, 5000: 3.0}
 CIDR = "10.64.0.0/16"
 # Resident memory per peer an agent holds (its listed dict, plan, device entry), with
@@ -269,6 +270,81 @@ async def _worker(conn: Connection, cfg: dict[str, Any]) -> None:
                 await a.client.close()
 
 
+def stream_worker(conn: Connection, cfg: dict[str, Any]) -> None:
+    """A worker process for the hosts without agent code (a sampled run): join
+    ``cfg['count']`` hosts, each then watching the peers with its own credential on a
+    raw stream (bench/convergence.py's reader), and note when each sees a change."""
+    common.clean_up_on_sigterm()
+    try:
+        asyncio.run(_stream_worker(conn, cfg))
+    except Exception as exc:  # the main process reports it
+        conn.send(("error", repr(exc)))
+
+
+async def _stream_worker(conn: Connection, cfg: dict[str, Any]) -> None:
+    loop = asyncio.get_running_loop()
+    credentials: list[str] = []
+    fanout = convergence.Fanout(cfg["count"])
+    readers: list[asyncio.Task[None]] = []
+    writers: list[asyncio.StreamWriter] = []
+    gate = asyncio.Semaphore(16)
+    async with httpx.AsyncClient(base_url=cfg["url"], timeout=60) as http:
+
+        async def join_one(index: int) -> None:
+            async with gate:
+                r = await http.post(
+                    "/v1/join",
+                    json={"token": cfg["token"], "hostname": f"fleet-s{index}",
+                          "public_key": generate_keypair()[1], "listen_port": 51820},
+                )  # fmt: skip
+                r.raise_for_status()
+                credentials.append(r.json()["credential"])
+
+        await asyncio.gather(*(join_one(i) for i in range(cfg["count"])))
+        conn.send(("joined", len(credentials)))
+        await loop.run_in_executor(None, conn.recv)  # "start": the agents list meanwhile
+        r = await http.get(
+            f"/v1/networks/{cfg['network']}/peers",
+            params={"limit": 1},
+            headers={"Authorization": f"Bearer {credentials[0]}"},
+        )
+        r.raise_for_status()
+        path = f"/v1/networks/{cfg['network']}/peers?watch=true&since={r.json()['revision']}"
+
+    async def open_one(index: int) -> None:
+        async with gate:
+            reader, writer, _ = await asyncio.wait_for(
+                convergence.open_stream(cfg["port"], path, credentials[index]), 60
+            )
+        writers.append(writer)
+        readers.append(asyncio.create_task(convergence.read_stream(index, reader, fanout)))
+
+    try:
+        await asyncio.gather(*(open_one(i) for i in range(cfg["count"])))
+        conn.send(("ready", 0.0, 0.0, rss_bytes(os.getpid()), rss_bytes(os.getpid())))
+        while True:
+            msg = await loop.run_in_executor(None, conn.recv)
+            if msg[0] == "arm":
+                change = convergence.Change(marker=msg[2].encode(), watchers=cfg["count"])
+                fanout.current = change
+                cpu0 = time.process_time()
+                conn.send(("armed",))
+            elif msg[0] == "collect":
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(change.done.wait(), msg[1])
+                fanout.current = None
+                # perf_counter and monotonic are the same clock on Linux (CLOCK_MONOTONIC).
+                conn.send(("seen", change.arrivals, time.process_time() - cpu0, 0.0))
+            else:
+                break
+    finally:
+        for w in writers:
+            w.close()
+        for t in readers:
+            t.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+
+
 def _answer(conn: Connection, want: str, timeout: float) -> Any:
     """The worker's next message, which must be ``want``."""
     if not conn.poll(timeout):
@@ -295,12 +371,16 @@ def start_controller(etcd: Etcd, tmp: Path, name: str) -> Controller:
     return ctl
 
 
-def agents_run(n: int, changes: int, tmp: Path) -> dict[str, Any]:
-    """N real agents in WORKERS processes; ``changes`` endpoint changes of one more host."""
+def agents_run(n: int, changes: int, tmp: Path, real: int | None = None) -> dict[str, Any]:
+    """N hosts, ``real`` of them (all by default) running the agent code in WORKERS
+    processes and the rest raw watch streams in one more; ``changes`` endpoint changes
+    of one more host."""
+    real = n if real is None else real
     etcd = start_etcd(tmp, f"etcd-agents-{n}")
     ctl: Controller | None = None
     procs: list[Any] = []
     conns: list[Connection] = []
+    streams: Connection | None = None
     try:
         ctl = start_controller(etcd, tmp, f"ctl-agents-{n}")
         assert ctl.proc is not None
@@ -312,45 +392,60 @@ def agents_run(n: int, changes: int, tmp: Path) -> dict[str, Any]:
         r.raise_for_status()
         mover = r.json()
         ctx = multiprocessing.get_context("spawn")
+        # Fewer agents list at once when each listing is longer.
+        wave = max(1, min(WAVE, WAVE * 1000 // n))
         for w in range(WORKERS):
             mine, theirs = ctx.Pipe()
-            cfg = {"url": ctl.url, "token": token, "indices": list(range(w, n, WORKERS)),
-                   "ready_timeout": 300 + n * 0.5, "wave": WAVE,
+            cfg = {"url": ctl.url, "token": token, "indices": list(range(w, real, WORKERS)),
+                   "ready_timeout": 300 + n * 0.5, "wave": wave,
                    "state_root": "/dev/shm" if os.path.isdir("/dev/shm") else None}  # fmt: skip
             p = ctx.Process(target=worker, args=(theirs, cfg), name=f"cl-fleet-{w}")
             p.start()
             procs.append(p)
             conns.append(mine)
-        log(f"N={n}: joining {n} agents in {WORKERS} workers")
+        if real < n:
+            streams, theirs = ctx.Pipe()
+            cfg = {"url": ctl.url, "port": ctl.port, "token": token, "count": n - real,
+                   "network": net["id"]}  # fmt: skip
+            p = ctx.Process(target=stream_worker, args=(theirs, cfg), name="cl-fleet-streams")
+            p.start()
+            procs.append(p)
+        every = [*conns, *([streams] if streams is not None else [])]
+        log(f"N={n}: joining {real} agents in {WORKERS} workers and {n - real} stream hosts")
         started = time.monotonic()
-        for c in conns:
+        for c in every:
             _answer(c, "joined", 120 + n * 0.2)
         join_s = time.monotonic() - started
         ctl_cpu0, started = cpu_seconds(ctl.proc.pid), time.monotonic()
-        for c in conns:
-            c.send(("start", n))  # every other agent and the mover
-        ready = [_answer(c, "ready", 180 + n * 0.5) for c in conns]
+        for c in every:
+            c.send(("start", n))  # every other host and the mover
+        ready = [_answer(c, "ready", 180 + n * 0.5) for c in every][: len(conns)]
         ready_s = time.monotonic() - started
         ready_ctl_cpu = cpu_seconds(ctl.proc.pid) - ctl_cpu0
         log(f"N={n}: every device holds {n} peers after {ready_s:.1f} s; changing the endpoint")
         latencies: list[float] = []
+        stream_latencies: list[float] = []
         per_change, ctl_cpu, agent_cpu, gc_pause, missing = [], [], [], [], 0
         with ctl.client(token=mover["credential"]) as mc:
             for k in range(changes):
                 time.sleep(0.5)  # let the previous change settle
                 endpoint = f"198.51.100.{k + 1}:{51820 + k}"
-                for c in conns:
+                for c in every:
                     c.send(("arm", mover_public, endpoint))
-                for c in conns:
+                for c in every:
                     _answer(c, "armed", 60)
                 cpu0 = cpu_seconds(ctl.proc.pid)
                 sent = time.monotonic()
                 mc.put(f"/v1/hosts/{mover['host_id']}/endpoints",
                        json={"endpoints": [endpoint]}).raise_for_status()  # fmt: skip
-                for c in conns:
+                for c in every:
                     c.send(("collect", 30 + n / 50))
-                seen = [_answer(c, "seen", 120 + n / 50) for c in conns]
+                seen = [_answer(c, "seen", 120 + n / 50) for c in every]
                 ctl_cpu.append(cpu_seconds(ctl.proc.pid) - cpu0)
+                if streams is not None:
+                    arrived = seen.pop()[1]
+                    stream_latencies += [t - sent for t in arrived if t is not None]
+                    missing += sum(t is None for t in arrived)
                 agent_cpu.append(sum(s[2] for s in seen))
                 gc_pause.append(max(s[3] for s in seen))
                 arrivals = [t for s in seen for t in s[1]]
@@ -359,7 +454,7 @@ def agents_run(n: int, changes: int, tmp: Path) -> dict[str, Any]:
                 latencies += lat
                 per_change.append(distribution(lat))
                 log(f"N={n}: change {k + 1}: {per_change[-1]}, missing {len(arrivals) - len(lat)}")
-        for c in conns:
+        for c in every:
             c.send(("stop",))
     finally:
         for p in procs:
@@ -373,8 +468,16 @@ def agents_run(n: int, changes: int, tmp: Path) -> dict[str, Any]:
     median = sorted(ctl_cpu)[len(ctl_cpu) // 2]
     rss = sum(r[3] for r in ready)
     held_rss = sum(r[3] - r[4] for r in ready)  # grown while listing: the held peers
+    sampled = {}
+    if real < n:
+        sampled = {
+            "hosts": n,
+            "stream_hosts": n - real,
+            "stream_hosts_latency_ms_all_changes": distribution(stream_latencies),
+        }
     return {
-        "agents": n,
+        "agents": real,
+        **sampled,
         "workers": WORKERS,
         "join_seconds": round(join_s, 1),
         "all_devices_complete_seconds": round(ready_s, 1),
@@ -383,7 +486,7 @@ def agents_run(n: int, changes: int, tmp: Path) -> dict[str, Any]:
             "workers_cpu_seconds": round(sum(r[2] for r in ready), 1),
         },
         "workers_rss_mb": round(rss / 2**20, 1),
-        "rss_bytes_per_held_peer": round(held_rss / max(1, n * n)),
+        "rss_bytes_per_held_peer": round(held_rss / max(1, real * n)),
         "latency_ms_all_changes": distribution(latencies),
         "latency_ms_per_change": per_change,
         "missing": missing,
@@ -391,29 +494,41 @@ def agents_run(n: int, changes: int, tmp: Path) -> dict[str, Any]:
         "workers_longest_gc_pause_ms_per_change": [round(x * 1000, 1) for x in gc_pause],
         "controller_cpu_us_per_delivered_event": round(median / n * 1e6, 1),
         "agent_cpu_ms_per_agent_per_event": round(
-            sorted(agent_cpu)[len(agent_cpu) // 2] / n * 1000, 3
+            sorted(agent_cpu)[len(agent_cpu) // 2] / real * 1000, 3
         ),
     }
 
 
-def feasible(n: int) -> str | None:
-    """Why N agents (N² held peers) cannot run here, or None."""
+def agents_that_fit(n: int, cap: int | None) -> tuple[int, str | None]:
+    """How many of N hosts run the agent code, and why not all: at most ``cap``, and
+    all only when their N² held peers fit in memory (else SAMPLED_AGENTS or fewer)."""
     need = n * n * EST_BYTES_PER_HELD_PEER
-    if convergence.mem_available() < need:
-        return (f"{n} agents hold {n * n:,} peers: ~{need // 2**30} GiB estimated "
-                f"({EST_BYTES_PER_HELD_PEER} B each), MemAvailable "
-                f"{convergence.mem_available() // 2**30} GiB")  # fmt: skip
-    return None
+    available = convergence.mem_available()
+    if available >= need and (cap is None or cap >= n):
+        return n, None
+    fit = min(
+        n, SAMPLED_AGENTS if cap is None else cap, available // 2 // (n * EST_BYTES_PER_HELD_PEER)
+    )
+    why = (f"{n} agents hold {n * n:,} peers: ~{need // 2**30} GiB estimated "
+           f"({EST_BYTES_PER_HELD_PEER} B each), MemAvailable {available // 2**30} GiB"
+           if available < need else f"--max-agents {cap}")  # fmt: skip
+    return fit, f"{why}; {fit} hosts run the agent code, the other {n - fit} raw watch streams"
 
 
-def convergence_size(n: int, changes: int, tmp: Path, index: int) -> dict[str, Any]:
-    """Agents and the raw-stream baseline at one N."""
-    if (reason := feasible(n)) is not None:
+def convergence_size(
+    n: int, changes: int, tmp: Path, index: int, cap: int | None = None
+) -> dict[str, Any]:
+    """Agents (all N, or a sample and raw streams for the rest) and the raw-stream
+    baseline at one N."""
+    real, reason = agents_that_fit(n, cap)
+    if real < 2:
         log(f"N={n}: skipped: {reason}")
         return {"skipped": reason}
-    entry: dict[str, Any] = {}
+    if reason is not None:
+        log(f"N={n}: sampled: {reason}")
+    entry: dict[str, Any] = {"sampled": reason} if reason else {}
     try:
-        entry["agents"] = agents_run(n, changes, tmp)
+        entry["agents"] = agents_run(n, changes, tmp, real)
         gc.collect()
         etcd = start_etcd(tmp, f"etcd-streams-{n}")
         try:
@@ -585,6 +700,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--changes", type=int, default=5, help="endpoint changes per size")
     p.add_argument("--heartbeat", type=float, default=10.0, help="the agent's interval (s)")
     p.add_argument("--window", type=float, default=60.0, help="writes counted for this long")
+    p.add_argument(
+        "--max-agents",
+        type=int,
+        help="at most this many hosts of a size run the agent code, the rest hold raw "
+        f"watch streams (default: all N when they fit in memory, else {SAMPLED_AGENTS})",
+    )
     p.add_argument("--smoke", action="store_true", help="small and short, for CI")
     args = p.parse_args(argv)
     args.sizes = [int(s) for s in str(args.sizes).split(",") if s.strip()]
@@ -593,13 +714,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         # A 6-s heartbeat still exceeds the controller's 5-s liveness throttle, so every
         # heartbeat writes as at 10 s; figures are per minute either way.
         args.sizes, args.write_sizes, args.changes = [10], [20], 3
+        args.max_agents = 6  # and 4 stream hosts: both kinds of host run in CI
         args.heartbeat, args.window = 6.0, 6.0
     return args
 
 
 def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     convergence.raise_fd_limit(2 * max([*args.sizes, *args.write_sizes]) + 512)
-    sizes = {str(n): convergence_size(n, args.changes, tmp, i) for i, n in enumerate(args.sizes)}
+    sizes = {
+        str(n): convergence_size(n, args.changes, tmp, i, args.max_agents)
+        for i, n in enumerate(args.sizes)
+    }
     writes: dict[str, Any] = {}
     for n in args.write_sizes:
         try:
@@ -627,8 +752,9 @@ def summary(report: dict[str, Any]) -> str:
     for n, e in report["convergence"].items():
         if "agents" in e:
             a, r = e["agents"], e["raw_streams"]
+            who = f"{n} hosts ({a['agents']} with agent code)" if "hosts" in a else f"{n} agents"
             parts.append(
-                f"{n} agents: p50 {a['latency_ms_all_changes']['p50']} / p99 "
+                f"{who}: p50 {a['latency_ms_all_changes']['p50']} / p99 "
                 f"{a['latency_ms_all_changes']['p99']} ms (raw streams p99 "
                 f"{r['latency_ms_all_changes']['p99']} ms, x{e['ratio_p99_agents_vs_raw_streams']})"
                 + (
@@ -661,6 +787,7 @@ def main(argv: list[str] | None = None) -> int:
             "heartbeat_seconds": args.heartbeat,
             "window_seconds": args.window,
             "workers": WORKERS,
+            "max_agents": args.max_agents,
             "smoke": args.smoke,
             "device": "in-memory recording backend (no wireguard-go)",
             "controller_env": CONTROLLER_ENV,

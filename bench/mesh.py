@@ -164,6 +164,11 @@ class Probe:
                 "max": round(times[-1], 3),
             },
             "echo_requests_sent": self.sent,
+            # Where a tail comes from: the last pairs to answer.
+            "slowest": {
+                f"{a}->{b}": round(t, 3)
+                for (a, b), t in sorted(self.replies.items(), key=lambda kv: -kv[1])[:3]
+            },
         }
 
 
