@@ -72,6 +72,7 @@ class Ingest:
         self._unacked: list[int] = []  # packet ids of the batches taken since the last flush
         self._events: asyncio.Queue[list[Event]] = asyncio.Queue()  # for the notifier
         self._write: asyncio.Future[None] | None = None  # the latest store write
+        self._telling: asyncio.Future[None] | None = None  # the latest round of host acks
         # (network, host) → seqs stored (or found stored) since the last flush.
         self._stored: dict[tuple[str, str], list[int]] = {}
 
@@ -165,8 +166,19 @@ class Ingest:
                 return
         if client is not None:
             client.ack(unacked)
-            # Tell each host what is safely stored, so it can drop it from its spool;
-            # all at once, not one broker round trip after the other.
+            if stored:
+                # The hosts' acks go out beside the next write, not before it: one round
+                # at a time (the broker's receive maximum paces them), so none pile up.
+                if self._telling is not None:
+                    await asyncio.wait([self._telling])
+                self._telling = asyncio.ensure_future(self._tell_hosts(client, stored))
+
+    async def _tell_hosts(
+        self, client: mqtt.Connection, stored: dict[tuple[str, str], list[int]]
+    ) -> None:
+        """Tell each host what is safely stored, so it can drop it from its spool; all at
+        once, not one broker round trip after the other."""
+        try:
             codes = await asyncio.gather(
                 *(
                     client.publish(
@@ -175,10 +187,12 @@ class Ingest:
                     for (network, host), seqs in stored.items()
                 )
             )
-            refused = sum(code >= 0x80 for code in codes)
-            if refused:  # the agents resend and get acks later: loud, but not fatal
-                self.counters["acks_refused"] += refused
-                log.warning("the broker refused acks", extra={"count": refused})
+        except mqtt.MqttError:
+            return  # the connection is gone: the hosts resend, and get acks then
+        refused = sum(code >= 0x80 for code in codes)
+        if refused:  # the agents resend and get acks later: loud, but not fatal
+            self.counters["acks_refused"] += refused
+            log.warning("the broker refused acks", extra={"count": refused})
 
     def _requeue(
         self, write: asyncio.Future[None], batches: list[metrics.Batch], count: int
@@ -242,6 +256,9 @@ class Ingest:
             await closed
         finally:
             await cancel_and_wait([flusher], mqtt.MqttError)
+            telling, self._telling = self._telling, None
+            if telling is not None:
+                telling.cancel()
             client.close()
 
     async def run(self) -> None:
