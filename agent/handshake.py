@@ -198,16 +198,17 @@ class HandshakeStarter:
                 async with self.lock:
                     device = await self.device()
                     quiet = silent({k: address for k, (_, address, _) in ready.items()}, device)
-                    again = anew((k for k in quiet if not ready[k][2]), device)
-                    if again.peers_to_add and self.apply is not None:
-                        await self.apply(again)
-                        self.readded += len(again.peers_to_add)
+                    # The pairs this host did not start (see the module docstring).
+                    again = [k for k in quiet if not ready[k][2]] if self.apply else []
+                    if self.apply is not None and again:
+                        await self.apply(anew(again, device))
+                        self.readded += len(again)
                     if quiet:
                         self.sent += send(self.iface, quiet.values(), self.netns)
                 if quiet:
                     log.debug(
                         "handshakes triggered again",
-                        extra={"peers": len(quiet), "added_anew": len(again.peers_to_add)},
+                        extra={"peers": len(quiet), "added_anew": len(again)},
                     )
             except (WireGuardError, OSError) as exc:  # the peers' own retries remain
                 log.debug("handshake retry skipped", extra={"error": str(exc)})
