@@ -423,9 +423,7 @@ def agent_timeline(vms_dir: Path, names: list[str], posted: float) -> dict[str, 
     }
 
 
-def cladnet_mesh(
-    admin: httpx.Client, n: int, timeout: float, vms_dir: Path, keep: Path | None = None
-) -> dict[str, Any]:
+def cladnet_mesh(admin: httpx.Client, n: int, timeout: float, vms_dir: Path) -> dict[str, Any]:
     """Create a group of ``n`` VMs and time it to Running, overlay IPs, full mesh; and
     where the time went in the VMs' agents (``agent_timeline``)."""
     name = f"mesh{n}"
@@ -452,12 +450,7 @@ def cladnet_mesh(
     result = probe(_pairs(group["vms"]), started, timeout, ordered=True)
     mesh = max(result.replies.values())
     _log(f"{name}: full mesh {mesh:.2f}s after POST")
-    names = [vm["name"] for vm in group["vms"]]
-    timeline = agent_timeline(vms_dir, names, posted)
-    if keep is not None:  # the group's deletion removes the VMs' directories
-        for vm in names:
-            with contextlib.suppress(OSError):
-                shutil.copy(vms_dir / vm / "console.log", keep / f"{vm}.console.log")
+    timeline = agent_timeline(vms_dir, [vm["name"] for vm in group["vms"]], posted)
     _log(
         f"{name}: agents (p50/max s after POST): "
         + ", ".join(f"{step} {t['p50']}/{t['max']}" for step, t in timeline.items() if t)
@@ -933,9 +926,7 @@ def bench(run: Run, sizes: list[int], smoke: bool) -> dict[str, Any]:
         for index, n in enumerate(sizes):
             timeout = 60 if smoke else 60 + 8 * n
             entry: dict[str, Any] = {"hand_wireguard_go": hand_mesh(run, n, timeout)}
-            cl = cladnet_mesh(
-                admin, n, timeout, run.tmp / "cloud" / "vms", run.tmp if run.keep else None
-            )
+            cl = cladnet_mesh(admin, n, timeout, run.tmp / "cloud" / "vms")
             group = cl.pop("group")
             entry["cladnet"] = cl
             entry["ratio_cladnet_to_hand"] = round(
@@ -958,6 +949,13 @@ def bench(run: Run, sizes: list[int], smoke: bool) -> dict[str, Any]:
                     "resume_new_public_ip_to_mesh_s"
                 ]
                 result["address_change"] = change
+            if run.keep:  # deleting the group removes the VMs' directories
+                for vm in group["vms"]:
+                    with contextlib.suppress(OSError):
+                        shutil.copy(
+                            run.tmp / "cloud" / "vms" / vm["name"] / "console.log",
+                            run.tmp / f"{vm['name']}.console.log",
+                        )
             entry["delete_to_gone_s"] = delete_group(admin, driver, group["name"], timeout)
             result["sizes"][str(n)] = entry
     result["ratios_cladnet_to_hand"] = {
