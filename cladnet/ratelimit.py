@@ -14,6 +14,8 @@ def source_key(address: str) -> str:
     Anyone with one IPv6 host can pick from 2**64 addresses of its /64; keyed per address,
     a guesser would get a fresh burst from each and flush everyone else out of the table.
     """
+    if ":" not in address:  # IPv4 (or not an address): as is, without parsing it
+        return address
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
