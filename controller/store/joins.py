@@ -234,59 +234,59 @@ class Joins:
                 # like an IP, so concurrent joiners do not serialise on the token.
                 slot = await self.tokens.free_slot(token)
             address = await self._address(req, net, key_hex)
-            host_id = tokens.new_id("h-")
-            credential, digest = tokens.mint("clh", host_id)
-            now = time.time()
-            peer = Peer(
-                id=host_id,
-                name=name,
-                network_id=net.id,
-                public_key=req.public_key,
-                overlay_ip=str(address),
-                listen_port=req.listen_port or net.listen_port,
-                addresses=req.addresses,
-                public_address=observed,
-                endpoints=[],
-                labels=req.labels,
-                updated_at=now,
-            )
-            host = {
-                "id": host_id,
-                "network_id": net.id,
-                "credential_hash": digest,
-                "created_at": now,
-                "overlay_ip": str(address),
-            }
-            token_key, net_key = ks.token(token["id"]), ks.network(net.id)
-            ip_key, name_key = ks.ip(net.id, str(address)), ks.hostname(net.id, name)
-            key_key = ks.public_key(net.id, key_hex)
-            compare = [
-                tx.Create(ip_key) == 0,
-                tx.Create(name_key) == 0,
-                tx.Create(key_key) == 0,
-                tx.Mod(net_key) == net_revision,  # not deleted meanwhile
-                # Not revoked meanwhile (a token record never changes, so joins do not
-                # contend on it): a revoked token's join must not count a use.
-                tx.Mod(token_key) == token_revision,
-            ]
-            if slot is not None:
-                compare.append(tx.Create(ks.token_slot(token["id"], slot)) == 0)
-            success = [
-                tx.Put(ip_key, host_id.encode()),
-                tx.Put(name_key, host_id.encode()),
-                tx.Put(key_key, host_id.encode()),
-                tx.Put(ks.host(host_id), dump(host)),
-                tx.Put(ks.peer(net.id, host_id), dump(peer)),
-                tx.Put(ks.liveness(net.id, host_id), dump({"last_seen": now})),
-                tx.Put(
-                    ks.token_use(token["id"], host_id)
-                    if slot is None
-                    else ks.token_slot(token["id"], slot),
-                    host_id.encode(),
-                ),
-            ]
-            failure = [tx.Get(k) for k in (token_key, net_key, key_key, name_key, ip_key)]
-            try:
+            try:  # the address is held for this join until its transaction is answered
+                host_id = tokens.new_id("h-")
+                credential, digest = tokens.mint("clh", host_id)
+                now = time.time()
+                peer = Peer(
+                    id=host_id,
+                    name=name,
+                    network_id=net.id,
+                    public_key=req.public_key,
+                    overlay_ip=str(address),
+                    listen_port=req.listen_port or net.listen_port,
+                    addresses=req.addresses,
+                    public_address=observed,
+                    endpoints=[],
+                    labels=req.labels,
+                    updated_at=now,
+                )
+                host = {
+                    "id": host_id,
+                    "network_id": net.id,
+                    "credential_hash": digest,
+                    "created_at": now,
+                    "overlay_ip": str(address),
+                }
+                token_key, net_key = ks.token(token["id"]), ks.network(net.id)
+                ip_key, name_key = ks.ip(net.id, str(address)), ks.hostname(net.id, name)
+                key_key = ks.public_key(net.id, key_hex)
+                compare = [
+                    tx.Create(ip_key) == 0,
+                    tx.Create(name_key) == 0,
+                    tx.Create(key_key) == 0,
+                    tx.Mod(net_key) == net_revision,  # not deleted meanwhile
+                    # Not revoked meanwhile (a token record never changes, so joins do not
+                    # contend on it): a revoked token's join must not count a use.
+                    tx.Mod(token_key) == token_revision,
+                ]
+                if slot is not None:
+                    compare.append(tx.Create(ks.token_slot(token["id"], slot)) == 0)
+                success = [
+                    tx.Put(ip_key, host_id.encode()),
+                    tx.Put(name_key, host_id.encode()),
+                    tx.Put(key_key, host_id.encode()),
+                    tx.Put(ks.host(host_id), dump(host)),
+                    tx.Put(ks.peer(net.id, host_id), dump(peer)),
+                    tx.Put(ks.liveness(net.id, host_id), dump({"last_seen": now})),
+                    tx.Put(
+                        ks.token_use(token["id"], host_id)
+                        if slot is None
+                        else ks.token_slot(token["id"], slot),
+                        host_id.encode(),
+                    ),
+                ]
+                failure = [tx.Get(k) for k in (token_key, net_key, key_key, name_key, ip_key)]
                 ok, responses = await self.etcd.txn(compare, success, failure)
             except BaseException:
                 self.addresses.give_back(net.id, address)
