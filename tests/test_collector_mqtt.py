@@ -1,11 +1,13 @@
 """collector/mqtt.py, the collector's own MQTT v5 client: packet framing without a
 broker, then against a real Mosquitto (credentials, acknowledgement after the fact,
-the persistent session, refusals)."""
+the persistent session, refusals, keep-alive)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import signal
 from pathlib import Path
 
 import pytest
@@ -173,5 +175,27 @@ async def test_refusals_are_mqtt_errors(tmp_path: Path) -> None:
             conn.close()
         with pytest.raises(mqtt.MqttError, match="cannot connect"):
             await mqtt.connect(_options(broker, port=free_port()), lambda *_: None)
+    finally:
+        broker.stop()
+
+
+async def test_pings_keep_a_quiet_connection_and_notice_a_frozen_broker(tmp_path: Path) -> None:
+    broker = Mosquitto(tmp_path / "mosquitto", free_port())
+    broker.start()
+    assert broker.proc is not None
+    pid = broker.proc.pid
+    try:
+        conn = await mqtt.connect(_options(broker, keepalive=1), lambda *_: None)
+        # Mosquitto drops a client silent for 1.5 keep-alives: the pings keep it.
+        await asyncio.sleep(3)
+        assert await conn.subscribe(f"$share/g/{ROOT}#", qos=1) == [1]
+        os.kill(pid, signal.SIGSTOP)  # a frozen broker closes nothing
+        try:
+            async with asyncio.timeout(5):
+                with pytest.raises(mqtt.MqttError, match="stopped answering"):
+                    await conn.wait_closed()
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        conn.close()
     finally:
         broker.stop()
