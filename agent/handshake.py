@@ -12,16 +12,17 @@ discard) through the WireGuard interface, which makes WireGuard initiate at once
   other host waits ``retry`` seconds (as ``cladnet.mesh.diff`` defers keepalives), so
   two hosts that learn of each other at the same moment do not both initiate:
   crossed initiations leave both ends as responders until the 5-s retry;
-- ``retry`` seconds after the add, every such peer still without a handshake gets one
-  datagram (again). The host that learned of the pair last has sent no initiation
-  yet, so its datagram starts one at once (an end that initiated less than 5 s ago is
-  held back by WireGuard itself): the side that learned last completes the pair;
-- but the higher key's side may have initiated already, for its own traffic or a
-  keepalive, at the moment the lower key's trigger went out: crossed, and both ends
-  held back for 5 s. So at the retry the side that did not start the pair first adds
-  each still-silent peer anew (:func:`anew`: a new peer in WireGuard has no initiation
-  to hold back; a peer without a handshake has no session to lose), then triggers it.
-  The lower key's side never does this, so the two retries cannot cross again.
+- ``retry`` seconds after the add, the other host checks: a peer still without a
+  handshake is added anew (:func:`anew`) and sent a datagram. The host that learned of
+  the pair last completes it this way. Added anew, because its side may have initiated
+  already (its own traffic, a keepalive) just as the lower key's trigger went out:
+  initiations that cross leave both ends waiting, and WireGuard holds back any new
+  initiation for 5 s after the last; a new peer in WireGuard has none to hold back,
+  and a peer without a handshake has no session to lose;
+- the lower key's host checks the same way after ``2 * retry``: its own first
+  initiation may have been lost (the peer's address just changed, say on a resume)
+  while the other side, which already held this host, has nothing new to start. A
+  second later than the other side's check, so the two do not cross again.
 
 The decisions (:func:`plan`, :func:`silent`, :func:`anew`) are pure;
 :class:`HandshakeStarter` does the I/O: the datagrams, one device read per retry round
@@ -145,8 +146,9 @@ def _socket(family: socket.AddressFamily, iface: str, netns: str | None) -> sock
 
 
 class HandshakeStarter:
-    """Triggers handshakes with the peers an apply added, and once more after ``retry``
-    seconds with those still silent (see the module docstring).
+    """Triggers handshakes with the peers an apply added, and starts again, added anew,
+    those still silent ``retry`` (or ``2 * retry``) seconds later (see the module
+    docstring).
 
     ``device`` reads the device (one read per retry round, for all peers due);
     ``apply`` changes it (the re-adds; none without it), under ``lock``: the caller's
@@ -164,14 +166,14 @@ class HandshakeStarter:
     ) -> None:
         self.iface, self.device, self.retry, self.netns = iface, device, retry, netns
         self.apply, self.lock = apply, lock or asyncio.Lock()
-        # key → (monotonic due time, address, whether this host started the pair)
-        self._due: dict[str, tuple[float, str, bool]] = {}
+        self._due: dict[str, tuple[float, str]] = {}  # key → (monotonic due time, address)
         self._task: asyncio.Task[None] | None = None
         self.sent = 0  # datagrams sent, for tests and logs
         self.readded = 0  # peers added anew at a retry
 
     def peers_added(self, added: Iterable[PeerConfig], own_key: str | None) -> None:
-        """Trigger now whom this host starts; check all of them after ``retry`` s."""
+        """Trigger now whom this host starts; check the others after ``retry`` s and
+        those after ``2 * retry``."""
         chosen = plan(added, own_key)
         if not chosen.check:
             return
@@ -180,36 +182,31 @@ class HandshakeStarter:
         except OSError as exc:  # no such interface (yet): nothing to trigger through
             log.debug("no handshake triggers", extra={"iface": self.iface, "error": str(exc)})
             return
-        due = time.monotonic() + self.retry
+        now = time.monotonic()
         for key, address in chosen.check.items():
-            self._due[key] = (due, address, key in chosen.now)
+            self._due[key] = (now + self.retry * (2 if key in chosen.now else 1), address)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._retry_loop(), name=f"handshakes-{self.iface}")
 
     async def _retry_loop(self) -> None:
         while self._due:
-            soonest = min(due for due, _, _ in self._due.values())
+            soonest = min(due for due, _ in self._due.values())
             await asyncio.sleep(max(0.0, soonest - time.monotonic()))
             now = time.monotonic()
-            ready = {k: entry for k, entry in self._due.items() if entry[0] <= now}
+            ready = {k: address for k, (due, address) in self._due.items() if due <= now}
             for key in ready:
                 del self._due[key]
             try:
                 async with self.lock:
                     device = await self.device()
-                    quiet = silent({k: address for k, (_, address, _) in ready.items()}, device)
-                    # The pairs this host did not start (see the module docstring).
-                    again = [k for k in quiet if not ready[k][2]] if self.apply else []
-                    if self.apply is not None and again:
-                        await self.apply(anew(again, device))
-                        self.readded += len(again)
+                    quiet = silent(ready, device)
+                    if quiet and self.apply is not None:
+                        await self.apply(anew(quiet, device))
+                        self.readded += len(quiet)
                     if quiet:
                         self.sent += send(self.iface, quiet.values(), self.netns)
                 if quiet:
-                    log.debug(
-                        "handshakes triggered again",
-                        extra={"peers": len(quiet), "added_anew": len(again)},
-                    )
+                    log.debug("handshakes started again", extra={"peers": len(quiet)})
             except (WireGuardError, OSError) as exc:  # the peers' own retries remain
                 log.debug("handshake retry skipped", extra={"error": str(exc)})
 

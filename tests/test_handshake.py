@@ -205,5 +205,28 @@ async def test_initiations_held_back_at_both_ends_are_restarted_by_the_higher_ke
     # WireGuard alone would answer after 5 s; the starters' retry comes after 0.5 s.
     await until(lambda: handshake(high, low), "the handshake", limit=4.0 - (loop.time() - began))
     assert await handshake(low, high)
-    assert (low_starter.readded, high_starter.readded) == (0, 1)
+    assert (low_starter.readded, high_starter.readded) == (0, 1)  # low's check: too late
     assert received(low.ns, "initiations") >= 1  # the re-added peer's initiation
+
+
+@pytest.mark.root
+async def test_a_lost_first_initiation_of_the_lower_key_is_started_again(
+    starters: tuple[tuple[Node, HandshakeStarter], tuple[Node, HandshakeStarter]],
+) -> None:
+    """The higher key's host has held the other for a while (nothing new to start
+    there); the lower key's host adds it anew, as after a resume, and its trigger is
+    lost. WireGuard would initiate again only after 5 s; the lower key's own check,
+    2 x the retry delay after the add, adds the peer anew and starts it."""
+    (low, low_starter), (high, _) = starters
+    await high.converge([high.host, low.host])  # held before, no starter involved
+    block_wireguard(low.ns, True)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await add(low, high, low_starter)  # its trigger: lost
+    await asyncio.sleep(0.2)
+    block_wireguard(low.ns, False)
+    assert received(high.ns, "initiations") == 0
+
+    await until(lambda: handshake(low, high), "the handshake", limit=4.0 - (loop.time() - began))
+    assert low_starter.readded == 1
+    assert received(low.ns, "responses") >= 1  # low initiated, high answered
