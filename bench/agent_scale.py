@@ -4,12 +4,17 @@ path (every event: a full state save and a full reconcile) measured in the same 
 
     python -m bench.agent_scale            # 2,000 peers + 500 joins; then 5,000 peers
     python -m bench.agent_scale --smoke    # 200 peers + 50 joins (CI)
+    python -m bench.agent_scale --wireguard-go   # the device is a real wireguard-go (root)
 
 The real agent code runs (``agent.daemon.NetworkAgent``: its sync loop, event handling,
 coalescing, state saves and ``cladnet.mesh``), fed by an in-memory controller (the
 listed peers, then watch events as the controller's stream sends them) and changing an
 in-memory WireGuard device (``MemoryBackend``, which records what it is asked to do).
-So the figures are the agent's own: no controller, no wireguard-go.
+So the figures are the agent's own: no controller, no wireguard-go. With
+``--wireguard-go`` the device is also a real wireguard-go (``agent.wireguard.userspace``
+in a namespace of its own, link down: no packet leaves, no handshake is attempted), and
+its CPU is reported beside the agent's: the agent's reads and writes of the device
+through its UAPI, and wireguard-go holding thousands of peers.
 
 Per variant, in this process: the agent lists ``--peers`` peers and brings its device up
 to them; then ``--burst`` ADDED events are fed at ``--rate`` per second (500: what two
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import ipaddress
 import json
 import logging
@@ -37,15 +43,25 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from agent.daemon import NetworkAgent, Timing
 from agent.state import Membership, StateDir
-from bench.common import clean_up_on_sigterm, machine_facts, percentile, rss_bytes
+from agent.wireguard.userspace import UserspaceBackend
+from bench.common import (
+    clean_up_on_sigterm,
+    cpu_seconds,
+    machine_facts,
+    percentile,
+    rss_bytes,
+    wireguard_go_processes,
+)
+from cladnet.keys import generate_keypair
 from cladnet.mesh import DeviceChanges, DeviceState, PeerState
+from lab.netns import root_missing, sh
 
 TARGET_CPU_S = 5.0
 TARGET_WRITTEN_MB = 25.0
@@ -111,6 +127,40 @@ class MemoryBackend:
         self.changed.set()
 
 
+class WireGuardGoDevice(MemoryBackend):
+    """A real wireguard-go device in namespace ``netns``, mirrored in memory so that the
+    bench's own checks ("does the device hold every peer yet?") never read it."""
+
+    kind = "userspace"
+
+    def __init__(self, netns: str) -> None:
+        super().__init__()
+        self.real = UserspaceBackend(netns=netns)
+
+    async def create(self, name: str) -> None:
+        await self.real.create(name)
+
+    async def destroy(self, name: str) -> None:
+        await self.real.destroy(name)
+        await super().destroy(name)
+
+    async def exists(self, name: str) -> bool:
+        return await self.real.exists(name)
+
+    async def set_private_key(self, name: str, private_key: str) -> None:
+        await self.real.set_private_key(name, private_key)
+
+    async def get(self, name: str) -> DeviceState:
+        self.gets += 1
+        return await self.real.get(name)
+
+    async def apply(
+        self, name: str, changes: DeviceChanges, private_key: str | None = None
+    ) -> None:
+        await self.real.apply(name, changes, private_key)
+        await super().apply(name, changes, private_key)
+
+
 class FeedClient:
     """The controller as the agent's sync loop sees it: a list, then a watch stream fed
     by ``send``."""
@@ -161,8 +211,10 @@ def peer(n: int) -> dict[str, Any]:
     }
 
 
-async def make_agent(state: Path, held: int, timing: Timing) -> tuple[NetworkAgent, FeedClient]:
-    """An agent whose controller lists ``held`` peers; its device is in memory."""
+async def make_agent(
+    state: Path, held: int, timing: Timing, backend: MemoryBackend
+) -> tuple[NetworkAgent, FeedClient]:
+    """An agent whose controller lists ``held`` peers; its device is ``backend``, made."""
     m = Membership(
         controller="http://127.0.0.1:9",
         host_id="h-000001",
@@ -170,11 +222,14 @@ async def make_agent(state: Path, held: int, timing: Timing) -> tuple[NetworkAge
         network=NETWORK,
         me=peer(1),
     )
-    agent = NetworkAgent(StateDir(state), m, "clh_x.y", "unused", MemoryBackend(), timing)
+    private = generate_keypair()[0]
+    await backend.create(m.interface)
+    await backend.set_private_key(m.interface, private)
+    agent = NetworkAgent(StateDir(state), m, "clh_x.y", private, backend, timing)
     await agent.client.close()
     feed = FeedClient([peer(1), *(peer(n) for n in range(2, held + 2))], 100)
     agent.client = feed  # type: ignore[assignment]
-    agent._device_ready = True  # no link to configure: the device is in memory
+    agent._device_ready = True  # made above; its link stays down: nothing is sent
     return agent, feed
 
 
@@ -199,19 +254,24 @@ def wchar() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("wchar:"))
 
 
-async def measure(variant: str, held: int, burst: int, single: int, rate: int) -> dict[str, Any]:
+async def measure(
+    variant: str, held: int, burst: int, single: int, rate: int, netns: str | None = None
+) -> dict[str, Any]:
     """One agent: list ``held`` peers, absorb ``burst`` joins (``rate`` per second, 0: all
-    at once), then ``single`` changes."""
+    at once), then ``single`` changes. ``netns``: its device is a wireguard-go there."""
     coalesce = None if variant == "per-event" else Timing().coalesce
+    backend = MemoryBackend() if netns is None else WireGuardGoDevice(netns)
     with tempfile.TemporaryDirectory(prefix="cl-agent-scale-") as tmp:
-        agent, feed = await make_agent(Path(tmp), held, Timing(coalesce=coalesce))
-        backend: MemoryBackend = agent.backend  # type: ignore[assignment]
+        agent, feed = await make_agent(Path(tmp), held, Timing(coalesce=coalesce), backend)
+        wg = [pid for pid, iface in wireguard_go_processes().items() if iface == agent.iface]
+        wg_cpu = (lambda: cpu_seconds(wg[0])) if netns is not None and wg else (lambda: 0.0)
         sync = asyncio.create_task(agent.sync_loop())
         try:
             await until(lambda: len(backend.peers) == held, backend, 600)
             await asyncio.sleep(0.2)  # the list's save and any deferred keepalives
             gets0, applies0 = backend.gets, backend.applies
             cpu0, written0, started = time.process_time(), wchar(), time.monotonic()
+            wg0 = wg_cpu()
             first = held + 2
             for i, n in enumerate(range(first, first + burst)):
                 feed.send("ADDED", peer(n), at=started + i / rate if rate else 0.0)
@@ -224,8 +284,11 @@ async def measure(variant: str, held: int, burst: int, single: int, rate: int) -
                     await task
             cpu = time.process_time() - cpu0
             written = wchar() - written0
+            wg_burst = wg_cpu() - wg0
             burst_row = {
-                "cpu_seconds": round(cpu, 3),
+                "cpu_seconds": round(cpu + wg_burst, 3),
+                "agent_cpu_seconds": round(cpu, 3),
+                "wireguard_go_cpu_seconds": round(wg_burst, 3) if netns else None,
                 "written_mb": round(written / 1e6, 3),
                 "device_complete_after_last_join_s": round(done - last_join, 3),
                 "device_complete_after_first_join_s": round(done - started, 3),
@@ -250,6 +313,7 @@ async def measure(variant: str, held: int, burst: int, single: int, rate: int) -
             latencies.sort()
             return {
                 "variant": variant,
+                "device": "wireguard-go" if netns else "memory",
                 "peers_held": held,
                 "burst_joins": burst,
                 "joins_per_second": rate or None,
@@ -270,6 +334,7 @@ async def measure(variant: str, held: int, burst: int, single: int, rate: int) -
             for task in (agent._apply_task, agent._deferred, agent._save_task):
                 if task is not None:
                     task.cancel()
+            await backend.destroy(agent.iface)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -280,17 +345,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rate", type=int, default=500, help="joins/s in the burst; 0: at once")
     p.add_argument("--single", type=int, default=20)
     p.add_argument("--large", type=int, default=5000, help="0: skip the large size")
+    p.add_argument(
+        "--wireguard-go",
+        action="store_true",
+        help="the device is a real wireguard-go (root); the baseline is the same agent "
+        "with the in-memory device, and the old per-event path is not run",
+    )
     args = p.parse_args(argv)
     if args.smoke:
         args.peers, args.burst, args.single, args.large = 200, 50, 5, 0
     return args
 
 
+@contextlib.contextmanager
+def namespace() -> Iterator[str]:
+    """A network namespace of our own (only ``lo``, down) for wireguard-go, removed after."""
+    name = f"cl-ascale-{os.getpid()}"
+    sh("ip", "netns", "add", name)
+    try:
+        yield name
+    finally:
+        sh("ip", "netns", "del", name)
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    variants = ("coalesced", "per-event")
-    rows = [await measure(v, args.peers, args.burst, args.single, args.rate) for v in variants]
-    if args.large:
-        rows.append(await measure("coalesced", args.large, args.burst, args.single, args.rate))
+    if args.wireguard_go:
+        with namespace() as ns:
+            rows = [await measure("coalesced", args.peers, args.burst, args.single, args.rate, ns)]
+            if args.large:
+                rows.append(
+                    await measure("coalesced", args.large, args.burst, args.single, args.rate, ns)
+                )
+        # Same run, same agent, the in-memory device: what wireguard-go adds.
+        rows.insert(1, await measure("coalesced", args.peers, args.burst, args.single, args.rate))
+    else:
+        variants = ("coalesced", "per-event")
+        rows = [await measure(v, args.peers, args.burst, args.single, args.rate) for v in variants]
+        if args.large:
+            rows.append(await measure("coalesced", args.large, args.burst, args.single, args.rate))
     new, old = rows[0]["burst"], rows[1]["burst"]
     ratios = {
         k: round(old[k] / new[k], 1) if new[k] else None
@@ -306,7 +398,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "large": args.large,
             "smoke": args.smoke,
             "timing": Timing().__dict__,
-            "device": "in-memory recording backend (no wireguard-go)",
+            "device": "wireguard-go, link down (a namespace of its own)"
+            if args.wireguard_go
+            else "in-memory recording backend (no wireguard-go)",
+            "baseline": "the same agent with the in-memory device"
+            if args.wireguard_go
+            else "the old per-event path (full save and reconcile per event)",
             "controller": "in-memory list + watch stream",
         },
         "machine": machine_facts(),
@@ -326,6 +423,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     clean_up_on_sigterm()
     args = parse_args(argv)
+    if args.wireguard_go and (missing := root_missing()):
+        print(f"bench.agent_scale: {missing}", file=sys.stderr)
+        return 2
     logging.disable(logging.WARNING)  # log lines would count as bytes written
     report = asyncio.run(run(args))
     print(json.dumps(report, indent=1))
@@ -333,8 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{args.peers} peers + {args.burst} joins: {new['cpu_seconds']} s CPU, "
         f"{new['written_mb']} MB written, device complete "
-        f"{new['device_complete_after_last_join_s']} s after the last join "
-        f"(old per-event path: {old['cpu_seconds']} s, {old['written_mb']} MB, "
+        f"{new['device_complete_after_last_join_s']} s after the last join"
+        + (" (agent + wireguard-go)" if args.wireguard_go else "")
+        + f" ({report['inputs']['baseline']}: {old['cpu_seconds']} s, {old['written_mb']} MB, "
         f"{old['device_complete_after_last_join_s']} s); target met: {report['target']['met']}"
     )
     return 0
