@@ -30,6 +30,12 @@ from collector.store.base import MetricsStore
 log = logging.getLogger("cladnet.collector")
 
 RECEIVE_MAXIMUM = 1000  # unacknowledged batches the broker may send us (MQTT v5)
+# Unacknowledged batches at which the collector stops reading from the broker until a
+# flush acknowledges them. The receive maximum should be that bound, but Mosquitto
+# 2.0.11 overshoots it once acks flow (each PUBACK let it send up to the receive
+# maximum again, measured with this client and with paho): without this, a queue
+# of a million batches would come into memory at once.
+READ_PAUSE = RECEIVE_MAXIMUM
 # Reconnect backoff: doubling from RECONNECT_FIRST, never longer than RECONNECT_CAP,
 # so a broker that is back is used within seconds.
 RECONNECT_FIRST, RECONNECT_CAP = 0.5, 5.0
@@ -73,6 +79,9 @@ class Ingest:
         self._events: asyncio.Queue[list[Event]] = asyncio.Queue()  # for the notifier
         self._write: asyncio.Future[None] | None = None  # the latest store write
         self._telling: asyncio.Future[None] | None = None  # the latest round of host acks
+        # The connection to pause when too much is unacknowledged: set once its flusher
+        # runs (the flusher resumes it; before that, the SUBACK must still be read).
+        self._reading: mqtt.Connection | None = None
         # (network, host) → seqs stored (or found stored) since the last flush.
         self._stored: dict[tuple[str, str], list[int]] = {}
 
@@ -92,7 +101,7 @@ class Ingest:
             clean_start=False,
             session_expiry=self.broker.session_expiry,
             # Batches the broker may have in flight to us, unacknowledged: room for the
-            # write in progress and the next one, and the bound on what we hold in memory.
+            # write in progress and the next one (see READ_PAUSE for the memory bound).
             receive_maximum=RECEIVE_MAXIMUM,
         )
 
@@ -101,6 +110,11 @@ class Ingest:
         events = self.accept(topic, payload)
         if mid:
             self._unacked.append(mid)
+            # Not while a round of host acks waits for its PUBACKs: they come by reading.
+            reader, telling = self._reading, self._telling
+            if reader is not None and len(self._unacked) >= READ_PAUSE:
+                if telling is None or telling.done():
+                    reader.pause_reading()
         if events and self.notifier is not None:
             self._events.put_nowait(events)
 
@@ -166,6 +180,7 @@ class Ingest:
                 return
         if client is not None:
             client.ack(unacked)
+            client.resume_reading()
             if stored:
                 # The hosts' acks go out beside the next write, not before it: one round
                 # at a time (the broker's receive maximum paces them), so none pile up.
@@ -248,6 +263,7 @@ class Ingest:
             # Messages are taken in the connection's data_received, in arrival order; a
             # separate task flushes and acknowledges.
             flusher = asyncio.create_task(self._flusher(client))
+            self._reading = client
             closed = asyncio.ensure_future(client.wait_closed())
             await asyncio.wait([closed, flusher], return_when=asyncio.FIRST_COMPLETED)
             if flusher.done():  # it failed (it never ends by itself): say why
@@ -255,6 +271,7 @@ class Ingest:
                 flusher.result()
             await closed
         finally:
+            self._reading = None
             await cancel_and_wait([flusher], mqtt.MqttError)
             telling, self._telling = self._telling, None
             if telling is not None:

@@ -147,6 +147,7 @@ class Connection(asyncio.Protocol):
         self._inflight: asyncio.Semaphore | None = None  # the broker's receive maximum
         self._last_in = time.monotonic()
         self._pinger: asyncio.Task[None] | None = None
+        self._paused = False
 
     # ---- asyncio.Protocol -------------------------------------------------------------
 
@@ -297,7 +298,8 @@ class Connection(asyncio.Protocol):
         # frozen broker closes nothing, so only this notices).
         while True:
             await asyncio.sleep(self.keepalive / 2)
-            if time.monotonic() - self._last_in > 1.5 * self.keepalive:
+            silent = time.monotonic() - self._last_in > 1.5 * self.keepalive
+            if silent and not self._paused:  # paused: the answers wait unread
                 self._abort(MqttError("the broker stopped answering pings"))
                 return
             self._write(bytes([PINGREQ << 4, 0]))
@@ -311,6 +313,21 @@ class Connection(asyncio.Protocol):
         )
         _, at = _properties(body, 2)
         return list(body[at:])
+
+    def pause_reading(self) -> None:
+        """Take no more packets off the socket until :meth:`resume_reading` (TCP then
+        holds the broker back); packets already read are still handed on."""
+        if not self._paused and self._transport is not None and not self._transport.is_closing():
+            self._paused = True
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Read again after :meth:`pause_reading`."""
+        if self._paused:
+            self._paused = False
+            self._last_in = time.monotonic()  # the pause was ours, not the broker's silence
+            if self._transport is not None and not self._transport.is_closing():
+                self._transport.resume_reading()
 
     def ack(self, mids: Iterable[int]) -> None:
         """PUBACK these QoS 1 messages, in one write (a no-op on a closed connection)."""
