@@ -63,23 +63,31 @@ def pick_in_block(
     block (of BLOCK addresses) it is in, to pick in next time.
 
     Random addresses of one block until it is nearly full (random probes miss), then of
-    another random block; once none is found so, the next free one after a random
-    start. A controller keeps its block, and leaves it when another controller takes an
-    address it picked there: controllers then pick in blocks of their own (as Calico's
-    IPAM gives each node its blocks) and their transactions rarely collide, which they
-    did at the end of every run of used addresses when each walked up from a random
-    start.
+    another block, the emptiest of a few random ones; once none is found so, the next
+    free one after a random start. A controller keeps its block, and leaves it when
+    another controller takes an address it picked there: controllers then pick in
+    blocks of their own (as Calico's IPAM gives each node its blocks) and their
+    transactions rarely collide, which they did at the end of every run of used
+    addresses when each walked up from a random start.
     """
     first, last = ipam.host_range(cidr)
     size = last - first + 1
     rng = rng or random.Random()
     if size > 0:
         span = min(BLOCK, size)
+
+        def bounds(b: int) -> tuple[int, int]:
+            return first + b * span, min(span, last + 1 - first - b * span)
+
+        def fill(b: int) -> int:
+            low, width = bounds(b)
+            return sum(1 for a in range(low, low + width) if a in used)
+
         for attempt in range(BLOCK_TRIES):
             if block is None or attempt or block * span >= size:
-                block = rng.randrange(-(-size // span))
-            low = first + block * span
-            width = min(span, last + 1 - low)
+                candidates = [rng.randrange(-(-size // span)) for _ in range(BLOCK_TRIES)]
+                block = min(candidates, key=fill)
+            low, width = bounds(block)
             for _ in range(RANDOM_PROBES):
                 candidate = low + rng.randrange(width)
                 if candidate not in used:
@@ -137,7 +145,12 @@ class AddressHints:
             or age > (IP_HINT_AFTER_CONFLICT if hint.stale else IP_HINT_SECONDS)
         ):
             await self._read(net_id, hint, fresh)
-        address, hint.block = pick_in_block(cidr, hint.used, hint.block)
+        address, block = pick_in_block(cidr, hint.used, hint.block)
+        if block != hint.block and time.monotonic() - hint.read_at > IP_HINT_AFTER_CONFLICT:
+            # Into another block: first see where the other controllers pick now.
+            await self._read(net_id, hint, fresh=False)
+            address, block = pick_in_block(cidr, hint.used, hint.block)
+        hint.block = block
         if address is not None:
             hint.used.add(int(address))
             hint.in_flight.add(int(address))
