@@ -30,12 +30,12 @@ from collector.store.base import MetricsStore
 log = logging.getLogger("cladnet.collector")
 
 RECEIVE_MAXIMUM = 1000  # unacknowledged batches the broker may send us (MQTT v5)
-# Unacknowledged batches at which the collector stops reading from the broker until a
-# flush acknowledges them. The receive maximum should be that bound, but Mosquitto
-# 2.0.11 overshoots it once acks flow (each PUBACK let it send up to the receive
-# maximum again, measured with this client and with paho): without this, a queue
-# of a million batches would come into memory at once.
-READ_PAUSE = RECEIVE_MAXIMUM
+# Batches held unacknowledged (queued, and in the write in progress) at which the
+# collector stops reading from the broker until a write takes or acknowledges them. The
+# receive maximum should bound them, but Mosquitto 2.0.11 overshoots it once acks flow
+# (each PUBACK let it send up to the receive maximum again, measured with this client
+# and with paho): without this, a queue of a million batches would come in at once.
+READ_PAUSE = 2 * RECEIVE_MAXIMUM
 # Reconnect backoff: doubling from RECONNECT_FIRST, never longer than RECONNECT_CAP,
 # so a broker that is back is used within seconds.
 RECONNECT_FIRST, RECONNECT_CAP = 0.5, 5.0
@@ -82,6 +82,7 @@ class Ingest:
         # The connection to pause when too much is unacknowledged: set once its flusher
         # runs (the flusher resumes it; before that, the SUBACK must still be read).
         self._reading: mqtt.Connection | None = None
+        self._writing = 0  # unacknowledged batches in the write in progress
         # (network, host) → seqs stored (or found stored) since the last flush.
         self._stored: dict[tuple[str, str], list[int]] = {}
 
@@ -112,7 +113,7 @@ class Ingest:
             self._unacked.append(mid)
             # Not while a round of host acks waits for its PUBACKs: they come by reading.
             reader, telling = self._reading, self._telling
-            if reader is not None and len(self._unacked) >= READ_PAUSE:
+            if reader is not None and len(self._unacked) + self._writing >= READ_PAUSE:
                 if telling is None or telling.done():
                     reader.pause_reading()
         if events and self.notifier is not None:
@@ -162,6 +163,9 @@ class Ingest:
         self._full.clear()
         unacked, self._unacked = self._unacked, []
         stored, self._stored = self._stored, {}
+        self._writing = len(unacked)
+        if client is not None and self._writing < READ_PAUSE:
+            client.resume_reading()  # room for more beside this write
         if batches:
             write = self._write = asyncio.ensure_future(self.store.write_batches(batches))
             try:
@@ -177,7 +181,9 @@ class Ingest:
                 self._unacked[:0] = unacked
                 for key, seqs in stored.items():
                     self._stored.setdefault(key, [])[:0] = seqs
+                self._writing = 0
                 return
+        self._writing = 0
         if client is not None:
             client.ack(unacked)
             client.resume_reading()
@@ -300,6 +306,7 @@ class Ingest:
                 # Unacknowledged batches come back on reconnect (or are resent).
                 self._unacked = []
                 self._stored = {}
+                self._writing = 0
             if self.counters["connects"] > connects:  # it was up: back off afresh
                 backoff.reset()
             await backoff.wait()

@@ -1,5 +1,6 @@
 """Ingest's flow control against a real Mosquitto: what the collector holds unacknowledged
-is bounded by the collector itself (it stops reading), whatever the broker sends."""
+is bounded by the collector itself (it stops reading), whatever the broker sends, while
+a write waits and while the store is down."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from cladnet.tasks import cancel_and_wait
 from collector import ingest as ingest_module
 from collector import mqtt
 from collector.ingest import BrokerSettings, Ingest
+from collector.store.base import StoreError
 from collector.store.sqlite import SqliteStore
 from lab.components import MQTT_COLLECTOR_PASSWORD, Mosquitto, free_port
 from tests.support import until
@@ -25,14 +27,17 @@ HOSTS, SEQS = 4, 100
 
 
 class GatedStore(SqliteStore):
-    """SQLite whose writes wait until ``gate`` is set; records what it stored."""
+    """SQLite whose writes wait (or fail, ``failing``) until ``gate`` is set; records
+    what it stored."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, failing: bool) -> None:
         super().__init__(path)
-        self.gate = asyncio.Event()
+        self.gate, self.failing = asyncio.Event(), failing
         self.stored: list[tuple[str, int]] = []
 
     async def write_batches(self, batches: Sequence[metrics.Batch]) -> None:
+        if self.failing and not self.gate.is_set():
+            raise StoreError("down")
         await self.gate.wait()
         await super().write_batches(batches)
         self.stored += [(b.host, b.seq) for b in batches]
@@ -45,16 +50,17 @@ def _payload(host: int, seq: int) -> bytes:
     return b.encode()
 
 
+@pytest.mark.parametrize("failing", [False, True], ids=["write-waits", "store-down"])
 async def test_the_collector_stops_reading_while_too_much_is_unacknowledged(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: bool
 ) -> None:
     # A broker that may send everything at once; the collector's own bound holds.
     monkeypatch.setattr(ingest_module, "RECEIVE_MAXIMUM", 65535)
-    monkeypatch.setattr(ingest_module, "READ_PAUSE", 50)
+    monkeypatch.setattr(ingest_module, "READ_PAUSE", 100)
     broker = Mosquitto(tmp_path / "mosquitto", free_port())
     broker.start()
     make_agent_user(broker)
-    store = GatedStore(tmp_path / "metrics.db")
+    store = GatedStore(tmp_path / "metrics.db", failing)
     settings = BrokerSettings(
         url=broker.url,
         username="cladnet-collector",
@@ -84,11 +90,12 @@ async def test_the_collector_stops_reading_while_too_much_is_unacknowledged(
             )
         )
         assert set(codes) == {0}
-        await asyncio.sleep(1.0)
-        # Nothing stored, nothing acknowledged: reading stopped near the bound (what one
-        # read of the socket held may come on top), far below what was sent.
+        await asyncio.sleep(2.0)  # store down: several retries, each must keep the bound
+        # Nothing stored, nothing acknowledged: reading stopped at the bound (queued and
+        # in the write that waits; what one read of the socket held may come on top),
+        # far below what was sent.
         taken = ingest.counters["batches"]
-        assert 50 <= taken <= 150, taken
+        assert 100 <= taken <= 200, taken
         assert not store.stored
         store.gate.set()
         await until(lambda: len(store.stored) >= HOSTS * SEQS, 30, what="every batch stored")
