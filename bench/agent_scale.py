@@ -212,9 +212,11 @@ def peer(n: int) -> dict[str, Any]:
 
 
 async def make_agent(
-    state: Path, held: int, timing: Timing, backend: MemoryBackend
+    state: Path, held: int, timing: Timing, backend: MemoryBackend | None = None
 ) -> tuple[NetworkAgent, FeedClient]:
-    """An agent whose controller lists ``held`` peers; its device is ``backend``, made."""
+    """An agent whose controller lists ``held`` peers; its device is ``backend`` (made
+    here; in memory by default)."""
+    backend = backend or MemoryBackend()
     m = Membership(
         controller="http://127.0.0.1:9",
         host_id="h-000001",
