@@ -201,9 +201,15 @@ class StateDir:
         path = self._net(membership.network_id) / JOURNAL
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            # One write: a kill leaves the whole line or none of it.
-            if os.write(fd, line) != len(line):
-                raise OSError("short write to the state journal")
+            # One write: a kill leaves the whole line or none of it. A short one (the
+            # disk filled mid-line) is continued, which raises the reason (ENOSPC); the
+            # torn line it leaves is ignored when loading.
+            written = os.write(fd, line)
+            while written < len(line):
+                more = os.write(fd, line[written:])
+                if more == 0:
+                    raise OSError("short write to the state journal")
+                written += more
             os.fsync(fd)
         except OSError:
             self._journals.pop(membership.network_id, None)  # the next save is a snapshot
