@@ -300,6 +300,17 @@ async def read_stream(index: int, reader: asyncio.StreamReader, fanout: Fanout) 
         fanout.stats.ended += 1
 
 
+async def close_streams(
+    writers: list[asyncio.StreamWriter], readers: list[asyncio.Task[None]]
+) -> None:
+    """Close the watch streams and wait for their readers to end."""
+    for w in writers:
+        w.close()
+    for t in readers:
+        t.cancel()
+    await asyncio.gather(*readers, return_exceptions=True)
+
+
 # --- one size against the controller ---------------------------------------------------
 
 
@@ -417,11 +428,7 @@ async def controller_run(
             )
         events_sent = await metric(admin, "cladnet_controller_watch_events_total") - events_before
     finally:
-        for w in writers:
-            w.close()
-        for t in readers:
-            t.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
+        await close_streams(writers, readers)
         if mover_client is not None:
             await mover_client.aclose()
         await admin.aclose()

@@ -338,11 +338,7 @@ async def _stream_worker(conn: Connection, cfg: dict[str, Any]) -> None:
             else:
                 break
     finally:
-        for w in writers:
-            w.close()
-        for t in readers:
-            t.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
+        await convergence.close_streams(writers, readers)
 
 
 def _answer(conn: Connection, want: str, timeout: float) -> Any:
